@@ -1,0 +1,73 @@
+"""``ParallelConfig``: the sizes of every parallel axis, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ParallelConfigError
+
+#: The axes an ``order`` string may name. The first axis in ``order`` varies fastest over ranks.
+ORDER_AXES = ("tp", "cp", "ep", "dp", "pp")
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sizes of the parallel axes; ``dp`` is derived from the world size when not given.
+
+    ``tp`` tensor, ``pp`` pipeline, ``vpp`` virtual pipeline chunks per pipeline rank, ``cp`` context,
+    ``ep`` expert, ``etp`` expert tensor (defaults to ``tp``), ``dp`` data parallel. ``order`` is the
+    rank order of the axes, Megatron-LM style: the first axis varies fastest.
+
+    Rules that need the world size are checked by :func:`pstate.layout`.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    dp: int | None = None
+    order: str = DEFAULT_ORDER
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParallelConfigError(f"{name}={value!r} must be an integer")
+            if value < 1:
+                raise ParallelConfigError(f"{name}={value} must be >= 1")
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        if not isinstance(self.order, str):
+            raise ParallelConfigError(f"order={self.order!r} must be a string such as {DEFAULT_ORDER!r}")
+        tokens = self.order.lower().split("-")
+        for token in tokens:
+            if token not in ORDER_AXES:
+                raise ParallelConfigError(
+                    f"order={self.order!r} names unknown axis {token!r}; axes are {', '.join(ORDER_AXES)}"
+                )
+        repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+        if repeated:
+            raise ParallelConfigError(f"order={self.order!r} repeats axis {', '.join(repeated)}")
+        object.__setattr__(self, "order", "-".join(tokens))
+        for name in ("tp", "cp", "ep", "pp"):
+            self.require_in_order(name, getattr(self, name))
+        if self.dp is not None:
+            self.require_in_order("dp", self.dp)
+        if self.vpp > 1 and self.pp == 1:
+            raise ParallelConfigError(f"vpp={self.vpp} needs pipeline parallelism, but pp=1")
+
+    def require_in_order(self, axis: str, size: int) -> None:
+        """Raise if ``axis`` has ``size > 1`` but ``order`` does not place it."""
+        if size > 1 and axis not in self.order.split("-"):
+            raise ParallelConfigError(f"{axis}={size} is > 1 but axis {axis!r} is missing from order={self.order!r}")
+
+    @property
+    def full_order(self) -> tuple[str, ...]:
+        """``order`` with the axes it leaves out (all of size 1) appended, as Megatron-LM does."""
+        tokens = self.order.split("-")
+        return tuple(tokens + [a for a in ORDER_AXES if a not in tokens])
