@@ -4,4 +4,4 @@ from pstate.testing.contracts import loaded_project_packages
 
 
 def test_imports_only_the_packages_below_it():
-    assert loaded_project_packages("ckpt") <= {'pstate'}
+    assert loaded_project_packages("ckpt") <= {"pstate"}

@@ -107,7 +107,12 @@ def all_subsets(names):
 
 @pytest.mark.parametrize("order", ["-".join(p) for p in itertools.permutations(ORDER_AXES)])
 def test_every_order_matches_the_reference(order):
-    for tp, cp, pp, ep, etp, world in [(2, 1, 2, 2, 1, 8), (2, 2, 2, 2, 2, 16), (3, 1, 2, 2, 1, 12), (1, 2, 3, 4, 1, 24)]:
+    for tp, cp, pp, ep, etp, world in [
+        (2, 1, 2, 2, 1, 8),
+        (2, 2, 2, 2, 2, 16),
+        (3, 1, 2, 2, 1, 12),
+        (1, 2, 3, 4, 1, 24),
+    ]:
         config = ParallelConfig(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, order=order)
         dp, edp = world // (tp * cp * pp), world // (etp * ep * pp)
         decoder = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}

@@ -1,4 +1,5 @@
-"""Pipeline schedules as data (GPipe, 1F1B, interleaved, zero-bubble), their simulator and renderer, the executor and p2p.
+"""Pipeline schedules as data (GPipe, 1F1B, interleaved, zero-bubble), their simulator and renderer,
+the executor and p2p.
 
 Skeleton: the public API arrives with this package's issue; nothing is exported yet.
 """

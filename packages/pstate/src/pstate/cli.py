@@ -12,7 +12,6 @@ from .errors import ParallelConfigError
 from .layout import ALL_AXES, AXIS_GROUPS, Layout, embedding_groups, layout
 
 
-
 def describe(lay: Layout) -> dict:
     """The whole grid as plain data: config, sizes, every rank's coordinates, stages and groups."""
     named = {name: lay.groups(spec) for name, spec in AXIS_GROUPS.items()}
@@ -53,7 +52,10 @@ def render(data: dict) -> str:
         "",
     ]
     header = ["rank", *ALL_AXES, "stages"]
-    rows = [[str(r["rank"]), *(str(r["coords"][a]) for a in ALL_AXES), ",".join(map(str, r["stages"]))] for r in data["ranks"]]
+    rows = [
+        [str(r["rank"]), *(str(r["coords"][a]) for a in ALL_AXES), ",".join(map(str, r["stages"]))]
+        for r in data["ranks"]
+    ]
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
         lines.append("  ".join(x.rjust(w) for x, w in zip(row, widths)))

@@ -157,7 +157,9 @@ def layout(config: ParallelConfig, world_size: int) -> Layout:
         )
     edp = world_size // expert_model
     if edp > 1 and "dp" not in c.order.split("-"):
-        raise ParallelConfigError(f"edp={edp} is > 1 but axis 'dp' (where edp is placed) is missing from order={c.order!r}")
+        raise ParallelConfigError(
+            f"edp={edp} is > 1 but axis 'dp' (where edp is placed) is missing from order={c.order!r}"
+        )
     result = Layout(config=c, world_size=world_size, dp=dp, edp=edp)
     pp = frozenset({"pp"})
     if not np.array_equal(result._group_array(pp, expert=False), result._group_array(pp, expert=True)):

@@ -14,6 +14,7 @@ from .device import backend_for, default_device, device_for_backend
 from .errors import ParallelConfigError
 from .layout import AXIS_GROUPS, Layout, embedding_groups, layout
 
+
 @dataclass(frozen=True)
 class Axis:
     """One process group as this rank sees it: the group, the global ``ranks`` in it (in group-rank

@@ -14,8 +14,8 @@ Option ``--rank-timeout SECONDS`` sets the per-call timeout (default 120).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 

@@ -14,9 +14,10 @@ import signal
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,10 @@ def resolve(module_name: str, module_file: str | None, qualname: str) -> Callabl
             module = importlib.import_module(module_name)
         except ImportError:
             module = None
-        if module is not None and module_file and os.path.realpath(getattr(module, "__file__", "") or "") != (
-            os.path.realpath(module_file)
+        if (
+            module is not None
+            and module_file
+            and os.path.realpath(getattr(module, "__file__", "") or "") != (os.path.realpath(module_file))
         ):
             module = None
     if module is None:
@@ -62,12 +65,12 @@ def _outcome(header: bytes, payload: bytes) -> bytes:
         args, kwargs = pickle.loads(payload)
         result = fn(*args, **kwargs)
         return pickle.dumps(("ok", result))
-    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent, tagged with the rank
+    except BaseException as exc:
         text = traceback.format_exc()
         try:
             original = pickle.dumps(exc)
             pickle.loads(original)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle still reports its traceback
+        except Exception:
             original = None
         return pickle.dumps(("error", text, original))
 
@@ -95,7 +98,7 @@ def main(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=start_timeout_s)
         )
         conn.send_bytes(pickle.dumps((READY, None)))
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         conn.send_bytes(pickle.dumps(("error", traceback.format_exc(), None)))
         return
     default_dtype = torch.get_default_dtype()
