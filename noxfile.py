@@ -82,9 +82,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def integration(session: nox.Session) -> None:
     """Tests that cross packages."""
-    install(
-        session, *(f"-e{p}" for p in PACKAGES.values()), f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS, "import-linter"
-    )
+    editable = [f"-e{p}" for p in PACKAGES.values()]
+    install(session, *editable, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS, "import-linter", "megatron-core")
     session.run("pytest", "-n", "auto", "integration_tests", *session.posargs)
 
 
