@@ -82,8 +82,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def integration(session: nox.Session) -> None:
     """Tests that cross packages."""
-    editable = [f"-e{p}" for p in PACKAGES.values()]
-    install(session, *editable, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS, "import-linter", "megatron-core")
+    editable = [f"-e{p}[testing]" if name == "pstate" else f"-e{p}" for name, p in PACKAGES.items()]
+    install(session, *editable, *TEST_TOOLS, "import-linter", "megatron-core")
     session.run("pytest", "-n", "auto", "integration_tests", *session.posargs)
 
 
