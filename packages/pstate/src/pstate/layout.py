@@ -88,7 +88,8 @@ class Layout:
         position in its group of that axis."""
         self._check_rank(rank)
         out: dict[str, int] = {}
-        for expert, names in ((False, {t: t for t in DECODER_AXES}), (True, {"tp": "etp", "ep": "ep", "dp": "edp"})):
+        expert_names = {token: name for name, token in _EXPERT_TO_ORDER.items() if name != "pp"}
+        for expert, names in ((False, {t: t for t in DECODER_AXES}), (True, expert_names)):
             tokens, sizes = self._grid(expert)
             stride = 1
             for token, size in zip(tokens, sizes):
