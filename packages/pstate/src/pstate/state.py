@@ -65,6 +65,7 @@ class ParallelState:
         self._owns_default_group = owns_default_group
         self._created: list[dist.ProcessGroup] = []
         self._destroyed = False
+        self.embedding = None  # stays None on ranks that hold neither pipeline end
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(lay.world_size)): dist.group.WORLD}
         axes = [(name, lay.groups(spec)) for name, spec in AXIS_GROUPS.items()]
         axes.append(("embedding", embedding_groups(lay)))
@@ -78,8 +79,6 @@ class ParallelState:
                         self._created.append(group)
                 if self.rank in ranks:
                     setattr(self, name, Axis(name, by_ranks[ranks], ranks, ranks.index(self.rank)))
-        if not hasattr(self, "embedding"):
-            self.embedding = None
         self.world = Axis("world", dist.group.WORLD, tuple(range(lay.world_size)), self.rank)
 
     # -- pipeline stage queries (looped placement: chunk c of pipeline rank r is stage c*pp + r) --

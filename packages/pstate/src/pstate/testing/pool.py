@@ -129,8 +129,7 @@ class WorkerPool:
         if not failures and not pending:
             return results
         stuck = sorted(pending.values())
-        stacks = self._dump_stacks(stuck)
-        self.kill()
+        stacks = self._dump_stacks(stuck)  # the caller kills the pool when this raises
         if failures:
             failures.sort(key=lambda f: f[0])
             rank, text, cause = failures[0]
