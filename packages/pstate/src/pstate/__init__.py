@@ -8,15 +8,17 @@ The multi-rank test harness lives in :mod:`pstate.testing`.
 from .config import DEFAULT_ORDER, ParallelConfig
 from .errors import ParallelConfigError
 from .layout import Layout, layout
-from .state import Axis, ParallelState, initialize
+from .state import Axis, Group, ParallelState, as_group, initialize
 
 __all__ = [
     "DEFAULT_ORDER",
     "Axis",
+    "Group",
     "Layout",
     "ParallelConfig",
     "ParallelConfigError",
     "ParallelState",
+    "as_group",
     "initialize",
     "layout",
 ]

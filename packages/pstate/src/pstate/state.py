@@ -30,6 +30,20 @@ class Axis:
         return len(self.ranks)
 
 
+Group = Axis | dist.ProcessGroup
+"""What a layer or function that communicates takes: a :class:`Axis` or a plain process group."""
+
+
+def as_group(group: Group) -> dist.ProcessGroup:
+    """The process group behind ``group`` (an :class:`Axis` or a process group), so that every package
+    can take either."""
+    if isinstance(group, Axis):
+        return group.group
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(f"expected a pstate Axis or a torch.distributed ProcessGroup, got {type(group).__name__}")
+
+
 class ParallelState:
     """The process groups of one layout, as :class:`Axis` objects. Create it with :func:`initialize`.
 

@@ -1,0 +1,80 @@
+"""The column-parallel matmul as one autograd function, so its backward can overlap communication.
+
+Forward: ``y = x W^T + b`` on this rank's output rows; under sequence parallelism ``x`` is first
+all-gathered along the sequence (dimension 0). Backward, in order:
+
+1. under SP, start re-gathering the input (it is not kept gathered, to save memory);
+2. compute the input gradient ``dy W``;
+3. start its all-reduce (or, under SP, its reduce-scatter back to the sequence shard);
+4. compute the weight and bias gradients while that collective runs;
+5. wait, and return.
+
+The collectives are asynchronous on every backend, so the overlap happens on GPUs (NCCL streams) and
+the order is exercised on CPU (gloo) by the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pstate import Group
+
+from . import comm
+
+
+class _ColumnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, sequence_parallel):
+        ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        ctx.save_for_backward(x, weight)
+        total = comm.all_gather(x, 0, group) if sequence_parallel else x
+        return torch.nn.functional.linear(total, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sequence_parallel
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        gather = comm.all_gather_async(x, group) if sp and need_weight else None
+        grad_input, reduce_work = None, None
+        if need_input:
+            grad_total = grad_out.matmul(weight)
+            if sp:
+                grad_input, reduce_work = comm.reduce_scatter_async(grad_total, group, "ColumnParallelLinear")
+            else:
+                grad_input = grad_total
+                reduce_work = comm.all_reduce(grad_input, group, async_op=True)
+        grad_weight = grad_bias = None
+        flat_grad = grad_out.reshape(-1, grad_out.size(-1))
+        if need_weight:
+            if gather is not None:
+                total, work = gather
+                work.wait()
+            else:
+                total = x
+            grad_weight = flat_grad.t().matmul(total.reshape(-1, total.size(-1)))
+        if need_bias and ctx.has_bias:
+            grad_bias = flat_grad.sum(0)
+        if reduce_work is not None:
+            reduce_work.wait()
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def column_parallel_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group: Group,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """``x W^T + b`` for a weight split by output rows over ``group``; the input is replicated over the
+    group (its gradient is all-reduced) or, with ``sequence_parallel``, split along dimension 0 (it is
+    all-gathered, and its gradient reduce-scattered). The output is split along the last dimension.
+
+    This is :class:`ColumnParallelLinear`'s computation, exposed for weights that live elsewhere, such
+    as an output layer tied to a :class:`VocabParallelEmbedding`.
+    """
+    if comm.size_of(group) == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _ColumnLinear.apply(x, weight, bias, group, sequence_parallel)

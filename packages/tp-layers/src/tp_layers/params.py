@@ -1,0 +1,77 @@
+"""Tags on parameters that other packages read: how a parameter is split over TP, and whether its
+gradient is a partial sum over the TP group because the layer sees only part of the sequence.
+
+``dp-shard`` (gradient clipping, buckets), ``ckpt`` (global shapes) and ``trainer`` find parameters by
+these tags instead of by module type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from pstate import Group
+
+from . import comm
+
+_TP_DIM = "tensor_parallel_dim"
+_SP = "sequence_parallel"
+
+
+def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
+    """Record that ``param`` holds this rank's slice of dimension ``dim`` of the full tensor."""
+    setattr(param, _TP_DIM, dim)
+    return param
+
+
+def tensor_parallel_dim(param: torch.Tensor) -> int | None:
+    """The dimension along which ``param`` is split over TP, or ``None`` when it is replicated."""
+    return getattr(param, _TP_DIM, None)
+
+
+def mark_sequence_parallel(params: nn.Module | nn.Parameter | Iterable[nn.Parameter]) -> None:
+    """Tag parameters that are replicated over TP but used on a sequence shard (the norms, and the bias
+    of a row-parallel layer under sequence parallelism): each rank's gradient is then a partial sum,
+    and :func:`allreduce_sequence_parallel_grads` completes it. Accepts a module (all its parameters),
+    one parameter or an iterable of them."""
+    for param in _as_params(params):
+        setattr(param, _SP, True)
+
+
+def is_sequence_parallel(param: torch.Tensor) -> bool:
+    """Whether ``param`` was tagged by :func:`mark_sequence_parallel`."""
+    return getattr(param, _SP, False)
+
+
+def sequence_parallel_params(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of ``module`` tagged as sequence parallel, in registration order."""
+    return (p for p in module.parameters() if is_sequence_parallel(p))
+
+
+def allreduce_sequence_parallel_grads(params: nn.Module | Iterable[nn.Parameter], *, group: Group) -> None:
+    """Sum the gradients of the sequence-parallel parameters over the TP ``group``, in one collective.
+
+    Call it after backward and before the data-parallel reduction and the optimizer step. Given a module,
+    only its tagged parameters are reduced; given parameters, all of those with a gradient are.
+    """
+    if isinstance(params, nn.Module):
+        params = sequence_parallel_params(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or comm.size_of(group) == 1:
+        return
+    for kind in dict.fromkeys((g.dtype, g.device) for g in grads):
+        same = [g for g in grads if (g.dtype, g.device) == kind]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        comm.all_reduce(flat, group)
+        for grad, piece in zip(same, flat.split([g.numel() for g in same])):
+            grad.copy_(piece.view_as(grad))
+
+
+def _as_params(params: nn.Module | nn.Parameter | Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
+    if isinstance(params, nn.Module):
+        return params.parameters()
+    if isinstance(params, torch.Tensor):
+        return [params]
+    return params
