@@ -4,11 +4,12 @@ With ``z`` the logits of one token over the vocabulary ``K = vocab_size`` (only 
 ``vocab_size`` count: the padding columns never enter the loss), ``m = max z`` and
 ``Z = sum exp(z - m)``, the loss of target ``t`` with label smoothing ``e`` is
 
-    loss = log Z + m - (1 - e) * z_t - e * mean(z)
+    loss = log Z - (1 - e) * (z_t - m) - e * mean(z - m)
 
-which is ``F.cross_entropy``'s ``(1 - e) * nll + e * mean(-log p)``. Each rank computes its partial max,
-then its partial ``Z``, its ``z_t`` (zero unless it owns ``t``) and its partial ``sum(z)``; one max and
-one sum all-reduce give the loss. The gradient is ``softmax(z) - (1 - e) * onehot(t) - e / K`` on each
+which is ``F.cross_entropy``'s ``(1 - e) * nll + e * mean(-log p)``, written relative to the maximum so
+that large logits do not cancel. Each rank computes its partial max, then its partial ``Z``, its
+``z_t - m`` (zero unless it owns ``t``) and its partial ``sum(z - m)``; one max and one sum all-reduce
+give the loss. The gradient is ``softmax(z) - (1 - e) * onehot(t) - e / K`` on each
 rank's own columns.
 """
 
@@ -36,19 +37,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         m = z.max(dim=-1).values
         if tp > 1:
             comm.all_reduce(m, group, op=torch.distributed.ReduceOp.MAX)
-        exp = (z - m.unsqueeze(-1)).exp()
+        shifted = z - m.unsqueeze(-1)  # every term below is relative to the max: no cancellation of large values
+        exp = shifted.exp()
         ignored = target == ignore_index
         local_target = target - start
         owned = (local_target >= 0) & (local_target < valid_columns) & ~ignored
         index = local_target.masked_fill(~owned, 0).unsqueeze(-1)
-        z_t = torch.gather(z, -1, index).squeeze(-1).masked_fill(~owned, 0.0)
-        z_sum = z[..., :valid_columns].sum(-1)
-        sums = torch.stack([exp.sum(-1), z_t, z_sum])
+        shifted_t = torch.gather(shifted, -1, index).squeeze(-1).masked_fill(~owned, 0.0)
+        parts = [exp.sum(-1), shifted_t]
+        if label_smoothing:  # only then: a -inf logit (a masked word) would make the sum -inf, and 0 * -inf nan
+            parts.append(shifted[..., :valid_columns].sum(-1))
+        sums = torch.stack(parts)
         if tp > 1:
             comm.all_reduce(sums, group)
-        total_exp, z_t, z_sum = sums
-        log_z = total_exp.log() + m
-        loss = log_z - (1.0 - label_smoothing) * z_t - label_smoothing * z_sum / vocab_size
+        loss = sums[0].log() - (1.0 - label_smoothing) * sums[1]
+        if label_smoothing:
+            loss = loss - label_smoothing * sums[2] / vocab_size
+        total_exp = sums[0]
         loss = loss.masked_fill(ignored, 0.0)
         softmax = exp.div_(total_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, index, owned, ignored)
