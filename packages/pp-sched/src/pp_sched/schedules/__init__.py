@@ -1,0 +1,67 @@
+"""``build``: a named schedule for a pipeline shape, with every invalid combination refused."""
+
+from __future__ import annotations
+
+from ..action import Schedule
+from ..errors import PipelineScheduleError
+from .basic import gpipe, one_f_one_b
+from .interleaved import check as check_interleaved
+from .interleaved import interleaved_1f1b
+from .zero_bubble import zero_bubble_h1
+
+#: The schedule names :func:`build` accepts.
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+
+
+def _positive(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PipelineScheduleError(f"{name}={value!r} must be an integer >= 1")
+    return value
+
+
+def build(
+    name: str,
+    *,
+    pp: int,
+    microbatches: int,
+    vpp: int = 1,
+    num_layers: int | None = None,
+    group_size: int | None = None,
+) -> Schedule:
+    """The schedule ``name`` (one of :data:`SCHEDULES`) for ``pp`` ranks, ``microbatches`` and ``vpp`` chunks.
+
+    ``num_layers``, when given, must split evenly over the ``pp * vpp`` stages (use
+    :func:`pp_sched.split_layers` for uneven splits). ``group_size`` is the number of consecutive
+    microbatches an interleaved rank runs per chunk (Megatron's ``microbatch_group_size_per_vp_stage``,
+    default ``pp``). Raises :class:`PipelineScheduleError` naming the rule a request breaks.
+    """
+    if name not in SCHEDULES:
+        raise PipelineScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    pp = _positive("pp", pp)
+    microbatches = _positive("microbatches", microbatches)
+    vpp = _positive("vpp", vpp)
+    if name != "interleaved-1f1b":
+        if vpp != 1:
+            raise PipelineScheduleError(
+                f"{name!r} runs one model chunk per rank, so vpp must be 1, got vpp={vpp}; use 'interleaved-1f1b'"
+            )
+        if group_size is not None:
+            raise PipelineScheduleError(f"group_size applies only to 'interleaved-1f1b', not {name!r}")
+    if num_layers is not None:
+        num_layers = _positive("num_layers", num_layers)
+        if num_layers % (pp * vpp):
+            raise PipelineScheduleError(
+                f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp} stages (pp={pp}, vpp={vpp}); "
+                "use split_layers(..., uneven=...) for an uneven split"
+            )
+    if name == "gpipe":
+        actions = gpipe(pp, microbatches)
+    elif name == "1f1b":
+        actions = one_f_one_b(pp, microbatches)
+    elif name == "zero-bubble":
+        actions = zero_bubble_h1(pp, microbatches)
+    else:
+        group = pp if group_size is None else _positive("group_size", group_size)
+        check_interleaved(pp, microbatches, vpp, group)
+        actions = interleaved_1f1b(pp, microbatches, vpp, group)
+    return Schedule(name, pp, vpp, microbatches, tuple(tuple(a) for a in actions))
