@@ -173,3 +173,20 @@ def test_initialize_from_torchrun_environment(tmp_path):
         "rank 2 backend gloo dp [0, 2] sum 4.0",
         "rank 3 backend gloo dp [1, 3] sum 6.0",
     ]
+
+
+def unwrap_groups():
+    with pstate.initialize(ParallelConfig(tp=2)) as state:
+        from_axis = pstate.as_group(state.tp) is state.tp.group
+        from_group = pstate.as_group(state.tp.group) is state.tp.group
+        try:
+            pstate.as_group(2)
+        except TypeError as error:
+            return from_axis, from_group, str(error)
+        return from_axis, from_group, None
+
+
+def test_as_group_takes_an_axis_or_a_process_group_and_nothing_else(run_ranks):
+    for from_axis, from_group, message in run_ranks(2, unwrap_groups):
+        assert from_axis and from_group
+        assert message == "expected a pstate Axis or a torch.distributed ProcessGroup, got int"
