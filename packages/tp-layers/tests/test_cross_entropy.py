@@ -130,3 +130,29 @@ def test_mismatched_shapes_are_refused(run_ranks):
     assert "target has shape (6, 2), expected the logits' leading dimensions (6, 4)" in messages[0]
     assert "2 shards of 4 columns cover 8 of vocab_size=9" in messages[1]
     assert "label_smoothing=1.5 is not in [0, 1]" in messages[2]
+
+
+def run_bf16():
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    logits, target, weight = data()
+    full = torch.cat([logits, torch.zeros(SEQ, BATCH, padded_vocab_size(VOCAB, tp) - VOCAB)], -1).bfloat16()
+    shard = full.chunk(tp, -1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, group=dist.group.WORLD, vocab_size=VOCAB)
+    (loss * weight).sum().backward()
+    return loss.detach(), shard.grad
+
+
+def test_bf16_logits_are_computed_in_float32(run_ranks):
+    """The loss of bf16 logits is float32 and equals the float32 loss of the same (rounded) logits; the
+    gradient comes back in bf16, equal to the float32 gradient rounded (bf16 keeps 8 bits: rtol 2^-8)."""
+    logits, target, weight = data()
+    rounded = logits.bfloat16().float().requires_grad_()
+    want = F.cross_entropy(rounded.reshape(-1, VOCAB), target.reshape(-1), reduction="none").view(SEQ, BATCH)
+    (want * weight).sum().backward()
+    results = run_ranks(2, run_bf16)
+    grads = torch.cat([g for _, g in results], -1)
+    assert grads.dtype == torch.bfloat16
+    for loss, _ in results:
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grads[..., :VOCAB].float(), rounded.grad, rtol=2**-8, atol=1e-5)
