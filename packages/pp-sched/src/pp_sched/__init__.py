@@ -3,12 +3,15 @@
 ``build(name, pp=..., microbatches=...)`` gives a :class:`Schedule`: every rank's ordered
 :class:`Action` list. ``validate`` checks a schedule (also a hand-edited one) cannot deadlock,
 ``simulate`` runs it on a model of time, ``render`` / ``render_image`` draw it, and ``split_layers``
-says which layers each stage holds. The executor and p2p are not built yet.
+says which layers each stage holds. ``PipelineExecutor`` runs a schedule on this rank's model chunks,
+with :class:`StageP2P` carrying activations and gradients between adjacent stages.
 """
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
+from .executor import PipelineExecutor, StepResult
 from .layers import StageLayers, split_layers
+from .p2p import StageP2P, TensorSpec
 from .render import render, render_image
 from .schedules import SCHEDULES, build
 from .simulate import Simulation, Slot, simulate, validate
@@ -16,11 +19,15 @@ from .simulate import Simulation, Slot, simulate, validate
 __all__ = [
     "SCHEDULES",
     "Action",
+    "PipelineExecutor",
     "PipelineScheduleError",
     "Schedule",
     "Simulation",
     "Slot",
     "StageLayers",
+    "StageP2P",
+    "StepResult",
+    "TensorSpec",
     "build",
     "render",
     "render_image",

@@ -1,0 +1,196 @@
+"""``PipelineExecutor`` on real ranks (gloo) against the whole model in one process.
+
+The model is 8 ``Linear(16, 16)`` + tanh layers built after one ``torch.manual_seed`` on every rank, so
+layer ``i`` has the same weights on whichever stage ``split_layers`` puts it. Each rank runs two training
+steps of 8 microbatches (the gradients accumulate, so they must be twice the reference's) and returns
+its losses, its layers' gradients, its peak activation count and what the hooks saw.
+
+Tolerance: ``torch.testing``'s float32 default (rtol 1.3e-6, atol 1e-5). The pipeline sums the
+gradients of 8 microbatch losses scaled by 1/8 where the reference backpropagates the mean over the
+whole batch at once: the same products added in another order, which changes only the last bits.
+"""
+
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pp_sched import Action, PipelineExecutor, PipelineScheduleError, build, simulate, split_layers, validate
+
+SEED, LAYERS, HIDDEN, MICROBATCHES, BATCH = 1234, 8, 16, 8, 3
+CASES = [
+    ("gpipe", 2, 1),
+    ("gpipe", 4, 1),
+    ("1f1b", 2, 1),
+    ("1f1b", 4, 1),
+    ("interleaved-1f1b", 2, 2),
+    ("interleaved-1f1b", 4, 2),
+    ("zero-bubble", 2, 1),
+    ("zero-bubble", 4, 1),
+]
+
+
+def all_layers():
+    torch.manual_seed(SEED)
+    return [nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)]
+
+
+def chunks_of(rank, pp, vpp):
+    """This rank's chunk modules (chunk ``c`` holds stage ``c*pp + rank``) and its layers by global index."""
+    layers = all_layers()
+    chunks, owned = [], {}
+    for stage in split_layers(LAYERS, pp=pp, vpp=vpp):
+        if stage.rank == rank:
+            chunks.append(nn.Sequential(*[m for i in stage.layers for m in (layers[i], nn.Tanh())]))
+            owned.update({i: layers[i] for i in stage.layers})
+    return chunks, owned
+
+
+def data():
+    """Inputs and targets, ``[microbatch, batch, hidden]``."""
+    generator = torch.Generator().manual_seed(7)
+    shape = (MICROBATCHES, BATCH, HIDDEN)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def loss_fn(output, target):
+    return nn.functional.mse_loss(output, target)
+
+
+def reference():
+    """Per-microbatch losses and outputs, and every layer's (weight, bias) gradient of the full-batch mean loss."""
+    layers = all_layers()
+    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())])
+    x, y = data()
+    out = model(x.reshape(-1, HIDDEN)).reshape(x.shape)
+    loss_fn(out, y).backward()
+    losses = [loss_fn(out[i], y[i]).detach() for i in range(MICROBATCHES)]
+    return losses, out.detach(), {i: (layer.weight.grad, layer.bias.grad) for i, layer in enumerate(layers)}
+
+
+def train(name, pp, vpp):
+    rank = dist.get_rank()
+    schedule = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)
+    chunks, owned = chunks_of(rank, pp, vpp)
+    entered, ready, exited_late = Counter(), [], []
+
+    @contextmanager
+    def no_sync(chunk):
+        entered[chunk] += 1
+        if chunk in ready:
+            exited_late.append(chunk)
+        yield
+
+    final_at_callback = {}
+
+    def on_ready(chunk):
+        ready.append(chunk)
+        final_at_callback[chunk] = [p.grad.clone() for p in chunks[chunk].parameters()]
+
+    executor = PipelineExecutor(
+        schedule, chunks, dist.group.WORLD, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_ready
+    )
+    x, y = data()
+    results = []
+    for _ in range(2):
+        ready.clear()
+        inputs = list(x) if rank == 0 else None
+        targets = iter(y) if rank == pp - 1 else None  # an iterator works as well as a list
+        results.append(executor.step(inputs, targets))
+    grads = {i: (layer.weight.grad, layer.bias.grad) for i, layer in owned.items()}
+    unchanged = all(
+        torch.equal(before, p.grad)
+        for c, saved in final_at_callback.items()
+        for before, p in zip(saved, chunks[c].parameters())
+    )
+    hooks = {"entered": dict(entered), "ready": list(ready), "late": exited_late, "unchanged": unchanged}
+    return [r.losses for r in results], grads, [r.peak_activations for r in results], hooks
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
+def test_losses_and_gradients_equal_the_single_process_model(run_ranks, name, pp, vpp):
+    ref_losses, _, ref_grads = reference()
+    results = run_ranks(pp, train, name, pp, vpp)
+    for rank, (losses, _, _, _) in enumerate(results):
+        if rank == pp - 1:
+            for step_losses in losses:
+                torch.testing.assert_close(torch.stack(step_losses), torch.stack(ref_losses))
+        else:
+            assert losses == [[], []]
+    grads = {i: g for _, rank_grads, _, _ in results for i, g in rank_grads.items()}
+    assert sorted(grads) == list(range(LAYERS))
+    for i, (weight_grad, bias_grad) in grads.items():  # two steps accumulate: twice the reference
+        torch.testing.assert_close(weight_grad, 2 * ref_grads[i][0])
+        torch.testing.assert_close(bias_grad, 2 * ref_grads[i][1])
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
+def test_peak_activations_and_hooks(run_ranks, name, pp, vpp):
+    predicted = simulate(build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)).peak_activations
+    results = run_ranks(pp, train, name, pp, vpp)
+    for rank, (_, _, peaks, hooks) in enumerate(results):
+        assert peaks == [predicted[rank]] * 2
+        # no_sync around every backward of a chunk but its last, in both steps; the callback once per chunk
+        assert hooks["entered"] == {chunk: 2 * (MICROBATCHES - 1) for chunk in range(vpp)}
+        assert sorted(hooks["ready"]) == list(range(vpp))
+        assert hooks["late"] == []  # no no_sync after the chunk was reported ready
+        assert hooks["unchanged"]  # the gradients were final when the callback ran
+
+
+def evaluate(name, pp, vpp):
+    rank = dist.get_rank()
+    chunks, owned = chunks_of(rank, pp, vpp)
+    executor = PipelineExecutor(
+        build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp), chunks, dist.group.WORLD, loss_fn
+    )
+    x, y = data()
+    result = executor.evaluate(x if rank == 0 else None, y if rank == pp - 1 else None)  # a tensor iterates too
+    no_grads = all(layer.weight.grad is None and layer.bias.grad is None for layer in owned.values())
+    return result.losses, result.outputs, no_grads
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), [("1f1b", 4, 1), ("interleaved-1f1b", 2, 2), ("zero-bubble", 2, 1)])
+def test_forward_only_gives_the_losses_and_outputs_without_gradients(run_ranks, name, pp, vpp):
+    ref_losses, ref_out, _ = reference()
+    results = run_ranks(pp, evaluate, name, pp, vpp)
+    losses, outputs, _ = results[-1]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    torch.testing.assert_close(torch.stack(outputs), ref_out)
+    assert all(no_grads for _, _, no_grads in results)
+    assert all(losses == [] and outputs == [] for losses, outputs, _ in results[:-1])
+
+
+def deadlocking_schedule():
+    """1F1B at pp=2 with rank 1's forwards swapped: rank 1 waits for F1 that rank 0 sends only after B0,
+    which needs rank 1's B0, which comes after F1."""
+    good = build("1f1b", pp=2, microbatches=2)
+    rank0 = [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1)]
+    rank1 = [Action("F", 1), Action("F", 0), Action("B", 0), Action("B", 1)]
+    return good.with_actions([rank0, rank1])
+
+
+def construct(schedule):
+    chunks, _ = chunks_of(dist.get_rank(), schedule.pp, schedule.vpp)
+    try:
+        PipelineExecutor(schedule, chunks, dist.group.WORLD, loss_fn)
+    except PipelineScheduleError as error:
+        return str(error)
+    return None
+
+
+def test_a_deadlocking_schedule_is_refused_before_any_communication(run_ranks):
+    schedule = deadlocking_schedule()
+    with pytest.raises(PipelineScheduleError, match="deadlock"):
+        validate(schedule)
+    messages = run_ranks(2, construct, schedule, timeout_s=30)
+    assert all(m is not None and "deadlock" in m and "rank 1 is stuck at action 0" in m for m in messages)
+
+
+def test_an_incomplete_schedule_is_refused(run_ranks):
+    good = build("zero-bubble", pp=2, microbatches=2)
+    broken = good.with_actions([good.actions[0], [a for a in good.actions[1] if a != Action("W", 1)]])
+    messages = run_ranks(2, construct, broken, timeout_s=30)
+    assert all("has I but no W for microbatch 1" in m for m in messages)
