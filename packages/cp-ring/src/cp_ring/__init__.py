@@ -1,6 +1,26 @@
 """Context parallel attention in plain PyTorch: ring (p2p, zigzag) and all-to-all (Ulysses), sequence sharding.
 
-Skeleton: the public API arrives with this package's issue; nothing is exported yet.
+Sequences are split along their sequence dimension over a CP group (:func:`shard_sequence`, zigzag by
+default); :func:`ring_attention` and :func:`ulysses_attention` attend over the whole sequence from each
+rank's part. Every function takes its group explicitly, as a ``pstate.Axis`` (``ps.cp``) or a
+``ProcessGroup``. Gradients of parameters replicated over CP ranks are reduced over ``ps.dp_cp``.
 """
 
-__all__: list[str] = []
+from .all_to_all import all_to_all_hp2sp, all_to_all_sp2hp
+from .errors import ContextParallelError
+from .kernel import AttentionKernel, MathKernel
+from .ring import ring_attention
+from .sharding import shard_sequence, unshard_sequence
+from .ulysses import ulysses_attention
+
+__all__ = [
+    "AttentionKernel",
+    "ContextParallelError",
+    "MathKernel",
+    "all_to_all_hp2sp",
+    "all_to_all_sp2hp",
+    "ring_attention",
+    "shard_sequence",
+    "ulysses_attention",
+    "unshard_sequence",
+]

@@ -1,0 +1,159 @@
+"""Causal attention forward + backward on a long sequence: ring and Ulysses context parallelism at CP = 2
+and 4 against one process doing full attention, and PyTorch's experimental ``context_parallel``, on CPU
+over gloo, in one run.
+
+    python packages/cp-ring/benchmarks/bench_cp_attention.py [--seq 8192 --heads 8 --head-dim 64 --iters 2]
+
+Rows: ``full`` is ``F.scaled_dot_product_attention`` on the whole sequence in one process (PyTorch's CPU
+flash kernel); ``ring`` is ``ring_attention`` with the default ``MathKernel`` (plain matmul + softmax, one
+fp32 ``[b, h, s/cp, s/cp]`` score block at a time); ``ring+flash`` is the same ring with aten's CPU flash
+kernel plugged in through ``kernel=`` (no ring change); ``ulysses`` is ``ulysses_attention``. Every CP row
+is checked against ``full`` (max |diff| of the output and dQ) before its times count.
+
+Time: the slowest rank's seconds per step (median of ``--iters`` after one warm-up); ratio = row / full.
+Memory: each configuration runs in fresh rank processes; peak MiB = the rank's peak resident set during
+the steps minus its resident set just before them (inputs excluded), the largest over ranks. Each rank is
+one process with one thread; with more ranks than cores (CP=4 on 2 cores) ranks share cores, so times at
+CP=4 show the communication and memory pattern rather than a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cp_ring import ring_attention, shard_sequence, ulysses_attention
+from pstate.testing import Harness
+
+
+class CpuFlashKernel:
+    """The kernel switch in use: aten's CPU flash attention, which returns the log-sum-exp rows the ring
+    needs and whose backward takes the final ``out`` and ``lse``. Key/value heads are repeated for GQA."""
+
+    def forward(self, q, k, v, *, causal, scale):
+        groups = q.size(1) // k.size(1)
+        k, v = (t.repeat_interleave(groups, 1) for t in (k, v)) if groups > 1 else (k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out.float(), lse.float()
+
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+        groups, shape = q.size(1) // k.size(1), k.shape
+        k, v = (t.repeat_interleave(groups, 1) for t in (k, v)) if groups > 1 else (k, v)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out.to(q.dtype), lse, 0.0, causal, scale=scale
+        )
+        if groups > 1:
+            dk, dv = (t.view(shape[0], shape[1], groups, *shape[2:]).sum(2) for t in (dk, dv))
+        return dq.float(), dk.float(), dv.float()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def torch_context_parallel(q, k, v, do):
+    """PyTorch's experimental ``context_parallel`` on the same inputs; returns its output shard, or raises."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    q, k, v, do = (t.clone() for t in (q, k, v, do))
+    with context_parallel(mesh, buffers=[q, k, v, do], buffer_seq_dims=[2, 2, 2, 2]):
+        for t in (q, k, v):
+            t.requires_grad_()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(do)
+    return out
+
+
+def measure(method: str, seq: int, heads: int, head_dim: int, iters: int):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, heads, seq, head_dim, generator=generator) for _ in range(4))
+    if method == "torch-cp":
+        try:
+            torch_context_parallel(q, k, v, do)
+        except Exception as error:  # report why it does not run here: the first error, not the clean-up's
+            while error.__context__ is not None:
+                error = error.__context__
+            return {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+        return {"error": None}
+    group = dist.group.WORLD
+    if method != "full":
+        q, k, v, do = (shard_sequence(t, group=group, dim=2).contiguous() for t in (q, k, v, do))
+    attention = {
+        "full": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "ring": lambda q, k, v: ring_attention(q, k, v, group=group),
+        "ring+flash": lambda q, k, v: ring_attention(q, k, v, group=group, kernel=CpuFlashKernel()),
+        "ulysses": lambda q, k, v: ulysses_attention(q, k, v, group=group),
+    }[method]
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    before = rss_mib()
+    times = []
+    for i in range(iters + 1):
+        for t in (q, k, v):
+            t.grad = None
+        dist.barrier()
+        start = time.perf_counter()
+        out = attention(q, k, v)
+        out.backward(do)
+        elapsed = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i:  # the first step is a warm-up
+            times.append(elapsed.item())
+    peak = torch.tensor([peak_rss_mib() - before])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {"time": statistics.median(times), "peak": peak.item(), "out": out.detach(), "dq": q.grad}
+
+
+def zigzag_part(x: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
+    chunks = x.chunk(2 * cp, 2)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=2)
+    args = parser.parse_args()
+    shape = (args.seq, args.heads, args.head_dim, args.iters)
+    print(f"torch {torch.__version__}, cores: {os.cpu_count()}, gloo, one process and one thread per rank")
+    print(f"causal attention fwd+bwd, fp32, batch 1, seq {args.seq}, heads {args.heads}, head_dim {args.head_dim}")
+
+    def fresh(world_size: int, method: str):  # fresh processes: a clean resident-set baseline
+        with Harness(timeout_s=1800) as harness:
+            return harness.run(world_size, measure, method, *shape)
+
+    full = fresh(1, "full")[0]
+    header = ("method", "cp", "s/step", "ratio", "peak MiB/rank", "max|d out|", "max|d dQ|")
+    print("{:<11} {:>3} {:>8} {:>7} {:>14} {:>11} {:>10}".format(*header))
+    print(f"{'full':<11} {1:>3} {full['time']:>8.2f} {1.0:>7.2f} {full['peak']:>14.0f} {'-':>11} {'-':>10}")
+    for cp in (2, 4):
+        for method in ("ring", "ring+flash", "ulysses"):
+            results = fresh(cp, method)
+            d_out = max((r["out"] - zigzag_part(full["out"], i, cp)).abs().max().item() for i, r in enumerate(results))
+            d_dq = max((r["dq"] - zigzag_part(full["dq"], i, cp)).abs().max().item() for i, r in enumerate(results))
+            r = results[0]
+            print(
+                f"{method:<11} {cp:>3} {r['time']:>8.2f} {r['time'] / full['time']:>7.2f} {r['peak']:>14.0f} "
+                f"{d_out:>11.1e} {d_dq:>10.1e}"
+            )
+    error = fresh(2, "torch-cp")[0]["error"]
+    print(f"torch context_parallel (cp=2): {'runs' if error is None else 'does not run on CPU/gloo: ' + error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""All-to-all (Ulysses) attention: trade sequence sharding for head sharding around one full attention.
+
+An all-to-all turns this rank's ``[b, h, s/cp, d]`` part into ``[b, h/cp, s, d]`` (every position, head
+slice ``r``), full-sequence ``scaled_dot_product_attention`` runs on those heads, and the inverse
+all-to-all brings the output back. The all-to-all gathers the sequence in group-rank order; under zigzag
+placement that is not the global order, so for causal attention the gathered chunks are permuted into
+global order before attention and back after it (a local index_select each way). Non-causal attention
+does not depend on the order of positions and skips the permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pstate import Group
+
+from . import comm
+from .all_to_all import all_to_all
+from .errors import ContextParallelError
+from .ring import check_qkv
+
+
+def _zigzag_permutation(cp: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each global position within the rank-order sequence, and its inverse."""
+    positions = torch.arange(2 * cp * chunk, device=device).view(2 * cp, chunk)
+    rank_order = torch.cat([torch.stack([positions[r], positions[2 * cp - 1 - r]]) for r in range(cp)])
+    to_rank_order = rank_order.reshape(-1)  # rank-order slot i holds global position to_rank_order[i]
+    to_global = torch.empty_like(to_rank_order)
+    to_global[to_rank_order] = torch.arange(to_rank_order.numel(), device=device)
+    return to_global, to_rank_order
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group,
+    causal: bool = True,
+    scale: float | None = None,
+    zigzag: bool = True,
+) -> torch.Tensor:
+    """Attention over the whole sequence from this rank's part, by all-to-all head sharding.
+
+    Same layout and placement contract as :func:`~cp_ring.ring_attention` (``zigzag`` must match how the
+    sequence was sharded). ``heads`` and ``kv_heads`` must both divide by the CP size. Differentiable
+    (autograd through the all-to-alls and ``scaled_dot_product_attention``).
+    """
+    check_qkv(q, k, v, "ulysses_attention")
+    cp, _ = comm.size_and_rank(group)
+    for name, heads in (("query", q.size(1)), ("key/value", k.size(1))):
+        if heads % cp:
+            raise ContextParallelError(
+                f"ulysses_attention: {heads} {name} heads do not divide evenly over cp={cp} ranks; "
+                "use ring_attention, or a head count that is a multiple of cp"
+            )
+    reorder = causal and zigzag and cp > 1
+    if reorder and q.size(2) % 2:
+        raise ContextParallelError(
+            f"ulysses_attention: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
+        )
+    q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=group, what="ulysses_attention") for t in (q, k, v))
+    if reorder:
+        to_global, to_rank_order = _zigzag_permutation(cp, q.size(2) // (2 * cp), q.device)
+        q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
+    if k.size(1) != q.size(1):
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if reorder:
+        out = out.index_select(2, to_rank_order)
+    return all_to_all(out, scatter_dim=2, gather_dim=1, group=group, what="ulysses_attention")
