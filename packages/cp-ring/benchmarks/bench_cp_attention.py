@@ -5,9 +5,10 @@ over gloo, in one run.
     python packages/cp-ring/benchmarks/bench_cp_attention.py [--seq 8192 --heads 8 --head-dim 64 --iters 2]
 
 Rows: ``full`` is ``F.scaled_dot_product_attention`` on the whole sequence in one process (PyTorch's CPU
-flash kernel); ``ring`` is ``ring_attention`` with the default ``MathKernel`` (plain matmul + softmax, one
-fp32 ``[b, h, s/cp, s/cp]`` score block at a time); ``ring+flash`` is the same ring with aten's CPU flash
-kernel plugged in through ``kernel=`` (no ring change); ``ulysses`` is ``ulysses_attention``. Every CP row
+flash kernel); ``ring`` is ``ring_attention`` with its default kernel on CPU, ``SDPAKernel`` (the same
+fused kernel per block); ``ring-math`` is the same ring with ``MathKernel`` plugged in through ``kernel=``
+(plain matmul + softmax, one fp32 ``[b, h, s/cp, s/cp]`` score block at a time); ``ulysses`` is
+``ulysses_attention``. Every CP row
 is checked against ``full`` (max |diff| of the output and dQ) before its times count.
 
 Time: the slowest rank's seconds per step (median of ``--iters`` after one warm-up); ratio = row / full.
@@ -29,29 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cp_ring import ring_attention, shard_sequence, ulysses_attention
+from cp_ring import MathKernel, ring_attention, shard_sequence, ulysses_attention
 from pstate.testing import Harness
-
-
-class CpuFlashKernel:
-    """The kernel switch in use: aten's CPU flash attention, which returns the log-sum-exp rows the ring
-    needs and whose backward takes the final ``out`` and ``lse``. Key/value heads are repeated for GQA."""
-
-    def forward(self, q, k, v, *, causal, scale):
-        groups = q.size(1) // k.size(1)
-        k, v = (t.repeat_interleave(groups, 1) for t in (k, v)) if groups > 1 else (k, v)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out.float(), lse.float()
-
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
-        groups, shape = q.size(1) // k.size(1), k.shape
-        k, v = (t.repeat_interleave(groups, 1) for t in (k, v)) if groups > 1 else (k, v)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out.to(q.dtype), lse, 0.0, causal, scale=scale
-        )
-        if groups > 1:
-            dk, dv = (t.view(shape[0], shape[1], groups, *shape[2:]).sum(2) for t in (dk, dv))
-        return dq.float(), dk.float(), dv.float()
 
 
 def rss_mib() -> float:
@@ -95,7 +75,7 @@ def measure(method: str, seq: int, heads: int, head_dim: int, iters: int):
     attention = {
         "full": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "ring": lambda q, k, v: ring_attention(q, k, v, group=group),
-        "ring+flash": lambda q, k, v: ring_attention(q, k, v, group=group, kernel=CpuFlashKernel()),
+        "ring-math": lambda q, k, v: ring_attention(q, k, v, group=group, kernel=MathKernel()),
         "ulysses": lambda q, k, v: ulysses_attention(q, k, v, group=group),
     }[method]
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -142,7 +122,7 @@ def main() -> None:
     print("{:<11} {:>3} {:>8} {:>7} {:>14} {:>11} {:>10}".format(*header))
     print(f"{'full':<11} {1:>3} {full['time']:>8.2f} {1.0:>7.2f} {full['peak']:>14.0f} {'-':>11} {'-':>10}")
     for cp in (2, 4):
-        for method in ("ring", "ring+flash", "ulysses"):
+        for method in ("ring", "ring-math", "ulysses"):
             results = fresh(cp, method)
             d_out = max((r["out"] - zigzag_part(full["out"], i, cp)).abs().max().item() for i, r in enumerate(results))
             d_dq = max((r["dq"] - zigzag_part(full["dq"], i, cp)).abs().max().item() for i, r in enumerate(results))

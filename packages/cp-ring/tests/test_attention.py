@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cp_ring import ContextParallelError, ring_attention, shard_sequence, ulysses_attention
+from cp_ring import ContextParallelError, MathKernel, SDPAKernel, ring_attention, shard_sequence, ulysses_attention
 
 SEQ, BATCH, HEADS, DIM = 32, 2, 8, 8
 
@@ -50,8 +50,11 @@ def run_cp(method, causal, zigzag, kv_heads, dtype=torch.float32):
     group = dist.group.WORLD
     q, k, v, c = data(kv_heads, dtype)
     local = [shard_sequence(t, group=group, dim=2, zigzag=zigzag).clone().requires_grad_() for t in (q, k, v)]
-    attention = ring_attention if method == "ring" else ulysses_attention
-    out = attention(*local, group=group, causal=causal, zigzag=zigzag)
+    if method == "ulysses":
+        out = ulysses_attention(*local, group=group, causal=causal, zigzag=zigzag)
+    else:
+        kernel = {"ring": None, "ring-math": MathKernel(), "ring-sdpa": SDPAKernel()}[method]
+        out = ring_attention(*local, group=group, causal=causal, zigzag=zigzag, kernel=kernel)
     (out * shard_sequence(c, group=group, dim=2, zigzag=zigzag)).sum().backward()
     return [out.detach()] + [t.grad for t in local]
 
@@ -60,7 +63,7 @@ def run_cp(method, causal, zigzag, kv_heads, dtype=torch.float32):
 @pytest.mark.parametrize("zigzag", [True, False], ids=["zigzag", "contiguous"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("cp", [2, 4])
-@pytest.mark.parametrize("method", ["ring", "ulysses"])
+@pytest.mark.parametrize("method", ["ring-math", "ring-sdpa", "ulysses"])
 def test_cp_attention_equals_full_sdpa(run_ranks, method, cp, causal, zigzag, kv_heads):
     if method == "ulysses" and kv_heads % cp:
         pytest.skip("Ulysses needs kv_heads divisible by cp (tested to raise below)")
@@ -70,6 +73,10 @@ def test_cp_attention_equals_full_sdpa(run_ranks, method, cp, causal, zigzag, kv
             torch.testing.assert_close(g, part(e, rank, cp, zigzag), msg=lambda m, n=name, r=rank: f"{n} rank {r}: {m}")
 
 
+def test_the_default_kernel_on_cpu_is_pytorchs_fused_sdpa():
+    assert SDPAKernel.available(torch.device("cpu"))
+
+
 def test_ring_attention_at_cp1_is_plain_attention(run_ranks):
     expected = reference(True, 4)
     got = run_ranks(1, run_cp, "ring", True, True, 4)[0]
@@ -77,7 +84,7 @@ def test_ring_attention_at_cp1_is_plain_attention(run_ranks):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("method", ["ring", "ulysses"])
+@pytest.mark.parametrize("method", ["ring-math", "ring-sdpa", "ulysses"])
 def test_bf16_inputs_are_close_to_the_fp32_reference(run_ranks, method):
     """bf16 in, bf16 out, fp32 inside: within bf16 rounding (8 bits of mantissa, rtol 1.6e-2) of fp32
     attention on the same (bf16-rounded) inputs; atol 2e-2 covers values near zero."""

@@ -8,7 +8,7 @@ rank's part. Every function takes its group explicitly, as a ``pstate.Axis`` (``
 
 from .all_to_all import all_to_all_hp2sp, all_to_all_sp2hp
 from .errors import ContextParallelError
-from .kernel import AttentionKernel, MathKernel
+from .kernel import AttentionKernel, MathKernel, SDPAKernel
 from .ring import ring_attention
 from .sharding import shard_sequence, unshard_sequence
 from .ulysses import ulysses_attention
@@ -17,6 +17,7 @@ __all__ = [
     "AttentionKernel",
     "ContextParallelError",
     "MathKernel",
+    "SDPAKernel",
     "all_to_all_hp2sp",
     "all_to_all_sp2hp",
     "ring_attention",
