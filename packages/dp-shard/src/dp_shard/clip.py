@@ -1,0 +1,106 @@
+"""``clip_grad_norm_``: clip by the norm of the whole model's gradient, however the model is split.
+
+Each gradient element of the full model must be counted exactly once. The caller names the groups:
+
+- ``tp_group``: parameters tagged ``tensor_parallel_dim`` (``tp_layers`` sets it on split weights) hold
+  different slices on each TP rank and are summed over the group; untagged parameters are replicated
+  across TP and counted on TP rank 0 only.
+- ``pp_group`` and ``model_parallel_groups``: groups whose ranks hold *different* gradient elements
+  (pipeline stages, expert-parallel ranks, and, for ZeRO-2/3, the data-parallel group over which each
+  rank holds its own gradient shard). The local sums are added over each.
+
+The data-parallel group of plain DDP is *not* passed: after ``finish_grad_sync()`` every replica holds
+the same gradient. Every rank of every group must call this function, even with no gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+import pstate
+
+from .errors import DataParallelError
+
+
+def clip_grad_norm_(
+    params: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    *,
+    norm_type: float = 2.0,
+    tp_group: pstate.Group | None = None,
+    pp_group: pstate.Group | None = None,
+    model_parallel_groups: Sequence[pstate.Group] = (),
+    error_if_nonfinite: bool = False,
+    eps: float = 1e-6,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Scale the gradients of ``params`` in place so that the global ``norm_type``-norm is at most
+    ``max_norm``; return the global norm before clipping (a float32 scalar tensor).
+
+    A parameter's gradient is its ``main_grad`` (set by :class:`~dp_shard.DataParallel`) when it has
+    one, else its ``.grad``; parameters without either are skipped; a parameter listed twice counts once.
+    Like ``torch.nn.utils.clip_grad_norm_`` the scale is ``max_norm / (norm + eps)`` when below 1. When
+    the norm is inf or nan it is returned and the gradients are left untouched (torch would multiply
+    them by nan or 0), or :class:`DataParallelError` is raised if ``error_if_nonfinite``.
+    ``device`` places the norm when this rank has no gradients (default: the CPU).
+    """
+    p = float(norm_type)
+    if not p > 0:
+        raise DataParallelError(f"norm_type={norm_type} must be > 0 (or inf)")
+    grads = _local_grads(params, tp_group)
+    if grads:
+        device = grads[0][0].device
+    device = torch.device("cpu") if device is None else device
+
+    local = torch.zeros((), dtype=torch.float32, device=device)
+    for grad, counted in grads:
+        if not counted or grad.numel() == 0:
+            continue
+        norm = torch.linalg.vector_norm(grad, p, dtype=torch.float32)
+        local = torch.maximum(local, norm) if math.isinf(p) else local + norm**p
+    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+    for group in (tp_group, pp_group, *model_parallel_groups):
+        if group is not None:
+            dist.all_reduce(local, op=op, group=pstate.as_group(group))
+    total = local if math.isinf(p) else local ** (1.0 / p)
+
+    if error_if_nonfinite and not torch.isfinite(total).item():
+        raise DataParallelError(
+            f"the total {norm_type}-norm of the gradients is {total.item()}: not finite, gradients left "
+            "as they are (pass error_if_nonfinite=False to get the norm back instead)"
+        )
+    scale = torch.clamp(max_norm / (total + eps), max=1.0)
+    scale = torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
+    scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    for grad, _ in grads:
+        key = (grad.device, grad.dtype)
+        if key not in scales:
+            scales[key] = scale.to(device=grad.device, dtype=grad.dtype)
+        grad.mul_(scales[key])
+    return total
+
+
+def _local_grads(
+    params: torch.Tensor | Iterable[torch.Tensor], tp_group: pstate.Group | None
+) -> list[tuple[torch.Tensor, bool]]:
+    """Each distinct gradient with whether this rank counts it in the norm."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    tp_rank = 0 if tp_group is None else dist.get_rank(pstate.as_group(tp_group))
+    seen: set[int] = set()
+    grads = []
+    for param in params:
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is None:
+            continue
+        split = getattr(param, "tensor_parallel_dim", None) is not None
+        grads.append((grad, split or tp_rank == 0))
+    return grads

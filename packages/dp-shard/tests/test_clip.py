@@ -1,0 +1,114 @@
+"""``clip_grad_norm_`` over TP/PP-split parameters against ``torch.nn.utils.clip_grad_norm_`` on the full ones.
+
+A small model's full gradients are drawn in every process from one seed. Each rank holds the parameters
+of its pipeline stage; those tagged ``tensor_parallel_dim`` hold their TP slice of the gradient, the
+others (a bias and a norm weight) the whole of it, replicated over TP; DP replicas hold the same.
+The norm and the clipped gradients must equal the full model's. Tolerance: the float32 default; the
+squared sums are added in another order.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pstate
+from dp_shard import DataParallelError, clip_grad_norm_
+
+# name: (shape, TP-split dim or None, pipeline stage when pp=2)
+SPEC = {
+    "w1": ((8, 6), 0, 0),
+    "b1": ((8,), 0, 0),
+    "norm": ((6,), None, 0),
+    "w2": ((5, 8), 1, 1),
+    "b2": ((5,), None, 1),
+}
+
+
+def full_grads(bad=None):
+    generator = torch.Generator().manual_seed(3)
+    grads = {name: torch.randn(shape, generator=generator) for name, (shape, _, _) in SPEC.items()}
+    if bad is not None:
+        grads["w2"][0, 1] = bad
+    return grads
+
+
+def reference(max_norm, norm_type, bad=None):
+    params = []
+    for grad in full_grads(bad).values():
+        param = nn.Parameter(torch.zeros_like(grad))
+        param.grad = grad
+        params.append(param)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+    return norm, dict(zip(SPEC, (p.grad for p in params)))
+
+
+def clip_on_ranks(tp, pp, max_norm, norm_type, bad=None, error_if_nonfinite=False):
+    with pstate.initialize(pstate.ParallelConfig(tp=tp, pp=pp)) as ps:
+        params = {}
+        for name, grad in full_grads(bad).items():
+            _, dim, stage = SPEC[name]
+            if pp > 1 and stage != ps.pp.rank:
+                continue
+            grad = grad if dim is None else grad.chunk(tp, dim)[ps.tp.rank].clone()
+            param = nn.Parameter(torch.zeros_like(grad))
+            param.grad = grad
+            if dim is not None:
+                param.tensor_parallel_dim = dim
+            params[name] = param
+        try:
+            norm = clip_grad_norm_(
+                list(params.values()),
+                max_norm,
+                norm_type=norm_type,
+                tp_group=ps.tp,
+                pp_group=ps.pp,
+                error_if_nonfinite=error_if_nonfinite,
+            )
+        except DataParallelError as error:
+            return str(error)
+        return norm, {name: p.grad for name, p in params.items()}, ps.tp.rank
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2-dp2", "pp2-dp2", "tp2-pp2"])
+def test_global_norm_equals_the_full_model(run_ranks, tp, pp, max_norm, norm_type):
+    norm, clipped = reference(max_norm, norm_type)
+    for got_norm, grads, tp_rank in run_ranks(4, clip_on_ranks, tp, pp, max_norm, norm_type):
+        torch.testing.assert_close(got_norm, norm)
+        for name, grad in grads.items():
+            dim = SPEC[name][1]
+            torch.testing.assert_close(grad, clipped[name] if dim is None else clipped[name].chunk(tp, dim)[tp_rank])
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_nonfinite_norm_is_returned_and_gradients_left_alone(run_ranks, bad):
+    unclipped = full_grads(bad)
+    for norm, grads, tp_rank in run_ranks(4, clip_on_ranks, 2, 2, 0.5, 2.0, bad):
+        assert math.isinf(norm.item()) if bad == math.inf else math.isnan(norm.item())
+        for name, grad in grads.items():
+            dim = SPEC[name][1]
+            expected = unclipped[name] if dim is None else unclipped[name].chunk(2, dim)[tp_rank]
+            torch.testing.assert_close(grad, expected, equal_nan=True)
+
+
+def test_error_if_nonfinite_raises_on_every_rank(run_ranks):
+    for message in run_ranks(4, clip_on_ranks, 2, 2, 0.5, 2.0, math.nan, True):
+        assert isinstance(message, str) and "not finite" in message
+
+
+def test_single_process_matches_torch_and_prefers_main_grad():
+    norm, clipped = reference(0.5, 2.0)
+    params = []
+    for grad in full_grads().values():
+        param = nn.Parameter(torch.zeros_like(grad, dtype=torch.bfloat16))
+        param.main_grad = grad.clone()  # what DataParallel sets; .grad stays None under mixed precision
+        params.append(param)
+    got = clip_grad_norm_(params + params[:2], 0.5)  # a parameter listed twice counts once
+    torch.testing.assert_close(got, norm)
+    for param, name in zip(params, SPEC):
+        torch.testing.assert_close(param.main_grad, clipped[name])
+    with pytest.raises(DataParallelError, match="norm_type=0"):
+        clip_grad_norm_(params, 1.0, norm_type=0)
