@@ -1,6 +1,30 @@
 """Mixture-of-experts router, token dispatchers (all-gather, all-to-all), grouped experts, expert parallelism.
 
-Skeleton: the public API arrives with this package's issue; nothing is exported yet.
+Every layer takes its expert-parallel (``ep``) and expert-tensor-parallel (``etp``) groups explicitly:
+a ``pstate`` axis, a process group, or ``None`` for a single rank. EP rank ``r`` holds experts
+``r*E/ep`` to ``(r+1)*E/ep - 1``; expert parameters are tagged for gradient reduction over ``edp``.
 """
 
-__all__: list[str] = []
+from . import aux_loss
+from .dispatch_allgather import AllGatherDispatcher
+from .dispatch_alltoall import AllToAllDispatcher
+from .dispatch_base import Dispatcher
+from .errors import MoEError
+from .experts import GroupedExperts, is_expert_parallel, mark_expert_parallel
+from .layer import MoELayer, expert_parallel_params
+from .router import TopKRouter, expert_capacity
+
+__all__ = [
+    "AllGatherDispatcher",
+    "AllToAllDispatcher",
+    "Dispatcher",
+    "GroupedExperts",
+    "MoEError",
+    "MoELayer",
+    "TopKRouter",
+    "aux_loss",
+    "expert_capacity",
+    "expert_parallel_params",
+    "is_expert_parallel",
+    "mark_expert_parallel",
+]

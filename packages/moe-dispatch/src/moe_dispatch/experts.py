@@ -1,0 +1,142 @@
+"""``GroupedExperts``: this rank's experts, each a two-layer MLP, run over their token groups.
+
+Torch has no public grouped GEMM on CPU, so the experts run in a loop (one pair of matmuls each).
+
+Layout (global expert ``e``, ``f = ffn_hidden``): ``fc1`` is ``[f_out, hidden]`` with ``f_out = 2f`` for
+SwiGLU (rows ``[gate; up]``) or ``f`` for GELU; ``fc2`` is ``[hidden, f]``. No biases. The local weights
+are stacked as ``weight1 [num_local_experts, f_out/etp, hidden]`` and ``weight2 [num_local_experts,
+hidden, f/etp]``. Under expert tensor parallelism fc1 is column-split (ETP rank ``q`` holds gate and
+up rows ``[q*f/etp, (q+1)*f/etp)``) and fc2 row-split, and the output is a *partial* sum over the ETP
+group: the dispatcher's combine completes it (no all-reduce here).
+
+Initialisation is invariant to EP and ETP: expert ``e`` draws its full fc1 then fc2 (like ``nn.Linear``)
+from a generator seeded with ``seed * 1_000_003 + e``; with ``seed=None`` one base seed is drawn from the
+default generator (identical on every rank after the same ``torch.manual_seed``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_layers import init as tp_init
+from tp_layers import mark_tensor_parallel
+
+from .comm import GroupOrNone, rank_in, size_of
+from .errors import MoEError
+
+ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_PARALLEL = "expert_parallel"
+
+
+def mark_expert_parallel(param: nn.Parameter) -> nn.Parameter:
+    """Tag ``param`` as an expert parameter: its data-parallel gradient reduction uses the ``edp`` group."""
+    setattr(param, EXPERT_PARALLEL, True)
+    return param
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """Whether ``param`` was tagged by :func:`mark_expert_parallel`."""
+    return getattr(param, EXPERT_PARALLEL, False)
+
+
+def expert_seed(seed: int, expert: int) -> int:
+    """The seed of global expert ``expert``'s weights."""
+    return (seed * 1_000_003 + expert) % (2**63)
+
+
+def full_expert_weights(
+    seed: int, expert: int, hidden: int, ffn_hidden: int, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsplit ``(fc1, fc2)`` float32 weights of global expert ``expert``."""
+    generator = torch.Generator().manual_seed(expert_seed(seed, expert))
+    f_out = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+    fc1 = tp_init.draw((f_out, hidden), tp_init.linear_init, generator)
+    fc2 = tp_init.draw((hidden, ffn_hidden), tp_init.linear_init, generator)
+    return fc1, fc2
+
+
+def shard_expert_weights(
+    fc1: torch.Tensor, fc2: torch.Tensor, activation: str, rank: int, parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ETP rank ``rank``'s slices of an expert's full weights (gate and up are split separately)."""
+    if activation == "swiglu":
+        gate, up = fc1.chunk(2, 0)
+        fc1_part = torch.cat([tp_init.shard(gate, 0, rank, parts), tp_init.shard(up, 0, rank, parts)])
+    else:
+        fc1_part = tp_init.shard(fc1, 0, rank, parts)
+    return fc1_part, tp_init.shard(fc2, 1, rank, parts)
+
+
+class GroupedExperts(nn.Module):
+    """``num_local_experts`` MLP experts (global indices from ``first_expert``), optionally split over ETP.
+
+    ``forward(x, tokens_per_expert)`` takes rows grouped by local expert (``tokens_per_expert[i]`` rows
+    for local expert ``i``, in order) and returns the outputs in the same order.
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        hidden: int,
+        ffn_hidden: int,
+        *,
+        activation: str = "swiglu",
+        etp_group: GroupOrNone = None,
+        first_expert: int = 0,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        etp = size_of(etp_group)
+        if activation not in ACTIVATIONS:
+            raise MoEError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
+        if num_local_experts < 1:
+            raise MoEError(f"num_local_experts={num_local_experts}: must be at least 1")
+        if ffn_hidden % etp:
+            raise MoEError(f"ffn_hidden={ffn_hidden}: must be divisible by the expert-tensor-parallel size {etp}")
+        self.num_local_experts, self.activation, self.etp_group = num_local_experts, activation, etp_group
+        self.first_expert = first_expert
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        fc1s, fc2s = [], []
+        for e in range(first_expert, first_expert + num_local_experts):
+            fc1, fc2 = full_expert_weights(seed, e, hidden, ffn_hidden, activation)
+            fc1, fc2 = shard_expert_weights(fc1, fc2, activation, rank_in(etp_group), etp)
+            fc1s.append(fc1)
+            fc2s.append(fc2)
+        kind = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        self.weight1 = nn.Parameter(torch.stack(fc1s).to(**kind))
+        self.weight2 = nn.Parameter(torch.stack(fc2s).to(**kind))
+        mark_tensor_parallel(mark_expert_parallel(self.weight1), 1)
+        mark_tensor_parallel(mark_expert_parallel(self.weight2), 2)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
+        """Outputs ``[rows, hidden]`` (partial sums over ETP when ``etp > 1``)."""
+        counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else list(tokens_per_expert)
+        if len(counts) != self.num_local_experts or sum(counts) != x.size(0):
+            raise MoEError(
+                f"GroupedExperts: tokens_per_expert {counts} must have {self.num_local_experts} entries "
+                f"summing to the {x.size(0)} input rows"
+            )
+        outs = [self._expert(i, rows) for i, rows in enumerate(x.split(counts))]
+        if not outs:
+            return x.new_zeros((0, self.weight2.size(1)))
+        return torch.cat(outs)
+
+    def _expert(self, i: int, rows: torch.Tensor) -> torch.Tensor:
+        h = F.linear(rows, self.weight1[i])
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, -1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.linear(h, self.weight2[i])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_local_experts={self.num_local_experts}, first_expert={self.first_expert}, "
+            f"weight1={tuple(self.weight1.shape)}, weight2={tuple(self.weight2.shape)}, activation={self.activation}"
+        )

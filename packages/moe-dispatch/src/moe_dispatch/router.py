@@ -1,0 +1,177 @@
+"""``TopKRouter``: scores every token against every expert and keeps the top ``k`` of them.
+
+The router returns ``probs`` (``[tokens, experts]``, zero where an expert was not chosen) and a bool
+``routing_map`` of the same shape. Its auxiliary losses (load balancing and z-loss) backpropagate
+through :func:`moe_dispatch.aux_loss.attach_loss`; their last values are in ``router.aux_losses``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_layers import init as tp_init
+
+from .aux_loss import attach_loss, load_balancing_loss, z_loss
+from .errors import MoEError
+
+SCORES = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+
+
+def expert_capacity(tokens: int, num_experts: int, topk: int, capacity_factor: float) -> int:
+    """Rows an expert may take: ``ceil(tokens * topk / num_experts * capacity_factor)``."""
+    return math.ceil(tokens * topk / num_experts * capacity_factor)
+
+
+def drop_over_capacity(
+    probs: torch.Tensor, routing_map: torch.Tensor, capacity: int, policy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep at most ``capacity`` tokens per expert: those with the highest probability (``"probs"``, ties
+    broken by position) or the first ones in token order (``"position"``). Returns the new probs and map."""
+    if policy == "position":
+        keep = routing_map & (routing_map.long().cumsum(0) <= capacity)
+    else:
+        tokens = routing_map.size(0)
+        masked = probs.detach().masked_fill(~routing_map, -1.0)
+        order = torch.sort(masked, dim=0, descending=True, stable=True).indices
+        ranks = torch.empty_like(order)
+        positions = torch.arange(tokens, device=order.device).unsqueeze(1).expand_as(order)
+        ranks.scatter_(0, order, positions)
+        keep = routing_map & (ranks < capacity)
+    return probs * keep, keep
+
+
+class TopKRouter(nn.Module):
+    """Top-k gating over ``num_experts`` experts for inputs ``[tokens, hidden]``.
+
+    - ``score="softmax"``: with ``pre_softmax=False`` (default) the top ``k`` logits are chosen and
+      softmaxed among themselves (they sum to one); with ``pre_softmax=True`` the softmax over all
+      experts is taken first and the top ``k`` probabilities are kept as they are.
+    - ``score="sigmoid"``: sigmoid scores; the top ``k`` are renormalised to sum to one when ``k > 1``.
+    - ``aux_loss_coeff``: Switch load-balancing loss (see :func:`~moe_dispatch.aux_loss.load_balancing_loss`),
+      computed on this call's tokens (one rank's batch under expert parallelism) from the routing map
+      before capacity dropping. ``z_loss_coeff``: router z-loss. Both backpropagate with weight
+      ``aux_loss_scale`` (set it to your loss scaling, e.g. ``1/microbatches``) without being added to
+      the caller's loss; their last values are in ``aux_losses``.
+    - ``capacity_factor``: each expert takes at most :func:`expert_capacity` tokens of this call; the
+      rest are dropped by ``drop_policy`` (``"probs"``: lowest probability first; ``"position"``: latest
+      tokens first). ``None`` (default) is dropless.
+    - ``expert_bias``: aux-loss-free balancing; a per-expert bias (a buffer, not trained by the optimizer)
+      is added to the scores for the choice of experts only, and :meth:`update_expert_bias` moves it.
+
+    The weight is ``[num_experts, hidden]``, drawn like ``nn.Linear``'s (no bias) from ``seed`` or the
+    default generator; it is replicated on every rank (its gradient is reduced over data parallel).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        topk: int,
+        *,
+        score: str = "softmax",
+        pre_softmax: bool = False,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        aux_loss_scale: float = 1.0,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probs",
+        expert_bias: bool = False,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_router_args(num_experts, topk, score, pre_softmax, capacity_factor, drop_policy)
+        if aux_loss_coeff < 0 or z_loss_coeff < 0:
+            raise MoEError(f"aux_loss_coeff={aux_loss_coeff}, z_loss_coeff={z_loss_coeff}: must be >= 0")
+        self.num_experts, self.topk, self.score, self.pre_softmax = num_experts, topk, score, pre_softmax
+        self.aux_loss_coeff, self.z_loss_coeff, self.aux_loss_scale = aux_loss_coeff, z_loss_coeff, aux_loss_scale
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        weight = tp_init.draw((num_experts, hidden), tp_init.linear_init, tp_init.generator_for(seed))
+        self.weight = nn.Parameter(weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
+        self.register_buffer(
+            "expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32) if expert_bias else None
+        )
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, routing_map)`` for ``x`` of shape ``[tokens, hidden]``."""
+        logits = F.linear(x, self.weight)
+        attach = torch.is_grad_enabled() and logits.requires_grad
+        self.aux_losses = {}
+        if self.z_loss_coeff > 0:
+            zl = z_loss(logits, self.z_loss_coeff)
+            self.aux_losses["z_loss"] = zl.detach()
+            if attach:
+                logits = attach_loss(logits, zl, self.aux_loss_scale)
+        probs, routing_map, scores = self._route(logits)
+        if self.aux_loss_coeff > 0:
+            lb = load_balancing_loss(scores, routing_map, self.topk, self.aux_loss_coeff)
+            self.aux_losses["load_balancing"] = lb.detach()
+            if attach:
+                probs = attach_loss(probs, lb, self.aux_loss_scale)
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(x.size(0), self.num_experts, self.topk, self.capacity_factor)
+            probs, routing_map = drop_over_capacity(probs, routing_map, capacity, self.drop_policy)
+        return probs, routing_map
+
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k probs, the map, and the full per-token score distribution used by the aux loss."""
+        bias = self.expert_bias
+        if self.score == "softmax":
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+            ranked = scores if self.pre_softmax else logits
+            index = _topk_index(ranked, bias, self.topk)
+            picked = scores.gather(1, index) if self.pre_softmax else torch.softmax(logits.gather(1, index), -1)
+        else:
+            sig = torch.sigmoid(logits)
+            index = _topk_index(sig, bias, self.topk)
+            picked = sig.gather(1, index)
+            if self.topk > 1:
+                picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
+            scores = sig / (sig.sum(-1, keepdim=True) + 1e-20)
+        probs = torch.zeros_like(logits).scatter(1, index, picked)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
+        return probs, routing_map, scores
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts and lower that of over-loaded
+        ones by ``rate`` (``bias += rate * sign(mean_load - load)``). Pass the counts summed over the
+        data-parallel ranks so that every rank makes the same update."""
+        if self.expert_bias is None:
+            raise MoEError("update_expert_bias: the router was built with expert_bias=False")
+        load = tokens_per_expert.to(self.expert_bias)
+        self.expert_bias += rate * torch.sign(load.mean() - load)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.weight.size(1)}, num_experts={self.num_experts}, topk={self.topk}, score={self.score}"
+
+
+def _topk_index(ranked: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Tensor:
+    with torch.no_grad():
+        key = ranked if bias is None else ranked + bias.to(ranked.dtype)
+        return torch.topk(key, k, dim=-1).indices
+
+
+def check_router_args(
+    num_experts: int, topk: int, score: str, pre_softmax: bool, capacity_factor: float | None, drop_policy: str
+) -> None:
+    """Raise :class:`MoEError` for a router configuration that cannot work."""
+    if num_experts < 1:
+        raise MoEError(f"num_experts={num_experts}: must be at least 1")
+    if not 1 <= topk <= num_experts:
+        raise MoEError(f"topk={topk}: must be between 1 and num_experts={num_experts}")
+    if score not in SCORES:
+        raise MoEError(f"score={score!r}: must be one of {SCORES}")
+    if pre_softmax and score != "softmax":
+        raise MoEError(f"pre_softmax=True: only applies to score='softmax', not score={score!r}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise MoEError(f"capacity_factor={capacity_factor}: must be positive (or None for dropless)")
+    if drop_policy not in DROP_POLICIES:
+        raise MoEError(f"drop_policy={drop_policy!r}: must be one of {DROP_POLICIES}")
