@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from pstate import Group, as_group
+from tp_layers import gather_from_sequence_region, reduce_scatter_to_sequence_region
 
 GroupOrNone = Group | None
 
-# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+# torch 2.13 renamed the single-tensor all-gather; older releases only have the old name.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def size_of(group: GroupOrNone) -> int:
@@ -46,41 +46,12 @@ def all_gather_plain(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     return out
 
 
-def _reduce_scatter(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
-    parts = size_of(group)
-    out = x.new_empty((x.size(0) // parts, *x.shape[1:]))
-    _reduce_scatter_single(out, x.contiguous(), group=as_group(group))
-    return out
-
-
 def _all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group: GroupOrNone) -> torch.Tensor:
     out = x.new_empty((sum(out_rows), *x.shape[1:]))
     dist.all_to_all_single(
         out, x.contiguous(), output_split_sizes=out_rows, input_split_sizes=in_rows, group=as_group(group)
     )
     return out
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_plain(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_plain(grad, ctx.group), None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -130,13 +101,14 @@ def _reduce_scatter_uneven(x: torch.Tensor, rows: list[int], group: GroupOrNone)
 
 
 def all_gather(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
-    """Concatenate equal pieces along dimension 0; backward reduce-scatters (sums) the gradient."""
-    return x if size_of(group) == 1 else _AllGather.apply(x, group)
+    """Concatenate equal pieces along dimension 0; backward reduce-scatters (sums) the gradient. The
+    tp-layers sequence mapping, which also refuses unequal pieces on every rank."""
+    return x if size_of(group) == 1 else gather_from_sequence_region(x, group=group)
 
 
 def reduce_scatter(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     """Sum ``x`` over ``group`` and keep this rank's equal slice of dimension 0; backward all-gathers."""
-    return x if size_of(group) == 1 else _ReduceScatter.apply(x, group)
+    return x if size_of(group) == 1 else reduce_scatter_to_sequence_region(x, group=group)
 
 
 def all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group: GroupOrNone) -> torch.Tensor:
