@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from dp_shard import DataParallel, DataParallelError
 from moe_dispatch import MoELayer, is_expert_parallel
 
 SEED, SEQ, BATCH, HIDDEN, FFN, EXPERTS, TOPK, WORLD = 5, 4, 2, 8, 8, 4, 2, 4
@@ -90,3 +91,39 @@ def test_reducing_expert_grads_over_dp_is_wrong_and_caught(run_ranks, layout):
         for got in results
     ]
     assert all(wrong)
+
+
+def run_wrapped(config):
+    """The same through ``dp_shard.DataParallel``: loss is this rank's sum, averaging is the wrapper's."""
+    with pstate.initialize(config) as ps:
+        layer = MoELayer(HIDDEN, FFN, EXPERTS, TOPK, seed=SEED, ep_group=ps.ep, etp_group=ps.etp)
+        try:
+            DataParallel(layer, group=ps.dp)
+            refused = None
+        except DataParallelError as error:
+            refused = str(error)
+        model = DataParallel(layer, group=ps.dp, expert_group=ps.edp, bucket_size_mb=1e-4)  # several buckets
+        x, c = data(dist.get_rank())
+        (model(x) * c).sum().backward()
+        model.finish_grad_sync()
+        experts = layer.experts
+        return {
+            "router": layer.router.weight.grad,
+            "w1": experts.weight1.grad,
+            "w2": experts.weight2.grad,
+            "first": experts.first_expert,
+            "local": experts.weight1.size(0),
+            "etp": (ps.etp.rank, ps.etp.size),
+            "refused": refused,
+        }
+
+
+@pytest.mark.parametrize("layout", list(CONFIGS))
+def test_data_parallel_reduces_expert_grads_over_its_expert_group(run_ranks, layout):
+    router, w1, w2 = reference()
+    for got in run_ranks(WORLD, run_wrapped, CONFIGS[layout]):
+        assert "expert parameters (e.g. 'experts.weight1') need expert_group=" in got["refused"]
+        torch.testing.assert_close(got["router"], router)
+        want1, want2 = expert_slice(w1, w2, got["first"], got["local"], *got["etp"])
+        torch.testing.assert_close(got["w1"], want1)
+        torch.testing.assert_close(got["w2"], want2)

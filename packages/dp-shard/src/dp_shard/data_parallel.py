@@ -22,6 +22,13 @@ unsynchronised gradients.
 Averaging (``average=True``) divides each bucket by the group size just before its all-reduce
 (pre-division, as torch DDP does): the sum then stays in the range of the local gradients, which
 matters for low-precision buffers, and gloo has no AVG reduction.
+
+Expert parameters (tagged ``expert_parallel`` by ``moe-dispatch``) live in buffers of their own and are
+reduced over ``expert_group`` (``ps.edp``: the ranks that hold the same experts), but divided by the
+size of ``group`` (the dense data-parallel size), because every dense replica's tokens reach the
+experts: dividing by the expert group's size instead would scale expert gradients up by ``dp / edp``.
+Tagged parameters without an ``expert_group`` are refused, since reducing them over ``group`` would sum
+different experts.
 """
 
 from __future__ import annotations
@@ -40,11 +47,14 @@ from .buffers import Bucket, GradBuffer
 from .checks import check_same_parameters
 from .errors import DataParallelError
 
+_EXPERT_TAG = "expert_parallel"  # set by moe_dispatch.mark_expert_parallel
+
 
 class DataParallel(nn.Module):
     """Data parallel wrapper of ``module`` over ``group`` (a ``pstate`` axis or a process group).
 
     Shared (tied) parameters are managed once. ``grad_dtype=None`` keeps each parameter's own dtype.
+    ``expert_group`` (``ps.edp``) reduces the parameters tagged ``expert_parallel``; see the module notes.
     Use :meth:`no_sync` for all but the last micro-batch of a step, call :meth:`finish_grad_sync`
     before the optimizer step and :meth:`zero_grad_buffer` (or ``zero_grad()``) after it.
     """
@@ -58,6 +68,7 @@ class DataParallel(nn.Module):
         overlap: bool = True,
         grad_dtype: torch.dtype | None = torch.float32,
         average: bool = True,
+        expert_group: pstate.Group | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -77,17 +88,26 @@ class DataParallel(nn.Module):
         if len(devices) > 1:
             raise DataParallelError(f"parameters are on several devices {sorted(map(str, devices))}; expected one")
         check_same_parameters(named, self.process_group)
+        experts = [n for n, p in named if getattr(p, _EXPERT_TAG, False)]
+        if experts and expert_group is None:
+            raise DataParallelError(
+                f"{len(experts)} expert parameters (e.g. {experts[0]!r}) need expert_group= (the expert-data-"
+                "parallel group, ps.edp): reducing them over the dense group would sum different experts"
+            )
+        self.expert_group = None if expert_group is None else pstate.as_group(expert_group)
 
         backward_order = [p for _, p in reversed(named)]
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        by_kind: dict[tuple[bool, torch.dtype], list[nn.Parameter]] = {}
         for p in backward_order:
-            by_dtype.setdefault(grad_dtype or p.dtype, []).append(p)
+            by_kind.setdefault((getattr(p, _EXPERT_TAG, False), grad_dtype or p.dtype), []).append(p)
         bytes_per_bucket = int(bucket_size_mb * 2**20)
         self.grad_buffers = [
             GradBuffer(params, dtype=dtype, bucket_numel=max(1, bytes_per_bucket // dtype.itemsize))
-            for dtype, params in by_dtype.items()
+            for (_, dtype), params in by_kind.items()
         ]
         self._buckets: list[Bucket] = [b for buffer in self.grad_buffers for b in buffer.buckets]
+        groups = [self.expert_group if expert else self.process_group for expert, _ in by_kind]
+        self._bucket_groups = [g for buffer, g in zip(self.grad_buffers, groups) for _ in buffer.buckets]
         self._bucket_id = {id(p): i for i, b in enumerate(self._buckets) for p in b.params}
         self._views_grad: dict[int, bool] = {}  # id(param) -> param.grad is the buffer view
         for buffer in self.grad_buffers:
@@ -188,7 +208,8 @@ class DataParallel(nn.Module):
         bucket = self._buckets[self._next_bucket]
         if self.average and self.group_size > 1:
             bucket.data.div_(self.group_size)
-        self._works.append(dist.all_reduce(bucket.data, group=self.process_group, async_op=True))
+        group = self._bucket_groups[self._next_bucket]
+        self._works.append(dist.all_reduce(bucket.data, group=group, async_op=True))
         self._next_bucket += 1
 
     def _reset_sync_state(self) -> None:
