@@ -37,16 +37,20 @@ def run_data_parallel(config, expert_axis):
             axis = getattr(ps, expert_axis) if is_expert_parallel(param) else ps.dp
             dist.all_reduce(param.grad, group=axis.group)
         tagged = sorted(name for name, p in layer.named_parameters() if is_expert_parallel(p))
-        experts = layer.experts
-        return {
-            "router": layer.router.weight.grad,
-            "w1": experts.weight1.grad,
-            "w2": experts.weight2.grad,
-            "first": experts.first_expert,
-            "local": experts.weight1.size(0),
-            "etp": (ps.etp.rank, ps.etp.size),
-            "tagged": tagged,
-        }
+        return {**gradients(layer, ps), "tagged": tagged}
+
+
+def gradients(layer, ps):
+    """This rank's router and expert gradients, and where its experts sit in the full layer."""
+    experts = layer.experts
+    return {
+        "router": layer.router.weight.grad,
+        "w1": experts.weight1.grad,
+        "w2": experts.weight2.grad,
+        "first": experts.first_expert,
+        "local": experts.weight1.size(0),
+        "etp": (ps.etp.rank, ps.etp.size),
+    }
 
 
 def reference():
@@ -106,16 +110,7 @@ def run_wrapped(config):
         x, c = data(dist.get_rank())
         (model(x) * c).sum().backward()
         model.finish_grad_sync()
-        experts = layer.experts
-        return {
-            "router": layer.router.weight.grad,
-            "w1": experts.weight1.grad,
-            "w2": experts.weight2.grad,
-            "first": experts.first_expert,
-            "local": experts.weight1.size(0),
-            "etp": (ps.etp.rank, ps.etp.size),
-            "refused": refused,
-        }
+        return {**gradients(layer, ps), "refused": refused}
 
 
 @pytest.mark.parametrize("layout", list(CONFIGS))

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from cp_ring import ContextParallelError, all_to_all_hp2sp, all_to_all_sp2hp
+from pstate.testing import error_messages
 
 SEQ, BATCH, HIDDEN = 8, 2, 12
 
@@ -45,18 +46,15 @@ def test_sp2hp_and_hp2sp_are_inverse_exchanges_with_their_gradients(run_ranks, c
 
 
 def bad_sizes():
-    group, messages = dist.group.WORLD, []
-    for call in (
-        lambda: all_to_all_sp2hp(torch.zeros(2, 1, 6), group=group),
-        lambda: all_to_all_hp2sp(torch.zeros(6, 1, 2), group=group),
-        lambda: all_to_all_sp2hp(torch.zeros(2, 8), group=group),
-    ):
-        try:
-            call()
-            messages.append(None)
-        except ContextParallelError as error:
-            messages.append(str(error))
-    return messages
+    group = dist.group.WORLD
+    return error_messages(
+        [
+            lambda: all_to_all_sp2hp(torch.zeros(2, 1, 6), group=group),
+            lambda: all_to_all_hp2sp(torch.zeros(6, 1, 2), group=group),
+            lambda: all_to_all_sp2hp(torch.zeros(2, 8), group=group),
+        ],
+        ContextParallelError,
+    )
 
 
 def test_sizes_that_do_not_divide_raise(run_ranks):

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from cp_ring import ContextParallelError, shard_sequence, unshard_sequence
+from pstate.testing import error_messages
 
 
 def shard_positions(cp_dim, zigzag):
@@ -62,18 +63,15 @@ def test_unshard_gradient(run_ranks, reduce_grad):
 
 
 def bad_lengths():
-    group, messages = dist.group.WORLD, []
-    for call in (
-        lambda: shard_sequence(torch.zeros(6, 2), group=group),
-        lambda: shard_sequence(torch.zeros(2, 6), group=group, dim=1, zigzag=False),
-        lambda: unshard_sequence(torch.zeros(3, 2), group=group),
-    ):
-        try:
-            call()
-            messages.append(None)
-        except ContextParallelError as error:
-            messages.append(str(error))
-    return messages
+    group = dist.group.WORLD
+    return error_messages(
+        [
+            lambda: shard_sequence(torch.zeros(6, 2), group=group),
+            lambda: shard_sequence(torch.zeros(2, 6), group=group, dim=1, zigzag=False),
+            lambda: unshard_sequence(torch.zeros(3, 2), group=group),
+        ],
+        ContextParallelError,
+    )
 
 
 def test_lengths_that_do_not_divide_raise(run_ranks):

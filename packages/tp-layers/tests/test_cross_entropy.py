@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pstate.testing import error_messages
 from tp_layers import TensorParallelError, padded_vocab_size, vocab_parallel_cross_entropy
 
 VOCAB, SEQ, BATCH, IGNORE = 13, 6, 4, -100
@@ -111,18 +112,14 @@ def run_gathered_unguarded():
 def run_bad_shapes():
     group = dist.group.WORLD
     shard, target = torch.zeros(SEQ, BATCH, 4), torch.zeros(SEQ, BATCH, dtype=torch.long)
-    messages = []
-    for call in [
-        lambda: vocab_parallel_cross_entropy(shard, target[:, :2], group=group, vocab_size=7),
-        lambda: vocab_parallel_cross_entropy(shard, target, group=group, vocab_size=9),
-        lambda: vocab_parallel_cross_entropy(shard, target, group=group, vocab_size=7, label_smoothing=1.5),
-    ]:
-        try:
-            call()
-            messages.append(None)
-        except TensorParallelError as error:
-            messages.append(str(error))
-    return messages
+    return error_messages(
+        [
+            lambda: vocab_parallel_cross_entropy(shard, target[:, :2], group=group, vocab_size=7),
+            lambda: vocab_parallel_cross_entropy(shard, target, group=group, vocab_size=9),
+            lambda: vocab_parallel_cross_entropy(shard, target, group=group, vocab_size=7, label_smoothing=1.5),
+        ],
+        TensorParallelError,
+    )
 
 
 def test_mismatched_shapes_are_refused(run_ranks):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pstate.testing import error_messages
 from tp_layers import ColumnParallelLinear, RowParallelLinear, TensorParallelError, allreduce_sequence_parallel_grads
 
 SEED, SEQ, BATCH, IN, OUT = 1234, 8, 2, 16, 24
@@ -132,20 +133,16 @@ def test_a_seeded_layer_holds_the_slices_of_the_tp1_layer(run_ranks, tp):
 
 def bad_layers():
     group = dist.group.WORLD
-    messages = []
-    for build in [
-        lambda: ColumnParallelLinear(IN, 6, group=group),
-        lambda: RowParallelLinear(6, OUT, group=group),
-        lambda: ColumnParallelLinear(IN, OUT, group=group, full_weight=torch.zeros(OUT, IN + 1)),
-        lambda: RowParallelLinear(IN, OUT, group=group, full_bias=torch.zeros(OUT), bias=False),
-        lambda: RowParallelLinear(IN, OUT, group=group, input_is_parallel=False, sequence_parallel=True),
-    ]:
-        try:
-            build()
-            messages.append(None)
-        except TensorParallelError as error:
-            messages.append(str(error))
-    return messages
+    return error_messages(
+        [
+            lambda: ColumnParallelLinear(IN, 6, group=group),
+            lambda: RowParallelLinear(6, OUT, group=group),
+            lambda: ColumnParallelLinear(IN, OUT, group=group, full_weight=torch.zeros(OUT, IN + 1)),
+            lambda: RowParallelLinear(IN, OUT, group=group, full_bias=torch.zeros(OUT), bias=False),
+            lambda: RowParallelLinear(IN, OUT, group=group, input_is_parallel=False, sequence_parallel=True),
+        ],
+        TensorParallelError,
+    )
 
 
 def test_impossible_layers_are_refused_with_the_reason(run_ranks):

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from pstate.tags import tensor_parallel_dim
 
 from .errors import DataParallelError
 
@@ -101,6 +102,6 @@ def _local_grads(
         grad = param.grad if grad is None else grad
         if grad is None:
             continue
-        split = getattr(param, "tensor_parallel_dim", None) is not None
+        split = tensor_parallel_dim(param) is not None
         grads.append((grad, split or tp_rank == 0))
     return grads

@@ -42,12 +42,11 @@ import torch.distributed as dist
 from torch import nn
 
 import pstate
+from pstate.tags import is_expert_parallel
 
 from .buffers import Bucket, GradBuffer
 from .checks import check_same_parameters
 from .errors import DataParallelError
-
-_EXPERT_TAG = "expert_parallel"  # set by moe_dispatch.mark_expert_parallel
 
 
 class DataParallel(nn.Module):
@@ -88,7 +87,7 @@ class DataParallel(nn.Module):
         if len(devices) > 1:
             raise DataParallelError(f"parameters are on several devices {sorted(map(str, devices))}; expected one")
         check_same_parameters(named, self.process_group)
-        experts = [n for n, p in named if getattr(p, _EXPERT_TAG, False)]
+        experts = [n for n, p in named if is_expert_parallel(p)]
         if experts and expert_group is None:
             raise DataParallelError(
                 f"{len(experts)} expert parameters (e.g. {experts[0]!r}) need expert_group= (the expert-data-"
@@ -99,7 +98,7 @@ class DataParallel(nn.Module):
         backward_order = [p for _, p in reversed(named)]
         by_kind: dict[tuple[bool, torch.dtype], list[nn.Parameter]] = {}
         for p in backward_order:
-            by_kind.setdefault((getattr(p, _EXPERT_TAG, False), grad_dtype or p.dtype), []).append(p)
+            by_kind.setdefault((is_expert_parallel(p), grad_dtype or p.dtype), []).append(p)
         bytes_per_bucket = int(bucket_size_mb * 2**20)
         self.grad_buffers = [
             GradBuffer(params, dtype=dtype, bucket_numel=max(1, bytes_per_bucket // dtype.itemsize))

@@ -5,12 +5,14 @@ a ``pstate`` axis, a process group, or ``None`` for a single rank. EP rank ``r``
 ``r*E/ep`` to ``(r+1)*E/ep - 1``; expert parameters are tagged for gradient reduction over ``edp``.
 """
 
+from pstate.tags import is_expert_parallel, mark_expert_parallel
+
 from . import aux_loss
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_base import Dispatcher
 from .errors import MoEError
-from .experts import GroupedExperts, is_expert_parallel, mark_expert_parallel
+from .experts import GroupedExperts
 from .layer import MoELayer, expert_parallel_params
 from .router import TopKRouter, expert_capacity
 

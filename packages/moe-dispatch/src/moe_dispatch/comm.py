@@ -10,12 +10,10 @@ import torch
 import torch.distributed as dist
 
 from pstate import Group, as_group
+from pstate.collectives import all_gather_single
 from tp_layers import gather_from_sequence_region, reduce_scatter_to_sequence_region
 
 GroupOrNone = Group | None
-
-# torch 2.13 renamed the single-tensor all-gather; older releases only have the old name.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def size_of(group: GroupOrNone) -> int:
@@ -33,7 +31,7 @@ def gather_counts(counts: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     if size_of(group) == 1:
         return counts.unsqueeze(0)
     out = counts.new_empty(size_of(group) * counts.numel())
-    _all_gather_single(out, counts.contiguous().view(-1), group=as_group(group))
+    all_gather_single(out, counts.contiguous().view(-1), group=as_group(group))
     return out.view(size_of(group), *counts.shape)
 
 
@@ -42,7 +40,7 @@ def all_gather_plain(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     if size_of(group) == 1:
         return x
     out = x.new_empty((x.size(0) * size_of(group), *x.shape[1:]))
-    _all_gather_single(out, x.contiguous(), group=as_group(group))
+    all_gather_single(out, x.contiguous(), group=as_group(group))
     return out
 
 

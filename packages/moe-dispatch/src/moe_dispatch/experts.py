@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pstate.tags import mark_expert_parallel
 from tp_layers import init as tp_init
 from tp_layers import mark_tensor_parallel
 
@@ -27,18 +28,6 @@ from .comm import GroupOrNone, rank_in, size_of
 from .errors import MoEError
 
 ACTIVATIONS = ("swiglu", "gelu")
-EXPERT_PARALLEL = "expert_parallel"
-
-
-def mark_expert_parallel(param: nn.Parameter) -> nn.Parameter:
-    """Tag ``param`` as an expert parameter: its data-parallel gradient reduction uses the ``edp`` group."""
-    setattr(param, EXPERT_PARALLEL, True)
-    return param
-
-
-def is_expert_parallel(param: torch.Tensor) -> bool:
-    """Whether ``param`` was tagged by :func:`mark_expert_parallel`."""
-    return getattr(param, EXPERT_PARALLEL, False)
 
 
 def expert_seed(seed: int, expert: int) -> int:

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pstate.tags import is_expert_parallel
+
 from .comm import GroupOrNone, size_of
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .errors import MoEError
-from .experts import GroupedExperts, is_expert_parallel
+from .experts import GroupedExperts
 from .router import TopKRouter, check_router_args
 
 DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}

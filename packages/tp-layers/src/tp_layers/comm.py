@@ -10,12 +10,9 @@ import torch
 import torch.distributed as dist
 
 from pstate import Group, as_group
+from pstate.collectives import all_gather_single, reduce_scatter_single
 
 from .errors import TensorParallelError
-
-# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def size_of(group: Group) -> int:
@@ -78,7 +75,7 @@ def all_gather_async(x: torch.Tensor, group: Group) -> tuple[torch.Tensor, dist.
     """Start gathering every rank's ``x`` along dimension 0; returns the output and the handle to wait on."""
     parts = size_of(group)
     out = x.new_empty((x.size(0) * parts, *x.shape[1:]))
-    work = _all_gather_single(out, x.contiguous(), group=as_group(group), async_op=True)
+    work = all_gather_single(out, x.contiguous(), group=as_group(group), async_op=True)
     return out, work
 
 
@@ -93,7 +90,7 @@ def reduce_scatter_async(x: torch.Tensor, group: Group, what: str) -> tuple[torc
     """Start summing ``x`` over ``group`` keeping this rank's slice of dimension 0; output and handle."""
     chunk = check_divisible(x, 0, size_of(group), what)
     out = x.new_empty((chunk, *x.shape[1:]))
-    work = _reduce_scatter_single(out, x.contiguous(), group=as_group(group), async_op=True)
+    work = reduce_scatter_single(out, x.contiguous(), group=as_group(group), async_op=True)
     return out, work
 
 

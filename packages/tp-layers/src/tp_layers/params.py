@@ -1,8 +1,8 @@
 """Tags on parameters that other packages read: how a parameter is split over TP, and whether its
 gradient is a partial sum over the TP group because the layer sees only part of the sequence.
 
-``dp-shard`` (gradient clipping, buckets), ``ckpt`` (global shapes) and ``trainer`` find parameters by
-these tags instead of by module type.
+The tags themselves are :mod:`pstate.tags` (so ``dp-shard``, ``ckpt`` and ``trainer`` read them without
+importing this package); this module adds the module-level helpers TP code needs.
 """
 
 from __future__ import annotations
@@ -12,23 +12,19 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from pstate import Group
+from pstate import Group, tags
+from pstate.tags import is_sequence_parallel, mark_tensor_parallel, tensor_parallel_dim
 
 from . import comm
 
-_TP_DIM = "tensor_parallel_dim"
-_SP = "sequence_parallel"
-
-
-def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
-    """Record that ``param`` holds this rank's slice of dimension ``dim`` of the full tensor."""
-    setattr(param, _TP_DIM, dim)
-    return param
-
-
-def tensor_parallel_dim(param: torch.Tensor) -> int | None:
-    """The dimension along which ``param`` is split over TP, or ``None`` when it is replicated."""
-    return getattr(param, _TP_DIM, None)
+__all__ = [
+    "allreduce_sequence_parallel_grads",
+    "is_sequence_parallel",
+    "mark_sequence_parallel",
+    "mark_tensor_parallel",
+    "sequence_parallel_params",
+    "tensor_parallel_dim",
+]
 
 
 def mark_sequence_parallel(params: nn.Module | nn.Parameter | Iterable[nn.Parameter]) -> None:
@@ -37,12 +33,7 @@ def mark_sequence_parallel(params: nn.Module | nn.Parameter | Iterable[nn.Parame
     and :func:`allreduce_sequence_parallel_grads` completes it. Accepts a module (all its parameters),
     one parameter or an iterable of them."""
     for param in _as_params(params):
-        setattr(param, _SP, True)
-
-
-def is_sequence_parallel(param: torch.Tensor) -> bool:
-    """Whether ``param`` was tagged by :func:`mark_sequence_parallel`."""
-    return getattr(param, _SP, False)
+        tags.mark_sequence_parallel(param)
 
 
 def sequence_parallel_params(module: nn.Module) -> Iterator[nn.Parameter]:

@@ -5,7 +5,7 @@
 the rank; hangs raise ``RankTimeout`` with every stuck rank's stack.
 """
 
-from .errors import RankError, RankTimeout
+from .errors import RankError, RankTimeout, error_messages
 from .harness import Harness, run
 
-__all__ = ["Harness", "RankError", "RankTimeout", "run"]
+__all__ = ["Harness", "RankError", "RankTimeout", "error_messages", "run"]

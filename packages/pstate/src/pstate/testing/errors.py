@@ -1,4 +1,9 @@
-"""How a multi-rank call fails: tagged with the rank, carrying the remote traceback."""
+"""How a multi-rank call fails: tagged with the rank, carrying the remote traceback; and a helper that
+collects the errors a rank function expects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 
 class RankError(RuntimeError):
@@ -13,3 +18,17 @@ class RankError(RuntimeError):
 
 class RankTimeout(RankError):
     """Ranks did not finish within the timeout; the message holds each stuck rank's Python stack."""
+
+
+def error_messages(calls: Iterable[Callable[[], object]], error: type[BaseException]) -> list[str | None]:
+    """Run each call; the message of the ``error`` it raised, or ``None`` when it raised nothing. For
+    rank functions that check several kinds of bad input in one multi-rank call."""
+    messages: list[str | None] = []
+    for call in calls:
+        try:
+            call()
+        except error as raised:
+            messages.append(str(raised))
+        else:
+            messages.append(None)
+    return messages

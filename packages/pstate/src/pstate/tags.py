@@ -1,0 +1,46 @@
+"""Tags on parameters that say how they are split, read by packages that cannot import each other.
+
+``tp-layers`` and ``moe-dispatch`` set them; ``dp-shard`` (gradient reduction, clipping), ``ckpt`` and
+``trainer`` read them. They live here, below all of those, so the attribute names are written once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TENSOR_PARALLEL_DIM = "tensor_parallel_dim"
+SEQUENCE_PARALLEL = "sequence_parallel"
+EXPERT_PARALLEL = "expert_parallel"
+
+
+def mark_tensor_parallel(param: torch.Tensor, dim: int) -> torch.Tensor:
+    """Record that ``param`` holds this rank's slice of dimension ``dim`` of the full tensor (over TP)."""
+    setattr(param, TENSOR_PARALLEL_DIM, dim)
+    return param
+
+
+def tensor_parallel_dim(param: torch.Tensor) -> int | None:
+    """The dimension along which ``param`` is split over TP, or ``None`` when it is replicated."""
+    return getattr(param, TENSOR_PARALLEL_DIM, None)
+
+
+def mark_sequence_parallel(param: torch.Tensor) -> torch.Tensor:
+    """Record that ``param`` is replicated over TP but used on a sequence shard (its gradient is partial)."""
+    setattr(param, SEQUENCE_PARALLEL, True)
+    return param
+
+
+def is_sequence_parallel(param: torch.Tensor) -> bool:
+    """Whether ``param`` was tagged by :func:`mark_sequence_parallel`."""
+    return getattr(param, SEQUENCE_PARALLEL, False)
+
+
+def mark_expert_parallel(param: torch.Tensor) -> torch.Tensor:
+    """Record that ``param`` belongs to an expert: its data-parallel reduction uses the ``edp`` group."""
+    setattr(param, EXPERT_PARALLEL, True)
+    return param
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """Whether ``param`` was tagged by :func:`mark_expert_parallel`."""
+    return getattr(param, EXPERT_PARALLEL, False)
