@@ -1,0 +1,87 @@
+"""Self-attention split over TP (heads), CP (sequence: ring or Ulysses) and SP (the projections' I/O)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cp_ring
+from tp_layers import ColumnParallelLinear, RowParallelLinear, recompute
+
+from ..errors import TrainerError
+from . import init
+from .config import ModelConfig
+from .groups import ModelGroups
+from .rotary import apply_rotary, rotary_angles
+
+
+class Attention(nn.Module):
+    """Causal multi-head or grouped-query attention on ``[seq, batch, hidden]``.
+
+    The fused ``qkv`` weight holds, on each TP rank, that rank's query heads, then its key heads, then
+    its value heads (so ``tp`` must divide ``kv_heads``). ``selective_recompute`` recomputes the core
+    attention (the softmax part) in backward instead of keeping it.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int, *, selective_recompute: bool = False
+    ) -> None:
+        super().__init__()
+        tp = groups.tp_size
+        if cfg.num_kv_heads % tp:
+            raise TrainerError(f"tp={tp} must divide the key/value heads ({cfg.num_kv_heads}) of the model")
+        self.cfg, self.groups, self.selective_recompute = cfg, groups, selective_recompute
+        self.heads, self.kv_heads, d = cfg.heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
+        std, sp = cfg.init_std, groups.sequence_parallel
+        parts = [
+            init.normal((cfg.heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "q")),
+            init.normal((cfg.num_kv_heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "k")),
+            init.normal((cfg.num_kv_heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "v")),
+        ]
+        full = init.interleave_for_tp(parts, tp)
+        zeros = torch.zeros(full.size(0)) if cfg.bias else None
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden, full.size(0), group=groups.tp, bias=cfg.bias, sequence_parallel=sp,
+            full_weight=full, full_bias=zeros,
+        )  # fmt: skip
+        proj = init.normal(
+            (cfg.hidden, cfg.heads * d), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "proj")
+        )
+        self.proj = RowParallelLinear(
+            cfg.heads * d, cfg.hidden, group=groups.tp, bias=cfg.bias, input_is_parallel=True,
+            sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if cfg.bias else None,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [seq (whole CP-local sequence), batch, (heads + 2*kv_heads) * head_dim / tp]
+        seq, batch, d = qkv.size(0), qkv.size(1), self.cfg.head_dim
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q, k, v = (t.reshape(seq, batch, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))
+        if self.cfg.position == "rotary":
+            cos, sin = rotary_angles(self.positions(seq, qkv.device), d, self.cfg.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.selective_recompute and torch.is_grad_enabled():
+            out = recompute(self.core, q, k, v)
+        else:
+            out = self.core(q, k, v)
+        return self.proj(out.permute(2, 0, 1, 3).reshape(seq, batch, -1))
+
+    def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """The global positions of this CP rank's ``local_len`` tokens (zigzag placement)."""
+        return sequence_positions(local_len, self.groups, device)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the whole sequence; ``[batch, heads, seq, head_dim]`` in and out."""
+        if self.groups.cp_size == 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        if self.groups.cp_attention == "ulysses":
+            return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp)
+        return cp_ring.ring_attention(q, k, v, group=self.groups.cp)
+
+
+def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:
+    """Global positions of the ``local_len`` tokens this CP rank holds (zigzag, as the data is sharded)."""
+    cp = groups.cp_size
+    full = torch.arange(local_len * cp, device=device)
+    return full if cp == 1 else cp_ring.shard_sequence(full, group=groups.cp, dim=0)

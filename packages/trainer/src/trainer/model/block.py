@@ -1,0 +1,58 @@
+"""One pre-norm transformer layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pstate.tags import mark_sequence_parallel
+from tp_layers import recompute
+
+from ..errors import TrainerError
+from .attention import Attention
+from .config import ModelConfig
+from .groups import ModelGroups
+from .mlp import MLP, moe_layer
+
+RECOMPUTE = (None, "full", "selective")
+
+
+def norm(cfg: ModelConfig, groups: ModelGroups) -> nn.Module:
+    """LayerNorm or RMSNorm over ``hidden``; tagged sequence-parallel (its gradient is partial over TP)."""
+    if cfg.norm == "layernorm":
+        module: nn.Module = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.bias)
+    else:
+        module = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+    if groups.sequence_parallel:
+        for p in module.parameters():
+            mark_sequence_parallel(p)
+    return module
+
+
+class TransformerLayer(nn.Module):
+    """Global layer ``layer`` of the model; ``recompute`` is ``None``, ``"full"`` or ``"selective"``."""
+
+    def __init__(
+        self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int, *, recompute: str | None = None
+    ) -> None:
+        super().__init__()
+        if recompute not in RECOMPUTE:
+            raise TrainerError(f"recompute={recompute!r}: must be one of {RECOMPUTE}")
+        self.layer, self.full_recompute = layer, recompute == "full"
+        self.norm1, self.norm2 = norm(cfg, groups), norm(cfg, groups)
+        self.attn = Attention(cfg, groups, layer, seed, selective_recompute=recompute == "selective")
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
+        if self.is_moe and groups.sequence_parallel:
+            for p in self.mlp.router.parameters():
+                mark_sequence_parallel(p)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full_recompute and torch.is_grad_enabled():
+            return recompute(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))

@@ -1,0 +1,158 @@
+"""``ModelConfig``: the shape and the choices of the decoder-only transformer, and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..errors import TrainerError
+
+CHOICES = {
+    "norm": ("layernorm", "rmsnorm"),
+    "position": ("learned", "rotary"),
+    "mlp": ("gelu", "swiglu"),
+    "moe_dispatcher": ("alltoall", "allgather"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-style decoder. ``kv_heads < heads`` is grouped-query attention; ``num_experts > 0`` makes
+    every ``moe_every``-th layer (layers ``0, k, 2k, ...``) a mixture of experts.
+
+    ``vocab_size=None`` takes the tokenizer's size when the model is built for training.
+    ``ffn_hidden=None`` is ``4*hidden`` for GELU and ``8/3*hidden`` rounded up to a multiple of 64 for
+    SwiGLU (the same parameter count).
+    """
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    vocab_size: int | None = None
+    max_seq_len: int = 1024
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    position: str = "rotary"
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"
+    bias: bool = False
+    tied_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    vocab_pad_multiple: int = 1
+    num_experts: int = 0
+    moe_topk: int = 2
+    moe_every: int = 1
+    moe_ffn_hidden: int | None = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_dispatcher: str = "alltoall"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
+            _positive(name, getattr(self, name))
+        for name in ("kv_heads", "ffn_hidden", "vocab_size", "moe_ffn_hidden"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise TrainerError(f"model.{name}={getattr(self, name)!r}: must be one of {allowed}")
+        if self.hidden % self.heads:
+            raise TrainerError(f"model.hidden={self.hidden}: must be divisible by heads={self.heads}")
+        if self.heads % self.num_kv_heads:
+            raise TrainerError(f"model.kv_heads={self.kv_heads}: must divide heads={self.heads}")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise TrainerError(f"model: rotary positions need an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainerError(f"model.dropout={self.dropout}: must be in [0, 1)")
+        if self.num_experts < 0:
+            raise TrainerError(f"model.num_experts={self.num_experts}: must be >= 0 (0 = dense)")
+        if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
+            raise TrainerError(f"model.moe_topk={self.moe_topk}: must be in [1, num_experts={self.num_experts}]")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.mlp == "gelu":
+            return 4 * self.hidden
+        return -(-(8 * self.hidden) // (3 * 64)) * 64
+
+    @property
+    def moe_ffn(self) -> int:
+        return self.moe_ffn_hidden or self.ffn
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` is a mixture of experts."""
+        return self.num_experts > 0 and layer % self.moe_every == 0
+
+    def with_overrides(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied (unknown fields are refused by name)."""
+        known = {f.name for f in fields(self)}
+        for name in changes:
+            if name not in known:
+                raise TrainerError(f"model.{name}: no such field; known fields are {sorted(known)}")
+        return replace(self, **changes)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise TrainerError(f"model.{name}={value!r}: must be a positive integer")
+
+
+_GPT2 = dict(norm="layernorm", position="learned", mlp="gelu", bias=True, tied_embeddings=True)
+_LLAMA = dict(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, tied_embeddings=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # tiny shapes that train in seconds on a CPU; used by tests and the README command
+    "tiny": ModelConfig(hidden=64, layers=4, heads=4, kv_heads=2, ffn_hidden=128, max_seq_len=256, **_LLAMA),
+    "tiny-gpt2": ModelConfig(hidden=64, layers=4, heads=4, max_seq_len=256, **_GPT2),
+    "tiny-moe": ModelConfig(
+        hidden=64,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        ffn_hidden=128,
+        max_seq_len=256,
+        num_experts=4,
+        moe_topk=2,
+        moe_every=2,
+        moe_ffn_hidden=64,
+        moe_aux_loss_coeff=0.01,
+        **_LLAMA,
+    ),
+    # real shapes
+    "gpt2": ModelConfig(hidden=768, layers=12, heads=12, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
+    "gpt2-medium": ModelConfig(hidden=1024, layers=24, heads=16, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
+    "gpt2-large": ModelConfig(hidden=1280, layers=36, heads=20, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
+    "llama2-7b": ModelConfig(
+        hidden=4096, layers=32, heads=32, ffn_hidden=11008, vocab_size=32000, max_seq_len=4096, **_LLAMA
+    ),
+    "llama3-8b": ModelConfig(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        ffn_hidden=14336,
+        vocab_size=128256,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        **_LLAMA,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset (``tiny``, ``tiny-gpt2``, ``tiny-moe``, ``gpt2``, ``llama3-8b``, ...)."""
+    if name not in PRESETS:
+        raise TrainerError(f"model preset {name!r}: unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,160 @@
+"""``GPTChunk``: the part of the GPT model one pipeline stage holds, and the language-model loss.
+
+A chunk holds global transformer layers ``stage.layers``; the first stage also embeds token ids and the
+last also applies the final norm and the output head. ``build_chunks`` gives a rank its ``vpp`` chunks.
+With tied embeddings and several stages, the last stage keeps its own copy of the embedding table
+(drawn from the same seed); :func:`tied_embedding_params` lists the copies whose gradients must be summed
+over the ``embedding`` group so that they stay equal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pp_sched import StageLayers, split_layers
+from pstate.tags import mark_sequence_parallel
+from tp_layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    column_parallel_linear,
+    padded_vocab_size,
+    vocab_parallel_cross_entropy,
+)
+
+from ..errors import TrainerError
+from . import init
+from .attention import sequence_positions
+from .block import TransformerLayer, norm
+from .config import ModelConfig
+from .groups import ModelGroups
+
+
+class GPTChunk(nn.Module):
+    """Stage ``stage`` of the model. Input: token ids ``[batch, seq]`` on the first stage, else hidden
+    states ``[seq, batch, hidden]`` (``seq/tp`` with sequence parallelism). Output: hidden states, or on
+    the last stage the logits ``[seq, batch, padded_vocab/tp]`` of this TP rank's vocabulary slice."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        groups: ModelGroups,
+        stage: StageLayers,
+        *,
+        seed: int,
+        recompute: str | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise TrainerError("model.vocab_size is not set (it comes from the tokenizer when training)")
+        self.cfg, self.groups, self.stage = cfg, groups, stage
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, groups, layer, seed, recompute=recompute) for layer in stage.layers
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.embedding = self.position = self.final_norm = self.head = None
+        if stage.embedding or (stage.head and cfg.tied_embeddings):
+            self.embedding = embedding_table(cfg, groups, seed)
+        if stage.embedding and cfg.position == "learned":
+            self.position = nn.Parameter(
+                init.normal(
+                    (cfg.max_seq_len, cfg.hidden),
+                    cfg.init_std,
+                    init.tensor_seed(seed, init.EMBEDDING_LAYER, "position"),
+                )
+            )
+            if groups.sequence_parallel:
+                mark_sequence_parallel(self.position)
+        if stage.head:
+            self.final_norm = norm(cfg, groups)
+            if not cfg.tied_embeddings:
+                self.head = output_head(cfg, groups, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stage.embedding:
+            x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.stage.head:
+            x = self.logits(self.final_norm(x))
+        return x
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[batch, seq]`` (this CP rank's part) to hidden states ``[seq(/tp), batch, hidden]``."""
+        if ids.dim() != 2:
+            raise TrainerError(f"token ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        seq = ids.size(1)
+        h = self.embedding(ids.t())
+        if self.position is not None:
+            if seq * self.groups.cp_size > self.cfg.max_seq_len:
+                raise TrainerError(
+                    f"sequence of {seq * self.groups.cp_size} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
+                )
+            positions = sequence_positions(seq, self.groups, ids.device)
+            if self.groups.sequence_parallel:
+                positions = positions.chunk(self.groups.tp_size)[self.groups.tp_rank]
+            h = h + self.position[positions].unsqueeze(1)
+        return self.dropout(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(h)
+        return column_parallel_linear(
+            h, self.embedding.weight, group=self.groups.tp, sequence_parallel=self.groups.sequence_parallel
+        )
+
+
+def embedding_table(cfg: ModelConfig, groups: ModelGroups, seed: int) -> VocabParallelEmbedding:
+    """The token embedding, split by vocabulary rows over TP (padding rows zero)."""
+    full = init.normal(
+        (cfg.vocab_size, cfg.hidden), cfg.init_std, init.tensor_seed(seed, init.EMBEDDING_LAYER, "embedding")
+    )
+    return VocabParallelEmbedding(
+        cfg.vocab_size, cfg.hidden, group=groups.tp, sequence_parallel=groups.sequence_parallel,
+        pad_to_multiple_of=cfg.vocab_pad_multiple, full_weight=full,
+    )  # fmt: skip
+
+
+def output_head(cfg: ModelConfig, groups: ModelGroups, seed: int) -> ColumnParallelLinear:
+    """An untied output layer over the padded vocabulary; its padding rows are zero and stay zero."""
+    padded = padded_vocab_size(cfg.vocab_size, groups.tp_size, cfg.vocab_pad_multiple)
+    full = torch.zeros(padded, cfg.hidden)
+    full[: cfg.vocab_size] = init.normal(
+        (cfg.vocab_size, cfg.hidden), cfg.init_std, init.tensor_seed(seed, init.EMBEDDING_LAYER, "head")
+    )
+    return ColumnParallelLinear(
+        cfg.hidden, padded, group=groups.tp, bias=False, sequence_parallel=groups.sequence_parallel, full_weight=full
+    )
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, cfg: ModelConfig, groups: ModelGroups) -> torch.Tensor:
+    """Mean next-token cross entropy of this rank's tokens: ``logits`` ``[seq, batch, V/tp]``, ``labels``
+    ``[batch, seq]`` (this CP rank's part). Averaging over data- and context-parallel ranks happens in
+    the gradient reduction (every rank holds as many tokens)."""
+    per_token = vocab_parallel_cross_entropy(logits, labels.t(), group=groups.tp, vocab_size=cfg.vocab_size)
+    return per_token.mean()
+
+
+def build_chunks(
+    cfg: ModelConfig,
+    groups: ModelGroups,
+    *,
+    pp_rank: int,
+    pp: int,
+    vpp: int = 1,
+    seed: int,
+    recompute: str | None = None,
+    uneven: str | None = None,
+) -> list[GPTChunk]:
+    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order."""
+    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven)
+    return [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in stages if s.rank == pp_rank]
+
+
+def tied_embedding_params(chunks: list[GPTChunk]) -> list[nn.Parameter]:
+    """The embedding copies whose gradients are summed over the embedding group (tied, pp > 1)."""
+    return [
+        c.embedding.weight
+        for c in chunks
+        if c.embedding is not None and c.cfg.tied_embeddings and not (c.stage.embedding and c.stage.head)
+    ]

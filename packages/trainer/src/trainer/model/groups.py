@@ -1,0 +1,59 @@
+"""``ModelGroups``: the process groups a model chunk communicates over, taken from a ``ParallelState``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from pstate import Group, ParallelState, as_group
+
+from ..errors import TrainerError
+
+
+@dataclass(frozen=True)
+class ModelGroups:
+    """Tensor (``tp``), context (``cp``), expert (``ep``) and expert-tensor (``etp``) parallel groups.
+
+    ``sequence_parallel`` splits the activations between the TP regions along the sequence.
+    ``cp_attention`` is ``"ring"`` (p2p, any head count) or ``"ulysses"`` (all-to-all over heads).
+    """
+
+    tp: Group
+    cp: Group
+    ep: Group
+    etp: Group
+    sequence_parallel: bool = False
+    cp_attention: str = "ring"
+
+    def __post_init__(self) -> None:
+        if self.cp_attention not in ("ring", "ulysses"):
+            raise TrainerError(f"cp_attention={self.cp_attention!r}: must be 'ring' or 'ulysses'")
+        if self.sequence_parallel and self.tp_size == 1:
+            raise TrainerError("sequence_parallel=True needs tp > 1: it splits the sequence over the TP group")
+
+    @classmethod
+    def from_state(
+        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring"
+    ) -> ModelGroups:
+        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention)
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(as_group(self.tp))
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(as_group(self.tp))
+
+    @property
+    def cp_size(self) -> int:
+        return dist.get_world_size(as_group(self.cp))
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(as_group(self.cp))
+
+    @property
+    def ep_size(self) -> int:
+        return dist.get_world_size(as_group(self.ep))

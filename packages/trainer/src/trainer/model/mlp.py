@@ -1,0 +1,65 @@
+"""The dense MLP (GELU or SwiGLU) split over TP, and the MoE layer built from ``moe-dispatch``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dispatch import MoELayer
+from tp_layers import ColumnParallelLinear, RowParallelLinear
+
+from ..errors import TrainerError
+from . import init
+from .config import ModelConfig
+from .groups import ModelGroups
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))``; for SwiGLU ``fc1`` holds this rank's gate rows then its up rows."""
+
+    def __init__(self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> None:
+        super().__init__()
+        tp, sp, std, f = groups.tp_size, groups.sequence_parallel, cfg.init_std, cfg.ffn
+        if f % tp:
+            raise TrainerError(f"tp={tp} must divide the FFN size ({f}) of the model")
+        self.swiglu = cfg.mlp == "swiglu"
+        roles = ("gate", "up") if self.swiglu else ("fc1",)
+        parts = [init.normal((f, cfg.hidden), std, init.tensor_seed(seed, layer, role)) for role in roles]
+        full = init.interleave_for_tp(parts, tp)
+        self.fc1 = ColumnParallelLinear(
+            cfg.hidden, full.size(0), group=groups.tp, bias=cfg.bias, sequence_parallel=sp,
+            full_weight=full, full_bias=torch.zeros(full.size(0)) if cfg.bias else None,
+        )  # fmt: skip
+        fc2 = init.normal((cfg.hidden, f), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "fc2"))
+        self.fc2 = RowParallelLinear(
+            f, cfg.hidden, group=groups.tp, bias=cfg.bias, input_is_parallel=True, sequence_parallel=sp,
+            full_weight=fc2, full_bias=torch.zeros(cfg.hidden) if cfg.bias else None,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+def moe_layer(cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> MoELayer:
+    """A mixture-of-experts MLP: experts over EP, each split over ETP; tokens are this rank's (SP) part."""
+    if groups.tp_size > 1 and not groups.sequence_parallel:
+        raise TrainerError("MoE layers with tp > 1 need sequence_parallel=True (each TP rank routes its own tokens)")
+    return MoELayer(
+        cfg.hidden,
+        cfg.moe_ffn,
+        cfg.num_experts,
+        cfg.moe_topk,
+        dispatcher=cfg.moe_dispatcher,
+        ep_group=groups.ep,
+        etp_group=groups.etp,
+        activation="swiglu" if cfg.mlp == "swiglu" else "gelu",
+        seed=init.tensor_seed(seed, layer, "router"),
+        aux_loss_coeff=cfg.moe_aux_loss_coeff,
+    )
