@@ -19,6 +19,7 @@ import pstate
 from pstate.tags import is_expert_parallel
 from tp_layers import allreduce_sequence_parallel_grads
 from trainer.model import ModelGroups, build_chunks, lm_loss, model_shards, preset
+from trainer.model.shards import assemble
 
 SEED, BATCH, SEQ, VOCAB = 7, 4, 16, 97
 
@@ -70,13 +71,6 @@ CASES = {
 }
 
 
-def assemble(pieces: list[pstate.Shard]) -> torch.Tensor:
-    full = torch.full(pieces[0].global_shape, float("nan"))
-    for s in pieces:
-        full[tuple(slice(o, o + n) for o, n in zip(s.offsets, s.shape))] = s.data
-    return full
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_gradients_equal_the_one_process_model(run_ranks, case):
     name, changes, parallel, world, options = CASES[case]
@@ -87,4 +81,4 @@ def test_gradients_equal_the_one_process_model(run_ranks, case):
     assert set(results[0][1]) == set(ref)
     for key, full in ref.items():
         got = assemble([shards[key] for _, shards in results if key in shards])
-        torch.testing.assert_close(got, full.data, rtol=1e-5, atol=1e-6, msg=lambda m: f"{case} {key}: {m}")
+        torch.testing.assert_close(got, full.data, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")

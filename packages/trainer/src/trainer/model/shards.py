@@ -123,3 +123,15 @@ def _etp(experts: nn.Module) -> tuple[int, int]:
         return 1, 0
     pg = as_group(group)
     return dist.get_world_size(pg), dist.get_rank(pg)
+
+
+def assemble(pieces: list[Shard]) -> torch.Tensor:
+    """The full tensor from rectangular pieces of it (NaN, or the dtype's ``0``, where none covers it)."""
+    first = pieces[0]
+    fill = float("nan") if first.data.is_floating_point() else 0
+    full = torch.full(first.global_shape, fill, dtype=first.data.dtype)
+    for s in pieces:
+        if s.flat_range is not None:
+            raise ValueError("assemble: flat-range pieces are not supported")
+        full[tuple(slice(o, o + n) for o, n in zip(s.offsets, s.shape))] = s.data.cpu()
+    return full
