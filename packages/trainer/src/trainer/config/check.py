@@ -1,0 +1,63 @@
+"""``check_run``: the rules that involve several sections and the world size, checked before launch."""
+
+from __future__ import annotations
+
+from pp_sched import PipelineScheduleError, build
+from pstate import ParallelConfigError, layout
+
+from ..errors import TrainerError
+from .run import RunConfig
+
+
+def check_run(cfg: RunConfig, world_size: int) -> int:
+    """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
+    step (``global_batch / (micro_batch * dp)``)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    try:
+        lay = layout(p, world_size)
+    except ParallelConfigError as error:
+        raise TrainerError(str(error)) from None
+    dp = lay.sizes["dp"]
+    rules = [
+        (t.sequence_parallel and p.tp == 1, "--sequence-parallel needs --tp > 1"),
+        (m.num_kv_heads % p.tp != 0, f"tp={p.tp} must divide the model's {m.num_kv_heads} key/value heads"),
+        (m.ffn % p.tp != 0, f"tp={p.tp} must divide the model's FFN size {m.ffn}"),
+        (m.layers % (p.pp * p.vpp) != 0, f"layers={m.layers} must be divisible by pp*vpp={p.pp * p.vpp}"),
+        (p.cp > 1 and t.seq_len % (2 * p.cp) != 0, f"seq_len={t.seq_len} must be divisible by 2*cp={2 * p.cp}"),
+        (
+            p.cp > 1 and t.cp_attention == "ulysses" and (m.heads % p.cp or m.num_kv_heads % p.cp),
+            f"cp_attention='ulysses' needs cp={p.cp} to divide the heads ({m.heads}) and kv heads ({m.num_kv_heads})",
+        ),
+        (
+            t.sequence_parallel and t.seq_len // p.cp % p.tp != 0,
+            f"seq_len/cp={t.seq_len // p.cp} must be divisible by tp={p.tp} for sequence parallelism",
+        ),
+        (p.ep > 1 and m.num_experts == 0, f"ep={p.ep} needs a model with experts (model.num_experts > 0)"),
+        (m.num_experts and m.num_experts % p.ep != 0, f"ep={p.ep} must divide the {m.num_experts} experts"),
+        (m.num_experts and m.moe_ffn % p.etp != 0, f"etp={p.etp} must divide the expert FFN size {m.moe_ffn}"),
+        (
+            m.num_experts and p.tp > 1 and not t.sequence_parallel,
+            "MoE with tp > 1 needs --sequence-parallel (each TP rank routes its own tokens)",
+        ),
+        (
+            m.position == "learned" and t.seq_len > m.max_seq_len,
+            f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+        ),
+        (t.zero == 3 and p.pp > 1, "--zero 3 (fully sharded) with pp > 1 is not supported; use --zero 1 or 2"),
+        (t.precision == "fp16" and t.zero == 3, "fp16 with --zero 3 is not supported; use bf16"),
+    ]
+    for broken, rule in rules:
+        if broken:
+            raise TrainerError(rule)
+    global_batch = t.global_batch or t.micro_batch * dp
+    if global_batch % (t.micro_batch * dp):
+        raise TrainerError(
+            f"global_batch={global_batch} must be divisible by micro_batch*dp={t.micro_batch}*{dp}={t.micro_batch * dp}"
+        )
+    microbatches = global_batch // (t.micro_batch * dp)
+    if p.pp > 1:
+        try:
+            build(t.pipeline_schedule, pp=p.pp, microbatches=microbatches, vpp=p.vpp)
+        except PipelineScheduleError as error:
+            raise TrainerError(f"--pipeline-schedule {t.pipeline_schedule}: {error}") from None
+    return microbatches

@@ -1,0 +1,79 @@
+"""TOML files to a :class:`RunConfig` and back; sections ``model``, ``parallel``, ``train``, ``optim``, ``data``.
+
+``[model]`` may name a ``preset`` and override any of its fields. Unknown sections and fields are
+refused by name, so a typo cannot be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from pstate import ParallelConfig, ParallelConfigError
+
+from ..errors import TrainerError
+from ..model import preset
+from .run import DataConfig, OptimConfig, RunConfig, TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The run described by the TOML file at ``path`` (if any), then ``overrides[section][field]``."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainerError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as error:
+            raise TrainerError(f"config file {path}: invalid TOML: {error}") from None
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    unknown = sorted(set(raw) - set(SECTIONS) - {"model"})
+    if unknown:
+        raise TrainerError(f"config: unknown section(s) {unknown}; sections are {['model', *SECTIONS]}")
+    model_fields = dict(raw.get("model", {}))
+    model = preset(model_fields.pop("preset", "tiny")).with_overrides(**model_fields)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - known)
+        if bad:
+            raise TrainerError(f"config [{name}]: unknown field(s) {bad}; known fields are {sorted(known)}")
+        try:
+            sections[name] = cls(**values)
+        except (TypeError, ParallelConfigError) as error:
+            raise TrainerError(f"config [{name}]: {error}") from None
+    return RunConfig(model=model, **sections)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved configuration as TOML (``None`` fields are left out: TOML has no null)."""
+    lines: list[str] = []
+    for name in ("model", *SECTIONS):
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(getattr(cfg, name)):
+            value = getattr(getattr(cfg, name), f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

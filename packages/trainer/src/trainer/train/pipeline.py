@@ -1,0 +1,73 @@
+"""One step's forwards and backwards over micro-batches, through the pipeline executor at every PP size.
+
+The same code runs ``pp=1`` (a one-stage schedule) and ``pp>1``, so there is one path to test. After the
+backwards, :func:`sync_model_parallel_grads` completes the gradients that the model's split leaves
+partial: sequence-parallel parameters (summed over TP) and tied embedding copies (summed over the
+``embedding`` group, first and last stage). The data-parallel reduction is the wrapper's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import cp_ring
+from pp_sched import PipelineExecutor, build
+from pstate import ParallelState
+from tp_layers import allreduce_sequence_parallel_grads
+
+from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
+
+
+def make_executor(
+    chunks: Sequence[GPTChunk],
+    ps: ParallelState,
+    cfg: ModelConfig,
+    groups: ModelGroups,
+    *,
+    schedule: str,
+    microbatches: int,
+    no_sync: Callable[[int], AbstractContextManager[Any]] | None = None,
+    on_chunk_grads_ready: Callable[[int], None] | None = None,
+) -> PipelineExecutor:
+    """The executor of ``schedule`` (``1f1b`` etc.; any name gives a one-stage schedule at ``pp=1``)."""
+    vpp = len(chunks)
+    name = schedule if ps.pp.size > 1 else "1f1b"
+    plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, labels, cfg=cfg, groups=groups)
+
+    return PipelineExecutor(plan, chunks, ps.pp, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_chunk_grads_ready)
+
+
+def local_batch(ids: torch.Tensor, labels: torch.Tensor, ps: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+    """This CP rank's part of a ``[batch, seq]`` micro-batch (zigzag placement); unchanged at ``cp=1``."""
+    if ps.cp.size == 1:
+        return ids, labels
+    return tuple(cp_ring.shard_sequence(t, group=ps.cp, dim=1) for t in (ids, labels))
+
+
+def sync_model_parallel_grads(chunks: Sequence[GPTChunk], ps: ParallelState, *, sequence_parallel: bool) -> None:
+    """Sum the gradients the split leaves partial: SP-replicated parameters over TP, tied embeddings over
+    the embedding group. Call after the backwards and before the data-parallel reduction."""
+    if sequence_parallel:
+        for chunk in chunks:
+            allreduce_sequence_parallel_grads(chunk, group=ps.tp)
+    if ps.embedding is not None and ps.embedding.size > 1:
+        for p in tied_embedding_params(list(chunks)):
+            grad = _grad_of(p)
+            dist.all_reduce(grad, group=ps.embedding.group)
+
+
+def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+    grad = getattr(p, "main_grad", None)
+    if grad is None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grad = p.grad
+    return grad

@@ -1,0 +1,97 @@
+"""Run configuration: TOML and overrides onto the typed sections, and the rules refused before launch."""
+
+import math
+
+import pytest
+import tomllib
+
+from trainer.config import OptimConfig, check_run, load_run_config, to_toml
+from trainer.errors import TrainerError
+from trainer.model import preset
+from trainer.train.flops import flops_per_token
+from trainer.train.lr import lr_at
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npreset = "tiny-gpt2"\nlayers = 8\n[parallel]\ntp = 2\n[train]\nsteps = 7\n')
+    cfg = load_run_config(path, {"train": {"seed": 3}, "parallel": {"pp": 2}})
+    assert (cfg.model.layers, cfg.model.norm, cfg.parallel.tp, cfg.parallel.pp) == (8, "layernorm", 2, 2)
+    assert (cfg.train.steps, cfg.train.seed) == (7, 3)
+
+
+def test_printed_config_loads_back_to_the_same_run(tmp_path):
+    cfg = load_run_config(overrides={"parallel": {"tp": 2}, "train": {"sequence_parallel": True}})
+    path = tmp_path / "again.toml"
+    path.write_text(to_toml(cfg))
+    assert load_run_config(path) == cfg
+    assert tomllib.loads(to_toml(cfg))["train"]["sequence_parallel"] is True
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"bogus": {}}, "unknown section"),
+        ({"train": {"stepz": 3}}, r"unknown field\(s\) \['stepz'\]"),
+        ({"model": {"hidden_size": 3}}, "model.hidden_size: no such field"),
+        ({"model": {"preset": "nope"}}, "unknown; choose one of"),
+        ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
+        ({"parallel": {"tp": 0}}, "tp=0 must be >= 1"),
+        ({"optim": {"min_lr": 1.0}}, "optim.min_lr=1.0"),
+    ],
+)
+def test_bad_fields_are_named(overrides, match):
+    with pytest.raises(TrainerError, match=match):
+        load_run_config(overrides=overrides)
+
+
+def test_missing_and_invalid_files_are_named(tmp_path):
+    with pytest.raises(TrainerError, match="not found"):
+        load_run_config(tmp_path / "none.toml")
+    (tmp_path / "bad.toml").write_text("[train\n")
+    with pytest.raises(TrainerError, match="invalid TOML"):
+        load_run_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(
+    "overrides, world, match",
+    [
+        ({"train": {"sequence_parallel": True}}, 2, "needs --tp > 1"),
+        ({"parallel": {"tp": 3}}, 3, "tp=3 must divide"),
+        ({"parallel": {"pp": 3}}, 3, r"layers=4 must be divisible by pp\*vpp=3"),
+        ({"parallel": {"ep": 2}}, 2, "needs a model with experts"),
+        ({"model": {"preset": "tiny-moe"}, "parallel": {"ep": 3}}, 3, "ep=3 must divide the 4 experts"),
+        ({"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2}}, 2, "MoE with tp > 1 needs --sequence-parallel"),
+        ({"parallel": {"cp": 2}, "train": {"seq_len": 126}}, 2, r"divisible by 2\*cp=4"),
+        ({"train": {"global_batch": 6, "micro_batch": 4}}, 1, "global_batch=6 must be divisible"),
+        ({"parallel": {"tp": 2}}, 3, "world_size=3"),
+        ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "nope"}}, 2, "--pipeline-schedule nope"),
+    ],
+)
+def test_impossible_runs_are_refused_with_the_rule(overrides, world, match):
+    cfg = load_run_config(overrides=overrides)
+    with pytest.raises(TrainerError, match=match):
+        check_run(cfg, world)
+
+
+def test_microbatches_follow_from_the_global_batch():
+    cfg = load_run_config(overrides={"train": {"global_batch": 32, "micro_batch": 2}, "parallel": {"tp": 2}})
+    assert check_run(cfg, 8) == 4  # dp = 4
+
+
+def test_lr_warmup_then_cosine_and_linear():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4, decay="cosine")
+    assert [lr_at(s, optim, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, optim, 14) == pytest.approx(1.0)
+    assert lr_at(13, optim, 14) == pytest.approx(0.1)
+    assert lr_at(4 + 9 / 2, optim, 14) == pytest.approx(0.55)
+    linear = OptimConfig(lr=1.0, min_lr=0.0, decay="linear")
+    assert [lr_at(s, linear, 5) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_flops_per_token_matches_the_closed_form_for_gpt2():
+    cfg = preset("gpt2")
+    h, s, layers, v = 768, 1024, 12, 50257
+    per_layer = 2 * 4 * h * h + 2 * 2 * s * h + 2 * 2 * h * 4 * h
+    assert flops_per_token(cfg, s) == 3 * (layers * per_layer + 2 * h * v)
+    assert math.isclose(flops_per_token(cfg, s) / 1e9, 0.854, rel_tol=1e-3)
