@@ -190,3 +190,17 @@ def test_as_group_takes_an_axis_or_a_process_group_and_nothing_else(run_ranks):
     for from_axis, from_group, message in run_ranks(2, unwrap_groups):
         assert from_axis and from_group
         assert message == "expected a pstate Axis or a torch.distributed ProcessGroup, got int"
+
+
+def fail_on_one_rank():
+    with pstate.initialize(ParallelConfig()):
+        if dist.get_rank() == 1:
+            raise RuntimeError("rank 1 broke inside the block")
+    return "ok"
+
+
+def test_an_error_inside_the_block_surfaces_instead_of_hanging_in_the_exit_barrier(run_ranks):
+    from pstate.testing import RankError
+
+    with pytest.raises(RankError, match="rank 1 broke inside the block"):
+        run_ranks(2, fail_on_one_rank, timeout_s=60)

@@ -120,12 +120,18 @@ class ParallelState:
 
     # -- lifetime --
 
-    def destroy(self) -> None:
-        """Destroy the groups this state created (and the default group if :func:`initialize` made it)."""
+    def destroy(self, *, barrier: bool = True) -> None:
+        """Destroy the groups this state created (and the default group if :func:`initialize` made it).
+
+        The barrier first keeps a fast rank from tearing down groups a slow one still uses; it is skipped
+        when leaving a ``with`` block on an exception, since the other ranks may never reach it and the
+        error must surface rather than hang.
+        """
         if self._destroyed:
             return
         self._destroyed = True
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         for group in self._created:
             dist.destroy_process_group(group)
         self._created.clear()
@@ -135,8 +141,8 @@ class ParallelState:
     def __enter__(self) -> ParallelState:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.destroy(barrier=exc_type is None)
 
     def __repr__(self) -> str:
         coords = ", ".join(f"{k}={v}" for k, v in self.layout.coords(self.rank).items())
