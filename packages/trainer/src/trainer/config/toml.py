@@ -7,20 +7,16 @@ refused by name, so a typo cannot be silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pstate import ParallelConfig, ParallelConfigError
 
 from ..errors import TrainerError
 from ..model import preset
 from .run import DataConfig, OptimConfig, RunConfig, TrainConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
 

@@ -1,0 +1,94 @@
+"""The ``trainer`` command: one subcommand per job, each with a small function that adds its parser.
+
+A subcommand's parser sets ``run``, the function that does the work and returns the exit status. Errors the
+user can fix (the types in ``USER_ERRORS``) print one line and exit with status 2; an interrupted run exits
+with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trainer.data.errors import DataError
+
+USER_ERRORS: tuple[type[Exception], ...] = (DataError,)
+
+
+def add_preprocess(commands: argparse._SubParsersAction) -> None:
+    """``trainer preprocess``: text or JSONL files to an indexed dataset (resumable)."""
+    p = commands.add_parser(
+        "preprocess",
+        help="tokenize text or JSONL files into an indexed dataset (PREFIX.bin + PREFIX.idx)",
+        description=(
+            "Tokenize text or JSONL files into an indexed dataset. *.jsonl/*.ndjson files hold one JSON object per "
+            "line (the document in field --jsonl-key); other files are UTF-8 text, one document per file or per "
+            "blank-line-separated paragraph (--text-unit). An interrupted run continues where it stopped when "
+            "rerun with the same arguments."
+        ),
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSONL files")
+    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
+    p.add_argument("--jsonl-key", default="text", metavar="KEY", help="field of a JSONL line holding the text")
+    p.add_argument("--append-eos", action="store_true", help="end each document with the tokenizer's EOS token")
+    p.add_argument("--text-unit", choices=("file", "paragraph"), default="file", help="document unit of text files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset or unfinished run")
+    p.add_argument(
+        "--chunk-bytes", type=int, default=16 << 20, metavar="N", help="progress is saved every N bytes of JSONL"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_preprocess)
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from trainer.data.preprocess import preprocess
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        ds = preprocess(
+            args.input,
+            args.output,
+            tokenizer=args.tokenizer,
+            jsonl_key=args.jsonl_key,
+            append_eos=args.append_eos,
+            text_unit=args.text_unit,
+            overwrite=args.overwrite,
+            chunk_bytes=args.chunk_bytes,
+            progress=not args.quiet,
+            log=log,
+        )
+    except KeyboardInterrupt:
+        log("trainer preprocess: interrupted; rerun the same command to continue where it stopped")
+        return 130
+    print(f"wrote {ds.bin_path} and {ds.idx_path}: {len(ds)} documents, {ds.num_tokens} tokens ({ds.dtype.name})")
+    return 0
+
+
+SUBCOMMANDS = (add_preprocess,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``trainer`` command, with every subcommand in ``SUBCOMMANDS``."""
+    top = argparse.ArgumentParser(prog="trainer", description="Train GPT models with any mix of parallelisms.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(commands)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trainer`` command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        print(f"trainer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

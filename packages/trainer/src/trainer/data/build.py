@@ -1,0 +1,85 @@
+"""From a :class:`DataConfig` to the train and valid sample datasets of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .blending import BlendedDataset, blend_counts
+from .corpus import default_corpus
+from .errors import DataError
+from .indexed import IndexedDataset
+from .samples import SampleDataset, split_documents
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a run's tokens come from.
+
+    ``paths``: indexed dataset prefixes (``trainer preprocess`` outputs); empty means the embedded default
+    corpus (the Python standard library's source, see ``trainer.data.corpus``). ``weights``: one per path, for
+    blending (default: equal). ``tokenizer``: ``"byte"`` or a ``tokenizer.json`` path; it must be the one the
+    datasets were made with. ``valid_fraction``: share of each dataset's documents held out for evaluation,
+    chosen by ``split_seed`` (independent of the training seed, so every run evaluates on the same documents).
+    ``cache_dir``: where the default corpus is built (default ``$TRAINER_CACHE`` or ``~/.cache/trainer``).
+    """
+
+    paths: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    tokenizer: str = "byte"
+    valid_fraction: float = 0.05
+    split_seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if len(self.weights) != len(self.paths):
+                raise DataError(f"weights has {len(self.weights)} entries but paths has {len(self.paths)}")
+            blend_counts(self.weights)  # positive, finite, not too small
+        if not 0 <= self.valid_fraction < 1:
+            raise DataError(f"valid_fraction={self.valid_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """The samples a run trains and evaluates on, and the tokenizer that reads and writes their tokens."""
+
+    train: SampleDataset | BlendedDataset
+    valid: SampleDataset | BlendedDataset | None
+    tokenizer: Tokenizer
+
+
+def _derived_seed(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+def build_datasets(config: DataConfig, *, seq_len: int, seed: int, tokenizer: Tokenizer | None = None) -> Datasets:
+    """Open (or build, for the default corpus) the datasets, split them by document and blend them.
+
+    Dataset ``i`` of the blend is shuffled with a seed derived from ``(seed, i)``; the valid samples with one
+    derived from ``split_seed`` only.
+    """
+    tok = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+    sources = [IndexedDataset(p) for p in config.paths] if config.paths else [default_corpus(config.cache_dir, tok)]
+    for ds in sources:
+        if ds.tokenizer is not None and ds.tokenizer != tok.name:
+            raise DataError(f"dataset {ds.prefix} was made with tokenizer {ds.tokenizer}, this run uses {tok.name}")
+    weights = config.weights or (1.0,) * len(sources)
+    train, valid = [], []
+    for i, ds in enumerate(sources):
+        train_ids, valid_ids = split_documents(len(ds), config.valid_fraction, config.split_seed)
+        name = str(Path(ds.prefix).name)
+        train.append(SampleDataset(ds, seq_len, _derived_seed(seed, i), train_ids, name=f"{name} (train)"))
+        if len(valid_ids):
+            seed_v = _derived_seed(config.split_seed, i, 1)
+            valid.append(SampleDataset(ds, seq_len, seed_v, valid_ids, name=f"{name} (valid)"))
+    return Datasets(_blend(train, weights), _blend(valid, weights) if valid else None, tok)
+
+
+def _blend(parts: list[SampleDataset], weights: tuple[float, ...]) -> SampleDataset | BlendedDataset:
+    return parts[0] if len(parts) == 1 else BlendedDataset(parts, weights)
