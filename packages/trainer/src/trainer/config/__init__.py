@@ -2,7 +2,7 @@
 checks that refuse an impossible run before any process starts."""
 
 from .check import check_run
-from .run import DataConfig, OptimConfig, RunConfig, TrainConfig
+from .run import OptimConfig, RunConfig, TrainConfig
 from .toml import load_run_config, to_toml
 
-__all__ = ["DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "check_run", "load_run_config", "to_toml"]
+__all__ = ["OptimConfig", "RunConfig", "TrainConfig", "check_run", "load_run_config", "to_toml"]

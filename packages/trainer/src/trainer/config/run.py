@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pstate import ParallelConfig
 
+from ..data.build import DataConfig
 from ..errors import TrainerError
 from ..model import ModelConfig, preset
 
@@ -79,27 +80,6 @@ class TrainConfig:
             raise TrainerError(f"train.on_nan={self.on_nan!r}: must be one of {ON_NAN}")
         if self.recompute not in (None, "full", "selective"):
             raise TrainerError(f"train.recompute={self.recompute!r}: must be none, 'full' or 'selective'")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where samples come from: no ``paths`` trains on the embedded corpus. ``paths`` are dataset
-    prefixes made by ``trainer preprocess``, blended by ``weights``; ``tokenizer`` is ``byte`` or a
-    ``tokenizer.json``."""
-
-    paths: tuple[str, ...] = ()
-    weights: tuple[float, ...] = ()
-    tokenizer: str = "byte"
-    valid_fraction: float = 0.05
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", tuple(self.paths))
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        if self.weights and len(self.weights) != len(self.paths):
-            raise TrainerError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise TrainerError(f"data.valid_fraction={self.valid_fraction}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)

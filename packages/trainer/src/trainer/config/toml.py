@@ -14,9 +14,10 @@ import tomllib
 
 from pstate import ParallelConfig, ParallelConfigError
 
+from ..data.build import DataConfig
 from ..errors import TrainerError
 from ..model import preset
-from .run import DataConfig, OptimConfig, RunConfig, TrainConfig
+from .run import OptimConfig, RunConfig, TrainConfig
 
 SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
 
