@@ -6,7 +6,8 @@ backward). The flat tensor is cut into :class:`Bucket` s of about ``bucket_numel
 never straddles two buckets, and one larger than ``bucket_numel`` gets a bucket of its own. With
 ``align=N`` every bucket's length is padded to a multiple of ``N`` (the padding is zero and belongs to no
 parameter), so a bucket splits evenly into ``N`` shards: what a reduce-scatter over a group of ``N``
-needs (:meth:`Bucket.shard`).
+needs (:meth:`Bucket.shard`). On the ``meta`` device a buffer is a layout only (no memory): ZeRO-2 uses
+that to place its gradient shards without holding the full gradient.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class GradBuffer:
         self.data = torch.zeros(offset, dtype=dtype, device=self.device)
         self.buckets = [Bucket(i, m, s, e, self.data[s:e]) for i, (m, s, e) in enumerate(spans)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+
+    def span(self, param: torch.nn.Parameter) -> tuple[int, int]:
+        """The range ``[start, end)`` of the flat buffer that holds ``param``'s gradient."""
+        return self._offsets[id(param)]
 
     def view(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The slice of the buffer that holds ``param``'s gradient, shaped like ``param``."""

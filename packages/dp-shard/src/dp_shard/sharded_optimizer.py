@@ -1,0 +1,246 @@
+"""``ShardedOptimizer``: the distributed optimizer (ZeRO-1 and ZeRO-2) around any ``torch.optim`` optimizer.
+
+Each rank of ``group`` owns one shard of every gradient bucket (see :mod:`dp_shard.grad_shards`). For
+the parameter elements it owns it keeps master weights (float32 copies for 16-bit parameters; for
+float32 parameters the master *is* that piece of the parameter, a view, so nothing is copied) and the
+wrapped optimizer's state, about 1/N of each. Its gradients are reduce-scattered into the masters'
+``.grad`` during backward; :meth:`step` steps the wrapped optimizer on the masters, copies 16-bit
+results into the parameters and all-gathers the updated parameters. Stage 2 also keeps only its
+gradient shard.
+
+It owns the gradient reduction, so the model is *not* wrapped in ``DataParallel`` as well. The wrapped
+optimizer's ``param_groups`` are this object's ``param_groups``, so LR schedulers and per-group
+hyperparameters work as usual (each group holds this rank's master shards of its parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+import pstate
+from pstate.tags import is_expert_parallel, mark_tensor_parallel, tensor_parallel_dim
+
+from .checks import check_same_parameters
+from .clip import clip_grad_norm_
+from .errors import DataParallelError
+from .grad_shards import ShardedGrads, master_dtype
+from .loss_scaler import LossScaler
+from .param_groups import read_param_groups
+from .sharded_state import build_state_dict, load_state_dict, probe_state_kinds
+
+_REFUSED = {
+    "LBFGS": "it evaluates the closure several times per step",
+    "SparseAdam": "it needs sparse gradients, and gradients are reduced into dense buffers",
+}
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Distributed optimizer over ``group``: ``optimizer_cls(**kwargs)`` steps this rank's shard.
+
+    ``params``: tensors, ``(name, tensor)`` pairs or param-group dicts of either (state-dict keys are
+    the names, else indices). ``stage``: 1 shards master weights and optimizer state; 2 also the
+    gradients. ``bucket_size_mb``, ``overlap`` and ``average`` mean what they mean for
+    :class:`~dp_shard.DataParallel`. ``loss_scaler``: a :class:`~dp_shard.LossScaler` for fp16: its
+    overflow check runs over ``group`` and the scaler's own groups; a step with inf/nan is skipped.
+    ``collectives``: ``"reduce_scatter"`` (reduce-scatter gradients, all-gather parameters),
+    ``"all_reduce"`` (all-reduce each bucket and keep the own shard, broadcast parameters: faster on
+    gloo) or ``"auto"`` (``all_reduce`` on gloo, else ``reduce_scatter``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_cls: type[torch.optim.Optimizer],
+        *,
+        group: pstate.Group,
+        stage: int = 1,
+        bucket_size_mb: float = 25.0,
+        overlap: bool = True,
+        average: bool = True,
+        loss_scaler: LossScaler | None = None,
+        collectives: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if stage not in (1, 2):
+            raise DataParallelError(f"stage={stage!r}: ShardedOptimizer does stage 1 or 2 (use fully_shard for 3)")
+        if not bucket_size_mb > 0:
+            raise DataParallelError(f"bucket_size_mb={bucket_size_mb} must be > 0")
+        if collectives not in ("auto", "reduce_scatter", "all_reduce"):
+            raise DataParallelError(f"collectives={collectives!r}: expected 'auto', 'reduce_scatter' or 'all_reduce'")
+        _check_optimizer(optimizer_cls, kwargs)
+        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
+            raise DataParallelError(f"loss_scaler must be a dp_shard.LossScaler, got {type(loss_scaler).__name__}")
+        self._groups = read_param_groups(params)
+        everything = [p for g in self._groups for p in g.params]
+        devices = {p.device for p in everything}
+        if len(devices) > 1:
+            raise DataParallelError(f"parameters are on several devices {sorted(map(str, devices))}; expected one")
+        experts = [k for g in self._groups for k, p in zip(g.keys, g.params) if is_expert_parallel(p)]
+        if experts:
+            raise DataParallelError(
+                f"parameter {experts[0]!r} is tagged expert_parallel: ShardedOptimizer reduces over one group "
+                "and does not shard expert parameters yet (use DataParallel with expert_group for them)"
+            )
+        self._device = everything[0].device
+        self._kinds = probe_state_kinds(optimizer_cls, [g.options for g in self._groups], kwargs, self._device)
+        self.process_group = pstate.as_group(group)
+        named = [(str(k), p) for g in self._groups for k, p in zip(g.keys, g.params)]
+        check_same_parameters(named, self.process_group)
+        self.stage, self.loss_scaler = stage, loss_scaler
+        self.grads = ShardedGrads(
+            everything,
+            group=self.process_group,
+            stage=stage,
+            bucket_size_mb=bucket_size_mb,
+            overlap=overlap,
+            average=average,
+            collectives=collectives,
+        )
+        self._masters: dict[int, torch.Tensor] = {}  # id(param) -> its master shard on this rank
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (master, parameter piece) not views
+        inner_groups = []
+        for g in self._groups:
+            inner_groups.append({"params": [m for p in g.params if (m := self._master_of(p)) is not None], **g.options})
+        inner = optimizer_cls(inner_groups, **kwargs)
+        super().__init__([{"params": []}], inner.defaults)  # hooks and the attributes LR schedulers read
+        self.optimizer = inner
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    def _master_of(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        owned = self.grads.owned(param)
+        if owned is None:
+            return None
+        master = owned.param
+        if param.dtype != master_dtype(param.dtype):
+            master = owned.param.detach().to(master_dtype(param.dtype)).clone()
+            self._copies.append((master, owned.param))
+        master.grad = owned.grad
+        if (dim := tensor_parallel_dim(param)) is not None:
+            mark_tensor_parallel(master, dim)
+        self._masters[id(param)] = master
+        return master
+
+    def _master_dtype(self, param: torch.Tensor) -> torch.dtype:
+        return master_dtype(param.dtype)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """For all but the last micro-batch of a step. Stage 1: backward accumulates locally and the
+        next synchronised backward (or :meth:`step`) reduces it all. Stage 2: no effect (it reduces
+        every backward pass into its shard, since not holding the full gradient is its point)."""
+        with self.grads.no_sync():
+            yield
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Step this rank's shard and all-gather the parameters. With a loss scaler: unscale, and skip
+        the step (on every rank) when any gradient shard holds inf/nan. ``closure`` (evaluated once,
+        with grad enabled) may run the forward and backward; its result is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.grads.finish()
+        if self.loss_scaler is not None:
+            found_inf = self.loss_scaler.unscale_(self.master_grads(), groups=[self.process_group])
+            self.loss_scaler.update(found_inf)
+            if found_inf:
+                return loss
+        self.optimizer.step()
+        self._publish()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient shards (and stage 1's local buffer); they stay in place, so ``set_to_none``
+        is ignored."""
+        self.grads.zero_grad()
+
+    def master_params(self) -> list[torch.Tensor]:
+        """This rank's master shards (``.grad``: the reduced gradient shard), in param-group order."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def master_grads(self) -> list[torch.Tensor]:
+        """The reduced gradient shards of :meth:`master_params`."""
+        return [p.grad for p in self.master_params()]
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        *,
+        norm_type: float = 2.0,
+        tp_group: pstate.Group | None = None,
+        pp_group: pstate.Group | None = None,
+        model_parallel_groups: Sequence[pstate.Group] = (),
+    ) -> torch.Tensor:
+        """:func:`~dp_shard.clip_grad_norm_` over the gradient shards (the data-parallel group is added to
+        ``model_parallel_groups``: each rank holds other elements). With a loss scaler the gradients are
+        still scaled: the returned norm and ``max_norm`` are of the unscaled gradients."""
+        scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+        norm = clip_grad_norm_(
+            self.master_params(),
+            max_norm * scale,
+            norm_type=norm_type,
+            tp_group=tp_group,
+            pp_group=pp_group,
+            model_parallel_groups=[self.process_group, *model_parallel_groups],
+            device=self._device,
+        )
+        return norm / scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state in the sharded form of the docs (``pstate.Shard`` per state tensor, in the
+        frame of the parameter on this rank). Collective: call it on every rank of the group."""
+        return build_state_dict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load the form :meth:`state_dict` returns (its Shards filled, for example by ``ckpt`` from a
+        checkpoint of another DP size): masters, states and hyperparameters; then the parameters are
+        set from the masters. Everything is checked first. Collective."""
+        load_state_dict(self, state_dict)
+
+    def reload_model_params(self) -> None:
+        """Copy the parameters into the master weights again, after loading weights into the model."""
+        with torch.no_grad():
+            for master, piece in self._copies:
+                master.copy_(piece)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "optimizer"):
+            raise DataParallelError("ShardedOptimizer cannot add param groups after construction")
+        super().add_param_group(param_group)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now: ``master`` weight copies (of 16-bit parameters; float32 masters are
+        views of the parameters and cost nothing), wrapped-optimizer ``state`` tensors, and ``grad``
+        storage (shard buffers, local buffers, the parameters' ``.grad``)."""
+        tensors = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        state = sum(v.numel() * v.element_size() for v in tensors)
+        masters = sum(m.numel() * m.element_size() for m, _ in self._copies)
+        return {"master": masters, "state": state, "grad": self.grads.resident_bytes()}
+
+    def _publish(self) -> None:
+        with torch.no_grad():
+            for master, piece in self._copies:
+                piece.copy_(master)
+        self.grads.all_gather_params()
+
+
+def _check_optimizer(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise DataParallelError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
+    if issubclass(optimizer_cls, ShardedOptimizer):
+        raise DataParallelError("optimizer_cls cannot be ShardedOptimizer itself")
+    for base in optimizer_cls.__mro__:
+        if base.__name__ in _REFUSED and base.__module__.startswith("torch.optim"):
+            raise DataParallelError(f"{optimizer_cls.__name__} is not supported: {_REFUSED[base.__name__]}")
+    if kwargs.get("differentiable"):
+        raise DataParallelError(
+            "differentiable=True is not supported: the step updates detached master shards, not the graph"
+        )
+    if "params" in kwargs:
+        raise DataParallelError("pass the parameters as the first argument, not params=")
