@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
-from moe_dispatch import MoELayer
+from moe_dispatch import MoELayer, grouped_gemm
 
 SEED, SEQ, BATCH, HIDDEN, FFN, EXPERTS, TOPK = 11, 5, 2, 8, 8, 4, 2
 OPTIONS = {"aux_loss_coeff": 0.01, "z_loss_coeff": 0.001}
@@ -95,10 +95,11 @@ def shard(w1, w2, first, local, q, etp):
     return torch.cat([gate.chunk(etp, 1)[q], up.chunk(etp, 1)[q]], 1), w2.chunk(etp, 2)[q]
 
 
-def check(run_ranks, dispatcher, ep, etp, topk=TOPK, options=OPTIONS, case="random"):
+def check(run_ranks, dispatcher, ep, etp, topk=TOPK, options=OPTIONS, case="random", reference_options=None):
+    """Compare with the reference built with ``reference_options`` (default: the same ``options``)."""
     world = ep * etp
     results = run_ranks(world, run_parallel, dispatcher, ep, etp, topk, options, case)
-    layer, per_rank, w1_grad, w2_grad = reference(world, topk, options, case)
+    layer, per_rank, w1_grad, w2_grad = reference(world, topk, reference_options or options, case)
     local = EXPERTS // ep
     routed = torch.stack([r["tokens"] for r in per_rank])
     for rank, got in enumerate(results):
@@ -115,7 +116,8 @@ def check(run_ranks, dispatcher, ep, etp, topk=TOPK, options=OPTIONS, case="rand
         torch.testing.assert_close(got["w1_grad"], g1)
         torch.testing.assert_close(got["w2_grad"], g2)
         # Rows per local expert: every rank's tokens routed there (all tokens of the ETP group's ranks).
-        assert got["local_tokens"].tolist() == routed[:, first : first + local].sum(0).tolist()
+        if not options.get("pad_to_capacity"):
+            assert got["local_tokens"].tolist() == routed[:, first : first + local].sum(0).tolist()
     return results
 
 
@@ -129,6 +131,13 @@ def test_moe_layer_equals_one_process_with_all_experts(run_ranks, dispatcher, ep
 
 
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)
+@pytest.mark.parametrize(("ep", "etp"), [(2, 1), (2, 2)])
+def test_the_expert_loop_equals_one_process_too(run_ranks, dispatcher, ep, etp):
+    # The sizes above are aligned for the grouped GEMM, so "auto" takes it; the loop is checked here.
+    check(run_ranks, dispatcher, ep, etp, options={**OPTIONS, "gemm": "loop"})
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
 @pytest.mark.parametrize("policy", ["probs", "position"])
 @pytest.mark.parametrize(("ep", "etp"), [(2, 1), (2, 2)])
 def test_capacity_dropping_equals_one_process(run_ranks, dispatcher, policy, ep, etp):
@@ -138,6 +147,33 @@ def test_capacity_dropping_equals_one_process(run_ranks, dispatcher, policy, ep,
     for r in results:
         assert r["tokens_per_expert"].max() <= capacity
         assert r["tokens_per_expert"].sum() < SEQ * BATCH * TOPK
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+@pytest.mark.parametrize(
+    "gemm",
+    [pytest.param("grouped", marks=pytest.mark.skipif(not grouped_gemm.available(), reason="no grouped_mm")), "loop"],
+)
+@pytest.mark.parametrize(("ep", "etp"), [(2, 1), (2, 2)])
+def test_padding_to_capacity_changes_nothing_but_the_shapes(run_ranks, dispatcher, gemm, ep, etp):
+    # The reference drops the same tokens and does not pad: padding rows must add nothing anywhere.
+    dropping = {**OPTIONS, "capacity_factor": 0.75, "drop_policy": "probs"}
+    options = {**dropping, "pad_to_capacity": True, "gemm": gemm}
+    results = check(run_ranks, dispatcher, ep, etp, options=options, reference_options=dropping)
+    capacity = 4  # ceil(10 tokens * 2 / 4 experts * 0.75)
+    for r in results:
+        # Static shapes: every local expert gets exactly `capacity` rows from each of the ep * etp ranks.
+        assert r["local_tokens"].tolist() == [ep * etp * capacity] * (EXPERTS // ep)
+    # Some expert is under capacity, so some rows are padding (check() saw the unpadded token counts).
+    assert any(r["tokens_per_expert"].min() < capacity for r in results)
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_group_limited_routing_equals_one_process(run_ranks, dispatcher):
+    # One group of experts per EP rank, one group per token: each token's rows go to one rank only.
+    options = {**OPTIONS, "score": "sigmoid", "num_groups": 2, "topk_groups": 1, "expert_bias": True}
+    results = check(run_ranks, dispatcher, 2, 1, options=options)
+    assert all(r["tokens_per_expert"].sum() == SEQ * BATCH * TOPK for r in results)
 
 
 @pytest.mark.parametrize("dispatcher", DISPATCHERS)

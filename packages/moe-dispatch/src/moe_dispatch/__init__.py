@@ -1,4 +1,4 @@
-"""Mixture-of-experts router, token dispatchers (all-gather, all-to-all), grouped experts, expert parallelism.
+"""Mixture-of-experts router, token dispatchers (all-gather, all-to-all), grouped and shared experts, EP.
 
 Every layer takes its expert-parallel (``ep``) and expert-tensor-parallel (``etp``) groups explicitly:
 a ``pstate`` axis, a process group, or ``None`` for a single rank. EP rank ``r`` holds experts
@@ -8,13 +8,15 @@ a ``pstate`` axis, a process group, or ``None`` for a single rank. EP rank ``r``
 from pstate.tags import is_expert_parallel, mark_expert_parallel
 
 from . import aux_loss
+from .capacity import expert_capacity
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_base import Dispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
 from .layer import MoELayer, expert_parallel_params
-from .router import TopKRouter, expert_capacity
+from .router import TopKRouter
+from .shared_expert import SharedExpert
 
 __all__ = [
     "AllGatherDispatcher",
@@ -23,6 +25,7 @@ __all__ = [
     "GroupedExperts",
     "MoEError",
     "MoELayer",
+    "SharedExpert",
     "TopKRouter",
     "aux_loss",
     "expert_capacity",

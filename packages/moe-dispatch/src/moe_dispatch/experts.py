@@ -1,6 +1,9 @@
 """``GroupedExperts``: this rank's experts, each a two-layer MLP, run over their token groups.
 
-Torch has no public grouped GEMM on CPU, so the experts run in a loop (one pair of matmuls each).
+Two paths behind one switch, ``gemm``: ``"loop"`` runs one pair of matmuls per expert (the reference);
+``"grouped"`` runs each layer of all local experts as one grouped GEMM (:mod:`moe_dispatch.grouped_gemm`);
+``"auto"`` (default) takes the grouped GEMM wherever torch can run it on the weights' dtype, device and
+sizes, else the loop. Both compute the same sums per row.
 
 Layout (global expert ``e``, ``f = ffn_hidden``): ``fc1`` is ``[f_out, hidden]`` with ``f_out = 2f`` for
 SwiGLU (rows ``[gate; up]``) or ``f`` for GELU; ``fc2`` is ``[hidden, f]``. No biases. The local weights
@@ -24,6 +27,7 @@ from pstate.tags import mark_expert_parallel
 from tp_layers import init as tp_init
 from tp_layers import mark_tensor_parallel
 
+from . import grouped_gemm
 from .comm import GroupOrNone, rank_in, size_of
 from .errors import MoEError
 
@@ -62,7 +66,8 @@ class GroupedExperts(nn.Module):
     """``num_local_experts`` MLP experts (global indices from ``first_expert``), optionally split over ETP.
 
     ``forward(x, tokens_per_expert)`` takes rows grouped by local expert (``tokens_per_expert[i]`` rows
-    for local expert ``i``, in order) and returns the outputs in the same order.
+    for local expert ``i``, in order) and returns the outputs in the same order. ``gemm`` picks the
+    path: ``"auto"``, ``"grouped"`` (refused at construction where torch cannot run it) or ``"loop"``.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class GroupedExperts(nn.Module):
         activation: str = "swiglu",
         etp_group: GroupOrNone = None,
         first_expert: int = 0,
+        gemm: str = "auto",
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -86,7 +92,10 @@ class GroupedExperts(nn.Module):
             raise MoEError(f"num_local_experts={num_local_experts}: must be at least 1")
         if ffn_hidden % etp:
             raise MoEError(f"ffn_hidden={ffn_hidden}: must be divisible by the expert-tensor-parallel size {etp}")
+        if gemm not in grouped_gemm.GEMMS:
+            raise MoEError(f"gemm={gemm!r}: must be one of {grouped_gemm.GEMMS}")
         self.num_local_experts, self.activation, self.etp_group = num_local_experts, activation, etp_group
+        self.gemm = gemm
         self.first_expert = first_expert
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -101,31 +110,47 @@ class GroupedExperts(nn.Module):
         self.weight2 = nn.Parameter(torch.stack(fc2s).to(**kind))
         mark_tensor_parallel(mark_expert_parallel(self.weight1), 1)
         mark_tensor_parallel(mark_expert_parallel(self.weight2), 2)
+        if gemm == "grouped" and (reason := self._grouped_unsupported()):
+            raise MoEError(f"gemm='grouped': {reason}; use gemm='auto' or 'loop'")
+
+    def _grouped_unsupported(self) -> str | None:
+        sizes = (self.weight1.size(2), self.weight2.size(2))
+        return grouped_gemm.unsupported_reason(self.weight1.dtype, self.weight1.device, sizes)
+
+    def uses_grouped_gemm(self) -> bool:
+        """Whether :meth:`forward` runs the grouped GEMM with the current weights (else the loop)."""
+        return self.gemm != "loop" and self._grouped_unsupported() is None
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
         """Outputs ``[rows, hidden]`` (partial sums over ETP when ``etp > 1``)."""
         counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, torch.Tensor) else list(tokens_per_expert)
-        if len(counts) != self.num_local_experts or sum(counts) != x.size(0):
+        if len(counts) != self.num_local_experts or sum(counts) != x.size(0) or min(counts) < 0:
             raise MoEError(
-                f"GroupedExperts: tokens_per_expert {counts} must have {self.num_local_experts} entries "
-                f"summing to the {x.size(0)} input rows"
+                f"GroupedExperts: tokens_per_expert {counts} must have {self.num_local_experts} non-negative "
+                f"entries summing to the {x.size(0)} input rows"
             )
-        outs = [self._expert(i, rows) for i, rows in enumerate(x.split(counts))]
-        if not outs:
-            return x.new_zeros((0, self.weight2.size(1)))
-        return torch.cat(outs)
+        if self.gemm != "loop":
+            reason = self._grouped_unsupported()
+            if reason is None:
+                ends = grouped_gemm.group_ends(counts, x.device)
+                h = grouped_gemm.grouped_linear(x, self.weight1, ends)
+                return grouped_gemm.grouped_linear(self._activate(h), self.weight2, ends)
+            if self.gemm == "grouped":
+                raise MoEError(f"gemm='grouped': {reason}")
+        # unbind, not weight[i]: its backward stacks the per-expert gradients once, where indexing would
+        # add a zero-filled gradient of the whole stacked weight for every expert.
+        pairs = zip(x.split(counts), self.weight1.unbind(0), self.weight2.unbind(0))
+        return torch.cat([F.linear(self._activate(F.linear(rows, w1)), w2) for rows, w1, w2 in pairs])
 
-    def _expert(self, i: int, rows: torch.Tensor) -> torch.Tensor:
-        h = F.linear(rows, self.weight1[i])
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             gate, up = h.chunk(2, -1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return F.linear(h, self.weight2[i])
+            return F.silu(gate) * up
+        return F.gelu(h)
 
     def extra_repr(self) -> str:
         return (
             f"num_local_experts={self.num_local_experts}, first_expert={self.first_expert}, "
-            f"weight1={tuple(self.weight1.shape)}, weight2={tuple(self.weight2.shape)}, activation={self.activation}"
+            f"weight1={tuple(self.weight1.shape)}, weight2={tuple(self.weight2.shape)}, "
+            f"activation={self.activation}, gemm={self.gemm}"
         )

@@ -7,8 +7,6 @@ through :func:`moe_dispatch.aux_loss.attach_loss`; their last values are in ``ro
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,33 +14,12 @@ from torch import nn
 from tp_layers import init as tp_init
 
 from .aux_loss import attach_loss, load_balancing_loss, z_loss
+from .capacity import drop_over_capacity, expert_capacity, pad_to_capacity
 from .errors import MoEError
+from .topk import topk_index
 
 SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
-
-
-def expert_capacity(tokens: int, num_experts: int, topk: int, capacity_factor: float) -> int:
-    """Rows an expert may take: ``ceil(tokens * topk / num_experts * capacity_factor)``."""
-    return math.ceil(tokens * topk / num_experts * capacity_factor)
-
-
-def drop_over_capacity(
-    probs: torch.Tensor, routing_map: torch.Tensor, capacity: int, policy: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep at most ``capacity`` tokens per expert: those with the highest probability (``"probs"``, ties
-    broken by position) or the first ones in token order (``"position"``). Returns the new probs and map."""
-    if policy == "position":
-        keep = routing_map & (routing_map.long().cumsum(0) <= capacity)
-    else:
-        tokens = routing_map.size(0)
-        masked = probs.detach().masked_fill(~routing_map, -1.0)
-        order = torch.sort(masked, dim=0, descending=True, stable=True).indices
-        ranks = torch.empty_like(order)
-        positions = torch.arange(tokens, device=order.device).unsqueeze(1).expand_as(order)
-        ranks.scatter_(0, order, positions)
-        keep = routing_map & (ranks < capacity)
-    return probs * keep, keep
 
 
 class TopKRouter(nn.Module):
@@ -52,6 +29,9 @@ class TopKRouter(nn.Module):
       softmaxed among themselves (they sum to one); with ``pre_softmax=True`` the softmax over all
       experts is taken first and the top ``k`` probabilities are kept as they are.
     - ``score="sigmoid"``: sigmoid scores; the top ``k`` are renormalised to sum to one when ``k > 1``.
+    - ``num_groups``, ``topk_groups``: group-limited top-k (see :mod:`moe_dispatch.topk`): the experts
+      form ``num_groups`` groups of consecutive experts and each token picks its experts inside its
+      ``topk_groups`` best groups only. Default: no limit.
     - ``aux_loss_coeff``: Switch load-balancing loss (see :func:`~moe_dispatch.aux_loss.load_balancing_loss`),
       computed on this call's tokens (one rank's batch under expert parallelism) from the routing map
       before capacity dropping. ``z_loss_coeff``: router z-loss. Both backpropagate with weight
@@ -59,9 +39,14 @@ class TopKRouter(nn.Module):
       the caller's loss; their last values are in ``aux_losses``.
     - ``capacity_factor``: each expert takes at most :func:`expert_capacity` tokens of this call; the
       rest are dropped by ``drop_policy`` (``"probs"``: lowest probability first; ``"position"``: latest
-      tokens first). ``None`` (default) is dropless.
+      tokens first). ``None`` (default) is dropless. ``pad_to_capacity=True`` then fills every expert
+      up to exactly the capacity (at most the number of tokens) with unrouted tokens of probability
+      zero: ``routing_map`` marks them, ``probs`` is zero there, and they change no output or gradient.
     - ``expert_bias``: aux-loss-free balancing; a per-expert bias (a buffer, not trained by the optimizer)
       is added to the scores for the choice of experts only, and :meth:`update_expert_bias` moves it.
+
+    After each forward, ``tokens_per_expert`` holds the tokens routed to each expert (after dropping,
+    padding not counted) and ``aux_losses`` the auxiliary loss values, for logging.
 
     The weight is ``[num_experts, hidden]``, drawn like ``nn.Linear``'s (no bias) from ``seed`` or the
     default generator; it is replicated on every rank (its gradient is reduced over data parallel).
@@ -75,32 +60,50 @@ class TopKRouter(nn.Module):
         *,
         score: str = "softmax",
         pre_softmax: bool = False,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
         aux_loss_scale: float = 1.0,
         capacity_factor: float | None = None,
         drop_policy: str = "probs",
+        pad_to_capacity: bool = False,
         expert_bias: bool = False,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        check_router_args(num_experts, topk, score, pre_softmax, capacity_factor, drop_policy)
+        check_router_args(
+            num_experts,
+            topk,
+            score=score,
+            pre_softmax=pre_softmax,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            capacity_factor=capacity_factor,
+            drop_policy=drop_policy,
+            pad_to_capacity=pad_to_capacity,
+        )
         if aux_loss_coeff < 0 or z_loss_coeff < 0:
             raise MoEError(f"aux_loss_coeff={aux_loss_coeff}, z_loss_coeff={z_loss_coeff}: must be >= 0")
-        self.num_experts, self.topk, self.score, self.pre_softmax = num_experts, topk, score, pre_softmax
+        self.hidden, self.num_experts, self.topk = hidden, num_experts, topk
+        self.score, self.pre_softmax = score, pre_softmax
+        self.num_groups, self.topk_groups = num_groups, topk_groups
         self.aux_loss_coeff, self.z_loss_coeff, self.aux_loss_scale = aux_loss_coeff, z_loss_coeff, aux_loss_scale
-        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.capacity_factor, self.drop_policy, self.pad_to_capacity = capacity_factor, drop_policy, pad_to_capacity
         weight = tp_init.draw((num_experts, hidden), tp_init.linear_init, tp_init.generator_for(seed))
         self.weight = nn.Parameter(weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
         self.register_buffer(
             "expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32) if expert_bias else None
         )
         self.aux_losses: dict[str, torch.Tensor] = {}
+        self.tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs, routing_map)`` for ``x`` of shape ``[tokens, hidden]``."""
+        if x.dim() != 2 or x.size(1) != self.hidden:
+            raise MoEError(f"TopKRouter: input has shape {tuple(x.shape)}, expected [tokens, {self.hidden}]")
         logits = F.linear(x, self.weight)
         attach = torch.is_grad_enabled() and logits.requires_grad
         self.aux_losses = {}
@@ -118,19 +121,22 @@ class TopKRouter(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(x.size(0), self.num_experts, self.topk, self.capacity_factor)
             probs, routing_map = drop_over_capacity(probs, routing_map, capacity, self.drop_policy)
+        self.tokens_per_expert = routing_map.sum(0)
+        if self.pad_to_capacity:  # validated: only with a capacity factor
+            routing_map = pad_to_capacity(routing_map, capacity)
         return probs, routing_map
 
     def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k probs, the map, and the full per-token score distribution used by the aux loss."""
-        bias = self.expert_bias
+        groups = {"num_groups": self.num_groups, "topk_groups": self.topk_groups}
+        choose = {"bias": self.expert_bias, "k": self.topk, **groups}
         if self.score == "softmax":
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
-            ranked = scores if self.pre_softmax else logits
-            index = _topk_index(ranked, bias, self.topk)
+            index = topk_index(scores if self.pre_softmax else logits, **choose)
             picked = scores.gather(1, index) if self.pre_softmax else torch.softmax(logits.gather(1, index), -1)
         else:
             sig = torch.sigmoid(logits)
-            index = _topk_index(sig, bias, self.topk)
+            index = topk_index(sig, **choose)
             picked = sig.gather(1, index)
             if self.topk > 1:
                 picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
@@ -150,17 +156,21 @@ class TopKRouter(nn.Module):
         self.expert_bias += rate * torch.sign(load.mean() - load)
 
     def extra_repr(self) -> str:
-        return f"hidden={self.weight.size(1)}, num_experts={self.num_experts}, topk={self.topk}, score={self.score}"
-
-
-def _topk_index(ranked: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Tensor:
-    with torch.no_grad():
-        key = ranked if bias is None else ranked + bias.to(ranked.dtype)
-        return torch.topk(key, k, dim=-1).indices
+        groups = f", num_groups={self.num_groups}, topk_groups={self.topk_groups}" if self.num_groups > 1 else ""
+        return f"hidden={self.hidden}, num_experts={self.num_experts}, topk={self.topk}, score={self.score}{groups}"
 
 
 def check_router_args(
-    num_experts: int, topk: int, score: str, pre_softmax: bool, capacity_factor: float | None, drop_policy: str
+    num_experts: int,
+    topk: int,
+    *,
+    score: str = "softmax",
+    pre_softmax: bool = False,
+    num_groups: int = 1,
+    topk_groups: int | None = None,
+    capacity_factor: float | None = None,
+    drop_policy: str = "probs",
+    pad_to_capacity: bool = False,
 ) -> None:
     """Raise :class:`MoEError` for a router configuration that cannot work."""
     if num_experts < 1:
@@ -171,7 +181,19 @@ def check_router_args(
         raise MoEError(f"score={score!r}: must be one of {SCORES}")
     if pre_softmax and score != "softmax":
         raise MoEError(f"pre_softmax=True: only applies to score='softmax', not score={score!r}")
+    if num_groups < 1 or num_experts % num_groups:
+        raise MoEError(f"num_groups={num_groups}: must be a positive divisor of num_experts={num_experts}")
+    if topk_groups is not None:
+        if not 1 <= topk_groups <= num_groups:
+            raise MoEError(f"topk_groups={topk_groups}: must be between 1 and num_groups={num_groups}")
+        if topk > topk_groups * (num_experts // num_groups):
+            raise MoEError(
+                f"topk={topk}: more than the {topk_groups * (num_experts // num_groups)} experts in "
+                f"topk_groups={topk_groups} groups of {num_experts // num_groups}"
+            )
     if capacity_factor is not None and capacity_factor <= 0:
         raise MoEError(f"capacity_factor={capacity_factor}: must be positive (or None for dropless)")
     if drop_policy not in DROP_POLICIES:
         raise MoEError(f"drop_policy={drop_policy!r}: must be one of {DROP_POLICIES}")
+    if pad_to_capacity and capacity_factor is None:
+        raise MoEError("pad_to_capacity=True: needs a capacity_factor (dropless routing has no capacity)")

@@ -1,0 +1,100 @@
+"""``SharedExpert``: an always-on dense MLP that every token goes through beside its routed experts.
+
+``y = fc2(act(fc1(x)))``, optionally times a sigmoid gate ``sigmoid(x @ gate_weight^T)`` (one scalar
+per token, as in Qwen-MoE). With a ``tp_group`` it is split like a transformer MLP: ``fc1`` is a
+``ColumnParallelLinear`` (for SwiGLU rank ``r`` holds its slice of the gate rows then its slice of the
+up rows), ``fc2`` a ``RowParallelLinear``; with ``sequence_parallel=True`` the input is this rank's
+sequence shard (all-gathered before fc1, reduce-scattered after fc2). Without a group it is two plain
+linear layers on the full weights. No biases.
+
+Initialisation is invariant to TP: the full fc1, fc2 and gate weights are drawn (``nn.Linear``'s
+scheme) in that order from a generator seeded with ``seed`` (or the default generator), and each rank
+keeps its slices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pstate.tags import mark_sequence_parallel
+from tp_layers import ColumnParallelLinear, RowParallelLinear
+from tp_layers import init as tp_init
+
+from .comm import GroupOrNone, size_of
+from .errors import MoEError
+from .experts import ACTIVATIONS
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP of width ``ffn_hidden`` applied to every token, TP-split over ``tp_group`` if given."""
+
+    def __init__(
+        self,
+        hidden: int,
+        ffn_hidden: int,
+        *,
+        activation: str = "swiglu",
+        gate: bool = False,
+        tp_group: GroupOrNone = None,
+        sequence_parallel: bool = False,
+        seed: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        tp = size_of(tp_group)
+        if activation not in ACTIVATIONS:
+            raise MoEError(f"activation={activation!r}: must be one of {ACTIVATIONS}")
+        if ffn_hidden < 1 or ffn_hidden % tp:
+            raise MoEError(
+                f"shared_ffn_hidden={ffn_hidden}: must be a positive multiple of the tensor-parallel size {tp}"
+            )
+        if sequence_parallel and tp_group is None:
+            raise MoEError("sequence_parallel=True: needs a tp_group (the group the sequence is split over)")
+        self.activation, self.tp_group, self.sequence_parallel = activation, tp_group, sequence_parallel
+        generator = tp_init.generator_for(seed)
+        f_out = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        fc1 = tp_init.draw((f_out, hidden), tp_init.linear_init, generator)
+        fc2 = tp_init.draw((hidden, ffn_hidden), tp_init.linear_init, generator)
+        gate_weight = tp_init.draw((1, hidden), tp_init.linear_init, generator) if gate else None
+        kind = {"dtype": dtype, "device": device}
+        if tp_group is None:
+            self.fc1 = _Linear(fc1, **kind)
+            self.fc2 = _Linear(fc2, **kind)
+        else:
+            if activation == "swiglu":  # rank r's rows: its gate slice, then its up slice
+                fc1 = torch.cat([piece for r in range(tp) for piece in (p.chunk(tp, 0)[r] for p in fc1.chunk(2, 0))])
+            sp = {"group": tp_group, "bias": False, "sequence_parallel": sequence_parallel, **kind}
+            self.fc1 = ColumnParallelLinear(hidden, f_out, full_weight=fc1, **sp)
+            self.fc2 = RowParallelLinear(ffn_hidden, hidden, input_is_parallel=True, full_weight=fc2, **sp)
+        self.gate_weight = None
+        if gate_weight is not None:
+            self.gate_weight = nn.Parameter(gate_weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
+            if sequence_parallel:  # used on a sequence shard: its gradient is a partial sum over TP
+                mark_sequence_parallel(self.gate_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., hidden]`` (``[seq/tp, batch, hidden]`` under sequence parallelism); same shape out."""
+        h = self.fc1(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, -1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        out = self.fc2(h)
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(F.linear(x, self.gate_weight))
+        return out
+
+
+class _Linear(nn.Module):
+    """A bias-free linear layer on a given full weight (``nn.Linear`` would draw its own first)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
