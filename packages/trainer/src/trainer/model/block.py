@@ -43,9 +43,6 @@ class TransformerLayer(nn.Module):
         self.attn = Attention(cfg, groups, layer, seed, selective_recompute=recompute == "selective")
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
-        if self.is_moe and groups.sequence_parallel:
-            for p in self.mlp.router.parameters():
-                mark_sequence_parallel(p)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,4 +62,5 @@ def moe_layer(cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> M
         activation="swiglu" if cfg.mlp == "swiglu" else "gelu",
         seed=init.tensor_seed(seed, layer, "router"),
         aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        sequence_parallel=groups.sequence_parallel,
     )
