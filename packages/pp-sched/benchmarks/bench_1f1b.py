@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from pp_sched import PipelineExecutor, build, simulate, split_layers
+from pp_sched.split_backward import SavedTensors, input_backward
 from pstate.testing import Harness
 
 
@@ -55,6 +56,29 @@ def stage_costs(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[f
     return statistics.median(forward), statistics.median(backward)
 
 
+def split_costs(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
+    """Median seconds of one full backward (B), and of the input-gradient (I) and weight (W) passes."""
+    full, inputs, weights = [], [], []
+    for _ in range(repeats):
+        leaf = x.detach().clone().requires_grad_()
+        out = module(leaf)
+        start = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        full.append(time.perf_counter() - start)
+        leaf = x.detach().clone().requires_grad_()
+        saved = SavedTensors()
+        with saved.recording():
+            out = module(leaf)
+        start = time.perf_counter()
+        _, weight = input_backward([out], [torch.ones_like(out)], [leaf], saved)
+        middle = time.perf_counter()
+        weight.run()
+        inputs.append(middle - start)
+        weights.append(time.perf_counter() - middle)
+    module.zero_grad(set_to_none=True)
+    return statistics.median(full), statistics.median(inputs), statistics.median(weights)
+
+
 def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, iters: int, rounds: int) -> dict:
     rank, last = dist.get_rank(), pp - 1
     generator = torch.Generator().manual_seed(1)
@@ -63,13 +87,20 @@ def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, ite
     schedule = build("1f1b", pp=pp, microbatches=microbatches)
     mine = stage_module(rank, pp, layers, hidden)
     theirs = copy.deepcopy(mine)
+    split = copy.deepcopy(mine)
     executor = PipelineExecutor(schedule, [mine], dist.group.WORLD, loss_fn)
+    zero_bubble = PipelineExecutor(
+        build("zero-bubble", pp=pp, microbatches=microbatches), [split], dist.group.WORLD, loss_fn
+    )
     stage = PipelineStage(theirs, rank, pp, torch.device("cpu"), group=dist.group.WORLD)
     torch_schedule = Schedule1F1B(stage, microbatches, loss_fn=loss_fn)
     results: list = []
 
     def ours() -> None:
         results.append(executor.step(list(x.chunk(microbatches)) if rank == 0 else None, y.chunk(microbatches)))
+
+    def zb_step() -> None:
+        results.append(zero_bubble.step(list(x.chunk(microbatches)) if rank == 0 else None, y.chunk(microbatches)))
 
     def torch_step() -> None:
         losses: list = []
@@ -83,14 +114,22 @@ def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, ite
 
     ours()
     torch_step()
+    zb_step()
     our_losses, torch_losses = results[0].losses, results[1]
-    difference = max((a.grad - b.grad).abs().max().item() for a, b in zip(mine.parameters(), theirs.parameters()))
+    difference = max(
+        max((a.grad - b.grad).abs().max().item(), (a.grad - c.grad).abs().max().item())
+        for a, b, c in zip(mine.parameters(), theirs.parameters(), split.parameters())
+    )
     if rank == last:
         difference = max(difference, max((a - b).abs().item() for a, b in zip(our_losses, torch_losses)))
-    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    times: dict[str, list[float]] = {"ours": [], "torch": [], "zero-bubble": []}
     idle: list[float] = []
     for _ in range(rounds):
-        for name, step, module in (("ours", ours, mine), ("torch", torch_step, theirs)):
+        for name, step, module in (
+            ("ours", ours, mine),
+            ("torch", torch_step, theirs),
+            ("zero-bubble", zb_step, split),
+        ):
             step()  # warm-up
             dist.barrier()
             results.clear()
@@ -104,7 +143,9 @@ def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, ite
             if name == "ours":
                 idle += [1 - r.compute_s / r.wall_s for r in results]
     forward, backward = stage_costs(mine, x.chunk(microbatches)[0])
+    full, input_pass, weight_pass = split_costs(mine, x.chunk(microbatches)[0])
     return {
+        "split": (full, input_pass, weight_pass),
         "difference": difference,
         "times": {name: statistics.median(t) for name, t in times.items()},
         "idle": statistics.median(idle),
@@ -141,6 +182,17 @@ def main() -> None:
                 f"ratio {ours / theirs:.3f}; max |difference| of losses and grads after one step {difference:.2e}"
             )
             print(f"  stage forward {forward * 1e3:.2f} ms, backward {backward * 1e3:.2f} ms per microbatch")
+            full, i_s, w_s = (statistics.mean(r["split"][j] for r in ranks) for j in range(3))
+            zb = max(r["times"]["zero-bubble"] for r in ranks)
+            zb_sim = simulate(build("zero-bubble", pp=pp, microbatches=args.microbatches), forward, i_s + w_s, w_s)
+            print(
+                f"  split backward: B {full * 1e3:.2f} ms, I {i_s * 1e3:.2f} + W {w_s * 1e3:.2f} = "
+                f"{(i_s + w_s) * 1e3:.2f} ms ({(i_s + w_s) / full:.2f} x B)"
+            )
+            print(
+                f"  zero-bubble {zb * 1e3:.2f} ms/step, {zb / ours:.3f} x 1F1B; simulated bubble "
+                f"{zb_sim.bubble_fraction:.1%} vs 1F1B {predicted.bubble_fraction:.1%}"
+            )
             print("  rank  idle measured  idle simulated")
             for rank, r in enumerate(ranks):
                 print(f"  {rank:>4}  {r['idle']:>13.1%}  {predicted.idle_fractions[rank]:>14.1%}")

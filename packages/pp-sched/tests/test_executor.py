@@ -90,6 +90,9 @@ def train(name, pp, vpp):
         ready.append(chunk)
         final_at_callback[chunk] = [p.grad.clone() for p in chunks[chunk].parameters()]
 
+    accumulated = Counter()  # post-accumulate hooks fire for B and W (what a data-parallel wrapper sees)
+    for i, layer in owned.items():
+        layer.weight.register_post_accumulate_grad_hook(lambda _, i=i: accumulated.update([i]))
     executor = PipelineExecutor(
         schedule, chunks, dist.group.WORLD, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_ready
     )
@@ -106,8 +109,15 @@ def train(name, pp, vpp):
         for c, saved in final_at_callback.items()
         for before, p in zip(saved, chunks[c].parameters())
     )
-    hooks = {"entered": dict(entered), "ready": list(ready), "late": exited_late, "unchanged": unchanged}
-    return [r.losses for r in results], grads, [r.peak_activations for r in results], hooks
+    hooks = {
+        "entered": dict(entered),
+        "ready": list(ready),
+        "late": exited_late,
+        "unchanged": unchanged,
+        "accumulated": dict(accumulated),
+    }
+    peaks = [(r.peak_activations, r.peak_pending_w) for r in results]
+    return [r.losses for r in results], grads, peaks, hooks
 
 
 @pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
@@ -129,10 +139,11 @@ def test_losses_and_gradients_equal_the_single_process_model(run_ranks, name, pp
 
 @pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
 def test_peak_activations_and_hooks(run_ranks, name, pp, vpp):
-    predicted = simulate(build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)).peak_activations
+    sim = simulate(build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp))
     results = run_ranks(pp, train, name, pp, vpp)
     for rank, (_, _, peaks, hooks) in enumerate(results):
-        assert peaks == [predicted[rank]] * 2
+        assert peaks == [(sim.peak_activations[rank], sim.peak_pending_w[rank])] * 2
+        assert set(hooks["accumulated"].values()) == {2 * MICROBATCHES}  # once per microbatch and step
         # no_sync around every backward of a chunk but its last, in both steps; the callback once per chunk
         assert hooks["entered"] == {chunk: 2 * (MICROBATCHES - 1) for chunk in range(vpp)}
         assert sorted(hooks["ready"]) == list(range(vpp))

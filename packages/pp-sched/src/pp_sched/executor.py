@@ -33,8 +33,10 @@ from pstate import Group
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
-from .p2p import BACKWARD, FORWARD, StageP2P, TensorSpec
+from .p2p import BACKWARD, FORWARD, Pending, StageP2P, TensorSpec
+from .plan import SHAPE, Message, posting_order
 from .simulate import validate
+from .split_backward import SavedTensors, WeightGradient, input_backward
 
 
 @dataclass
@@ -43,13 +45,16 @@ class StepResult:
 
     ``losses``: the unscaled loss of each microbatch, in microbatch order, on the rank that holds the last
     stage (empty elsewhere). ``outputs``: the last stage's outputs per microbatch (``evaluate`` only).
-    ``peak_activations``: the most ``(microbatch, chunk)`` activation sets held at once. ``compute_s``:
-    seconds spent computing (forward, loss, backward); ``wall_s``: seconds the whole step took.
+    ``peak_activations``: the most ``(microbatch, chunk)`` activation sets held at once (from ``F`` to its
+    ``B`` or ``I``); ``peak_pending_w``: the most sets whose ``I`` ran and ``W`` not yet (each holds only
+    what ``W`` needs). ``compute_s``: seconds spent computing (forward, loss, backward); ``wall_s``:
+    seconds the whole step took.
     """
 
     losses: list[torch.Tensor] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     peak_activations: int = 0
+    peak_pending_w: int = 0
     compute_s: float = 0.0
     wall_s: float = 0.0
 
@@ -60,7 +65,7 @@ class _Held:
 
     inputs: tuple[torch.Tensor, ...]  # received floating-point leaves whose gradients go back
     outputs: tuple[torch.Tensor, ...]  # floating-point outputs (the scaled loss on the last stage)
-    grads: tuple[torch.Tensor | None, ...] = ()  # their gradients, kept from I until W
+    saved: SavedTensors | None = None  # what autograd saved, for a split backward
 
 
 class _Feed:
@@ -144,7 +149,7 @@ class PipelineExecutor:
         self.rank = self.p2p.rank
         self.actions: tuple[Action, ...] = schedule.actions[self.rank]
         self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind in "BW"}
-        self._params = [[p for p in c.parameters() if p.requires_grad] for c in chunks]
+        self._declared = specs is not None
 
     def step(self, inputs: Iterable[Any] | None = None, targets: Iterable[Any] | None = None) -> StepResult:
         """Run the schedule once: forwards and backwards of every microbatch, gradients accumulated into
@@ -175,47 +180,66 @@ class PipelineExecutor:
         losses: dict[int, torch.Tensor] = {}
         outputs: dict[int, Any] = {}
         held: dict[tuple[int, int], _Held] = {}
-        # On CPU (gloo: one request per operation) a receive whose shapes are known is posted before the
-        # compute it waits behind, so its data arrives meanwhile; elsewhere it goes with the sends.
+        pending_w: dict[tuple[int, int], WeightGradient] = {}
+        plan = posting_order(self.schedule, self.rank, train=train, declared=self._declared)
+        if [step.action for step in plan] != list(actions):  # posting_order is derived from the same actions
+            raise PipelineScheduleError("the posting order does not follow this rank's actions")
+        posted: dict[Message, tuple[Pending, int]] = {}
+        # On CPU (gloo: one request per operation) the receives of the next action are posted before the
+        # compute they wait behind, when their shapes are known, so their data arrives meanwhile; elsewhere
+        # (NCCL, which runs a rank's batches in order) they go with the sends, in the batches that
+        # pp_sched.plan checks cannot hang.
         early = self.p2p.device.type == "cpu"
-        pending = self.p2p.exchange(recvs=self._recvs(actions[0], train) if actions else ())
-        for k, action in enumerate(actions):
-            received = pending.wait()
-            following = self._recvs(actions[k + 1], train) if k + 1 < len(actions) else []
-            posted = early and all(self.p2p.knows_shapes(d, s) for d, s, _ in following)
-            if posted:
-                pending = self.p2p.exchange(recvs=following)
+        self._post(plan[0].recvs if plan else (), [], posted)
+        for k, step in enumerate(plan):
+            action = step.action
+            received: list[tuple[torch.Tensor, ...]] = []
+            if step.needs is not None:
+                pending, index = posted.pop(step.needs)
+                received = [pending.wait()[index]]
+            following = plan[k + 1].recvs if k + 1 < len(plan) else ()
+            ahead = early and all(m.kind != SHAPE and self.p2p.knows_shapes(*self._receive(m)[:2]) for m in following)
+            if ahead:
+                self._post(following, [], posted)
             begin = time.perf_counter()
             if action.kind == "F":
                 sends = self._forward(action, received, feeds, held, losses, outputs, train)
-                result.peak_activations = max(result.peak_activations, len(held))
             else:
-                sends = self._backward(k, action, received, held)
+                sends = self._backward(k, action, received, held, pending_w)
+            result.peak_activations = max(result.peak_activations, len(held))
+            result.peak_pending_w = max(result.peak_pending_w, len(pending_w))
             result.compute_s += time.perf_counter() - begin
-            if posted:
-                self.p2p.exchange(sends)
-            else:
-                pending = self.p2p.exchange(sends, following)
+            self._post(() if ahead else following, sends, posted)
         self.p2p.wait_sends()
-        if held:  # validate() makes this impossible; a guard against a changed schedule
-            raise PipelineScheduleError(f"activations of {sorted(held)} were never freed")
+        if held or pending_w:  # validate() makes this impossible; a guard against a changed schedule
+            raise PipelineScheduleError(f"activations of {sorted(held) + sorted(pending_w)} were never freed")
         result.losses = [losses[mb] for mb in sorted(losses)]
         result.outputs = [outputs[mb] for mb in sorted(outputs)]
         result.wall_s = time.perf_counter() - start
         return result
 
+    def _receive(self, message: Message) -> tuple[str, int, int]:
+        """``message`` as a receive of :meth:`StageP2P.exchange`: direction, this rank's stage, microbatch."""
+        stage = message.boundary + 1 if message.kind == FORWARD else message.boundary
+        return (message.kind, stage, message.microbatch)
+
+    def _post(
+        self,
+        recvs: Sequence[Message],
+        sends: list[tuple[str, int, int, tuple[torch.Tensor, ...]]],
+        posted: dict[Message, tuple[Pending, int]],
+    ) -> None:
+        """One batch: ``sends`` and the receives of ``recvs`` in their order (a shape message is posted by
+        :class:`StageP2P` itself, right before the first activation of its boundary)."""
+        data = [m for m in recvs if m.kind != SHAPE]
+        if not data and not sends:
+            return
+        pending = self.p2p.exchange(sends, [self._receive(m) for m in data])
+        for index, message in enumerate(data):
+            posted[message] = (pending, index)
+
     def _stage(self, action: Action) -> int:
         return self.schedule.stage_of(self.rank, action.chunk)
-
-    def _recvs(self, action: Action, train: bool) -> list[tuple[str, int, int]]:
-        """What ``action`` receives: activations for ``F`` after stage 0, gradients for ``B``/``I``
-        before the last stage."""
-        stage = self._stage(action)
-        if action.kind == "F" and stage > 0:
-            return [(FORWARD, stage, action.microbatch)]
-        if train and action.kind in "BI" and stage < self.schedule.num_stages - 1:
-            return [(BACKWARD, stage, action.microbatch)]
-        return []
 
     def _forward(
         self,
@@ -233,45 +257,50 @@ class PipelineExecutor:
         else:
             args = received[0]
             leaves = tuple(t.requires_grad_() for t in _floats(args)) if train else ()
-        output = self.chunks[action.chunk](*args)
-        if stage < self.schedule.num_stages - 1:
-            sent = _as_tuple(output)
-            if train:
-                held[(mb, action.chunk)] = _Held(leaves, _floats(sent))
-            return [(FORWARD, stage, mb, sent)]
-        if not train:
-            outputs[mb] = output
-        if self.loss_fn is not None:
-            target = feeds[1].take(mb) if feeds[1].given else None
-            loss = self.loss_fn(output) if target is None else self.loss_fn(output, target)
-            losses[mb] = loss.detach()
-            if train:
-                held[(mb, action.chunk)] = _Held(leaves, (loss / self.schedule.microbatches,))
+        saved = SavedTensors() if train and self.schedule.split_backward else None
+        with saved.recording() if saved is not None else contextlib.nullcontext():
+            output = self.chunks[action.chunk](*args)
+            if stage < self.schedule.num_stages - 1:
+                sent = _as_tuple(output)
+                if train:
+                    held[(mb, action.chunk)] = _Held(leaves, _floats(sent), saved)
+                return [(FORWARD, stage, mb, sent)]
+            if not train:
+                outputs[mb] = output
+            if self.loss_fn is not None:
+                target = feeds[1].take(mb) if feeds[1].given else None
+                loss = self.loss_fn(output) if target is None else self.loss_fn(output, target)
+                losses[mb] = loss.detach()
+                if train:
+                    held[(mb, action.chunk)] = _Held(leaves, (loss / self.schedule.microbatches,), saved)
         return []
 
     def _backward(
-        self, k: int, action: Action, received: list[tuple[torch.Tensor, ...]], held: dict[tuple[int, int], _Held]
+        self,
+        k: int,
+        action: Action,
+        received: list[tuple[torch.Tensor, ...]],
+        held: dict[tuple[int, int], _Held],
+        pending_w: dict[tuple[int, int], WeightGradient],
     ) -> list[tuple[str, int, int, tuple[torch.Tensor, ...]]]:
         mb, chunk, stage = action.microbatch, action.chunk, self._stage(action)
-        entry = held[(mb, chunk)]
+        key = (mb, chunk)
         if action.kind in "BI":
+            entry = held.pop(key)
             last = stage == self.schedule.num_stages - 1
-            entry.grads = (None,) * len(entry.outputs) if last else received[0]
-        pairs = [(o, g) for o, g in zip(entry.outputs, entry.grads) if o.requires_grad]
-        outs, grads = [o for o, _ in pairs], [g for _, g in pairs]
-        if action.kind == "I":
-            input_grads: Sequence[torch.Tensor | None] = ()
-            if outs and entry.inputs:
-                input_grads = torch.autograd.grad(outs, entry.inputs, grads, retain_graph=True, allow_unused=True)
+            grads = (None,) * len(entry.outputs) if last else received[0]
+            pairs = [(o, g) for o, g in zip(entry.outputs, grads) if o.requires_grad]
+            outs, out_grads = [o for o, _ in pairs], [g for _, g in pairs]
+        if action.kind == "I":  # the input gradient only; W later runs what it captured
+            input_grads, pending_w[key] = input_backward(outs, out_grads, entry.inputs, entry.saved)
             return self._send_back(stage, mb, entry.inputs, input_grads)
         final = self._last_backward[chunk] == k
         sync = self.no_sync(chunk) if self.no_sync is not None and not final else contextlib.nullcontext()
         with sync:
-            if outs and action.kind == "B":
-                torch.autograd.backward(outs, grads)
-            elif outs and self._params[chunk]:
-                torch.autograd.backward(outs, grads, inputs=self._params[chunk])
-        del held[(mb, chunk)]
+            if action.kind == "W":
+                pending_w.pop(key).run()
+            elif outs:
+                torch.autograd.backward(outs, out_grads)
         if final and self.on_chunk_grads_ready is not None:
             self.on_chunk_grads_ready(chunk)
         if action.kind == "W":

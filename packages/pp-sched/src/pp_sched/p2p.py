@@ -6,8 +6,10 @@ rank ``s % pp``, so the last rank's chunk ``c`` feeds rank 0's chunk ``c + 1``. 
 are sent once, with its first activation message (or declared up front); a gradient message carries
 one tensor for each floating-point tensor of the activation message it answers, with the same spec.
 
-Every message has its own tag, so messages are matched exactly whatever order the two ranks post them
-in (gloo honours tags; NCCL matches in posting order). Sends and receives of one :meth:`StageP2P.exchange`
+Every message has its own tag, but NCCL ignores tags and matches a pair's messages in posting order, so
+the order is what makes them match: receives of one :meth:`StageP2P.exchange` are posted in the order
+given (a boundary's shape message right before its first activation), and the executor posts them in
+the sender's order (:mod:`pp_sched.plan`). Sends and receives of one :meth:`StageP2P.exchange`
 go out as one ``batch_isend_irecv``. Sends are never waited for until :meth:`StageP2P.wait_sends` when the
 backend returns one request per operation (gloo), so a rank only ever waits for data it needs.
 """
@@ -206,8 +208,7 @@ class StageP2P:
                 ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, tag))
         num_sends = len(ops)
         buffers: list[tuple[torch.Tensor, ...]] = []
-        metas: dict[int, torch.Tensor] = {}  # boundary -> its shape message, on a first receive
-        unknown: list[tuple[int, str, int, int]] = []
+        recv_works: list[dist.Work] = []
         for direction, stage, microbatch in recvs:
             boundary = self._boundary(direction, stage, sending=False)
             specs = self._message_specs(direction, boundary)
@@ -215,27 +216,20 @@ class StageP2P:
                 raise PipelineScheduleError(
                     f"gradient over stage boundary {boundary}->{boundary + 1} expected before any activation was sent"
                 )
-            if specs is None:
-                if boundary not in metas:
-                    metas[boundary] = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
-                    peer = self._peer(boundary, False, direction)
-                    ops.append(dist.P2POp(dist.irecv, metas[boundary], peer, self.group, boundary))
-                unknown.append((len(buffers), direction, boundary, microbatch))
-                buffers.append(())
-            else:
-                buffers.append(self._recv_ops(ops, direction, boundary, microbatch, specs))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        recv_works = self._keep_sends(works, ops[:num_sends], len(ops))
-        if unknown:
-            for work in recv_works:  # includes the shape messages; their data receives are posted below
-                work.wait()
-            ops = []
-            for boundary, meta in metas.items():
+            if specs is None:  # the boundary's shapes come first: post what is gathered, wait for them
+                meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, meta, self._peer(boundary, False, direction), self.group, boundary))
+                works = dist.batch_isend_irecv(ops)
+                works = self._keep_sends(works, ops[:num_sends], len(ops))
+                works[-1].wait()  # the shape message (on NCCL, the one coalesced request)
+                recv_works += works[:-1]
+                ops, num_sends = [], 0
                 self._specs[boundary] = _decode(meta)
-            for index, direction, boundary, microbatch in unknown:
                 specs = self._message_specs(direction, boundary)
-                buffers[index] = self._recv_ops(ops, direction, boundary, microbatch, specs)
-            recv_works = list(dist.batch_isend_irecv(ops))
+            buffers.append(self._recv_ops(ops, direction, boundary, microbatch, specs))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            recv_works += self._keep_sends(works, ops[:num_sends], len(ops))
         return Pending(recv_works, buffers)
 
     def _recv_ops(

@@ -38,9 +38,11 @@ class Simulation:
     ``timelines[rank]`` lists the rank's slots in order. ``bubble_fraction`` is the idle time of all ranks
     over ``pp * makespan``; ``idle_fractions[rank]`` is one rank's idle time over ``makespan``.
     ``peak_activations[rank]`` is the largest number of ``(microbatch, chunk)`` activation sets the rank
-    holds at once: one is held from the start of its ``F`` until the end of its ``B``, or, for a split
-    backward, until the end of its ``W`` (the weight gradient still needs the saved layer inputs). With
-    ``vpp > 1`` each set is one chunk's, ``1 / vpp`` of the rank's layers.
+    holds at once: one is held from the start of its ``F`` until the end of its ``B`` or ``I``. With
+    ``vpp > 1`` each set is one chunk's, ``1 / vpp`` of the rank's layers. ``peak_pending_w[rank]`` is
+    the largest number of sets whose ``I`` has run and ``W`` not yet: each holds only what ``W`` needs
+    (the inputs of the layers' weight products and the gradients captured at them), a fraction of a
+    full set (about half for a stack of ``Linear`` layers, less with activations and attention).
     """
 
     schedule: Schedule
@@ -49,6 +51,7 @@ class Simulation:
     bubble_fraction: float
     idle_fractions: tuple[float, ...]
     peak_activations: tuple[int, ...]
+    peak_pending_w: tuple[int, ...] = ()
 
 
 def action_costs(vpp: int, forward: Real, backward: Real, weight: Real | None) -> dict[str, Real]:
@@ -126,14 +129,23 @@ def _run(schedule: Schedule, costs: dict[str, Real], comm: Real) -> list[list[Sl
 
 def peak_activations(schedule: Schedule) -> tuple[int, ...]:
     """Per rank, the most ``(microbatch, chunk)`` activation sets held at once (see :class:`Simulation`)."""
+    return _peaks(schedule, "F", "BI")
+
+
+def peak_pending_w(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most sets whose ``I`` ran and ``W`` has not (see :class:`Simulation`)."""
+    return _peaks(schedule, "I", "W")
+
+
+def _peaks(schedule: Schedule, opens: str, closes: str) -> tuple[int, ...]:
     peaks = []
     for actions in schedule.actions:
         held = peak = 0
         for action in actions:
-            if action.kind == "F":
+            if action.kind in opens:
                 held += 1
                 peak = max(peak, held)
-            elif action.kind in "BW":
+            elif action.kind in closes:
                 held -= 1
         peaks.append(peak)
     return tuple(peaks)
@@ -170,6 +182,7 @@ def simulate(
         bubble_fraction=1 - sum(busy) / (schedule.pp * makespan),
         idle_fractions=idle,
         peak_activations=peak_activations(schedule),
+        peak_pending_w=peak_pending_w(schedule),
     )
 
 

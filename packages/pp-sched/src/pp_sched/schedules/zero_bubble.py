@@ -2,10 +2,12 @@
 and ``W`` (weight gradient, local), and ``W`` actions fill the bubbles of 1F1B.
 
 The order is built greedily on a model of time with unit costs (F = I = W = 1, i.e. a backward twice a
-forward): at each step a free rank runs, in this priority, the next ``I`` whose gradient has arrived,
-the next ``F`` whose input has arrived while it holds fewer than ``min(pp - rank, microbatches)``
-microbatches (1F1B's memory; a microbatch is held from its ``F`` until its ``W``), else its oldest
-pending ``W``. The result is plain data and runs deadlock-free under any costs.
+forward): at each step a free rank runs, in this priority, the next ``I`` whose gradient has arrived;
+its oldest pending ``W`` if ``pp`` are pending; the next ``F`` whose input has arrived while fewer than
+``min(pp - rank, microbatches)`` microbatches are between their ``F`` and ``I`` (1F1B's activation
+memory; after ``I`` a microbatch holds only what ``W`` needs); else its oldest pending ``W``. With
+``microbatches >= pp`` this gives ZB-H1's bubble ``(pp - 1) / (3 m + pp - 1)``. The result is plain data
+and runs deadlock-free under any costs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def zero_bubble_h1(pp: int, microbatches: int) -> list[list[Action]]:
                 i_end[(rank, i_mb)] = t + 1
                 next_i[rank] += 1
                 pending_w[rank].append(i_mb)
+                held[rank] -= 1
+            elif len(pending_w[rank]) >= pp:
+                action = Action("W", pending_w[rank].popleft())
             elif f_mb < m and held[rank] < limit[rank] and (rank == 0 or f_end.get((rank - 1, f_mb), _NEVER) <= t):
                 action = Action("F", f_mb)
                 f_end[(rank, f_mb)] = t + 1
@@ -45,7 +50,6 @@ def zero_bubble_h1(pp: int, microbatches: int) -> list[list[Action]]:
                 held[rank] += 1
             elif pending_w[rank]:
                 action = Action("W", pending_w[rank].popleft())
-                held[rank] -= 1
             else:
                 continue
             actions[rank].append(action)
