@@ -2,23 +2,83 @@
 
 Names are layout-free (``layers.3.attn.q.weight``: layer numbers are global; fused tensors are split into
 their logical parts; vocabulary padding is left out), so a checkpoint written at one layout loads at
-any other, and parity tests compare pieces against the one-process model's tensors directly. The
-``Shard.data`` are views of the parameters (or of their gradients), so filling them in place loads them.
+any other, and parity tests compare pieces against the one-process model's tensors directly.
+
+:func:`model_pieces` says where each named piece sits, in a parameter and in the full tensor; the
+same pieces describe anything shaped like the parameters (gradients, optimizer moments), and a ZeRO
+flat range of a parameter is split along them (:func:`flat_range_shards`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pstate import Shard, as_group, tensor_parallel_shard
+from pstate import Shard, as_group
 
 from .gpt import GPTChunk
 
-Source = Callable[[nn.Parameter], torch.Tensor]
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``rows`` (along dimension 0; all of them when ``None``) of ``param`` are the full tensor
+    ``name``'s part at ``offsets`` of ``global_shape``; ``dim1`` selects a column block instead for the
+    experts' fused ``[gate; up]`` dimension."""
+
+    name: str
+    param: nn.Parameter
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+    dim1: tuple[int, int] | None = None
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This piece of ``tensor`` (the parameter or anything of its shape), as a view."""
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        if self.dim1 is not None:
+            tensor = tensor[:, self.dim1[0] : self.dim1[1]]
+        return tensor
+
+    def shard(self, tensor: torch.Tensor) -> Shard:
+        return Shard(self.of(tensor), self.global_shape, self.offsets)
+
+
+def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
+    """Every named piece of every parameter of ``chunks``."""
+    out: list[Piece] = []
+    for chunk in chunks:
+        tp, rank, cfg = chunk.groups.tp_size, chunk.groups.tp_rank, chunk.cfg
+        if chunk.embedding is not None:
+            out.append(_vocab_rows("embedding.weight", chunk.embedding.weight, cfg.vocab_size, rank))
+        if chunk.position is not None:
+            out.append(_whole("position.weight", chunk.position))
+        if chunk.final_norm is not None:
+            out += _module("final_norm", chunk.final_norm)
+        if chunk.head is not None:
+            out.append(_vocab_rows("head.weight", chunk.head.weight, cfg.vocab_size, rank))
+        for layer in chunk.layers:
+            prefix = f"layers.{layer.layer}"
+            out += _module(f"{prefix}.norm1", layer.norm1) + _module(f"{prefix}.norm2", layer.norm2)
+            attn, d = layer.attn, cfg.head_dim
+            parts = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
+            out += _fused(f"{prefix}.attn", attn.qkv, parts, rank, tp) + _row(
+                f"{prefix}.attn.proj", attn.proj, rank, tp
+            )
+            if layer.is_moe:
+                out += _moe(f"{prefix}.mlp", layer.mlp, cfg.mlp == "swiglu")
+            else:
+                f = cfg.ffn // tp
+                parts = {"gate": f, "up": f} if cfg.mlp == "swiglu" else {"fc1": f}
+                out += _fused(f"{prefix}.mlp", layer.mlp.fc1, parts, rank, tp) + _row(
+                    f"{prefix}.mlp.fc2", layer.mlp.fc2, rank, tp
+                )
+    return out
 
 
 def _value(p: nn.Parameter) -> torch.Tensor:
@@ -33,87 +93,85 @@ def _grad(p: nn.Parameter) -> torch.Tensor:
 
 def model_shards(chunks: list[GPTChunk], *, grads: bool = False) -> dict[str, Shard]:
     """Every tensor of ``chunks`` (or its gradient, with ``grads=True``) as pieces of the full model's."""
-    source: Source = _grad if grads else _value
-    out: dict[str, Shard] = {}
-    for chunk in chunks:
-        tp, rank = chunk.groups.tp_size, chunk.groups.tp_rank
-        if chunk.embedding is not None:
-            out["embedding.weight"] = _vocab_rows(source(chunk.embedding.weight), chunk, rank)
-        if chunk.position is not None:
-            out["position.weight"] = _replicated(source(chunk.position))
-        if chunk.final_norm is not None:
-            out.update(_replicated_module("final_norm", chunk.final_norm, source))
-        if chunk.head is not None:
-            out["head.weight"] = _vocab_rows(source(chunk.head.weight), chunk, rank)
-        for layer in chunk.layers:
-            prefix = f"layers.{layer.layer}"
-            out.update(_replicated_module(f"{prefix}.norm1", layer.norm1, source))
-            out.update(_replicated_module(f"{prefix}.norm2", layer.norm2, source))
-            attn, d, cfg = layer.attn, chunk.cfg.head_dim, chunk.cfg
-            sizes = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
-            out.update(_fused(f"{prefix}.attn", attn.qkv, sizes, source, rank, tp))
-            out.update(_row(f"{prefix}.attn.proj", attn.proj, source, rank, tp))
-            if layer.is_moe:
-                out.update(_moe(f"{prefix}.mlp", layer.mlp, cfg.mlp == "swiglu", source))
-            else:
-                f = cfg.ffn // tp
-                sizes = {"gate": f, "up": f} if cfg.mlp == "swiglu" else {"fc1": f}
-                out.update(_fused(f"{prefix}.mlp", layer.mlp.fc1, sizes, source, rank, tp))
-                out.update(_row(f"{prefix}.mlp.fc2", layer.mlp.fc2, source, rank, tp))
+    source: Callable[[nn.Parameter], torch.Tensor] = _grad if grads else _value
+    return {piece.name: piece.shard(source(piece.param)) for piece in model_pieces(chunks)}
+
+
+def flat_range_shards(pieces: list[Piece], local: Shard) -> dict[str, Shard]:
+    """Split ``local``, a flat range of one parameter in its own frame (a ZeRO shard), along the
+    parameter's ``pieces`` into flat ranges of each named full tensor's pieces."""
+    out = {}
+    for piece in pieces:
+        if piece.dim1 is not None:
+            raise ValueError(f"{piece.name}: a column block cannot take a ZeRO flat range")
+        row = math.prod(local.shape[1:])
+        first, last = piece.rows if piece.rows is not None else (0, local.shape[0])
+        start, stop = max(local.flat_range[0], first * row), min(local.flat_range[1], last * row)
+        shape = (last - first, *local.shape[1:])
+        if start >= stop:
+            start = stop = first * row
+        data = local.data[start - local.flat_range[0] : stop - local.flat_range[0]]
+        flat = (start - first * row, stop - first * row)
+        out[piece.name] = Shard(data, piece.global_shape, piece.offsets, shape=shape, flat_range=flat)
     return out
 
 
-def _replicated(t: torch.Tensor) -> Shard:
-    return Shard(t, tuple(t.shape), (0,) * t.dim())
+def _whole(name: str, p: nn.Parameter) -> Piece:
+    return Piece(name, p, tuple(p.shape), (0,) * p.dim())
 
 
-def _replicated_module(prefix: str, module: nn.Module, source: Source) -> dict[str, Shard]:
-    return {f"{prefix}.{name}": _replicated(source(p)) for name, p in module.named_parameters()}
+def _module(prefix: str, module: nn.Module) -> list[Piece]:
+    return [_whole(f"{prefix}.{name}", p) for name, p in module.named_parameters()]
 
 
-def _vocab_rows(t: torch.Tensor, chunk: GPTChunk, rank: int) -> Shard:
-    """This rank's rows of the vocabulary, without the padding rows past ``vocab_size``."""
-    vocab, rows = chunk.cfg.vocab_size, t.size(0)
+def _vocab_rows(name: str, p: nn.Parameter, vocab: int, rank: int) -> Piece:
+    """This rank's rows of the vocabulary, without the padding rows past ``vocab``."""
+    rows = p.size(0)
     start = rank * rows
     valid = max(0, min(rows, vocab - start))
-    return Shard(t[:valid], (vocab, t.size(1)), (min(start, vocab), 0))
+    return Piece(name, p, (vocab, p.size(1)), (min(start, vocab), 0), rows=(0, valid))
 
 
-def _fused(
-    prefix: str, linear: nn.Module, sizes: dict[str, int], source: Source, rank: int, tp: int
-) -> dict[str, Shard]:
+def _fused(prefix: str, linear: nn.Module, sizes: dict[str, int], rank: int, tp: int) -> list[Piece]:
     """A column-parallel weight holding, on this rank, its slice of each part one after the other."""
-    out = {}
+    out = []
     for suffix in ("weight", "bias"):
-        param = getattr(linear, suffix, None)
-        if param is None:
+        p = getattr(linear, suffix, None)
+        if p is None:
             continue
-        for name, t in zip(sizes, source(param).split(list(sizes.values()))):
-            out[f"{prefix}.{name}.{suffix}"] = tensor_parallel_shard(t, 0, rank, tp)
+        first = 0
+        for name, size in sizes.items():
+            global_shape = (size * tp, *p.shape[1:])
+            offsets = (rank * size,) + (0,) * (p.dim() - 1)
+            out.append(Piece(f"{prefix}.{name}.{suffix}", p, global_shape, offsets, rows=(first, first + size)))
+            first += size
     return out
 
 
-def _row(prefix: str, linear: nn.Module, source: Source, rank: int, tp: int) -> dict[str, Shard]:
-    out = {f"{prefix}.weight": tensor_parallel_shard(source(linear.weight), 1, rank, tp)}
+def _row(prefix: str, linear: nn.Module, rank: int, tp: int) -> list[Piece]:
+    w = linear.weight
+    out = [Piece(f"{prefix}.weight", w, (w.size(0), w.size(1) * tp), (0, rank * w.size(1)))]
     if linear.bias is not None:
-        out[f"{prefix}.bias"] = _replicated(source(linear.bias))
+        out.append(_whole(f"{prefix}.bias", linear.bias))
     return out
 
 
-def _moe(prefix: str, moe: nn.Module, swiglu: bool, source: Source) -> dict[str, Shard]:
+def _moe(prefix: str, moe: nn.Module, swiglu: bool) -> list[Piece]:
     """Router (replicated) and experts: ``[experts, ...]`` tensors, this rank's experts and ETP slice."""
     experts = moe.experts
     etp, q = _etp(experts)
-    num = moe.router.weight.size(0)
-    first = experts.first_expert
-    out = {f"{prefix}.router.{n}": _replicated(source(p)) for n, p in moe.router.named_parameters()}
-    w1, w2 = source(experts.weight1), source(experts.weight2)
-    parts = dict(zip(("gate", "up"), w1.chunk(2, 1))) if swiglu else {"fc1": w1}
-    for name, t in parts.items():
-        _, f, h = t.shape
-        out[f"{prefix}.experts.{name}"] = Shard(t, (num, f * etp, h), (first, q * f, 0))
+    num, first = moe.router.weight.size(0), experts.first_expert
+    out = [_whole(f"{prefix}.router.{n}", p) for n, p in moe.router.named_parameters()]
+    w1, w2 = experts.weight1, experts.weight2
+    _, f_out, h = w1.shape
+    names = ("gate", "up") if swiglu else ("fc1",)
+    f = f_out // len(names)
+    for i, name in enumerate(names):
+        out.append(
+            Piece(f"{prefix}.experts.{name}", w1, (num, f * etp, h), (first, q * f, 0), dim1=(i * f, (i + 1) * f))
+        )
     _, h, f = w2.shape
-    out[f"{prefix}.experts.fc2"] = Shard(w2, (num, h, f * etp), (first, 0, q * f))
+    out.append(Piece(f"{prefix}.experts.fc2", w2, (num, h, f * etp), (first, 0, q * f)))
     return out
 
 
