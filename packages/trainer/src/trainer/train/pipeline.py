@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import cp_ring
 from pp_sched import PipelineExecutor, build
@@ -24,7 +25,7 @@ from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_
 
 
 def make_executor(
-    chunks: Sequence[GPTChunk],
+    chunks: Sequence[nn.Module],
     ps: ParallelState,
     cfg: ModelConfig,
     groups: ModelGroups,
@@ -33,14 +34,18 @@ def make_executor(
     microbatches: int,
     no_sync: Callable[[int], AbstractContextManager[Any]] | None = None,
     on_chunk_grads_ready: Callable[[int], None] | None = None,
+    loss_scale: Callable[[], float] | None = None,
 ) -> PipelineExecutor:
-    """The executor of ``schedule`` (``1f1b`` etc.; any name gives a one-stage schedule at ``pp=1``)."""
+    """The executor of ``schedule`` (``1f1b`` etc.; any name gives a one-stage schedule at ``pp=1``).
+
+    ``loss_scale()`` multiplies the loss before backward (fp16 dynamic loss scaling)."""
     vpp = len(chunks)
     name = schedule if ps.pp.size > 1 else "1f1b"
     plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, labels, cfg=cfg, groups=groups)
+        loss = lm_loss(logits, labels, cfg=cfg, groups=groups)
+        return loss if loss_scale is None else loss * loss_scale()
 
     return PipelineExecutor(plan, chunks, ps.pp, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_chunk_grads_ready)
 

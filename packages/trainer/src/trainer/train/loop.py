@@ -1,0 +1,250 @@
+"""``train(cfg)``: the training loop on every rank of a run (started by torchrun or ``--nproc``).
+
+Each step: the learning rate of the step, this rank's micro-batches (the same global samples at any DP
+size), forwards and backwards through the pipeline executor, the data-parallel reduction, the model-
+parallel gradient completion, clipping by the global norm, the optimizer step (skipped, or the run
+stopped, on a non-finite loss or norm), then metrics, evaluation and checkpoints as configured.
+Resumes from the newest complete checkpoint under ``--load`` (or ``--save``); SIGTERM and SIGINT
+finish the current step, save, and return.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ckpt
+import pstate
+from dp_shard import clip_grad_norm_
+
+from ..config import RunConfig, check_run, to_toml
+from ..data import DataIterator, build_datasets
+from ..errors import TrainerError
+from .checkpoint import finish_load, run_state, saveable
+from .flops import flops_per_token, measured_matmul_flops
+from .lr import lr_at
+from .metrics import Metrics
+from .pipeline import local_batch, sync_model_parallel_grads
+from .setup import Run, setup
+
+
+def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]]:
+    """Train as ``cfg`` says; return the per-step records (on every rank; the loss is global)."""
+    if not dist.is_initialized():
+        raise TrainerError("train() runs inside a process group: start it with torchrun or trainer train --nproc")
+    microbatches = check_run(cfg, dist.get_world_size())
+    t = cfg.train
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(t.seed)
+    with pstate.initialize(cfg.parallel) as ps:
+        datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed)
+        model = cfg.model
+        vocab = datasets.tokenizer.vocab_size
+        if model.vocab_size is None:
+            model = model.with_overrides(vocab_size=vocab)
+        elif model.vocab_size < vocab:
+            raise TrainerError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab}")
+        run = setup(cfg, ps, model, microbatches)
+        global_batch = t.global_batch or t.micro_batch * ps.dp.size
+        data = DataIterator(
+            datasets.train, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
+        )
+        metrics = Metrics(
+            active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
+        )
+        try:
+            return _loop(run, data, datasets, metrics, global_batch)
+        finally:
+            metrics.close()
+
+
+def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_batch: int) -> list[dict[str, Any]]:
+    cfg, t = run.cfg, run.cfg.train
+    start = _resume(run, data, metrics)
+    saver = ckpt.AsyncSaver() if t.save and t.async_save else None
+    tokens_per_step = global_batch * t.seq_len
+    peak = measured_matmul_flops() * dist.get_world_size()
+    flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
+    records: list[dict[str, Any]] = []
+    step = start
+    with _stop_on_signal() as stop:
+        for step in range(start, t.steps):
+            began = time.perf_counter()
+            lr = lr_at(step, cfg.optim, t.steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss, norm, skipped = _train_step(run, next(data))
+            if not skipped and not math.isfinite(loss):
+                skipped = True
+            if skipped and t.on_nan == "stop":
+                raise TrainerError(f"step {step + 1}: the loss ({loss}) or gradient norm ({norm}) is not finite")
+            seconds = time.perf_counter() - began
+            record = {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens_per_s": tokens_per_step / seconds,
+                "mfu": flops_per_step / seconds / peak,
+                "memory_mb": _memory_mb(),
+                "skipped": skipped,
+            }
+            records.append(record)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                metrics.step(record, t.steps)
+            if t.eval_every and (step + 1) % t.eval_every == 0:
+                metrics.evaluation(evaluate(run, datasets.valid, step + 1))
+            last = step + 1 == t.steps or stop.requested
+            if t.save and ((t.save_every and (step + 1) % t.save_every == 0) or last):
+                _save(run, data, step + 1, saver)
+            if stop.requested:
+                metrics.note(f"stopping after step {step + 1} on signal {stop.requested}")
+                break
+    if saver is not None:
+        saver.close()
+    return records
+
+
+def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
+    """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
+    and whether the step was skipped for a non-finite gradient."""
+    ps, t = run.ps, run.cfg.train
+    batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in micro]
+    pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
+    if run.sharded:
+        run.optimizer.zero_grad()
+    else:
+        for module in run.modules:
+            module.zero_grad_buffer()
+    scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
+    result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
+    found_inf = False
+    if run.sharded:
+        norm = run.optimizer.clip_grad_norm_(t_clip(run), tp_group=ps.tp, pp_group=ps.pp)
+    else:
+        for module in run.modules:
+            module.finish_grad_sync()
+        sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
+        if run.scaler is not None:
+            grads = [p.main_grad for c in run.chunks for p in c.parameters()]
+            found_inf = run.scaler.unscale_(grads, groups=[ps.world])
+        norm = clip_grad_norm_(run.clip_params(), t_clip(run), tp_group=ps.tp, pp_group=ps.pp)
+    norm = float(norm)
+    skipped = found_inf or not math.isfinite(norm)
+    if run.scaler is not None and not run.sharded:
+        run.scaler.update(found_inf)
+    if not skipped:
+        run.optimizer.step()
+    return _global_loss(run, result.losses) / scale, norm, skipped
+
+
+def t_clip(run: Run) -> float:
+    """The clipping threshold (``inf``: measure the norm without clipping)."""
+    return run.cfg.optim.clip_grad or math.inf
+
+
+def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
+    """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
+    ps = run.ps
+    counts = ps.is_last_stage() and ps.tp.rank == 0
+    total = torch.tensor([float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
+    """Mean loss and perplexity over ``eval_steps`` global batches of the validation set."""
+    ps, t = run.ps, run.cfg.train
+    global_batch = t.global_batch or t.micro_batch * ps.dp.size
+    if dataset is None:
+        raise TrainerError("evaluation needs a validation set: set data.valid_fraction > 0")
+    data = DataIterator(
+        dataset, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
+    )
+    losses = []
+    for _ in range(t.eval_steps):
+        pairs = [
+            local_batch(b[:, :-1], b[:, 1:], ps)
+            for b in (torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in next(data))
+        ]
+        result = run.executor.evaluate([i for i, _ in pairs], [lab for _, lab in pairs])
+        losses.append(_global_loss(run, result.losses))
+    loss = sum(losses) / len(losses)
+    return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> None:
+    t = run.cfg.train
+    state = saveable(run_state(run, step, data.state_dict()))
+    state["config"] = to_toml(run.cfg)
+    path = ckpt.step_dir(t.save, step)
+    layout = {k: getattr(run.cfg.parallel, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp")} | {"dp": run.ps.dp.size}
+    if saver is None:
+        ckpt.save(state, path, layout=layout, keep=t.keep)
+    else:
+        saver.save(state, path, layout=layout, keep=t.keep)
+
+
+def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
+    """Load the newest complete checkpoint under ``--load`` (else ``--save``), if any; return its step."""
+    t = run.cfg.train
+    root = t.load or t.save
+    if not root:
+        return 0
+    path = Path(root)
+    found = path if (path / "index.json").exists() else ckpt.latest(path)
+    if found is None:
+        if t.load:
+            raise TrainerError(f"--load {root}: no complete checkpoint there")
+        return 0
+    state = run_state(run, 0, data.state_dict())
+    loaded = ckpt.load(saveable(state), found)
+    state.update(loaded)
+    finish_load(run, state)
+    data.load_state_dict(state["progress"]["data"])
+    step = int(state["progress"]["step"])
+    metrics.note(f"resumed from {found} at step {step}")
+    return step
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Stop:
+    requested: int | None = None
+
+
+@contextmanager
+def _stop_on_signal():
+    """Turn SIGTERM/SIGINT into a request to stop after the current step (main thread only)."""
+    stop = _Stop()
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.requested = signum
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

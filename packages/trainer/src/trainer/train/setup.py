@@ -1,0 +1,124 @@
+"""From a checked :class:`RunConfig` and a ``ParallelState`` to the parts of a run: the model chunks, their
+data-parallel wrapping, the optimizer and the pipeline executor.
+
+``zero=0``: each chunk in :class:`dp_shard.DataParallel` (bucketed all-reduce over ``dp_cp``, experts
+over ``edp``) and ``torch.optim.AdamW``. ``zero=1/2``: :class:`dp_shard.ShardedOptimizer` owns the
+gradient reduction. Mixed precision (``bf16``/``fp16``) is autocast compute over fp32 parameters, which
+are the master weights; ``fp16`` adds a dynamic :class:`dp_shard.LossScaler`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dp_shard import DataParallel, LossScaler, ShardedOptimizer
+from pp_sched import PipelineExecutor
+from pstate import ParallelState
+
+from ..config import RunConfig
+from ..errors import TrainerError
+from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
+from .pipeline import make_executor
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Run:
+    """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
+    the executor calls: wrapped or bare), the optimizer, the executor and the loss scaler (fp16)."""
+
+    cfg: RunConfig
+    model: ModelConfig
+    ps: ParallelState
+    groups: ModelGroups
+    chunks: list[GPTChunk]
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    executor: PipelineExecutor
+    microbatches: int
+    scaler: LossScaler | None = None
+    named: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.optimizer, ShardedOptimizer)
+
+    def clip_params(self) -> list[nn.Parameter]:
+        """Every parameter once: a tied embedding's copy on the last stage is left out of the norm."""
+        copies = {id(p) for c in self.chunks if not c.stage.embedding for p in tied_embedding_params([c])}
+        return [p for c in self.chunks for p in c.parameters() if id(p) not in copies]
+
+
+class Autocast(nn.Module):
+    """Runs ``module``'s forward under autocast to ``dtype`` (its backward then follows the same casts);
+    the parameters stay fp32 and are the master weights. Other attributes come from ``module``."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args: Any) -> Any:
+        device = next(self.module.parameters()).device
+        with torch.autocast(device.type, dtype=self.dtype):
+            return self.module(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def param_groups(named: dict[str, nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and other vectors."""
+    decay = [(n, p) for n, p in named.items() if p.dim() >= 2]
+    plain = [(n, p) for n, p in named.items() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: int) -> Run:
+    """Build the run's model chunks, wrappers, optimizer and executor (collective over the world)."""
+    t, o = cfg.train, cfg.optim
+    groups = ModelGroups.from_state(ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention)
+    chunks = build_chunks(
+        model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
+    )
+    named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
+    adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    scaler = LossScaler() if t.precision == "fp16" else None
+    if t.zero == 0:
+        has_experts = model.num_experts > 0
+        modules: list[nn.Module] = [
+            DataParallel(c, group=ps.dp_cp, expert_group=ps.edp if has_experts else None) for c in chunks
+        ]
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay)], **adam
+        )
+        no_sync = lambda chunk: modules[chunk].no_sync()  # noqa: E731
+    elif t.zero in (1, 2):
+        modules = list(chunks)
+        optimizer = ShardedOptimizer(
+            param_groups(named, o.weight_decay),
+            torch.optim.AdamW,
+            group=ps.dp_cp,
+            stage=t.zero,
+            loss_scaler=scaler,
+            **adam,
+        )
+        no_sync = None
+    else:
+        raise TrainerError("--zero 3 (fully_shard) is not wired into the training loop yet; use --zero 0, 1 or 2")
+    if t.precision != "fp32":
+        modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
+    scale = None if scaler is None else (lambda: scaler.scale)
+    executor = make_executor(
+        modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=no_sync,
+        loss_scale=scale,
+    )  # fmt: skip
+    return Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
