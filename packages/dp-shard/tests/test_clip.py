@@ -11,10 +11,12 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import pstate
 from dp_shard import DataParallelError, clip_grad_norm_
+from pstate.tags import mark_expert_parallel, mark_tensor_parallel
 
 # name: (shape, TP-split dim or None, pipeline stage when pp=2)
 SPEC = {
@@ -112,3 +114,41 @@ def test_single_process_matches_torch_and_prefers_main_grad():
         torch.testing.assert_close(param.main_grad, clipped[name])
     with pytest.raises(DataParallelError, match="norm_type=0"):
         clip_grad_norm_(params, 1.0, norm_type=0)
+
+
+def clip_dense_and_experts():
+    """World 4 = tp 2 x ep 2 (etp = tp): a TP-split and a replicated dense weight, and two experts,
+    one per EP rank, each split over ETP. Returns the norm and the clipped gradients' pieces."""
+    rank = dist.get_rank()
+    tp_rank, ep_rank = rank % 2, rank // 2
+    tp = [dist.new_group([0, 1]), dist.new_group([2, 3])][ep_rank]
+    ep = [dist.new_group([0, 2]), dist.new_group([1, 3])][tp_rank]
+    full = reference_tensors()
+    split = mark_tensor_parallel(torch.nn.Parameter(full["split"].chunk(2)[tp_rank].clone()), 0)
+    shared = torch.nn.Parameter(full["shared"].clone())
+    expert = mark_expert_parallel(
+        mark_tensor_parallel(torch.nn.Parameter(full["experts"][ep_rank].chunk(2, 0)[tp_rank].clone()), 0)
+    )
+    for p in (split, shared, expert):
+        p.grad = p.detach().clone()
+    norm = clip_grad_norm_([split, shared, expert], 1.0, tp_group=tp, ep_group=ep, etp_group=tp)
+    return norm.item(), expert.grad.clone()
+
+
+def reference_tensors():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "split": torch.randn(4, 3, generator=g),
+        "shared": torch.randn(3, generator=g),
+        "experts": torch.randn(2, 4, 3, generator=g),
+    }
+
+
+def test_dense_and_expert_parameters_in_one_call(run_ranks):
+    full = reference_tensors()
+    total = torch.sqrt(sum(t.pow(2).sum() for t in full.values())).item()
+    results = run_ranks(4, clip_dense_and_experts)
+    for rank, (norm, expert_grad) in enumerate(results):
+        assert norm == pytest.approx(total, rel=1e-6)
+        piece = full["experts"][rank // 2].chunk(2, 0)[rank % 2]
+        torch.testing.assert_close(expert_grad, piece / (total + 1e-6))

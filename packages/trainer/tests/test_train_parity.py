@@ -34,6 +34,18 @@ LAYOUTS = {
     "cp2": (2, {"parallel": {"cp": 2}}),
     "zero1-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
     "zero2-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 2}}),
+    "tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
+    "pp2-vpp2-interleaved": (2, {"parallel": {"pp": 2, "vpp": 2}, "train": {"pipeline_schedule": "interleaved-1f1b"}}),
+    "pp2-zero-bubble-dp2": (4, {"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zero-bubble"}}),
+    "cp2-tp2-sp": (4, {"parallel": {"cp": 2, "tp": 2}, "train": {"sequence_parallel": True}}),
+    "moe-ep2-tp2-dp2": (
+        4,
+        {
+            "model": {"preset": "tiny-moe", "moe_aux_loss_coeff": 0.0},
+            "parallel": {"tp": 2, "ep": 2},
+            "train": {"sequence_parallel": True},
+        },
+    ),
 }
 
 
@@ -43,8 +55,10 @@ def reference(tmp_path_factory, rank_harness):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_losses_equal_the_one_process_run(run_ranks, reference, tmp_path, layout):
+def test_losses_equal_the_one_process_run(run_ranks, rank_harness, reference, tmp_path, layout):
     world, overrides = LAYOUTS[layout]
+    if "model" in overrides:  # another model: its own one-process reference
+        reference = run_ranks(1, run_training, {"model": overrides["model"]}, str(tmp_path))[0]
     losses = run_ranks(world, run_training, overrides, str(tmp_path))
     assert reference[-1] < reference[0]
     for rank_losses in losses:

@@ -3,13 +3,34 @@
 Available now: :class:`DataParallel` (bucketed, overlapped gradient all-reduce with fp32 main gradients
 for low-precision parameters), :class:`ShardedOptimizer` (ZeRO-1/2 around any ``torch.optim``
 optimizer, with a state dict ``ckpt`` can reshard), :class:`LossScaler` (dynamic fp16 loss scaling) and
-:func:`clip_grad_norm_` (the global norm over TP/PP/DP-split models).
+:func:`fully_shard` (ZeRO-3: parameters sharded per unit, gathered for each unit's forward and
+backward, gradients reduce-scattered; checkpoint pieces through :func:`parameter_shards` and
+:func:`optimizer_state_shards`) and :func:`clip_grad_norm_` (the global norm over TP/PP/DP/EP-split
+models).
 """
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
 from .errors import DataParallelError
+from .fully_shard import (
+    fully_shard,
+    load_optimizer_state_shards,
+    load_parameter_shards,
+    optimizer_state_shards,
+    parameter_shards,
+)
 from .loss_scaler import LossScaler
 from .sharded_optimizer import ShardedOptimizer
 
-__all__ = ["DataParallel", "DataParallelError", "LossScaler", "ShardedOptimizer", "clip_grad_norm_"]
+__all__ = [
+    "DataParallel",
+    "DataParallelError",
+    "LossScaler",
+    "ShardedOptimizer",
+    "clip_grad_norm_",
+    "fully_shard",
+    "load_optimizer_state_shards",
+    "load_parameter_shards",
+    "optimizer_state_shards",
+    "parameter_shards",
+]

@@ -9,6 +9,11 @@ Each gradient element of the full model must be counted exactly once. The caller
   (pipeline stages, expert-parallel ranks, and, for ZeRO-2/3, the data-parallel group over which each
   rank holds its own gradient shard). The local sums are added over each.
 
+- ``ep_group`` and ``etp_group`` (either one turns this on): parameters tagged ``expert_parallel`` are
+  counted apart: split over ``etp_group`` when tagged ``tensor_parallel_dim`` (else counted on its rank
+  0) and summed over ``ep_group`` (each EP rank holds other experts), so one call covers a model with
+  dense and expert layers. Without them expert parameters count like dense ones.
+
 The data-parallel group of plain DDP is *not* passed: after ``finish_grad_sync()`` every replica holds
 the same gradient. Every rank of every group must call this function, even with no gradients.
 """
@@ -22,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
-from pstate.tags import tensor_parallel_dim
+from pstate.tags import is_expert_parallel, tensor_parallel_dim
 
 from .errors import DataParallelError
 
@@ -35,6 +40,8 @@ def clip_grad_norm_(
     tp_group: pstate.Group | None = None,
     pp_group: pstate.Group | None = None,
     model_parallel_groups: Sequence[pstate.Group] = (),
+    ep_group: pstate.Group | None = None,
+    etp_group: pstate.Group | None = None,
     error_if_nonfinite: bool = False,
     eps: float = 1e-6,
     device: torch.device | None = None,
@@ -52,21 +59,26 @@ def clip_grad_norm_(
     p = float(norm_type)
     if not p > 0:
         raise DataParallelError(f"norm_type={norm_type} must be > 0 (or inf)")
-    grads = _local_grads(params, tp_group)
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    experts = ep_group is not None or etp_group is not None
+    dense = [q for q in params if not (experts and is_expert_parallel(q))]
+    parts = [(_local_grads(dense, tp_group), (tp_group, pp_group, *model_parallel_groups))]
+    if experts:  # expert weights: split over etp (or replicated there) and spread over ep
+        expert = [q for q in params if is_expert_parallel(q)]
+        parts.append((_local_grads(expert, etp_group), (etp_group, ep_group, pp_group, *model_parallel_groups)))
+    grads = [g for part, _ in parts for g in part]
     if grads:
         device = grads[0][0].device
     device = torch.device("cpu") if device is None else device
 
-    local = torch.zeros((), dtype=torch.float32, device=device)
-    for grad, counted in grads:
-        if not counted or grad.numel() == 0:
-            continue
-        norm = torch.linalg.vector_norm(grad, p, dtype=torch.float32)
-        local = torch.maximum(local, norm) if math.isinf(p) else local + norm**p
     op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
-    for group in (tp_group, pp_group, *model_parallel_groups):
-        if group is not None:
-            dist.all_reduce(local, op=op, group=pstate.as_group(group))
+    local = torch.zeros((), dtype=torch.float32, device=device)
+    for part, groups in parts:
+        partial = _partial_norm(part, p, device)
+        for group in groups:
+            if group is not None:
+                dist.all_reduce(partial, op=op, group=pstate.as_group(group))
+        local = torch.maximum(local, partial) if math.isinf(p) else local + partial
     total = local if math.isinf(p) else local ** (1.0 / p)
 
     if error_if_nonfinite and not torch.isfinite(total).item():
@@ -83,6 +95,17 @@ def clip_grad_norm_(
             scales[key] = scale.to(device=grad.device, dtype=grad.dtype)
         grad.mul_(scales[key])
     return total
+
+
+def _partial_norm(grads: list[tuple[torch.Tensor, bool]], p: float, device: torch.device) -> torch.Tensor:
+    """This rank's share of the ``p``-norm (its ``p``-th power, or the max for ``inf``)."""
+    local = torch.zeros((), dtype=torch.float32, device=device)
+    for grad, counted in grads:
+        if not counted or grad.numel() == 0:
+            continue
+        norm = torch.linalg.vector_norm(grad, p, dtype=torch.float32)
+        local = torch.maximum(local, norm) if math.isinf(p) else local + norm**p
+    return local
 
 
 def _local_grads(

@@ -138,7 +138,8 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         if run.scaler is not None:
             grads = [p.main_grad for c in run.chunks for p in c.parameters()]
             found_inf = run.scaler.unscale_(grads, groups=[ps.world])
-        norm = clip_grad_norm_(run.clip_params(), t_clip(run), tp_group=ps.tp, pp_group=ps.pp)
+        experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
+        norm = clip_grad_norm_(run.clip_params(), t_clip(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     norm = float(norm)
     skipped = found_inf or not math.isfinite(norm)
     if run.scaler is not None and not run.sharded:

@@ -1,0 +1,98 @@
+"""``fully_shard``: ZeRO-3 / FSDP. Parameters are stored sharded across the data-parallel group and
+gathered one unit at a time, just before that unit runs.
+
+Each unit (see :mod:`dp_shard.fsdp_plan` for how parameters are assigned) keeps one flat shard of its
+parameters per rank (:mod:`dp_shard.fsdp_unit`). Hooks on the unit modules drive the schedule:
+
+- forward: before a unit's forward its parameters are all-gathered (in ``param_dtype``), after it they
+  are freed; with ``prefetch`` the next unit's all-gather (the order the last forward used, at first
+  the order of ``named_modules()``) starts asynchronously before the current unit computes;
+- backward: a hook on a unit's outputs gathers it again as soon as the gradient reaches them (and with
+  ``prefetch`` starts gathering the unit the backward reaches next: the reverse of the order in which
+  forwards finished); once autograd has produced every gradient of the unit its gathered copy is freed
+  and its gradient reduce-scattered (in ``reduce_dtype``, averaged over the group) into the pieces'
+  ``.grad``. One reduce-scatter is in flight at a time, overlapping the next unit's backward; the last
+  one is finished by a callback at the end of the backward pass.
+
+What the optimizer sees. ``module.parameters()`` yields, under the original names, this rank's piece
+of each parameter (1-D, possibly empty). Any ``torch.optim`` optimizer built on them steps only the
+local shard, which is ZeRO-3's sharded optimizer step; parameter groups by name (weight decay on/off)
+work as usual. Gradients arrive averaged over the group; there is no ``finish_grad_sync`` to call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pstate
+
+from .checks import check_same_parameters
+from .errors import DataParallelError
+from .fsdp_checkpoint import (
+    load_optimizer_state_shards,
+    load_parameter_shards,
+    optimizer_state_shards,
+    parameter_shards,
+)
+from .fsdp_plan import Units, assign_parameters, check_dtypes, resolve_units
+from .fsdp_state import STATE_ATTRIBUTE, FullyShardedState, sharded_state
+from .fsdp_unit import PIECE_ATTRIBUTE, FlatUnit
+
+__all__ = [
+    "FullyShardedState",
+    "fully_shard",
+    "load_optimizer_state_shards",
+    "load_parameter_shards",
+    "optimizer_state_shards",
+    "parameter_shards",
+    "sharded_state",
+]
+
+
+def fully_shard(
+    module: nn.Module,
+    *,
+    group: pstate.Group,
+    units: Units = None,
+    prefetch: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Shard ``module``'s trainable parameters over ``group`` (ZeRO-3), in place; returns ``module``.
+
+    ``units``: the submodules gathered one at a time: a list of submodules, a module class (or tuple of
+    classes: every submodule of that type, e.g. the transformer layer class) or a predicate
+    ``(name, module) -> bool``; ``None`` makes the whole model one unit. The root holds the parameters
+    no unit claims (and shared ones; see :mod:`dp_shard.fsdp_plan`). ``prefetch`` overlaps the next
+    unit's all-gather with the current unit's compute. ``param_dtype`` (e.g. ``torch.bfloat16``) is the
+    dtype parameters are gathered and computed in while shards stay in their own dtype (fp32 master
+    weights); floating-point inputs of every unit are cast to it. ``reduce_dtype`` is the dtype of the
+    gradient reduce-scatter (``None``: the compute dtype).
+
+    Every rank must call the wrapped module the same way: the same units, in the same order, with
+    every unit's output reaching the loss on all ranks or on none (collectives match by order).
+    """
+    if not isinstance(module, nn.Module):
+        raise DataParallelError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if any(STATE_ATTRIBUTE in m.__dict__ for m in module.modules()) or any(
+        getattr(p, PIECE_ATTRIBUTE, False) for p in module.parameters()
+    ):
+        raise DataParallelError(f"this {type(module).__name__} is already (partly) fully sharded")
+    if not isinstance(prefetch, bool):
+        raise DataParallelError(f"prefetch={prefetch!r} must be True or False")
+    check_dtypes(param_dtype, reduce_dtype)
+    process_group = pstate.as_group(group)
+    planned = resolve_units(module, units)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        raise DataParallelError(f"{type(module).__name__} has no trainable parameters to shard")
+    check_same_parameters(named, process_group)
+    planned = assign_parameters(module, planned)
+    flat_units = [
+        FlatUnit(u.name, u.module, u.params, group=process_group, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        for u in planned
+    ]
+    state = FullyShardedState(module, flat_units, process_group, prefetch=prefetch, param_dtype=param_dtype)
+    module.__dict__[STATE_ATTRIBUTE] = state
+    return module
