@@ -11,9 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trainer.data.errors import DataError
+from trainer.cli_train import add_layout, add_train
+from trainer.errors import TrainerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (DataError,)
+USER_ERRORS: tuple[type[Exception], ...] = (TrainerError,)
 
 
 def add_preprocess(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +69,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_preprocess,)
+SUBCOMMANDS = (add_train, add_preprocess, add_layout)
 
 
 def build_parser() -> argparse.ArgumentParser:

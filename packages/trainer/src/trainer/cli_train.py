@@ -1,0 +1,135 @@
+"""``trainer train`` and ``trainer layout``: flags mapped onto the run configuration's typed sections.
+
+Every field of every section can be set with ``--set section.field=value`` (TOML syntax for the value);
+the common ones have their own flags. The run is checked (``check_run``) before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import tomllib
+
+from .config import check_run, load_run_config, to_toml
+from .errors import TrainerError
+
+# flag -> (section, field); flags with a ``store_true`` action are listed in SWITCHES
+FLAGS = {
+    "model": ("model", "preset"),
+    "steps": ("train", "steps"),
+    "seed": ("train", "seed"),
+    "seq_len": ("train", "seq_len"),
+    "micro_batch": ("train", "micro_batch"),
+    "global_batch": ("train", "global_batch"),
+    "tp": ("parallel", "tp"),
+    "pp": ("parallel", "pp"),
+    "vpp": ("parallel", "vpp"),
+    "cp": ("parallel", "cp"),
+    "ep": ("parallel", "ep"),
+    "etp": ("parallel", "etp"),
+    "dp": ("parallel", "dp"),
+    "zero": ("train", "zero"),
+    "pipeline_schedule": ("train", "pipeline_schedule"),
+    "precision": ("train", "precision"),
+    "recompute": ("train", "recompute"),
+    "save": ("train", "save"),
+    "load": ("train", "load"),
+    "save_every": ("train", "save_every"),
+    "eval_every": ("train", "eval_every"),
+    "metrics_file": ("train", "metrics_file"),
+    "tensorboard": ("train", "tensorboard"),
+    "lr": ("optim", "lr"),
+    "warmup_steps": ("optim", "warmup_steps"),
+    "tokenizer": ("data", "tokenizer"),
+}
+FLOATS = {"lr"}
+SWITCHES = {"sequence_parallel": ("train", "sequence_parallel")}
+INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
+        "save_every", "eval_every", "warmup_steps"}  # fmt: skip
+
+
+def add_train(commands: argparse._SubParsersAction) -> None:
+    """``trainer train``: train a GPT model on any layout (``--nproc N`` local ranks, or under torchrun)."""
+    p = commands.add_parser("train", help="train a GPT model", description=__doc__)
+    _run_options(p)
+    p.add_argument(
+        "--data", nargs="+", metavar="PREFIX", help="datasets from trainer preprocess (default: the embedded corpus)"
+    )
+    p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (not under torchrun)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.set_defaults(run=run_train)
+
+
+def add_layout(commands: argparse._SubParsersAction) -> None:
+    """``trainer layout``: the rank layout of a configuration (every rank's coordinates and groups)."""
+    p = commands.add_parser("layout", help="print the rank layout of a configuration")
+    _run_options(p)
+    p.add_argument("--world-size", type=int, required=True, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_layout)
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model] [parallel] [train] [optim] [data]")
+    for flag in FLAGS:
+        kind = int if flag in INTS else float if flag in FLOATS else str
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    p.add_argument("--zero-stage", dest="zero", type=int, choices=(0, 1, 2, 3), help=argparse.SUPPRESS)
+    for flag in SWITCHES:
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="any other field")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The sections' fields the flags set (``--set`` last, so it wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, field) in {**FLAGS, **SWITCHES}.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[field] = int(value) if flag == "zero" else value
+    if getattr(args, "data", None):
+        out.setdefault("data", {})["paths"] = list(args.data)
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise TrainerError(f"--set {item!r}: expected SECTION.FIELD=VALUE, for example optim.lr=1e-3")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare string
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .launch import run_ranks, world_size
+
+    cfg = load_run_config(args.config, overrides_from(args))
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    check_run(cfg, world_size(args.nproc))
+    records = run_ranks(cfg, args.nproc)
+    if records:
+        first, last = records[0], records[-1]
+        print(
+            f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_layout(args: argparse.Namespace) -> int:
+    import json
+
+    from pstate import layout
+    from pstate.cli import describe, render
+
+    cfg = load_run_config(args.config, overrides_from(args))
+    check_run(cfg, args.world_size)
+    data = describe(layout(cfg.parallel, args.world_size))
+    print(json.dumps(data, indent=2) if args.json else render(data))
+    return 0
