@@ -1,4 +1,7 @@
-"""The training loop at several layouts against the one-process run: the same losses step by step.
+"""The training loop at several layouts against the one-process run: the same losses step by step;
+and a run stopped at step K and resumed, at the same layout and at another, continues with the same
+losses as the uninterrupted run (model, optimizer moments, step and data position come back from the
+checkpoint whatever layout wrote it).
 
 Every layout trains the same model from the same seed on the same global batches (the sampler gives
 every DP size the same samples) for ``STEPS`` steps of AdamW with warmup, cosine decay and clipping.
@@ -18,6 +21,7 @@ def run_training(overrides: dict, tmp: str | None = None):
     base = {
         "model": {"preset": "tiny"},
         "train": {"steps": STEPS, "seq_len": 32, "micro_batch": 2, "global_batch": 8, "seed": 5},
+        # a cosine schedule over a fixed horizon, so that runs of different lengths share their first steps
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "clip_grad": 1.0},
         "data": {"cache_dir": tmp} if tmp else {},
     }
@@ -63,3 +67,39 @@ def test_losses_equal_the_one_process_run(run_ranks, rank_harness, reference, tm
     assert reference[-1] < reference[0]
     for rank_losses in losses:
         assert rank_losses == pytest.approx(reference, rel=2e-5)
+
+
+K = 4
+
+CASES = {
+    "same-dp2": ((2, {"parallel": {"dp": 2}}), (2, {"parallel": {"dp": 2}})),
+    "dp2-to-dp4": ((2, {"parallel": {"dp": 2}}), (4, {"parallel": {"dp": 4}})),
+    "tp2-pp2-dp2-to-pp4-dp2": (
+        (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
+        (8, {"parallel": {"pp": 4}}),
+    ),
+    "zero1-dp2-to-zero2-dp4": (
+        (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
+        (4, {"parallel": {"dp": 4}, "train": {"zero": 2}}),
+    ),
+    "zero1-dp2-to-tp2-dp1": ((2, {"parallel": {"dp": 2}, "train": {"zero": 1}}), (2, {"parallel": {"tp": 2}})),
+}
+
+
+def with_save(overrides: dict, save: str, *, exit_interval: int | None = None, load: bool = False) -> dict:
+    out = {k: dict(v) for k, v in overrides.items()}
+    train = out.setdefault("train", {})
+    train.update(save=save, exit_interval=exit_interval, load=save if load else None)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resumed_run_continues_with_the_same_losses(run_ranks, tmp_path, case):
+    (world_a, first), (world_b, second) = CASES[case]
+    cache = str(tmp_path / "cache")
+    full = run_ranks(1, run_training, {}, cache)[0]
+    save = str(tmp_path / "ckpt")
+    head = run_ranks(world_a, run_training, with_save(first, save, exit_interval=K), cache)[0]
+    tail = run_ranks(world_b, run_training, with_save(second, save, load=True), cache)[0]
+    assert len(head) == K and len(tail) == STEPS - K  # the resumed run continues to the total
+    assert head + tail == pytest.approx(full, rel=2e-5)

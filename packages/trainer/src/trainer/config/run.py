@@ -42,7 +42,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The loop: ``steps`` is the total (a resumed run continues to it); global batch =
-    ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded."""
+    ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded.
+    ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
+    ``steps``; a later run with ``load`` continues)."""
 
     steps: int = 100
     seed: int = 1234
@@ -66,6 +68,7 @@ class TrainConfig:
     tensorboard: str | None = None
     log_every: int = 1
     on_nan: str = "stop"
+    exit_interval: int | None = None
     deterministic: bool = False
 
     def __post_init__(self) -> None:

@@ -104,11 +104,13 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 metrics.step(record, t.steps)
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 metrics.evaluation(evaluate(run, datasets.valid, step + 1))
+            if t.exit_interval and (step + 1) % t.exit_interval == 0 and step + 1 < t.steps:
+                stop.requested = stop.requested or "exit_interval"
             last = step + 1 == t.steps or stop.requested
             if t.save and ((t.save_every and (step + 1) % t.save_every == 0) or last):
                 _save(run, data, step + 1, saver)
             if stop.requested:
-                metrics.note(f"stopping after step {step + 1} on signal {stop.requested}")
+                metrics.note(f"stopping after step {step + 1} ({stop.requested})")
                 break
     if saver is not None:
         saver.close()
@@ -227,7 +229,7 @@ def _memory_mb() -> float:
 
 
 class _Stop:
-    requested: int | None = None
+    requested: int | str | None = None
 
 
 @contextmanager
