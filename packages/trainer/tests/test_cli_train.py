@@ -1,0 +1,90 @@
+"""``trainer train`` and ``trainer layout`` as a user runs them, in subprocesses.
+
+The README's main command (8 local ranks, TP2 x PP2 x DP2 with sequence parallelism, on the embedded
+corpus) must bring the loss down; the metrics file holds one JSON line per step with the named fields.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def trainer(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRAINER_CACHE": str(cwd / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_readme_command_trains_on_eight_ranks_and_the_loss_goes_down(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    done = trainer(
+        "train", "--nproc", "8", "--tp", "2", "--pp", "2", "--sequence-parallel", "--steps", "12", "--seq-len", "64",
+        "--global-batch", "16", "--micro-batch", "2", "--lr", "3e-3", "--metrics-file", str(metrics), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+
+
+def test_print_config_shows_the_resolved_run(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\npreset = "tiny-gpt2"\n[train]\nsteps = 3\n')
+    done = trainer(
+        "train", "--config", str(config), "--tp", "2", "--set", "optim.lr=0.01", "--print-config", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'norm = "layernorm"' in done.stdout and "tp = 2" in done.stdout and "lr = 0.01" in done.stdout
+    assert "steps = 3" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sequence-parallel"], "--sequence-parallel needs --tp > 1"),
+        (["--nproc", "4", "--pp", "3"], "world_size=4"),
+        (["--model", "tiny-moe", "--nproc", "3", "--ep", "3"], "ep=3 must divide the 4 experts"),
+        (["--global-batch", "7"], "global_batch=7 must be divisible"),
+        (["--set", "train.stepz=3"], "unknown field"),
+    ],
+)
+def test_bad_configurations_are_refused_before_any_process_starts(tmp_path, args, message):
+    done = trainer("train", *args, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_preprocess_then_train_on_the_dataset(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    assert (
+        trainer(
+            "preprocess", "--input", str(text), "--output", str(tmp_path / "notes"), "--quiet", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    done = trainer(
+        "train",
+        "--data",
+        str(tmp_path / "notes"),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--set",
+        "data.valid_fraction=0.0",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "trained steps 1..3" in done.stderr
+
+
+def test_layout_prints_the_rank_grid(tmp_path):
+    done = trainer("layout", "--world-size", "8", "--tp", "2", "--pp", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "decoder grid: tp=2  cp=1  dp=2  pp=2" in done.stdout
