@@ -22,10 +22,21 @@ from pstate import Group
 from . import comm
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device (as ``F.linear`` would
+    cast them), so that the backward, which runs outside autocast, sees the same dtypes."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 class _ColumnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group, sequence_parallel):
         ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        x, weight, bias = _autocast(x, weight, bias)
         ctx.save_for_backward(x, weight)
         total = comm.all_gather(x, 0, group) if sequence_parallel else x
         return torch.nn.functional.linear(total, weight, bias)
