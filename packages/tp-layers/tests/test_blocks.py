@@ -8,7 +8,8 @@ heads, and a row-parallel output projection. Parallel and reference blocks are b
 ``torch.manual_seed`` and create their layers in the same order, so their weights agree by
 construction (TP-invariant initialisation). Parameter gradients are put back together with the
 ``tensor_parallel_dim`` tag; the norms' (and, under SP, the row bias') gradients are completed by
-``allreduce_sequence_parallel_grads``. Tolerance: the float32 default of ``torch.testing``.
+``allreduce_sequence_parallel_grads`` after backward, or during it by
+``reduce_sequence_parallel_grads_in_backward``. Tolerance: the float32 default of ``torch.testing``.
 """
 
 import pytest
@@ -22,6 +23,7 @@ from tp_layers import (
     RowParallelLinear,
     allreduce_sequence_parallel_grads,
     mark_sequence_parallel,
+    reduce_sequence_parallel_grads_in_backward,
     tensor_parallel_dim,
 )
 
@@ -84,28 +86,33 @@ def reference(kind):
     return y.detach(), x.grad, {name: p.grad for name, p in block.named_parameters()}
 
 
-def run_block(kind, sequence_parallel):
+def run_block(kind, sequence_parallel, in_backward=False):
     rank, tp = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     torch.manual_seed(SEED)
     block = BLOCKS[kind](group, sequence_parallel)
+    if in_backward:
+        reduce_sequence_parallel_grads_in_backward(block, group=group)
     x_full, c_full = data()
     if sequence_parallel:
         x_full, c_full = x_full.chunk(tp, 0)[rank], c_full.chunk(tp, 0)[rank]
     x = x_full.clone().requires_grad_()
     y = block(x)
     (y * c_full).sum().backward()
-    allreduce_sequence_parallel_grads(block, group=group)
+    if not in_backward:
+        allreduce_sequence_parallel_grads(block, group=group)
     grads = {name: (p.grad, tensor_parallel_dim(p)) for name, p in block.named_parameters()}
     return y.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize(
+    "sequence_parallel, in_backward", [(False, False), (True, False), (True, True)], ids=["tp", "sp", "sp-hooks"]
+)
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_parallel_block_equals_the_unsharded_block(run_ranks, kind, tp, sequence_parallel):
+def test_parallel_block_equals_the_unsharded_block(run_ranks, kind, tp, sequence_parallel, in_backward):
     y, x_grad, grads = reference(kind)
-    results = run_ranks(tp, run_block, kind, sequence_parallel)
+    results = run_ranks(tp, run_block, kind, sequence_parallel, in_backward)
     split = 0 if sequence_parallel else None
     for rank, (y_r, x_grad_r, _) in enumerate(results):
         torch.testing.assert_close(y_r, y if split is None else y.chunk(tp, 0)[rank])

@@ -26,6 +26,7 @@ from .params import (
     is_sequence_parallel,
     mark_sequence_parallel,
     mark_tensor_parallel,
+    reduce_sequence_parallel_grads_in_backward,
     sequence_parallel_params,
     tensor_parallel_dim,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "recompute",
     "reduce_from_region",
     "reduce_scatter_to_sequence_region",
+    "reduce_sequence_parallel_grads_in_backward",
     "scatter_to_region",
     "scatter_to_sequence_region",
     "seed_tensor_parallel",

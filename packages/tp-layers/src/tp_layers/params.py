@@ -8,6 +8,7 @@ importing this package); this module adds the module-level helpers TP code needs
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ __all__ = [
     "is_sequence_parallel",
     "mark_sequence_parallel",
     "mark_tensor_parallel",
+    "reduce_sequence_parallel_grads_in_backward",
     "sequence_parallel_params",
     "tensor_parallel_dim",
 ]
@@ -58,6 +60,27 @@ def allreduce_sequence_parallel_grads(params: nn.Module | Iterable[nn.Parameter]
         comm.all_reduce(flat, group)
         for grad, piece in zip(same, flat.split([g.numel() for g in same])):
             grad.copy_(piece.view_as(grad))
+
+
+def reduce_sequence_parallel_grads_in_backward(module: nn.Module, *, group: Group) -> list[Any]:
+    """Sum the gradients of ``module``'s sequence-parallel parameters over the TP ``group`` as backward
+    produces them (a hook on each parameter), instead of after backward.
+
+    Each parameter's gradient then arrives complete, so it works under any wrapper that takes gradients
+    during backward (a sharded optimizer's reduce-scatter, FSDP) and with split I/W backwards. It costs
+    one small all-reduce per parameter per backward, where :func:`allreduce_sequence_parallel_grads`
+    costs one per step. Every TP rank runs the same backward, so the all-reduces match. Returns the hook
+    handles (``handle.remove()`` undoes it).
+    """
+    if comm.size_of(group) == 1:
+        return []
+
+    def complete(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        comm.all_reduce(grad, group)
+        return grad
+
+    return [p.register_hook(complete) for p in sequence_parallel_params(module)]
 
 
 def _as_params(params: nn.Module | nn.Parameter | Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
