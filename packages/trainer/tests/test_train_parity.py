@@ -38,6 +38,8 @@ LAYOUTS = {
     "cp2": (2, {"parallel": {"cp": 2}}),
     "zero1-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
     "zero2-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 2}}),
+    "zero1-tp2-sp-dp2": (4, {"parallel": {"tp": 2}, "train": {"zero": 1, "sequence_parallel": True}}),
+    "zero2-tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": 2, "sequence_parallel": True}}),
     "tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
     "pp2-vpp2-interleaved": (2, {"parallel": {"pp": 2, "vpp": 2}, "train": {"pipeline_schedule": "interleaved-1f1b"}}),
     "pp2-zero-bubble-dp2": (4, {"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zero-bubble"}}),

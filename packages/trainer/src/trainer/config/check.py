@@ -45,11 +45,6 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
         ),
         (t.zero == 3, "--zero 3 (fully_shard) is not wired into the training loop yet; use --zero 0, 1 or 2"),
         (
-            t.zero in (1, 2) and t.sequence_parallel,
-            "--zero 1/2 with --sequence-parallel is not supported yet (the TP sum of sequence-parallel gradients "
-            "must come before the sharded reduction); use --zero 0",
-        ),
-        (
             t.zero in (1, 2) and m.tied_embeddings and p.pp > 1,
             "--zero 1/2 with tied embeddings and pp > 1 is not supported yet; use --zero 0 or untied embeddings",
         ),

@@ -18,6 +18,7 @@ from torch import nn
 from dp_shard import DataParallel, LossScaler, ShardedOptimizer
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
+from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
 from ..errors import TrainerError
@@ -102,6 +103,9 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         )
         no_sync = lambda chunk: modules[chunk].no_sync()  # noqa: E731
     elif t.zero in (1, 2):
+        if t.sequence_parallel:  # the sharded reduction takes gradients during backward: complete them first
+            for chunk in chunks:
+                reduce_sequence_parallel_grads_in_backward(chunk, group=ps.tp)
         modules = list(chunks)
         optimizer = ShardedOptimizer(
             param_groups(named, o.weight_decay),
