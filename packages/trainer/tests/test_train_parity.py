@@ -38,6 +38,8 @@ LAYOUTS = {
     "cp2": (2, {"parallel": {"cp": 2}}),
     "zero1-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
     "zero2-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 2}}),
+    "zero3-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 3}}),
+    "zero3-cp2-dp2": (4, {"parallel": {"cp": 2}, "train": {"zero": 3}}),
     "zero1-tp2-sp-dp2": (4, {"parallel": {"tp": 2}, "train": {"zero": 1, "sequence_parallel": True}}),
     "zero2-tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": 2, "sequence_parallel": True}}),
     "tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
@@ -86,6 +88,11 @@ CASES = {
         (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
         (4, {"parallel": {"dp": 4}, "train": {"zero": 2}}),
     ),
+    "zero3-dp2-to-zero1-dp4": (
+        (2, {"parallel": {"dp": 2}, "train": {"zero": 3}}),
+        (4, {"parallel": {"dp": 4}, "train": {"zero": 1}}),
+    ),
+    "dp2-to-zero3-dp4": ((2, {"parallel": {"dp": 2}}), (4, {"parallel": {"dp": 4}, "train": {"zero": 3}})),
     "zero1-dp2-to-tp2-dp1": ((2, {"parallel": {"dp": 2}, "train": {"zero": 1}}), (2, {"parallel": {"tp": 2}})),
 }
 

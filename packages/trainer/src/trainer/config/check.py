@@ -43,7 +43,10 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
             m.position == "learned" and t.seq_len > m.max_seq_len,
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
-        (t.zero == 3, "--zero 3 (fully_shard) is not wired into the training loop yet; use --zero 0, 1 or 2"),
+        (t.zero == 3 and p.tp > 1, "--zero 3 with tp > 1 is not supported yet; use --zero 0, 1 or 2 with TP"),
+        (t.zero == 3 and p.pp > 1, "--zero 3 with pp > 1 is not supported yet; use --zero 1 or 2 with PP"),
+        (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        (t.zero == 3 and t.precision == "fp16", "--zero 3 with fp16 is not supported yet; use bf16"),
         (
             t.zero in (1, 2) and m.tied_embeddings and p.pp > 1,
             "--zero 1/2 with tied embeddings and pp > 1 is not supported yet; use --zero 0 or untied embeddings",

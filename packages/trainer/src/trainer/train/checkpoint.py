@@ -1,9 +1,11 @@
 """A run's checkpoint state in layout-free names, so it saves at one layout and loads at any other.
 
 ``model``: every named piece of the parameters (:func:`trainer.model.model_pieces`). ``optimizer``:
-AdamW's moments under the same names; with ZeRO, the optimizer's flat-range shards split along the
-same pieces (and its fp32 master weights); ``step`` as a replicated scalar. ``progress``: the step and
-the data position (consumed samples, which resume at any DP size). ``rng``: each rank's generator.
+AdamW's moments under the same names (with ZeRO and FSDP, their flat-range shards split along the
+same pieces) and ``step`` as a replicated scalar; the fp32 master weights are the parameters, saved
+once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
+step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
+generator.
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
 ``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer.
@@ -16,24 +18,30 @@ from typing import Any
 import torch
 
 from ckpt import PerRank
+from dp_shard import optimizer_state_shards, parameter_shards
+from pstate import Shard
 
 from ..model.shards import Piece, flat_range_shards, model_pieces
 from .setup import Run
 
 ADAM = ("exp_avg", "exp_avg_sq")
+MASTER = "master_param"
 
 
 def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint state of ``run`` at ``step`` (views of the live tensors)."""
-    pieces = model_pieces(run.chunks)
+    pieces = [] if run.fsdp else model_pieces(run.chunks)
     by_param: dict[int, list[Piece]] = {}
     for piece in pieces:
         by_param.setdefault(id(piece.param), []).append(piece)
     state: dict[str, Any] = {
-        "model": {piece.name: piece.shard(piece.param.data) for piece in pieces},
         "progress": {"step": step, "data": data_state},
         "rng": PerRank(torch.get_rng_state(), required=False),
     }
+    if run.fsdp:
+        state["model"], state["optimizer"] = _fsdp_state(run)
+        return state
+    state["model"] = {piece.name: piece.shard(piece.param.data) for piece in pieces}
     if run.sharded:
         state["optimizer"], state["_zero"] = _zero_state(run, by_param)
     else:
@@ -44,7 +52,11 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
 def finish_load(run: Run, state: dict[str, Any]) -> None:
     """After ``ckpt.load`` filled ``state``: give ZeRO state to the optimizer, restore the generator."""
     if run.sharded:
-        run.optimizer.load_state_dict(state["_zero"])
+        zero = state["_zero"]
+        for key, entry in zero["state"].items():  # the fp32 masters are the loaded parameters' pieces
+            master, param = entry[MASTER], run.named[key]
+            master.data.copy_(param.data.reshape(-1)[master.flat_range[0] : master.flat_range[1]])
+        run.optimizer.load_state_dict(zero)
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
 
 
@@ -54,12 +66,11 @@ def saveable(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _adam_state(run: Run, by_param: dict[int, list[Piece]]) -> dict[str, Any]:
+    _init_adam(run.optimizer)
     out: dict[str, Any] = {}
     for group in run.optimizer.param_groups:
         for p in group["params"]:
             s = run.optimizer.state[p]
-            if not s:  # a fresh AdamW: its first step finds this and proceeds as from zero
-                s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             for piece in by_param[id(p)]:
                 out[piece.name] = {name: piece.shard(s[name]) for name in ADAM} | {"step": s["step"]}
     return out
@@ -71,6 +82,8 @@ def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, A
     for key, entry in own["state"].items():
         pieces = by_param[id(run.named[key])]
         for name, value in entry.items():
+            if name == MASTER:  # the model holds the same fp32 values; saved once, as the model
+                continue
             if isinstance(value, torch.Tensor):
                 for piece in pieces:
                     out.setdefault(piece.name, {})[name] = value
@@ -78,3 +91,31 @@ def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, A
                 for piece_name, shard in flat_range_shards(pieces, value).items():
                     out.setdefault(piece_name, {})[name] = shard
     return out, own
+
+
+def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ZeRO-3: each parameter's flat piece (and AdamW's moments of it) split along its named pieces."""
+    _init_adam(run.optimizer)
+    model: dict[str, Any] = {}
+    optimizer: dict[str, Any] = {}
+    for chunk, pieces in zip(run.chunks, run.fsdp_pieces):
+        for name, local in parameter_shards(chunk).items():
+            model.update(flat_range_shards(pieces[name], local))
+        for name, entries in optimizer_state_shards(chunk, run.optimizer).items():
+            for key, value in entries.items():
+                if isinstance(value, Shard):
+                    for piece_name, shard in flat_range_shards(pieces[name], value).items():
+                        optimizer.setdefault(piece_name, {})[key] = shard
+                else:
+                    for piece in pieces[name]:
+                        optimizer.setdefault(piece.name, {})[key] = value
+    return model, optimizer
+
+
+def _init_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh AdamW its state (zeros, step 0), which its first step would create the same way."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            s = optimizer.state[p]
+            if not s:
+                s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))

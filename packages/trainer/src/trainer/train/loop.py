@@ -123,7 +123,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     ps, t = run.ps, run.cfg.train
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in micro]
     pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
-    if run.sharded:
+    if run.sharded or run.fsdp:
         run.optimizer.zero_grad()
     else:
         for module in run.modules:
@@ -133,6 +133,9 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     found_inf = False
     if run.sharded:
         norm = run.optimizer.clip_grad_norm_(t_clip(run), tp_group=ps.tp, pp_group=ps.pp)
+    elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
+        params = [p for c in run.chunks for p in c.parameters()]
+        norm = clip_grad_norm_(params, t_clip(run), pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
     else:
         for module in run.modules:
             module.finish_grad_sync()

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dp_shard import DataParallel, LossScaler, ShardedOptimizer
+from dp_shard import DataParallel, LossScaler, ShardedOptimizer, fully_shard
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
-from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
+from ..model.block import TransformerLayer
+from ..model.shards import Piece, model_pieces
 from .pipeline import make_executor
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,10 +45,17 @@ class Run:
     microbatches: int
     scaler: LossScaler | None = None
     named: dict[str, nn.Parameter] = field(default_factory=dict)
+    fsdp_pieces: list[dict[str, list[Piece]]] | None = None
 
     @property
     def sharded(self) -> bool:
         return isinstance(self.optimizer, ShardedOptimizer)
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the chunks are fully sharded (ZeRO-3): ``fsdp_pieces`` then maps, per chunk, each
+        original parameter name to its named pieces (taken before sharding)."""
+        return self.fsdp_pieces is not None
 
     def clip_params(self) -> list[nn.Parameter]:
         """Every parameter once: a tied embedding's copy on the last stage is left out of the norm."""
@@ -75,10 +83,14 @@ class Autocast(nn.Module):
             return getattr(self.module, name)
 
 
-def param_groups(named: dict[str, nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices, none on biases, norms and other vectors."""
-    decay = [(n, p) for n, p in named.items() if p.dim() >= 2]
-    plain = [(n, p) for n, p in named.items() if p.dim() < 2]
+def param_groups(
+    named: dict[str, nn.Parameter], weight_decay: float, decayed: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and other vectors (``decayed``:
+    the names to decay, when the parameters no longer have their shapes, as FSDP's 1-D pieces)."""
+    decayed = {n for n, p in named.items() if p.dim() >= 2} if decayed is None else decayed
+    decay = [(n, p) for n, p in named.items() if n in decayed]
+    plain = [(n, p) for n, p in named.items() if n not in decayed]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -117,7 +129,15 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         )
         no_sync = None
     else:
-        raise TrainerError("--zero 3 (fully_shard) is not wired into the training loop yet; use --zero 0, 1 or 2")
+        decayed = {n for n, p in named.items() if p.dim() >= 2}
+        fsdp_pieces = [_pieces_by_name(c) for c in chunks]
+        for c in chunks:
+            fully_shard(c, group=ps.dp_cp, units=TransformerLayer)
+        named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
+        optimizer = torch.optim.AdamW(
+            [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay, decayed)], **adam
+        )
+        modules, no_sync = list(chunks), None
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
@@ -125,4 +145,15 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=no_sync,
         loss_scale=scale,
     )  # fmt: skip
-    return Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
+    run = Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
+    run.fsdp_pieces = fsdp_pieces if t.zero == 3 else None
+    return run
+
+
+def _pieces_by_name(chunk: GPTChunk) -> dict[str, list[Piece]]:
+    """Each parameter's named pieces, by the parameter's name in ``chunk`` (what FSDP keys it by)."""
+    names = {id(p): n for n, p in chunk.named_parameters()}
+    out: dict[str, list[Piece]] = {}
+    for piece in model_pieces([chunk]):
+        out.setdefault(names[id(piece.param)], []).append(piece)
+    return out
