@@ -88,3 +88,30 @@ def test_layout_prints_the_rank_grid(tmp_path):
     done = trainer("layout", "--world-size", "8", "--tp", "2", "--pp", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "decoder grid: tp=2  cp=1  dp=2  pp=2" in done.stdout
+
+
+def test_sigterm_saves_then_exits_and_a_rerun_resumes(tmp_path):
+    """SIGTERM to the launcher: the ranks finish their step, save, and exit; the rerun continues."""
+    import signal
+    import time
+
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    args = ["train", "--nproc", "2", "--steps", "10000", "--seq-len", "32", "--save", str(save)]
+    env = {**os.environ, "TRAINER_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args, "--metrics-file", str(metrics)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 3 <= steps[-1] < 10000, err
+    assert (save / f"step_{steps[-1]:08d}" / "index.json").exists(), err
+    done = trainer(
+        "train", "--nproc", "2", "--steps", str(steps[-1] + 2), "--seq-len", "32", "--save", str(save), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {save / f'step_{steps[-1]:08d}'} at step {steps[-1]}" in done.stderr

@@ -9,7 +9,10 @@ Tolerance: rtol 2e-5 on each step's loss (fp32): the split only reorders sums, a
 not amplify the last-bit differences beyond that; a wrong reduction or split is off by far more.
 """
 
+import math
+
 import pytest
+import torch.distributed as dist
 
 from trainer.config import load_run_config
 from trainer.train.loop import train
@@ -127,3 +130,26 @@ def test_low_precision_runs_match_their_one_process_run_and_learn(run_ranks, tmp
     assert reference[-1] < reference[0] - 0.3
     for rank_losses in losses:
         assert rank_losses == pytest.approx(reference, rel=2e-2)
+
+
+def test_deterministic_mode_repeats_the_losses_bit_for_bit(run_ranks, tmp_path):
+    overrides = {"parallel": {"tp": 2}, "train": {"deterministic": True, "sequence_parallel": True}}
+    first = run_ranks(2, run_training, overrides, str(tmp_path))
+    second = run_ranks(2, run_training, overrides, str(tmp_path))
+    assert first == second
+
+
+def train_and_evaluate(tmp: str):
+    overrides = {"train": {"eval_every": 5, "eval_steps": 2, "metrics_file": f"{tmp}/metrics.jsonl"}}
+    run_training(overrides, tmp)
+    import json
+
+    return [json.loads(line) for line in open(f"{tmp}/metrics.jsonl")] if dist.get_rank() == 0 else None
+
+
+def test_evaluation_reports_loss_and_perplexity(run_ranks, tmp_path):
+    records = run_ranks(2, train_and_evaluate, str(tmp_path))[0]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-6 * r["eval_ppl"] for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] + 0.5
