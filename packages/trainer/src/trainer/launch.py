@@ -9,8 +9,9 @@ node); ``train`` reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` as torchrun sets 
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from pstate.device import backend_for, default_device
 
-from .config import RunConfig, load_run_config, to_toml
+from .config import RunConfig, parse_run_config, to_toml
 
 
 def under_torchrun() -> bool:
@@ -60,25 +61,27 @@ def _train_here(cfg_toml: str, local_world: int) -> list[dict[str, Any]]:
     """Join (or create) the default group and train; the config travels as TOML text."""
     from .train.loop import train
 
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(cfg_toml)
-    try:
-        cfg = load_run_config(f.name)
-    finally:
-        os.unlink(f.name)
+    cfg = parse_run_config(cfg_toml)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     device = default_device()
     if device.type != "cpu":
         torch.cuda.set_device(device)
+    with default_group(device):
+        return train(cfg)
+
+
+@contextmanager
+def default_group(device: torch.device) -> Iterator[None]:
+    """The default process group: torchrun's (from the environment), or a one-rank group of this process;
+    destroyed on exit if made here."""
     created = not dist.is_initialized()
     if created:
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend_for(device))
         else:  # one rank, no launcher
-            store = dist.HashStore()
-            dist.init_process_group(backend_for(device), store=store, rank=0, world_size=1)
+            dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
     try:
-        return train(cfg)
+        yield
     finally:
         if created:
             dist.barrier()

@@ -3,6 +3,6 @@ checks that refuse an impossible run before any process starts."""
 
 from .check import check_run
 from .run import OptimConfig, RunConfig, TrainConfig
-from .toml import load_run_config, to_toml
+from .toml import load_run_config, parse_run_config, to_toml
 
-__all__ = ["OptimConfig", "RunConfig", "TrainConfig", "check_run", "load_run_config", "to_toml"]
+__all__ = ["OptimConfig", "RunConfig", "TrainConfig", "check_run", "load_run_config", "parse_run_config", "to_toml"]

@@ -24,14 +24,23 @@ SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConf
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """The run described by the TOML file at ``path`` (if any), then ``overrides[section][field]``."""
-    raw: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise TrainerError(f"config file {path}: not found") from None
-        except tomllib.TOMLDecodeError as error:
-            raise TrainerError(f"config file {path}: invalid TOML: {error}") from None
+    if path is None:
+        return parse_run_config("", overrides)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise TrainerError(f"config file {path}: not found") from None
+    return parse_run_config(text, overrides, source=f"config file {path}")
+
+
+def parse_run_config(
+    text: str, overrides: dict[str, dict[str, Any]] | None = None, *, source: str = "config"
+) -> RunConfig:
+    """The run described by TOML ``text`` (as :func:`to_toml` writes it), then ``overrides``."""
+    try:
+        raw: dict[str, dict[str, Any]] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise TrainerError(f"{source}: invalid TOML: {error}") from None
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
     unknown = sorted(set(raw) - set(SECTIONS) - {"model"})

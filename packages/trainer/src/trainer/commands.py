@@ -1,4 +1,4 @@
-"""``trainer train`` and ``trainer layout``: flags mapped onto the run configuration's typed sections.
+"""``trainer train``, ``generate`` and ``layout``: flags mapped onto the run configuration's typed sections.
 
 Every field of every section can be set with ``--set section.field=value`` (TOML syntax for the value);
 the common ones have their own flags. The run is checked (``check_run``) before any process starts.
@@ -69,6 +69,29 @@ def add_layout(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", type=int, required=True, metavar="N")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_layout)
+
+
+def add_generate(commands: argparse._SubParsersAction) -> None:
+    """``trainer generate``: continue a prompt with a trained checkpoint (any layout saved it)."""
+    p = commands.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--load", required=True, metavar="DIR", help="a checkpoint, or a directory of them (the newest)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    text = generate(
+        args.load, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, seed=args.seed,
+    )  # fmt: skip
+    print(text)
+    return 0
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,73 @@
+"""``trainer generate``: text from a checkpoint, whatever layout saved it, in one process.
+
+The checkpoint holds the run's configuration; the model is rebuilt from it at TP=PP=1 and its
+layout-free tensors are loaded (:func:`trainer.model.model_shards`). Sampling: temperature and top-k,
+greedy at temperature 0, from a seeded generator; no KV cache (each new token reruns the window).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import ckpt
+import pstate
+from pstate.device import default_device
+
+from .config import parse_run_config
+from .data import load_tokenizer
+from .errors import TrainerError
+from .launch import default_group
+from .model import ModelGroups, build_chunks, model_shards
+
+
+def generate(
+    path: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+) -> str:
+    """``prompt`` continued by up to ``max_new_tokens`` tokens sampled from the checkpoint's model."""
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise TrainerError("max_new_tokens and temperature must be >= 0, top_k >= 1")
+    found = Path(path) if (Path(path) / "index.json").exists() else ckpt.latest(path)
+    if found is None:
+        raise TrainerError(f"{path}: no complete checkpoint there")
+    device = default_device()
+    with default_group(device), pstate.initialize(pstate.ParallelConfig()) as ps:
+        cfg = parse_run_config(ckpt.load({"config": ""}, found)["config"], source=f"{found} config")
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        model = cfg.model
+        if model.vocab_size is None:
+            model = model.with_overrides(vocab_size=tokenizer.vocab_size)
+        (chunk,) = build_chunks(model, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=cfg.train.seed)
+        ckpt.load({"model": model_shards([chunk])}, found)
+        chunk = chunk.to(device).eval()
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise TrainerError("the prompt is empty after tokenizing; give at least one character")
+        generator = torch.Generator(device).manual_seed(seed)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                window = torch.tensor([(ids + new)[-model.max_seq_len :]], device=device)
+                logits = chunk(window)[-1, 0, : model.vocab_size].float()
+                token = _sample(logits, temperature, top_k, generator)
+                if token == tokenizer.eos_id:
+                    break
+                new.append(token)
+        return prompt + tokenizer.decode(new)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        cutoff = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
