@@ -20,8 +20,11 @@ def test_toml_file_and_overrides(tmp_path):
     assert (cfg.train.steps, cfg.train.seed) == (7, 3)
 
 
-def test_printed_config_loads_back_to_the_same_run(tmp_path):
-    cfg = load_run_config(overrides={"parallel": {"tp": 2}, "train": {"sequence_parallel": True}})
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2", "tiny-moe", "llama3-8b"])
+def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
+    cfg = load_run_config(
+        overrides={"model": {"preset": model}, "parallel": {"tp": 2}, "train": {"sequence_parallel": True}}
+    )
     path = tmp_path / "again.toml"
     path.write_text(to_toml(cfg))
     assert load_run_config(path) == cfg

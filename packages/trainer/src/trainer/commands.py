@@ -94,6 +94,31 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert(commands: argparse._SubParsersAction) -> None:
+    """``trainer convert``: a checkpoint to Hugging Face's format, or a Hugging Face model to a checkpoint."""
+    p = commands.add_parser("convert", help="convert checkpoints to and from Hugging Face's format")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-hf", metavar="OUT", help="write the checkpoint at --load as a Hugging Face directory OUT")
+    way.add_argument("--from-hf", metavar="DIR", help="read a Hugging Face directory into a checkpoint under --save")
+    p.add_argument("--load", metavar="DIR", help="with --to-hf: a checkpoint, or a directory of them (the newest)")
+    p.add_argument("--save", metavar="DIR", help="with --from-hf: where the weights-only checkpoint goes")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import export_to_hf, import_from_hf
+
+    if args.to_hf:
+        if not args.load:
+            raise TrainerError("convert --to-hf needs --load CHECKPOINT")
+        print(export_to_hf(args.load, args.to_hf))
+    else:
+        if not args.save:
+            raise TrainerError("convert --from-hf needs --save DIR")
+        print(import_from_hf(args.from_hf, args.save))
+    return 0
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model] [parallel] [train] [optim] [data]")
     for flag in FLAGS:

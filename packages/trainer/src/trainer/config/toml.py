@@ -1,6 +1,7 @@
 """TOML files to a :class:`RunConfig` and back; sections ``model``, ``parallel``, ``train``, ``optim``, ``data``.
 
-``[model]`` may name a ``preset`` and override any of its fields. Unknown sections and fields are
+``[model]`` may name a ``preset`` and override any of its fields, or describe a whole model (as
+:func:`to_toml` writes it). Unknown sections and fields are
 refused by name, so a typo cannot be silently ignored.
 """
 
@@ -16,7 +17,7 @@ from pstate import ParallelConfig, ParallelConfigError
 
 from ..data.build import DataConfig
 from ..errors import TrainerError
-from ..model import preset
+from ..model import ModelConfig, preset
 from .run import OptimConfig, RunConfig, TrainConfig
 
 SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
@@ -46,8 +47,7 @@ def parse_run_config(
     unknown = sorted(set(raw) - set(SECTIONS) - {"model"})
     if unknown:
         raise TrainerError(f"config: unknown section(s) {unknown}; sections are {['model', *SECTIONS]}")
-    model_fields = dict(raw.get("model", {}))
-    model = preset(model_fields.pop("preset", "tiny")).with_overrides(**model_fields)
+    model = _model(dict(raw.get("model", {})))
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name, {})
@@ -60,6 +60,19 @@ def parse_run_config(
         except (TypeError, ParallelConfigError) as error:
             raise TrainerError(f"config [{name}]: {error}") from None
     return RunConfig(model=model, **sections)
+
+
+def _model(fields: dict[str, Any]) -> ModelConfig:
+    """``preset`` (default ``tiny``) with the other fields as overrides; without a preset, a section that
+    gives ``hidden``, ``layers`` and ``heads`` is a whole model (what :func:`to_toml` writes), so fields
+    it leaves out keep the dataclass defaults rather than a preset's."""
+    if "preset" not in fields and {"hidden", "layers", "heads"} <= set(fields):
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TrainerError(f"model.{unknown[0]}: no such field; known fields are {sorted(known)}")
+        return ModelConfig(**fields)
+    return preset(fields.pop("preset", "tiny")).with_overrides(**fields)
 
 
 def to_toml(cfg: RunConfig) -> str:

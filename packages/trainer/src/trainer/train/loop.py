@@ -214,6 +214,10 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
             raise TrainerError(f"--load {root}: no complete checkpoint there")
         return 0
     state = run_state(run, 0, data.state_dict())
+    if not any(key.startswith("progress/") for key in ckpt.inspect(found)["values"]):
+        ckpt.load({"model": state["model"]}, found)  # weights only (trainer convert): a new run from them
+        metrics.note(f"initialised the model from {found}")
+        return 0
     loaded = ckpt.load(saveable(state), found)
     state.update(loaded)
     finish_load(run, state)
