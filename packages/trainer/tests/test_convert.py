@@ -45,6 +45,16 @@ def our_logits(save: str, ids: torch.Tensor) -> torch.Tensor:
             return chunk(ids)[:, :, :257].transpose(0, 1)  # [batch, seq, vocab]
 
 
+def train_from(model: str, load: str, cache: str) -> list[int]:
+    overrides = {
+        "model": {"preset": model},
+        "parallel": {"pp": 2},
+        "train": {"steps": 2, "seq_len": 32, "micro_batch": 2, "global_batch": 4, "load": load},
+        "data": {"cache_dir": cache},
+    }
+    return [r["step"] for r in train(load_run_config(overrides=overrides))]
+
+
 def export(save: str, out: str) -> str:
     return str(export_to_hf(save, out))
 
@@ -72,3 +82,5 @@ def test_exported_model_gives_our_logits_in_transformers(run_ranks, tmp_path, mo
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+    # the weights-only import starts a new run (step 1), here at another layout
+    assert run_ranks(2, train_from, model, str(tmp_path / "imported"), str(tmp_path / "cache"))[0] == [1, 2]
