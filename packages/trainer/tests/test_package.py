@@ -13,3 +13,13 @@ def test_imports_only_the_packages_below_it():
         "tp_layers",
         "ckpt",
     }
+
+
+def test_public_names_load_on_first_use():
+    import trainer
+
+    assert callable(trainer.train) and callable(trainer.generate)
+    assert trainer.preset("tiny").layers == 4
+    assert set(trainer.__all__) == {
+        "ModelConfig", "RunConfig", "TrainerError", "check_run", "generate", "load_run_config", "preset", "train",
+    }  # fmt: skip

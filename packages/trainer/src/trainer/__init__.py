@@ -1,6 +1,30 @@
-"""The umbrella: GPT model, data pipeline, training loop, inference, planner and the trainer CLI.
+"""The umbrella: GPT model, data pipeline, training loop, inference and the ``trainer`` command.
 
-Skeleton: the public API arrives with this package's issue; nothing is exported yet.
+Subpackages: :mod:`trainer.model` (the model on every parallelism), :mod:`trainer.data` (tokenizers,
+datasets, sampling), :mod:`trainer.config` (the run configuration), :mod:`trainer.train` (the loop).
+The names below load on first use, so ``trainer preprocess`` starts without importing the model stack.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "train": "trainer.train.loop",
+    "generate": "trainer.generate",
+    "RunConfig": "trainer.config",
+    "load_run_config": "trainer.config",
+    "check_run": "trainer.config",
+    "ModelConfig": "trainer.model",
+    "preset": "trainer.model",
+    "TrainerError": "trainer.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
