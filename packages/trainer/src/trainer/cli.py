@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trainer.commands import add_convert, add_generate, add_layout, add_train
+from trainer.commands import add_convert, add_generate, add_layout, add_plan, add_train
 from trainer.errors import TrainerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (TrainerError,)
@@ -69,7 +69,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_train, add_generate, add_convert, add_preprocess, add_layout)
+SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,6 +119,34 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plan(commands: argparse._SubParsersAction) -> None:
+    """``trainer plan``: the layouts that fit a model on a cluster, fastest first (estimated)."""
+    p = commands.add_parser("plan", help="suggest parallel layouts for a model on a cluster")
+    p.add_argument("--model", required=True, metavar="PRESET")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, in the training dtype")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--global-batch", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, help="for presets without one")
+    p.add_argument("--top", type=int, default=5)
+    p.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .model import preset
+    from .plan import Cluster, plan, render
+
+    model = preset(args.model)
+    if args.vocab_size:
+        model = model.with_overrides(vocab_size=args.vocab_size)
+    cluster = Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.peak_tflops)
+    plans = plan(model, cluster, seq_len=args.seq_len, global_batch=args.global_batch, top=args.top)
+    print(render(plans, args.model, args.seq_len, args.global_batch))
+    return 0 if plans else 1
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model] [parallel] [train] [optim] [data]")
     for flag in FLAGS:
