@@ -3,6 +3,7 @@
 Subpackages: :mod:`trainer.model` (the model on every parallelism), :mod:`trainer.data` (tokenizers,
 datasets, sampling), :mod:`trainer.config` (the run configuration), :mod:`trainer.train` (the loop).
 The names below load on first use, so ``trainer preprocess`` starts without importing the model stack.
+Training is ``trainer.train.train(cfg)``, sampling ``trainer.generate.generate(path, prompt)``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "train": "trainer.train.loop",
-    "generate": "trainer.generate",
     "RunConfig": "trainer.config",
     "load_run_config": "trainer.config",
     "check_run": "trainer.config",

@@ -1,5 +1,6 @@
-"""The training loop's pieces: the pipeline step, gradient completion, and (later) the loop itself."""
+"""The training loop (``train(cfg)``) and its pieces: the pipeline step and gradient completion."""
 
+from .loop import train
 from .pipeline import local_batch, make_executor, sync_model_parallel_grads
 
-__all__ = ["local_batch", "make_executor", "sync_model_parallel_grads"]
+__all__ = ["local_batch", "make_executor", "sync_model_parallel_grads", "train"]
