@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from bench_common import add_model_options, alternate_rounds, inputs, peak_memory, rss_growth_mib
 from torch import nn
 
 from dp_shard.fully_shard import fully_shard
@@ -64,31 +62,16 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Ten
     return loss.item()
 
 
-def inputs(hidden: int, batch: int) -> torch.Tensor:
-    return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
-
-
 def measure(layers: int, hidden: int, batch: int, optimize: bool, iters: int, rounds: int):
     x = inputs(hidden, batch)
     runs = {kind: build(kind, layers, hidden, optimize) for kind in ("ours", "torch")}
     losses = {kind: [step(*run, x) for _ in range(3)] for kind, run in runs.items()}
     difference = max(abs(a - b) for a, b in zip(losses["ours"], losses["torch"]))
-    times: dict[str, list[float]] = {kind: [] for kind in runs}
-    for _ in range(rounds):
-        for kind, run in runs.items():
-            for _ in range(2):  # warm-up
-                step(*run, x)
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(iters):
-                step(*run, x)
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times[kind].append(elapsed.item() / iters)
-    return difference, {kind: statistics.median(t) for kind, t in times.items()}
+    times = alternate_rounds({kind: lambda run=run: step(*run, x) for kind, run in runs.items()}, iters, rounds)
+    return difference, times
 
 
-def peak_memory(kind: str, layers: int, hidden: int, batch: int, optimize: bool, iters: int) -> float:
+def rank_peak_memory(kind: str, layers: int, hidden: int, batch: int, optimize: bool, iters: int) -> float:
     """Growth of this rank's peak RSS in MiB (ru_maxrss is in KiB on Linux), after a warm-up that
     imports what either side imports lazily (FSDP2, the optimizer's first step) outside the count."""
     import torch.distributed.fsdp
@@ -97,20 +80,18 @@ def peak_memory(kind: str, layers: int, hidden: int, batch: int, optimize: bool,
     warm = nn.Parameter(torch.zeros(1))
     warm.grad = torch.zeros(1)
     torch.optim.AdamW([warm]).step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run = build(kind, layers, hidden, optimize)
-    for _ in range(iters):
-        step(*run, x)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+    def work() -> None:
+        run = build(kind, layers, hidden, optimize)
+        for _ in range(iters):
+            step(*run, x)
+
+    return rss_growth_mib(work)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    add_model_options(parser, iters=10, rounds=5)
     parser.add_argument("--optimizer", action=argparse.BooleanOptionalAction, default=True, help="time AdamW's step")
     args = parser.parse_args()
     shape = (args.layers, args.hidden, args.batch, args.optimizer)
@@ -120,10 +101,7 @@ def main() -> None:
     print(f"{args.layers} x Linear({args.hidden}) ({model_mib:.2f} MiB fp32), batch {args.batch} per rank; {what}")
     with Harness(timeout_s=1800) as harness:
         difference, times = harness.run(2, measure, *shape, args.iters, args.rounds)[0]
-    memory = {}
-    for kind in ("ours", "torch"):
-        with Harness(timeout_s=600) as harness:  # fresh processes: ru_maxrss only grows
-            memory[kind] = harness.run(2, peak_memory, kind, *shape, args.iters)
+    memory = peak_memory(rank_peak_memory, *shape, args.iters)
     print(f"max |loss difference| over the first 3 steps: {difference:.2e}")
     print(f"{'':<10} {'step ms':>9} {'peak MiB/rank':>15}")
     for kind, label in (("ours", "ours"), ("torch", "FSDP2")):

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from bench_common import add_model_options, alternate_rounds, inputs, peak_memory, rss_growth_mib
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
@@ -61,10 +59,6 @@ def optimizer_bytes(kind: str, optimizer) -> int:
     return state
 
 
-def inputs(hidden: int, batch: int) -> torch.Tensor:
-    return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
-
-
 def measure(layers: int, hidden: int, batch: int, bucket_mb: float, iters: int, rounds: int):
     x = inputs(hidden, batch)
     runs = {kind: build(kind, layers, hidden, bucket_mb) for kind in ("ours", "torch")}
@@ -74,39 +68,26 @@ def measure(layers: int, hidden: int, batch: int, bucket_mb: float, iters: int, 
     params = [run[2] for run in runs.values()]
     difference = max((a - b).abs().max().item() for a, b in zip(*params))
     state = {kind: optimizer_bytes(kind, run[1]) for kind, run in runs.items()}
-    times: dict[str, list[float]] = {kind: [] for kind in runs}
-    for _ in range(rounds):
-        for kind, run in runs.items():
-            for _ in range(2):  # warm-up
-                step(*run, x)
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(iters):
-                step(*run, x)
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times[kind].append(elapsed.item() / iters)
-    return difference, state, {kind: statistics.median(t) for kind, t in times.items()}
+    times = alternate_rounds({kind: lambda run=run: step(*run, x) for kind, run in runs.items()}, iters, rounds)
+    return difference, state, times
 
 
-def peak_memory(kind: str, layers: int, hidden: int, batch: int, bucket_mb: float, iters: int) -> float:
+def rank_peak_memory(kind: str, layers: int, hidden: int, batch: int, bucket_mb: float, iters: int) -> float:
     """Growth of this rank's peak RSS in MiB (ru_maxrss is in KiB on Linux)."""
     x = inputs(hidden, batch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run = build(kind, layers, hidden, bucket_mb)
-    for _ in range(iters):
-        step(*run, x)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+    def work() -> None:
+        run = build(kind, layers, hidden, bucket_mb)
+        for _ in range(iters):
+            step(*run, x)
+
+    return rss_growth_mib(work)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
+    add_model_options(parser, iters=10, rounds=5)
     parser.add_argument("--bucket-mb", type=float, default=2.0)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     shape = (args.layers, args.hidden, args.batch, args.bucket_mb)
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, dp=2 over gloo, one thread per rank, AdamW")
@@ -114,10 +95,7 @@ def main() -> None:
     with Harness(timeout_s=1800) as harness:
         results = harness.run(2, measure, *shape, args.iters, args.rounds)
     difference, _, times = results[0]
-    memory = {}
-    for kind in ("ours", "torch"):
-        with Harness(timeout_s=600) as harness:  # fresh processes: ru_maxrss only grows
-            memory[kind] = harness.run(2, peak_memory, kind, *shape, args.iters)
+    memory = peak_memory(rank_peak_memory, *shape, args.iters)
     print(f"max |parameter difference| after two steps: {difference:.2e}")
     print(f"{'':<16} {'step ms':>9} {'peak RSS MiB/rank':>19} {'optimizer MiB/rank':>20}")
     for kind, label in (("ours", "ours ZeRO-1"), ("torch", "torch ZeRO+DDP")):
