@@ -102,9 +102,17 @@ def assemble(results):
     return merged, cover
 
 
-def load_dp4_and_step(merged):
+def load_dp4_and_step(merged, masters_from_model=False):
+    """Fill a DP=4 optimizer's state dict from the global tensors and load it; with
+    ``masters_from_model`` the weights go into the model and the entries carry no ``master_param``."""
     model, optimizer = make(stage=2)
     state_dict = optimizer.state_dict()
+    if masters_from_model:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for key in state_dict["state"]:
+                params[key].copy_(merged[key]["master_param"])
+                del state_dict["state"][key]["master_param"]
     for key, entry in state_dict["state"].items():
         for name, value in entry.items():
             full = merged[key][name]
@@ -137,7 +145,8 @@ def reference():
     return history[-1], state, [p.detach() for p in model.parameters()]
 
 
-def test_dp2_state_assembles_to_the_single_process_state_and_loads_into_dp4(run_ranks):
+@pytest.mark.parametrize("masters_from_model", [False, True])
+def test_dp2_state_assembles_to_the_single_process_state_and_loads_into_dp4(run_ranks, masters_from_model):
     before_last, state, after = reference()
     merged, cover = assemble(run_ranks(2, train_dp2))
     assert all(bool((c == 1).all()) for c in cover.values())  # each element held by exactly one rank
@@ -146,7 +155,7 @@ def test_dp2_state_assembles_to_the_single_process_state_and_loads_into_dp4(run_
         torch.testing.assert_close(merged[name]["exp_avg"], expected["exp_avg"])
         torch.testing.assert_close(merged[name]["exp_avg_sq"], expected["exp_avg_sq"])
         assert merged[name]["step"].item() == expected["step"].item() == STEPS
-    for restored, stepped in run_ranks(4, load_dp4_and_step, merged):
+    for restored, stepped in run_ranks(4, load_dp4_and_step, merged, masters_from_model):
         for got, want in zip(restored, before_last):
             torch.testing.assert_close(got, want)
         for got, want in zip(stepped, after):

@@ -12,7 +12,9 @@ shape, zero offsets, ``flat_range`` = the elements this rank owns, ``(0, 0)`` wi
 owns none. Scalar states (AdamW's ``step``) are plain tensors, equal on every rank (one all-reduce
 fills them in for parameters this rank owns nothing of). Which states are per element and which are
 scalars is found once, by stepping the optimizer class on a two-element dummy (``probe_state_kinds``),
-so a fresh optimizer's state dict already has every entry for ``ckpt`` to fill.
+so a fresh optimizer's state dict already has every entry for ``ckpt`` to fill. ``load_state_dict``
+also takes entries without ``master_param``: the masters are then taken from the parameters as they
+are (for a caller that saves the weights once, as the model, and loads them first).
 """
 
 from __future__ import annotations
@@ -118,7 +120,11 @@ def load_state_dict(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> Non
                 if master is None:
                     continue
                 entry = state_dict["state"][key]
-                master.copy_(entry[MASTER].data)
+                if MASTER in entry:
+                    master.copy_(entry[MASTER].data)
+                else:  # the caller loaded the model's weights: the masters are their pieces
+                    start, stop = _flat_range(opt, param)
+                    master.copy_(param.detach().reshape(-1)[start:stop].to(master.dtype))
                 inner = {}
                 for name, kind in kinds.items():
                     value = entry[name]
@@ -155,7 +161,7 @@ def _validate(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
             if entry is None:
                 raise DataParallelError(f"the state dict has no state for parameter {key!r}")
             expected = _flat_range(opt, param)
-            for name in (MASTER, *kinds):
+            for name in (MASTER, *kinds) if MASTER in entry else kinds:
                 if name not in entry:
                     raise DataParallelError(f"the state dict has no {name!r} for parameter {key!r}")
                 if name != MASTER and not kinds[name].per_element:

@@ -85,15 +85,20 @@ def _value(p: nn.Parameter) -> torch.Tensor:
     return p.data
 
 
-def _grad(p: nn.Parameter) -> torch.Tensor:
+def gradient(p: nn.Parameter) -> torch.Tensor:
+    """``p``'s gradient: its ``main_grad`` (set by ``dp_shard.DataParallel``) or ``.grad``, which is
+    created as zeros when backward gave it none (so collectives over it still match on every rank)."""
     grad = getattr(p, "main_grad", None)
-    grad = p.grad if grad is None else grad
-    return torch.zeros_like(p) if grad is None else grad
+    if grad is None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grad = p.grad
+    return grad
 
 
 def model_shards(chunks: list[GPTChunk], *, grads: bool = False) -> dict[str, Shard]:
     """Every tensor of ``chunks`` (or its gradient, with ``grads=True``) as pieces of the full model's."""
-    source: Callable[[nn.Parameter], torch.Tensor] = _grad if grads else _value
+    source: Callable[[nn.Parameter], torch.Tensor] = gradient if grads else _value
     return {piece.name: piece.shard(source(piece.param)) for piece in model_pieces(chunks)}
 
 

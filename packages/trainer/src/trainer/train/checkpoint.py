@@ -30,10 +30,6 @@ MASTER = "master_param"
 
 def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint state of ``run`` at ``step`` (views of the live tensors)."""
-    pieces = [] if run.fsdp else model_pieces(run.chunks)
-    by_param: dict[int, list[Piece]] = {}
-    for piece in pieces:
-        by_param.setdefault(id(piece.param), []).append(piece)
     state: dict[str, Any] = {
         "progress": {"step": step, "data": data_state},
         "rng": PerRank(torch.get_rng_state(), required=False),
@@ -41,6 +37,10 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
     if run.fsdp:
         state["model"], state["optimizer"] = _fsdp_state(run)
         return state
+    pieces = model_pieces(run.chunks)
+    by_param: dict[int, list[Piece]] = {}
+    for piece in pieces:
+        by_param.setdefault(id(piece.param), []).append(piece)
     state["model"] = {piece.name: piece.shard(piece.param.data) for piece in pieces}
     if run.sharded:
         state["optimizer"], state["_zero"] = _zero_state(run, by_param)
@@ -51,12 +51,8 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
 
 def finish_load(run: Run, state: dict[str, Any]) -> None:
     """After ``ckpt.load`` filled ``state``: give ZeRO state to the optimizer, restore the generator."""
-    if run.sharded:
-        zero = state["_zero"]
-        for key, entry in zero["state"].items():  # the fp32 masters are the loaded parameters' pieces
-            master, param = entry[MASTER], run.named[key]
-            master.data.copy_(param.data.reshape(-1)[master.flat_range[0] : master.flat_range[1]])
-        run.optimizer.load_state_dict(zero)
+    if run.sharded:  # its entries carry no masters: it takes them from the parameters just loaded
+        run.optimizer.load_state_dict(state["_zero"])
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
 
 
@@ -80,16 +76,8 @@ def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, A
     own = run.optimizer.state_dict()
     out: dict[str, Any] = {}
     for key, entry in own["state"].items():
-        pieces = by_param[id(run.named[key])]
-        for name, value in entry.items():
-            if name == MASTER:  # the model holds the same fp32 values; saved once, as the model
-                continue
-            if isinstance(value, torch.Tensor):
-                for piece in pieces:
-                    out.setdefault(piece.name, {})[name] = value
-            else:
-                for piece_name, shard in flat_range_shards(pieces, value).items():
-                    out.setdefault(piece_name, {})[name] = shard
+        del entry[MASTER]  # the fp32 masters hold the model's values: saved once, as the model
+        _split_entries(by_param[id(run.named[key])], entry, out)
     return out, own
 
 
@@ -102,14 +90,20 @@ def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         for name, local in parameter_shards(chunk).items():
             model.update(flat_range_shards(pieces[name], local))
         for name, entries in optimizer_state_shards(chunk, run.optimizer).items():
-            for key, value in entries.items():
-                if isinstance(value, Shard):
-                    for piece_name, shard in flat_range_shards(pieces[name], value).items():
-                        optimizer.setdefault(piece_name, {})[key] = shard
-                else:
-                    for piece in pieces[name]:
-                        optimizer.setdefault(piece.name, {})[key] = value
+            _split_entries(pieces[name], entries, optimizer)
     return model, optimizer
+
+
+def _split_entries(pieces: list[Piece], entries: dict[str, Any], out: dict[str, dict[str, Any]]) -> None:
+    """One parameter's optimizer state into ``out[piece name][state]``: a flat-range ``Shard`` split along
+    the parameter's pieces, a scalar (``step``) given to each piece."""
+    for key, value in entries.items():
+        if isinstance(value, Shard):
+            for piece_name, shard in flat_range_shards(pieces, value).items():
+                out.setdefault(piece_name, {})[key] = shard
+        else:
+            for piece in pieces:
+                out.setdefault(piece.name, {})[key] = value
 
 
 def _init_adam(optimizer: torch.optim.Optimizer) -> None:

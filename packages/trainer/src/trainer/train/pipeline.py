@@ -22,6 +22,7 @@ from pstate import ParallelState
 from tp_layers import allreduce_sequence_parallel_grads
 
 from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
+from ..model.shards import gradient
 
 
 def make_executor(
@@ -65,14 +66,4 @@ def sync_model_parallel_grads(chunks: Sequence[GPTChunk], ps: ParallelState, *, 
             allreduce_sequence_parallel_grads(chunk, group=ps.tp)
     if ps.embedding is not None and ps.embedding.size > 1:
         for p in tied_embedding_params(list(chunks)):
-            grad = _grad_of(p)
-            dist.all_reduce(grad, group=ps.embedding.group)
-
-
-def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
-    grad = getattr(p, "main_grad", None)
-    if grad is None:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grad = p.grad
-    return grad
+            dist.all_reduce(gradient(p), group=ps.embedding.group)
