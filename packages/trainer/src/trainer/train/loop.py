@@ -132,10 +132,10 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     found_inf = False
     if run.sharded:
-        norm = run.optimizer.clip_grad_norm_(t_clip(run), tp_group=ps.tp, pp_group=ps.pp)
+        norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp)
     elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
         params = [p for c in run.chunks for p in c.parameters()]
-        norm = clip_grad_norm_(params, t_clip(run), pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
+        norm = clip_grad_norm_(params, _clip_threshold(run), pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
     else:
         for module in run.modules:
             module.finish_grad_sync()
@@ -144,7 +144,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
             grads = [p.main_grad for c in run.chunks for p in c.parameters()]
             found_inf = run.scaler.unscale_(grads, groups=[ps.world])
         experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
-        norm = clip_grad_norm_(run.clip_params(), t_clip(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
+        norm = clip_grad_norm_(run.clip_params(), _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     norm = float(norm)
     skipped = found_inf or not math.isfinite(norm)
     if run.scaler is not None and not run.sharded:
@@ -154,7 +154,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     return _global_loss(run, result.losses) / scale, norm, skipped
 
 
-def t_clip(run: Run) -> float:
+def _clip_threshold(run: Run) -> float:
     """The clipping threshold (``inf``: measure the norm without clipping)."""
     return run.cfg.optim.clip_grad or math.inf
 
