@@ -16,7 +16,7 @@ from torch import nn
 
 import pstate
 from dp_shard import DataParallelError, clip_grad_norm_
-from pstate.tags import mark_expert_parallel, mark_tensor_parallel
+from pstate.tags import mark_expert_parallel, mark_tensor_parallel, mark_tied_copy
 
 # name: (shape, TP-split dim or None, pipeline stage when pp=2)
 SPEC = {
@@ -152,3 +152,28 @@ def test_dense_and_expert_parameters_in_one_call(run_ranks):
         assert norm == pytest.approx(total, rel=1e-6)
         piece = full["experts"][rank // 2].chunk(2, 0)[rank % 2]
         torch.testing.assert_close(expert_grad, piece / (total + 1e-6))
+
+
+def clip_tied_copy():
+    """Two pipeline stages each hold one weight and the same tied tensor; the last stage's copy is tagged
+    as such. Returns the norm and both of this rank's clipped gradients."""
+    rank = dist.get_rank()
+    pp = dist.new_group([0, 1])
+    full = reference_tensors()
+    own = torch.nn.Parameter(full["experts"][rank].clone())
+    tied = torch.nn.Parameter(full["split"].clone())
+    if rank == 1:
+        mark_tied_copy(tied)
+    for p in (own, tied):
+        p.grad = p.detach().clone()
+    norm = clip_grad_norm_([own, tied], 1.0, pp_group=pp)
+    return norm.item(), own.grad.clone(), tied.grad.clone()
+
+
+def test_a_tied_copy_is_clipped_but_counted_once(run_ranks):
+    full = reference_tensors()
+    total = math.sqrt(sum(t.pow(2).sum().item() for t in (full["experts"], full["split"])))
+    for rank, (norm, own, tied) in enumerate(run_ranks(2, clip_tied_copy)):
+        assert norm == pytest.approx(total, rel=1e-6)
+        torch.testing.assert_close(own, full["experts"][rank] / (total + 1e-6))
+        torch.testing.assert_close(tied, full["split"] / (total + 1e-6))  # the copy scaled like the original

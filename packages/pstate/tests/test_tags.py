@@ -13,10 +13,12 @@ def test_tags_default_to_untagged_and_read_back_what_was_set():
     param = torch.nn.Parameter(torch.zeros(2))
     assert tags.tensor_parallel_dim(param) is None
     assert not tags.is_sequence_parallel(param) and not tags.is_expert_parallel(param)
+    assert not tags.is_tied_copy(param)
     assert tags.mark_tensor_parallel(param, 1) is param and tags.tensor_parallel_dim(param) == 1
     tags.mark_sequence_parallel(param)
     tags.mark_expert_parallel(param)
     assert tags.is_sequence_parallel(param) and tags.is_expert_parallel(param)
+    assert tags.mark_tied_copy(param) is param and tags.is_tied_copy(param)
 
 
 def gather_and_scatter():

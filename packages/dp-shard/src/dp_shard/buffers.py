@@ -4,6 +4,7 @@ A :class:`GradBuffer` holds the gradients of a list of parameters (all of one gr
 tensor, in the order given (DDP passes backward order, so buckets fill up one after another during
 backward). The flat tensor is cut into :class:`Bucket` s of about ``bucket_numel`` elements; a parameter
 never straddles two buckets, and one larger than ``bucket_numel`` gets a bucket of its own. With
+``alone`` (ids of parameters) each get a bucket of their own, starting at a bucket boundary. With
 ``align=N`` every bucket's length is padded to a multiple of ``N`` (the padding is zero and belongs to no
 parameter), so a bucket splits evenly into ``N`` shards: what a reduce-scatter over a group of ``N``
 needs (:meth:`Bucket.shard`). On the ``meta`` device a buffer is a layout only (no memory): ZeRO-2 uses
@@ -12,7 +13,7 @@ that to place its gradient shards without holding the full gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class GradBuffer:
         bucket_numel: int,
         align: int = 1,
         device: torch.device | None = None,
+        alone: Collection[int] = (),
     ) -> None:
         if not params:
             raise ValueError("a GradBuffer needs at least one parameter")
@@ -64,10 +66,14 @@ class GradBuffer:
         start = offset = 0
         members: list[torch.nn.Parameter] = []
         for param in self.params:
+            if id(param) in alone and members:  # close the open bucket first
+                offset = _round_up(offset, align)
+                spans.append((members, start, offset))
+                start, members = offset, []
             self._offsets[id(param)] = (offset, offset + param.numel())
             offset += param.numel()
             members.append(param)
-            if offset - start >= bucket_numel:
+            if offset - start >= bucket_numel or id(param) in alone:
                 offset = _round_up(offset, align)
                 spans.append((members, start, offset))
                 start, members = offset, []

@@ -14,6 +14,10 @@ Each gradient element of the full model must be counted exactly once. The caller
   0) and summed over ``ep_group`` (each EP rank holds other experts), so one call covers a model with
   dense and expert layers. Without them expert parameters count like dense ones.
 
+A parameter tagged ``pstate.tags.mark_tied_copy`` (a tied embedding's copy on the last pipeline stage,
+whose gradient equals the original's once they are summed) is clipped with the rest but not counted:
+the original counts the tensor once.
+
 The data-parallel group of plain DDP is *not* passed: after ``finish_grad_sync()`` every replica holds
 the same gradient. Every rank of every group must call this function, even with no gradients.
 """
@@ -27,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
-from pstate.tags import is_expert_parallel, tensor_parallel_dim
+from pstate.tags import is_expert_parallel, is_tied_copy, tensor_parallel_dim
 
 from .errors import DataParallelError
 
@@ -126,5 +130,5 @@ def _local_grads(
         if grad is None:
             continue
         split = tensor_parallel_dim(param) is not None
-        grads.append((grad, split or tp_rank == 0))
+        grads.append((grad, (split or tp_rank == 0) and not is_tied_copy(param)))
     return grads

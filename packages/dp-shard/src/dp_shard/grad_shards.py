@@ -32,6 +32,10 @@ all-reduced and the own shard taken from it, and the parameters are broadcast sh
 (``collectives="all_reduce"``; ``"reduce_scatter"`` forces the other way, ``"auto"`` picks). The
 bucket is the full local buffer (stage 1) or the bucket-sized staging buffer (stage 2) either way, so
 this costs no memory.
+
+Parameters passed as ``alone`` get a bucket each, so the elements a rank owns of them depend only on
+their size and the group's: ranks of two pipeline stages holding copies of one tensor own matching
+pieces, whose reduced gradients can be summed between them.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class ShardedGrads:
         overlap: bool,
         average: bool,
         collectives: str = "auto",
+        alone: Sequence[torch.nn.Parameter] = (),
     ) -> None:
         self.group, self.stage, self.overlap, self.average = group, stage, overlap, average
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
@@ -104,6 +109,7 @@ class ShardedGrads:
         self._grad_views: dict[int, torch.Tensor] = {}  # stage 1, same dtype: id(param) -> its .grad view
         self.shard_buffers: list[torch.Tensor] = []
         self.local_buffers: list[torch.Tensor] = []
+        self._alone = {id(p) for p in alone}
         for dtype, members in by_dtype.items():
             self._lay_out(dtype, members, int(bucket_size_mb * 2**20))
         self._fresh = [True] * len(self.slots)  # the shard holds zeros: reduce straight into it
@@ -124,6 +130,7 @@ class ShardedGrads:
             bucket_numel=max(1, bucket_bytes // grad_dtype.itemsize),
             align=self.size,
             device=device if self.stage == 1 else torch.device("meta"),
+            alone=self._alone,
         )
         param_buffer = torch.zeros(layout.numel, dtype=dtype, device=device)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import pstate
-from pstate.tags import is_expert_parallel, mark_tensor_parallel, tensor_parallel_dim
+from pstate.tags import is_expert_parallel, is_tied_copy, mark_tensor_parallel, mark_tied_copy, tensor_parallel_dim
 
 from .checks import check_same_parameters
 from .clip import clip_grad_norm_
@@ -48,7 +48,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     overflow check runs over ``group`` and the scaler's own groups; a step with inf/nan is skipped.
     ``collectives``: ``"reduce_scatter"`` (reduce-scatter gradients, all-gather parameters),
     ``"all_reduce"`` (all-reduce each bucket and keep the own shard, broadcast parameters: faster on
-    gloo) or ``"auto"`` (``all_reduce`` on gloo, else ``reduce_scatter``).
+    gloo) or ``"auto"`` (``all_reduce`` on gloo, else ``reduce_scatter``). ``aligned``: parameters each
+    laid out in a bucket of its own, so rank ``r`` owns the same elements of them whatever the other
+    parameters are: pipeline stages that hold copies of one tensor (tied embeddings) then hold matching
+    gradient shards, which :meth:`grad_shard` gives for summing between them before the step.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         average: bool = True,
         loss_scaler: LossScaler | None = None,
         collectives: str = "auto",
+        aligned: Iterable[torch.nn.Parameter] = (),
         **kwargs: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -76,6 +80,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise DataParallelError(f"loss_scaler must be a dp_shard.LossScaler, got {type(loss_scaler).__name__}")
         self._groups = read_param_groups(params)
         everything = [p for g in self._groups for p in g.params]
+        aligned = list(aligned)
+        if any(all(p is not q for q in everything) for p in aligned):
+            raise DataParallelError("every parameter in aligned= must also be one of the optimizer's parameters")
         devices = {p.device for p in everything}
         if len(devices) > 1:
             raise DataParallelError(f"parameters are on several devices {sorted(map(str, devices))}; expected one")
@@ -99,6 +106,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             overlap=overlap,
             average=average,
             collectives=collectives,
+            alone=aligned,
         )
         self._masters: dict[int, torch.Tensor] = {}  # id(param) -> its master shard on this rank
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (master, parameter piece) not views
@@ -122,6 +130,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         master.grad = owned.grad
         if (dim := tensor_parallel_dim(param)) is not None:
             mark_tensor_parallel(master, dim)
+        if is_tied_copy(param):
+            mark_tied_copy(master)
         self._masters[id(param)] = master
         return master
 
@@ -163,6 +173,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def master_params(self) -> list[torch.Tensor]:
         """This rank's master shards (``.grad``: the reduced gradient shard), in param-group order."""
         return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def grad_shard(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """The reduced gradient of the elements of ``param`` this rank owns (a flat view, filled once the
+        backward passes are reduced), or ``None`` when it owns none of them."""
+        owned = self.grads.owned(param)
+        return None if owned is None else owned.grad
 
     def master_grads(self) -> list[torch.Tensor]:
         """The reduced gradient shards of :meth:`master_params`."""

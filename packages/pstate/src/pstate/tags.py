@@ -11,6 +11,7 @@ import torch
 TENSOR_PARALLEL_DIM = "tensor_parallel_dim"
 SEQUENCE_PARALLEL = "sequence_parallel"
 EXPERT_PARALLEL = "expert_parallel"
+TIED_COPY = "tied_copy"
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int) -> torch.Tensor:
@@ -44,3 +45,16 @@ def mark_expert_parallel(param: torch.Tensor) -> torch.Tensor:
 def is_expert_parallel(param: torch.Tensor) -> bool:
     """Whether ``param`` was tagged by :func:`mark_expert_parallel`."""
     return getattr(param, EXPERT_PARALLEL, False)
+
+
+def mark_tied_copy(param: torch.Tensor) -> torch.Tensor:
+    """Record that ``param`` is a copy of a parameter another rank holds (a tied embedding's copy on the
+    last pipeline stage): their gradients are summed so they stay equal, and a global gradient norm
+    counts the tensor once, at the original (the copy is still clipped with the rest)."""
+    setattr(param, TIED_COPY, True)
+    return param
+
+
+def is_tied_copy(param: torch.Tensor) -> bool:
+    """Whether ``param`` was tagged by :func:`mark_tied_copy`."""
+    return getattr(param, TIED_COPY, False)

@@ -3,8 +3,8 @@
 A chunk holds global transformer layers ``stage.layers``; the first stage also embeds token ids and the
 last also applies the final norm and the output head. ``build_chunks`` gives a rank its ``vpp`` chunks.
 With tied embeddings and several stages, the last stage keeps its own copy of the embedding table
-(drawn from the same seed); :func:`tied_embedding_params` lists the copies whose gradients must be summed
-over the ``embedding`` group so that they stay equal.
+(drawn from the same seed, tagged ``pstate.tags.mark_tied_copy``); :func:`tied_embedding_params` lists
+the copies whose gradients must be summed over the ``embedding`` group so that they stay equal.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pp_sched import StageLayers, split_layers
-from pstate.tags import mark_sequence_parallel
+from pstate.tags import mark_sequence_parallel, mark_tied_copy
 from tp_layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -55,6 +55,8 @@ class GPTChunk(nn.Module):
         self.embedding = self.position = self.final_norm = self.head = None
         if stage.embedding or (stage.head and cfg.tied_embeddings):
             self.embedding = embedding_table(cfg, groups, seed)
+            if not stage.embedding:  # the last stage's copy: clipping counts the tensor once, at the first
+                mark_tied_copy(self.embedding.weight)
         if stage.embedding and cfg.position == "learned":
             self.position = nn.Parameter(
                 init.normal(

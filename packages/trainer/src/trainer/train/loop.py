@@ -33,7 +33,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, sync_model_parallel_grads
+from .pipeline import local_batch, sync_model_parallel_grads, sync_tied_embedding_grads
 from .setup import Run, setup
 
 
@@ -132,6 +132,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     found_inf = False
     if run.sharded:
+        sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
         norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp)
     elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
         params = [p for c in run.chunks for p in c.parameters()]
@@ -144,7 +145,8 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
             grads = [p.main_grad for c in run.chunks for p in c.parameters()]
             found_inf = run.scaler.unscale_(grads, groups=[ps.world])
         experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
-        norm = clip_grad_norm_(run.clip_params(), _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
+        params = [p for c in run.chunks for p in c.parameters()]
+        norm = clip_grad_norm_(params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     norm = float(norm)
     skipped = found_inf or not math.isfinite(norm)
     if run.scaler is not None and not run.sharded:

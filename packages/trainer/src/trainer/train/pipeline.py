@@ -64,6 +64,19 @@ def sync_model_parallel_grads(chunks: Sequence[GPTChunk], ps: ParallelState, *, 
     if sequence_parallel:
         for chunk in chunks:
             allreduce_sequence_parallel_grads(chunk, group=ps.tp)
-    if ps.embedding is not None and ps.embedding.size > 1:
-        for p in tied_embedding_params(list(chunks)):
-            dist.all_reduce(gradient(p), group=ps.embedding.group)
+    sync_tied_embedding_grads(chunks, ps)
+
+
+def sync_tied_embedding_grads(
+    chunks: Sequence[GPTChunk],
+    ps: ParallelState,
+    grad_of: Callable[[nn.Parameter], torch.Tensor | None] = gradient,
+) -> None:
+    """Sum the tied embedding copies' gradients over the ``embedding`` group (first and last stage), so
+    the copies stay equal. ``grad_of``: where a copy's gradient is (ZeRO: this rank's reduced shard of
+    it, or ``None`` when it owns none; the copies are laid out so both stages own the same elements)."""
+    if ps.embedding is None or ps.embedding.size == 1:
+        return
+    for p in tied_embedding_params(list(chunks)):
+        if (grad := grad_of(p)) is not None:
+            dist.all_reduce(grad, group=ps.embedding.group)

@@ -57,11 +57,6 @@ class Run:
         original parameter name to its named pieces (taken before sharding)."""
         return self.fsdp_pieces is not None
 
-    def clip_params(self) -> list[nn.Parameter]:
-        """Every parameter once: a tied embedding's copy on the last stage is left out of the norm."""
-        copies = {id(p) for c in self.chunks if not c.stage.embedding for p in tied_embedding_params([c])}
-        return [p for c in self.chunks for p in c.parameters() if id(p) not in copies]
-
 
 class Autocast(nn.Module):
     """Runs ``module``'s forward under autocast to ``dtype`` (its backward then follows the same casts);
@@ -125,6 +120,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
             group=ps.dp_cp,
             stage=t.zero,
             loss_scaler=scaler,
+            aligned=tied_embedding_params(chunks),  # both stages then own the same elements of the copies
             **adam,
         )
         no_sync = None
