@@ -54,14 +54,12 @@ LAYOUTS = {
     "cp2-tp2-sp": (4, {"parallel": {"cp": 2, "tp": 2}, "train": {"sequence_parallel": True}}),
     "tp2-recompute-full": (2, {"parallel": {"tp": 2}, "train": {"recompute": "full"}}),
     "pp2-recompute-selective": (2, {"parallel": {"pp": 2}, "train": {"recompute": "selective"}}),
+    # MoE with the preset's load-balancing loss: balanced over whole sequences (SP, CP), as in one process
     "moe-ep2-tp2-dp2": (
         4,
-        {
-            "model": {"preset": "tiny-moe", "moe_aux_loss_coeff": 0.0},
-            "parallel": {"tp": 2, "ep": 2},
-            "train": {"sequence_parallel": True},
-        },
+        {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"sequence_parallel": True}},
     ),
+    "moe-ep2-cp2": (4, {"model": {"preset": "tiny-moe"}, "parallel": {"cp": 2, "ep": 2}}),
 }
 
 

@@ -8,6 +8,7 @@ The caller therefore never adds the auxiliary losses to its loss by hand; their 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -51,3 +52,39 @@ def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
     if logits.size(0) == 0:
         return logits.sum() * 0.0
     return coeff * torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def sequence_aux_losses(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    topk: int,
+    *,
+    aux_loss_coeff: float,
+    z_loss_coeff: float,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The load-balancing and z-losses (those with a coefficient > 0) of the tokens of every rank of
+    ``group`` (the ranks that hold other tokens of the same sequences: TP under sequence parallelism,
+    CP), by name: ``(share, whole)``. ``share`` is this rank's term, the one to backpropagate: the
+    shares add up over ``group`` to the loss of all the tokens, so their gradients are that loss's.
+    ``whole`` is that loss (detached; for logging). One all-reduce of ``2 * experts + 2`` numbers.
+    Without ``group`` both are :func:`load_balancing_loss` and :func:`z_loss` of this rank's tokens."""
+    experts = scores.size(1)
+    lse2 = torch.logsumexp(logits.float(), dim=-1).square() if z_loss_coeff > 0 else logits.new_zeros(0)
+    score_sums = scores.float().sum(0)
+    tokens = score_sums.new_full((1,), float(logits.size(0)))
+    stats = torch.cat([routing_map.sum(0).float(), score_sums.detach(), tokens, lse2.detach().sum().reshape(1)])
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    counts, all_score_sums = stats[:experts], stats[experts : 2 * experts]
+    tokens = stats[-2].clamp(min=1.0)
+    out = {}
+    if aux_loss_coeff > 0:
+        fraction = counts / (tokens * topk)
+        scale = aux_loss_coeff * experts / tokens
+        share = scale * (fraction * score_sums).sum()
+        out["load_balancing"] = (share.to(scores.dtype), (scale * (fraction * all_score_sums).sum()).to(scores.dtype))
+    if z_loss_coeff > 0:
+        out["z_loss"] = ((z_loss_coeff * lse2.sum() / tokens).to(logits.dtype), (z_loss_coeff * stats[-1] / tokens))
+    return out

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pstate
 from tp_layers import init as tp_init
 
-from .aux_loss import attach_loss, load_balancing_loss, z_loss
+from .aux_loss import attach_loss, sequence_aux_losses
 from .capacity import drop_over_capacity, expert_capacity, pad_to_capacity
 from .errors import MoEError
 from .topk import topk_index
@@ -36,7 +37,10 @@ class TopKRouter(nn.Module):
       computed on this call's tokens (one rank's batch under expert parallelism) from the routing map
       before capacity dropping. ``z_loss_coeff``: router z-loss. Both backpropagate with weight
       ``aux_loss_scale`` (set it to your loss scaling, e.g. ``1/microbatches``) without being added to
-      the caller's loss; their last values are in ``aux_losses``.
+      the caller's loss; their last values are in ``aux_losses``. ``aux_loss_group``: the ranks that
+      hold other tokens of the same sequences (TP under sequence parallelism, CP): both losses are then
+      taken over all their tokens, as one process would on whole sequences (each rank backpropagates its
+      share; one small all-reduce per call), and ``aux_losses`` hold the whole losses.
     - ``capacity_factor``: each expert takes at most :func:`expert_capacity` tokens of this call; the
       rest are dropped by ``drop_policy`` (``"probs"``: lowest probability first; ``"position"``: latest
       tokens first). ``None`` (default) is dropless. ``pad_to_capacity=True`` then fills every expert
@@ -65,6 +69,7 @@ class TopKRouter(nn.Module):
         aux_loss_coeff: float = 0.0,
         z_loss_coeff: float = 0.0,
         aux_loss_scale: float = 1.0,
+        aux_loss_group: pstate.Group | None = None,
         capacity_factor: float | None = None,
         drop_policy: str = "probs",
         pad_to_capacity: bool = False,
@@ -91,6 +96,7 @@ class TopKRouter(nn.Module):
         self.score, self.pre_softmax = score, pre_softmax
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.aux_loss_coeff, self.z_loss_coeff, self.aux_loss_scale = aux_loss_coeff, z_loss_coeff, aux_loss_scale
+        self.aux_loss_group = None if aux_loss_group is None else pstate.as_group(aux_loss_group)
         self.capacity_factor, self.drop_policy, self.pad_to_capacity = capacity_factor, drop_policy, pad_to_capacity
         weight = tp_init.draw((num_experts, hidden), tp_init.linear_init, tp_init.generator_for(seed))
         self.weight = nn.Parameter(weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
@@ -106,18 +112,17 @@ class TopKRouter(nn.Module):
             raise MoEError(f"TopKRouter: input has shape {tuple(x.shape)}, expected [tokens, {self.hidden}]")
         logits = F.linear(x, self.weight)
         attach = torch.is_grad_enabled() and logits.requires_grad
-        self.aux_losses = {}
-        if self.z_loss_coeff > 0:
-            zl = z_loss(logits, self.z_loss_coeff)
-            self.aux_losses["z_loss"] = zl.detach()
-            if attach:
-                logits = attach_loss(logits, zl, self.aux_loss_scale)
         probs, routing_map, scores = self._route(logits)
-        if self.aux_loss_coeff > 0:
-            lb = load_balancing_loss(scores, routing_map, self.topk, self.aux_loss_coeff)
-            self.aux_losses["load_balancing"] = lb.detach()
-            if attach:
-                probs = attach_loss(probs, lb, self.aux_loss_scale)
+        self.aux_losses = {}
+        if self.aux_loss_coeff > 0 or self.z_loss_coeff > 0:
+            losses = sequence_aux_losses(
+                logits, scores, routing_map, self.topk, aux_loss_coeff=self.aux_loss_coeff,
+                z_loss_coeff=self.z_loss_coeff, group=self.aux_loss_group,
+            )  # fmt: skip
+            for name, (share, whole) in losses.items():
+                self.aux_losses[name] = whole.detach()
+                if attach:
+                    probs = attach_loss(probs, share, self.aux_loss_scale)
         if self.capacity_factor is not None:
             capacity = expert_capacity(x.size(0), self.num_experts, self.topk, self.capacity_factor)
             probs, routing_map = drop_over_capacity(probs, routing_map, capacity, self.drop_policy)

@@ -17,6 +17,7 @@ class ModelGroups:
 
     ``sequence_parallel`` splits the activations between the TP regions along the sequence.
     ``cp_attention`` is ``"ring"`` (p2p, any head count) or ``"ulysses"`` (all-to-all over heads).
+    ``tp_cp``: the TP x CP group (needed by :attr:`sequence_group` with both SP and CP).
     """
 
     tp: Group
@@ -25,6 +26,7 @@ class ModelGroups:
     etp: Group
     sequence_parallel: bool = False
     cp_attention: str = "ring"
+    tp_cp: Group | None = None
 
     def __post_init__(self) -> None:
         if self.cp_attention not in ("ring", "ulysses"):
@@ -36,7 +38,7 @@ class ModelGroups:
     def from_state(
         cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring"
     ) -> ModelGroups:
-        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention)
+        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp)
 
     @property
     def tp_size(self) -> int:
@@ -57,3 +59,13 @@ class ModelGroups:
     @property
     def ep_size(self) -> int:
         return dist.get_world_size(as_group(self.ep))
+
+    @property
+    def sequence_group(self) -> Group | None:
+        """The ranks that hold other tokens of the same sequences (TP under SP, and CP), or ``None``."""
+        split_tp, split_cp = self.sequence_parallel, self.cp_size > 1
+        if split_tp and split_cp:
+            if self.tp_cp is None:
+                raise TrainerError("ModelGroups: sequence parallelism with cp > 1 needs the tp_cp group")
+            return self.tp_cp
+        return self.tp if split_tp else self.cp if split_cp else None

@@ -62,5 +62,6 @@ def moe_layer(cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> M
         activation="swiglu" if cfg.mlp == "swiglu" else "gelu",
         seed=init.tensor_seed(seed, layer, "router"),
         aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        aux_loss_group=groups.sequence_group,  # balance over whole sequences, as one process does
         sequence_parallel=groups.sequence_parallel,
     )

@@ -33,7 +33,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, sync_model_parallel_grads, sync_tied_embedding_grads
+from .pipeline import local_batch, scale_router_losses, sync_model_parallel_grads, sync_tied_embedding_grads
 from .setup import Run, setup
 
 
@@ -129,6 +129,8 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         for module in run.modules:
             module.zero_grad_buffer()
     scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
+    # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
+    scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     found_inf = False
     if run.sharded:

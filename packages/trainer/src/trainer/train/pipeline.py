@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import cp_ring
+from moe_dispatch import TopKRouter
 from pp_sched import PipelineExecutor, build
 from pstate import ParallelState
 from tp_layers import allreduce_sequence_parallel_grads
@@ -80,3 +81,12 @@ def sync_tied_embedding_grads(
     for p in tied_embedding_params(list(chunks)):
         if (grad := grad_of(p)) is not None:
             dist.all_reduce(grad, group=ps.embedding.group)
+
+
+def scale_router_losses(chunks: Sequence[nn.Module], scale: float) -> None:
+    """Weight the MoE routers' auxiliary losses as the executor weights each micro-batch's loss (``scale``:
+    the loss scale over the micro-batches), so their gradients add up over a step as one process's do."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, TopKRouter):
+                module.aux_loss_scale = scale
