@@ -13,6 +13,9 @@ Each gradient element of the full model must be counted exactly once. The caller
   counted apart: split over ``etp_group`` when tagged ``tensor_parallel_dim`` (else counted on its rank
   0) and summed over ``ep_group`` (each EP rank holds other experts), so one call covers a model with
   dense and expert layers. Without them expert parameters count like dense ones.
+- ``dense_groups`` and ``expert_groups``: like ``model_parallel_groups``, but for the dense or the expert
+  parameters only: a ZeRO optimizer shards the dense gradients over the data-parallel group and the
+  expert gradients over the expert-data-parallel group. ``expert_groups`` also counts experts apart.
 
 A parameter tagged ``pstate.tags.mark_tied_copy`` (a tied embedding's copy on the last pipeline stage,
 whose gradient equals the original's once they are summed) is clipped with the rest but not counted:
@@ -46,6 +49,8 @@ def clip_grad_norm_(
     model_parallel_groups: Sequence[pstate.Group] = (),
     ep_group: pstate.Group | None = None,
     etp_group: pstate.Group | None = None,
+    dense_groups: Sequence[pstate.Group] = (),
+    expert_groups: Sequence[pstate.Group] = (),
     error_if_nonfinite: bool = False,
     eps: float = 1e-6,
     device: torch.device | None = None,
@@ -64,12 +69,13 @@ def clip_grad_norm_(
     if not p > 0:
         raise DataParallelError(f"norm_type={norm_type} must be > 0 (or inf)")
     params = [params] if isinstance(params, torch.Tensor) else list(params)
-    experts = ep_group is not None or etp_group is not None
+    experts = ep_group is not None or etp_group is not None or bool(expert_groups)
     dense = [q for q in params if not (experts and is_expert_parallel(q))]
-    parts = [(_local_grads(dense, tp_group), (tp_group, pp_group, *model_parallel_groups))]
+    parts = [(_local_grads(dense, tp_group), (tp_group, pp_group, *model_parallel_groups, *dense_groups))]
     if experts:  # expert weights: split over etp (or replicated there) and spread over ep
         expert = [q for q in params if is_expert_parallel(q)]
-        parts.append((_local_grads(expert, etp_group), (etp_group, ep_group, pp_group, *model_parallel_groups)))
+        groups = (etp_group, ep_group, pp_group, *model_parallel_groups, *expert_groups)
+        parts.append((_local_grads(expert, etp_group), groups))
     grads = [g for part, _ in parts for g in part]
     if grads:
         device = grads[0][0].device

@@ -33,6 +33,10 @@ all-reduced and the own shard taken from it, and the parameters are broadcast sh
 bucket is the full local buffer (stage 1) or the bucket-sized staging buffer (stage 2) either way, so
 this costs no memory.
 
+Averaging divides each bucket by the group size before it is reduced, or by ``divisor``: expert
+parameters, reduced over the expert-data-parallel group, are divided by the dense data-parallel size
+(as in ``DataParallel``), since every dense replica's tokens reach the experts.
+
 Parameters passed as ``alone`` get a bucket each, so the elements a rank owns of them depend only on
 their size and the group's: ranks of two pipeline stages holding copies of one tensor own matching
 pieces, whose reduced gradients can be summed between them.
@@ -94,9 +98,11 @@ class ShardedGrads:
         average: bool,
         collectives: str = "auto",
         alone: Sequence[torch.nn.Parameter] = (),
+        divisor: int | None = None,
     ) -> None:
         self.group, self.stage, self.overlap, self.average = group, stage, overlap, average
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.divisor = self.size if divisor is None else divisor  # what averaging divides by
         if collectives not in ("auto", "reduce_scatter", "all_reduce"):
             raise ValueError(f"collectives={collectives!r}: expected 'auto', 'reduce_scatter' or 'all_reduce'")
         gloo = collectives == "auto" and dist.get_backend(group) == "gloo"
@@ -265,8 +271,8 @@ class ShardedGrads:
         slot = self.slots[index]
         if slot.local is None:  # stage 2, no gradient arrived in this bucket on this rank
             slot.local = torch.zeros(slot.bucket.numel, dtype=slot.grad_dtype, device=slot.shard.device)
-        if self.average and self.size > 1:
-            slot.local.div_(self.size)
+        if self.average and self.divisor > 1:
+            slot.local.div_(self.divisor)
         if self._gloo:
             piece = slot.bucket.numel // self.size
             out = slot.local[self.rank * piece : (self.rank + 1) * piece]

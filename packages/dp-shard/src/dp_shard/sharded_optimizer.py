@@ -11,18 +11,32 @@ gradient shard.
 It owns the gradient reduction, so the model is *not* wrapped in ``DataParallel`` as well. The wrapped
 optimizer's ``param_groups`` are this object's ``param_groups``, so LR schedulers and per-group
 hyperparameters work as usual (each group holds this rank's master shards of its parameters).
+
+Expert parameters (tagged ``expert_parallel``) are sharded over ``expert_group`` (``ps.edp``, the ranks
+that hold the same experts) in a :class:`~dp_shard.grad_shards.ShardedGrads` of their own, and their
+gradients are divided by the dense group's size, as ``DataParallel`` does; masters and optimizer state
+follow the same sharding, and the step, ``no_sync``, the loss scaler's overflow check, clipping, the
+state dict and ``memory_bytes`` cover both parts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import pstate
-from pstate.tags import is_expert_parallel, is_tied_copy, mark_tensor_parallel, mark_tied_copy, tensor_parallel_dim
+from pstate.tags import (
+    is_expert_parallel,
+    is_tied_copy,
+    mark_expert_parallel,
+    mark_tensor_parallel,
+    mark_tied_copy,
+    tensor_parallel_dim,
+)
 
 from .checks import check_same_parameters
 from .clip import clip_grad_norm_
@@ -52,6 +66,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     laid out in a bucket of its own, so rank ``r`` owns the same elements of them whatever the other
     parameters are: pipeline stages that hold copies of one tensor (tied embeddings) then hold matching
     gradient shards, which :meth:`grad_shard` gives for summing between them before the step.
+    ``expert_group``: the group over which parameters tagged ``expert_parallel`` are sharded and reduced
+    (``ps.edp``); their gradients are averaged over the dense ``group``'s size. Tagged parameters need it.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         loss_scaler: LossScaler | None = None,
         collectives: str = "auto",
         aligned: Iterable[torch.nn.Parameter] = (),
+        expert_group: pstate.Group | None = None,
         **kwargs: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -86,28 +103,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in everything}
         if len(devices) > 1:
             raise DataParallelError(f"parameters are on several devices {sorted(map(str, devices))}; expected one")
-        experts = [k for g in self._groups for k, p in zip(g.keys, g.params) if is_expert_parallel(p)]
-        if experts:
+        named = [(str(k), p) for g in self._groups for k, p in zip(g.keys, g.params)]
+        experts = [(k, p) for k, p in named if is_expert_parallel(p)]
+        if experts and expert_group is None:
             raise DataParallelError(
-                f"parameter {experts[0]!r} is tagged expert_parallel: ShardedOptimizer reduces over one group "
-                "and does not shard expert parameters yet (use DataParallel with expert_group for them)"
+                f"{len(experts)} parameters (e.g. {experts[0][0]!r}) are tagged expert_parallel: they need "
+                "expert_group= (the expert-data-parallel group, ps.edp); reducing them over group would sum "
+                "different experts"
             )
         self._device = everything[0].device
         self._kinds = probe_state_kinds(optimizer_cls, [g.options for g in self._groups], kwargs, self._device)
         self.process_group = pstate.as_group(group)
-        named = [(str(k), p) for g in self._groups for k, p in zip(g.keys, g.params)]
-        check_same_parameters(named, self.process_group)
+        self.expert_group = None if expert_group is None else pstate.as_group(expert_group)
+        dense = [(k, p) for k, p in named if not is_expert_parallel(p)]
+        if dense or self.expert_group is None:
+            check_same_parameters(dense, self.process_group)
+        if self.expert_group is not None and experts:
+            check_same_parameters(experts, self.expert_group)
         self.stage, self.loss_scaler = stage, loss_scaler
-        self.grads = ShardedGrads(
-            everything,
-            group=self.process_group,
-            stage=stage,
-            bucket_size_mb=bucket_size_mb,
-            overlap=overlap,
-            average=average,
-            collectives=collectives,
-            alone=aligned,
+        options = dict(
+            stage=stage, bucket_size_mb=bucket_size_mb, overlap=overlap, average=average, collectives=collectives
         )
+        self.grads = ShardedGrads([p for _, p in dense], group=self.process_group, alone=aligned, **options)
+        self.expert_grads = None  # expert parameters' gradients, sharded over expert_group
+        if self.expert_group is not None:
+            divisor = dist.get_world_size(self.process_group)  # every dense replica's tokens reach the experts
+            self.expert_grads = ShardedGrads(
+                [p for _, p in experts], group=self.expert_group, alone=aligned, divisor=divisor, **options
+            )
+        self._parts = [g for g in (self.grads, self.expert_grads) if g is not None]
         self._masters: dict[int, torch.Tensor] = {}  # id(param) -> its master shard on this rank
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (master, parameter piece) not views
         inner_groups = []
@@ -119,8 +143,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 
+    def grads_of(self, param: torch.nn.Parameter) -> ShardedGrads:
+        """The :class:`~dp_shard.grad_shards.ShardedGrads` that shards ``param`` (dense or expert)."""
+        return self.expert_grads if is_expert_parallel(param) and self.expert_grads is not None else self.grads
+
     def _master_of(self, param: torch.nn.Parameter) -> torch.Tensor | None:
-        owned = self.grads.owned(param)
+        owned = self.grads_of(param).owned(param)
         if owned is None:
             return None
         master = owned.param
@@ -132,6 +160,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             mark_tensor_parallel(master, dim)
         if is_tied_copy(param):
             mark_tied_copy(master)
+        if is_expert_parallel(param):
+            mark_expert_parallel(master)
         self._masters[id(param)] = master
         return master
 
@@ -143,7 +173,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """For all but the last micro-batch of a step. Stage 1: backward accumulates locally and the
         next synchronised backward (or :meth:`step`) reduces it all. Stage 2: no effect (it reduces
         every backward pass into its shard, since not holding the full gradient is its point)."""
-        with self.grads.no_sync():
+        with ExitStack() as stack:
+            for part in self._parts:
+                stack.enter_context(part.no_sync())
             yield
 
     @torch.no_grad()
@@ -155,9 +187,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.grads.finish()
+        for part in self._parts:
+            part.finish()
         if self.loss_scaler is not None:
-            found_inf = self.loss_scaler.unscale_(self.master_grads(), groups=[self.process_group])
+            groups = [part.group for part in self._parts]  # each rank holds other shards over each
+            found_inf = self.loss_scaler.unscale_(self.master_grads(), groups=groups)
             self.loss_scaler.update(found_inf)
             if found_inf:
                 return loss
@@ -168,7 +202,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient shards (and stage 1's local buffer); they stay in place, so ``set_to_none``
         is ignored."""
-        self.grads.zero_grad()
+        for part in self._parts:
+            part.zero_grad()
 
     def master_params(self) -> list[torch.Tensor]:
         """This rank's master shards (``.grad``: the reduced gradient shard), in param-group order."""
@@ -177,7 +212,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def grad_shard(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """The reduced gradient of the elements of ``param`` this rank owns (a flat view, filled once the
         backward passes are reduced), or ``None`` when it owns none of them."""
-        owned = self.grads.owned(param)
+        owned = self.grads_of(param).owned(param)
         return None if owned is None else owned.grad
 
     def master_grads(self) -> list[torch.Tensor]:
@@ -192,25 +227,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
         tp_group: pstate.Group | None = None,
         pp_group: pstate.Group | None = None,
         model_parallel_groups: Sequence[pstate.Group] = (),
+        ep_group: pstate.Group | None = None,
+        etp_group: pstate.Group | None = None,
     ) -> torch.Tensor:
         """:func:`~dp_shard.clip_grad_norm_` over the gradient shards (the data-parallel group is added to
-        ``model_parallel_groups``: each rank holds other elements). With a loss scaler the gradients are
-        still scaled: the returned norm and ``max_norm`` are of the unscaled gradients."""
+        the dense parameters' groups, the expert group to the expert parameters': each rank holds other
+        elements). With experts pass ``ep_group`` and ``etp_group`` as for the function (the expert-parallel
+        groups their weights are split over). With a loss scaler the gradients are still scaled: the
+        returned norm and ``max_norm`` are of the unscaled gradients."""
         scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+        experts = [] if self.expert_group is None else [self.expert_group]
         norm = clip_grad_norm_(
             self.master_params(),
             max_norm * scale,
             norm_type=norm_type,
             tp_group=tp_group,
             pp_group=pp_group,
-            model_parallel_groups=[self.process_group, *model_parallel_groups],
+            model_parallel_groups=model_parallel_groups,
+            ep_group=ep_group,
+            etp_group=etp_group,
+            dense_groups=[self.process_group],
+            expert_groups=experts,
             device=self._device,
         )
         return norm / scale
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state in the sharded form of the docs (``pstate.Shard`` per state tensor, in the
-        frame of the parameter on this rank). Collective: call it on every rank of the group."""
+        frame of the parameter on this rank). Collective: call it on every rank of the group (and of the
+        expert group)."""
         return build_state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -237,13 +282,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         tensors = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         state = sum(v.numel() * v.element_size() for v in tensors)
         masters = sum(m.numel() * m.element_size() for m, _ in self._copies)
-        return {"master": masters, "state": state, "grad": self.grads.resident_bytes()}
+        return {"master": masters, "state": state, "grad": sum(part.resident_bytes() for part in self._parts)}
 
     def _publish(self) -> None:
         with torch.no_grad():
             for master, piece in self._copies:
                 piece.copy_(master)
-        self.grads.all_gather_params()
+        for part in self._parts:
+            part.all_gather_params()
 
 
 def _check_optimizer(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:

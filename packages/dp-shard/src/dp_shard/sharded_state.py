@@ -9,9 +9,10 @@ Form (see the docs page for the contract)::
 Every rank lists every parameter. A per-element state (and the master weight) is a ``pstate.Shard``
 in the frame of the parameter as it is on this rank: ``global_shape`` = ``shape`` = the parameter's
 shape, zero offsets, ``flat_range`` = the elements this rank owns, ``(0, 0)`` with empty data where it
-owns none. Scalar states (AdamW's ``step``) are plain tensors, equal on every rank (one all-reduce
-fills them in for parameters this rank owns nothing of). Which states are per element and which are
-scalars is found once, by stepping the optimizer class on a two-element dummy (``probe_state_kinds``),
+owns none (an expert parameter's elements are shared out over the expert group). Scalar states
+(AdamW's ``step``) are plain tensors, equal on every rank (an all-reduce over each sharding group fills
+them in for parameters this rank owns nothing of). Which states are per element and which are scalars
+is found once, by stepping the optimizer class on a two-element dummy (``probe_state_kinds``),
 so a fresh optimizer's state dict already has every entry for ``ckpt`` to fill. ``load_state_dict``
 also takes entries without ``master_param``: the masters are then taken from the parameters as they
 are (for a caller that saves the weights once, as the model, and loads them first).
@@ -178,32 +179,36 @@ def _validate(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
 
 
 def _replicated_scalars(opt: ShardedOptimizer) -> dict[tuple[Any, str], Any]:
-    """Each scalar state of each parameter, taken from the ranks that own part of it."""
-    slots, sums = [], []
-    for group, kinds in zip(opt._groups, opt._kinds):
-        for key, param in zip(group.keys, group.params):
-            master = opt._masters.get(id(param))
-            inner = opt.optimizer.state.get(master, {}) if master is not None else {}
-            for name, kind in kinds.items():
-                if not kind.per_element:
-                    slots.append((key, name, kind))
-                    value = inner.get(name)
-                    sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
-    values = torch.tensor(sums, dtype=torch.float64, device=opt._device).reshape(-1, 2)
-    if slots:
-        dist.all_reduce(values, group=opt.process_group)
+    """Each scalar state of each parameter, taken from the ranks of its sharding group (the dense or the
+    expert group) that own part of it: one all-reduce per group."""
     scalars = {}
-    for (key, name, kind), (total, count) in zip(slots, values.tolist()):
-        value = total / count if count else 0.0
-        if kind.is_tensor:
-            scalars[(key, name)] = torch.full(kind.shape, value, dtype=kind.dtype, device=kind.device)
-        else:
-            scalars[(key, name)] = value
+    for part in opt._parts:
+        slots, sums = [], []
+        for group, kinds in zip(opt._groups, opt._kinds):
+            for key, param in zip(group.keys, group.params):
+                if opt.grads_of(param) is not part:
+                    continue
+                master = opt._masters.get(id(param))
+                inner = opt.optimizer.state.get(master, {}) if master is not None else {}
+                for name, kind in kinds.items():
+                    if not kind.per_element:
+                        slots.append((key, name, kind))
+                        value = inner.get(name)
+                        sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
+        values = torch.tensor(sums, dtype=torch.float64, device=opt._device).reshape(-1, 2)
+        if slots:
+            dist.all_reduce(values, group=part.group)
+        for (key, name, kind), (total, count) in zip(slots, values.tolist()):
+            value = total / count if count else 0.0
+            if kind.is_tensor:
+                scalars[(key, name)] = torch.full(kind.shape, value, dtype=kind.dtype, device=kind.device)
+            else:
+                scalars[(key, name)] = value
     return scalars
 
 
 def _flat_range(opt: ShardedOptimizer, param: torch.Tensor) -> tuple[int, int]:
-    owned = opt.grads.owned(param)
+    owned = opt.grads_of(param).owned(param)
     return (0, 0) if owned is None else (owned.start, owned.stop)
 
 
