@@ -2,6 +2,7 @@
 
 import pytest
 
+from trainer.cli import build_parser
 from trainer.config import load_run_config
 from trainer.errors import TrainerError
 from trainer.generate import generate
@@ -24,8 +25,8 @@ def train_and_save(save: str, cache: str) -> None:
     train(load_run_config(overrides=overrides))
 
 
-def sample(save: str, seed: int, temperature: float) -> str:
-    return generate(save, "def ", max_new_tokens=12, temperature=temperature, seed=seed)
+def sample(save: str, seed: int, temperature: float, use_cache: bool = True) -> str:
+    return generate(save, "def ", max_new_tokens=12, temperature=temperature, seed=seed, use_cache=use_cache)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,19 @@ def test_samples_are_a_function_of_the_seed(run_ranks, checkpoint):
 
 def test_greedy_decoding_is_deterministic(run_ranks, checkpoint):
     assert run_ranks(1, sample, checkpoint, 1, 0.0) == run_ranks(1, sample, checkpoint, 2, 0.0)
+
+
+def test_the_kv_cache_changes_no_token(run_ranks, checkpoint):
+    # sampled, not greedy: six training steps leave an argmax that repeats one token whatever the context
+    # (greedy decoding against the cache is tested in test_kv_cache.py, on models whose argmax moves)
+    with_cache = run_ranks(1, sample, checkpoint, 3, 1.0)
+    assert with_cache == run_ranks(1, sample, checkpoint, 3, 1.0, use_cache=False)
+
+
+def test_no_cache_flag():
+    args = ["generate", "--load", "ckpts", "--prompt", "def "]
+    assert build_parser().parse_args(args).use_cache
+    assert not build_parser().parse_args([*args, "--no-cache"]).use_cache
 
 
 def test_missing_checkpoint_is_named(tmp_path):

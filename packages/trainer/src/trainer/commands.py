@@ -80,6 +80,7 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="no KV cache: rerun all per token")
     p.set_defaults(run=run_generate)
 
 
@@ -88,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     text = generate(
         args.load, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, seed=args.seed,
+        top_k=args.top_k, seed=args.seed, use_cache=args.use_cache,
     )  # fmt: skip
     print(text)
     return 0

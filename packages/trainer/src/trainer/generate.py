@@ -2,7 +2,10 @@
 
 The checkpoint holds the run's configuration; the model is rebuilt from it at TP=PP=1 and its
 layout-free tensors are loaded (:func:`trainer.model.model_shards`). Sampling: temperature and top-k,
-greedy at temperature 0, from a seeded generator; no KV cache (each new token reruns the window).
+greedy at temperature 0, from a seeded generator. By default with a KV cache (:mod:`trainer.model.kv_cache`):
+the prompt runs once (prefill), then each step runs only the new token. Past ``model.max_seq_len`` tokens the
+context is the last ``max_seq_len`` (a sliding window); its positions shift every step, so from there each
+step reruns the window, as ``use_cache=False`` does for every step. Both give the same tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .config import parse_run_config
 from .data import load_tokenizer
 from .errors import TrainerError
 from .launch import default_group
-from .model import ModelGroups, build_chunks, model_shards
+from .model import GPTChunk, ModelGroups, build_chunks, model_shards
 
 
 def generate(
@@ -30,8 +33,10 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 40,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> str:
-    """``prompt`` continued by up to ``max_new_tokens`` tokens sampled from the checkpoint's model."""
+    """``prompt`` continued by up to ``max_new_tokens`` tokens sampled from the checkpoint's model
+    (``use_cache=False``: rerun the whole context for every token)."""
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise TrainerError("max_new_tokens and temperature must be >= 0, top_k >= 1")
     found = Path(path) if (Path(path) / "index.json").exists() else ckpt.latest(path)
@@ -51,16 +56,41 @@ def generate(
         if not ids:
             raise TrainerError("the prompt is empty after tokenizing; give at least one character")
         generator = torch.Generator(device).manual_seed(seed)
-        new: list[int] = []
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                window = torch.tensor([(ids + new)[-model.max_seq_len :]], device=device)
-                logits = chunk(window)[-1, 0, : model.vocab_size].float()
-                token = _sample(logits, temperature, top_k, generator)
-                if token == tokenizer.eos_id:
-                    break
-                new.append(token)
+        new = decode(
+            chunk, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+            eos_id=tokenizer.eos_id, use_cache=use_cache,
+        )  # fmt: skip
         return prompt + tokenizer.decode(new)
+
+
+def decode(
+    chunk: GPTChunk,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """Up to ``max_new_tokens`` token ids sampled after ``ids`` from the whole model ``chunk`` (TP=PP=1),
+    stopping before ``eos_id``; the context is the last ``model.max_seq_len`` tokens."""
+    cfg, limit = chunk.cfg, chunk.cfg.max_seq_len
+    device = next(chunk.parameters()).device
+    caches = chunk.kv_caches(1, min(limit, len(ids) + max_new_tokens)) if use_cache and max_new_tokens else None
+    context = list(ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if caches is not None and len(context) > limit:
+                caches = None  # the window slides from here on: its cached keys are at the wrong positions
+            step = context[-limit:] if caches is None else context[caches[0].length :]
+            logits = chunk(torch.tensor([step], device=device), caches)[-1, 0, : cfg.vocab_size].float()
+            token = _sample(logits, temperature, top_k, generator)
+            if token == eos_id:
+                break
+            context.append(token)
+    return context[len(ids) :]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

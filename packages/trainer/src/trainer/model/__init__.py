@@ -4,11 +4,13 @@ and the model's tensors as layout-free ``Shard`` pieces (for checkpoints and par
 from .config import PRESETS, ModelConfig, preset
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
+from .kv_cache import KVCache
 from .shards import model_shards
 
 __all__ = [
     "PRESETS",
     "GPTChunk",
+    "KVCache",
     "ModelConfig",
     "ModelGroups",
     "build_chunks",

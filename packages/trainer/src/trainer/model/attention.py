@@ -13,6 +13,7 @@ from ..errors import TrainerError
 from . import init
 from .config import ModelConfig
 from .groups import ModelGroups
+from .kv_cache import KVCache
 from .rotary import apply_rotary, rotary_angles
 
 
@@ -53,15 +54,19 @@ class Attention(nn.Module):
             sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if cfg.bias else None,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache`` (inference, TP=CP=1): ``x`` holds the tokens after the cached ones (see ``kv_cache``)."""
         qkv = self.qkv(x)  # [seq (whole CP-local sequence), batch, (heads + 2*kv_heads) * head_dim / tp]
         seq, batch, d = qkv.size(0), qkv.size(1), self.cfg.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = (t.reshape(seq, batch, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))
         if self.cfg.position == "rotary":
-            cos, sin = rotary_angles(self.positions(seq, qkv.device), d, self.cfg.rope_theta)
+            positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
+            cos, sin = rotary_angles(positions, d, self.cfg.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.selective_recompute and torch.is_grad_enabled():
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        elif self.selective_recompute and torch.is_grad_enabled():
             out = recompute(self.core, q, k, v)
         else:
             out = self.core(q, k, v)

@@ -12,6 +12,7 @@ from ..errors import TrainerError
 from .attention import Attention
 from .config import ModelConfig
 from .groups import ModelGroups
+from .kv_cache import KVCache
 from .mlp import MLP, moe_layer
 
 RECOMPUTE = (None, "full", "selective")
@@ -45,11 +46,11 @@ class TransformerLayer(nn.Module):
         self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.full_recompute and torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None and self.full_recompute and torch.is_grad_enabled():
             return recompute(self._forward, x)
-        return self._forward(x)
+        return self._forward(x, cache)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x)))
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), cache))
         return x + self.dropout(self.mlp(self.norm2(x)))

@@ -5,9 +5,12 @@ last also applies the final norm and the output head. ``build_chunks`` gives a r
 With tied embeddings and several stages, the last stage keeps its own copy of the embedding table
 (drawn from the same seed, tagged ``pstate.tags.mark_tied_copy``); :func:`tied_embedding_params` lists
 the copies whose gradients must be summed over the ``embedding`` group so that they stay equal.
+For inference at TP=CP=1, ``forward(ids, caches)`` takes one :class:`KVCache` per layer (``kv_caches``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from .attention import sequence_positions
 from .block import TransformerLayer, norm
 from .config import ModelConfig
 from .groups import ModelGroups
+from .kv_cache import KVCache, check_caches
 
 
 class GPTChunk(nn.Module):
@@ -72,27 +76,40 @@ class GPTChunk(nn.Module):
             if not cfg.tied_embeddings:
                 self.head = output_head(cfg, groups, seed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None) -> torch.Tensor:
+        """``caches`` (one per layer, TP=CP=1): ``x`` holds the tokens after the cached ones, which the caches
+        then also hold."""
+        start = None if caches is None else check_caches(caches, self.groups, len(self.layers))
         if self.stage.embedding:
-            x = self.embed(x)
-        for layer in self.layers:
-            x = layer(x)
+            x = self.embed(x, start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if caches is None else layer(x, caches[i])
         if self.stage.head:
             x = self.logits(self.final_norm(x))
         return x
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[batch, seq]`` (this CP rank's part) to hidden states ``[seq(/tp), batch, hidden]``."""
+    def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
+        positions, in the dtype and on the device of the weights."""
+        weight = next(self.parameters())
+        shape = (batch, self.cfg.num_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
+        return [KVCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
+
+    def embed(self, ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Token ids ``[batch, seq]`` (this CP rank's part) to hidden states ``[seq(/tp), batch, hidden]``;
+        ``start``: the ids are positions ``start, start+1, ...`` (with a KV cache)."""
         if ids.dim() != 2:
             raise TrainerError(f"token ids must be [batch, seq], got shape {tuple(ids.shape)}")
         seq = ids.size(1)
         h = self.embedding(ids.t())
         if self.position is not None:
-            if seq * self.groups.cp_size > self.cfg.max_seq_len:
-                raise TrainerError(
-                    f"sequence of {seq * self.groups.cp_size} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
-                )
-            positions = sequence_positions(seq, self.groups, ids.device)
+            end = (start or 0) + seq * self.groups.cp_size
+            if end > self.cfg.max_seq_len:
+                raise TrainerError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            if start is None:
+                positions = sequence_positions(seq, self.groups, ids.device)
+            else:
+                positions = torch.arange(start, end, device=ids.device)
             if self.groups.sequence_parallel:
                 positions = positions.chunk(self.groups.tp_size)[self.groups.tp_rank]
             h = h + self.position[positions].unsqueeze(1)
