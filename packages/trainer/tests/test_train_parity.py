@@ -205,3 +205,30 @@ def test_tied_zero2_run_resumes_at_another_layout(run_ranks, tied_reference, tmp
     tail = run_ranks(4, run_training, with_save(second, save, load=True), cache)[0]
     assert len(head) + len(tail) == STEPS
     assert head + tail == pytest.approx(tied_reference, rel=2e-5)
+
+
+# Dropout (masks: test_model_dropout.py): at one stage without sequence parallelism every TP rank draws
+# the one-process model's masks, so TP2 with dropout has the one-process losses; full recomputation
+# draws the first forward's masks again, so its losses are exactly those without it.
+
+
+def test_dropout_at_tp2_matches_one_process(run_ranks, tmp_path):
+    overrides = {"model": {"preset": "tiny", "dropout": 0.1}}
+    reference = run_ranks(1, run_training, overrides, str(tmp_path))[0]
+    no_dropout = run_ranks(1, run_training, {}, str(tmp_path))[0]
+    assert reference != pytest.approx(no_dropout, rel=1e-3)  # dropout is active
+    for losses in run_ranks(2, run_training, {**overrides, "parallel": {"tp": 2}}, str(tmp_path)):
+        assert losses == pytest.approx(reference, rel=2e-5)
+
+
+def test_full_recompute_draws_the_same_masks(run_ranks, tmp_path):
+    overrides = {
+        "model": {"preset": "tiny", "dropout": 0.1},
+        "parallel": {"tp": 2},
+        "train": {"sequence_parallel": True},
+    }
+    plain = run_ranks(2, run_training, overrides, str(tmp_path))
+    recomputed = run_ranks(
+        2, run_training, {**overrides, "train": {"sequence_parallel": True, "recompute": "full"}}, str(tmp_path)
+    )
+    assert plain == recomputed

@@ -11,6 +11,7 @@ from tp_layers import recompute
 from ..errors import TrainerError
 from .attention import Attention
 from .config import ModelConfig
+from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
 from .kv_cache import KVCache
 from .mlp import MLP, moe_layer
@@ -31,10 +32,18 @@ def norm(cfg: ModelConfig, groups: ModelGroups) -> nn.Module:
 
 
 class TransformerLayer(nn.Module):
-    """Global layer ``layer`` of the model; ``recompute`` is ``None``, ``"full"`` or ``"selective"``."""
+    """Global layer ``layer`` of the model; ``recompute`` is ``None``, ``"full"`` or ``"selective"``;
+    ``rng``: the dropout generator states of the chunk (its own, drawn for this layer, when not given)."""
 
     def __init__(
-        self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int, *, recompute: str | None = None
+        self,
+        cfg: ModelConfig,
+        groups: ModelGroups,
+        layer: int,
+        seed: int,
+        *,
+        recompute: str | None = None,
+        rng: DropoutRNG | None = None,
     ) -> None:
         super().__init__()
         if recompute not in RECOMPUTE:
@@ -44,11 +53,12 @@ class TransformerLayer(nn.Module):
         self.attn = Attention(cfg, groups, layer, seed, selective_recompute=recompute == "selective")
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.rng = DropoutRNG(seed, groups, layer) if rng is None else rng  # the chunk's, shared by its layers
+        self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if cache is None and self.full_recompute and torch.is_grad_enabled():
-            return recompute(self._forward, x)
+            return recompute(self._forward, x, tracker=self.rng.tracker(x.device))
         return self._forward(x, cache)
 
     def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from . import init
 from .attention import sequence_positions
 from .block import TransformerLayer, norm
 from .config import ModelConfig
+from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
 from .kv_cache import KVCache, check_caches
 
@@ -52,10 +53,11 @@ class GPTChunk(nn.Module):
         if cfg.vocab_size is None:
             raise TrainerError("model.vocab_size is not set (it comes from the tokenizer when training)")
         self.cfg, self.groups, self.stage = cfg, groups, stage
+        self.rng = DropoutRNG(seed, groups, stage.stage)
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, groups, layer, seed, recompute=recompute) for layer in stage.layers
+            TransformerLayer(cfg, groups, layer, seed, recompute=recompute, rng=self.rng) for layer in stage.layers
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
         self.embedding = self.position = self.final_norm = self.head = None
         if stage.embedding or (stage.head and cfg.tied_embeddings):
             self.embedding = embedding_table(cfg, groups, seed)

@@ -12,7 +12,22 @@ import math
 
 import torch
 
-ROLES = ("embedding", "position", "head", "q", "k", "v", "proj", "fc1", "gate", "up", "fc2", "router", "experts")
+ROLES = (
+    "embedding",
+    "position",
+    "head",
+    "q",
+    "k",
+    "v",
+    "proj",
+    "fc1",
+    "gate",
+    "up",
+    "fc2",
+    "router",
+    "experts",
+    "dropout",
+)
 
 EMBEDDING_LAYER = -1
 """The layer number used for tensors outside the transformer layers (embeddings, head)."""
