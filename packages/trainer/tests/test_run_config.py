@@ -77,6 +77,13 @@ def test_impossible_runs_are_refused_with_the_rule(overrides, world, match):
         check_run(cfg, world)
 
 
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero1_and_2_combine_with_moe_experts(zero):
+    overrides = {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"zero": zero}}
+    overrides["train"]["sequence_parallel"] = True
+    assert check_run(load_run_config(overrides=overrides), 4) >= 1
+
+
 def test_microbatches_follow_from_the_global_batch():
     cfg = load_run_config(overrides={"train": {"global_batch": 32, "micro_batch": 2}, "parallel": {"tp": 2}})
     assert check_run(cfg, 8) == 4  # dp = 4

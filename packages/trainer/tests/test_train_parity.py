@@ -60,6 +60,16 @@ LAYOUTS = {
         {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"sequence_parallel": True}},
     ),
     "moe-ep2-cp2": (4, {"model": {"preset": "tiny-moe"}, "parallel": {"cp": 2, "ep": 2}}),
+    # ZeRO-1/2 with experts: dense state sharded over dp_cp, expert state over edp (1 here, 2 below)
+    "zero1-moe-ep2-tp2-sp-dp2": (
+        4,
+        {
+            "model": {"preset": "tiny-moe"},
+            "parallel": {"tp": 2, "ep": 2},
+            "train": {"zero": 1, "sequence_parallel": True},
+        },
+    ),
+    "zero2-moe-ep2-dp4": (4, {"model": {"preset": "tiny-moe"}, "parallel": {"ep": 2}, "train": {"zero": 2}}),
 }
 
 
@@ -98,6 +108,16 @@ CASES = {
     ),
     "dp2-to-zero3-dp4": ((2, {"parallel": {"dp": 2}}), (4, {"parallel": {"dp": 4}, "train": {"zero": 3}})),
     "zero1-dp2-to-tp2-dp1": ((2, {"parallel": {"dp": 2}, "train": {"zero": 1}}), (2, {"parallel": {"tp": 2}})),
+    # expert state saved sharded over edp=2 with 2 experts per rank, loaded with all 4 experts per rank
+    "zero1-moe-ep2-dp4-to-moe-ep1-dp2": (
+        (4, {"model": {"preset": "tiny-moe"}, "parallel": {"ep": 2}, "train": {"zero": 1}}),
+        (2, {"model": {"preset": "tiny-moe"}}),
+    ),
+    # and into ZeRO: experts split over ETP=2 at DDP, loaded into ZeRO-2 shards of 2 experts over edp=2
+    "moe-tp2-sp-to-zero2-moe-ep2-dp4": (
+        (2, {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2}, "train": {"sequence_parallel": True}}),
+        (4, {"model": {"preset": "tiny-moe"}, "parallel": {"ep": 2}, "train": {"zero": 2}}),
+    ),
 }
 
 
@@ -112,7 +132,8 @@ def with_save(overrides: dict, save: str, *, exit_interval: int | None = None, l
 def test_resumed_run_continues_with_the_same_losses(run_ranks, tmp_path, case):
     (world_a, first), (world_b, second) = CASES[case]
     cache = str(tmp_path / "cache")
-    full = run_ranks(1, run_training, {}, cache)[0]
+    model = {"model": first["model"]} if "model" in first else {}  # another model: its own one-process run
+    full = run_ranks(1, run_training, model, cache)[0]
     save = str(tmp_path / "ckpt")
     head = run_ranks(world_a, run_training, with_save(first, save, exit_interval=K), cache)[0]
     tail = run_ranks(world_b, run_training, with_save(second, save, load=True), cache)[0]

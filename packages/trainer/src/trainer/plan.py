@@ -5,7 +5,7 @@ Estimates, stated so they can be checked and improved (none is measured here):
 - **Parameters** from the config (:func:`parameter_count`), exact for our model (tested against it).
 - **Memory per GPU**: weights, gradients and AdamW state as this trainer keeps them (fp32 weights that
   are the masters, fp32 gradients, two fp32 moments: 16 bytes per parameter), divided over TP x PP (and
-  experts over EP), and the ZeRO stage's share over DP; plus activations per Korthikanti et al.
+  experts over EP), and the ZeRO stage's share over DP (experts' over EDP); plus activations per Korthikanti et al.
   ("Reducing activation recomputation", 2022): per layer and micro-batch ``s*b*h*(34 + 5*a*s/h)`` bytes
   in 16-bit, ``/tp`` with sequence parallelism, ``34*s*b*h/tp`` with selective recomputation, ``2*s*b*h``
   with full recomputation; ``s`` is the sequence over CP; the first pipeline stage holds ``pp`` micro-
@@ -98,8 +98,12 @@ def estimate(cfg: RunConfig, cluster: Cluster) -> Plan:
     microbatches = (t.global_batch or t.micro_batch * dp) // (t.micro_batch * dp)
     dense, expert = parameter_count(m)
     local = dense / (p.tp * p.pp) + expert / (p.etp * p.ep * p.pp)
-    shard = {0: 16.0, 1: 8 + 8 / dp, 2: 4 + 12 / dp, 3: 16 / dp}[t.zero]
-    states = local * shard
+    edp = world // (p.etp * p.ep * p.pp)  # ZeRO shards the experts' state over their data-parallel group
+
+    def shard(n: int) -> float:  # bytes per parameter a rank keeps, its ZeRO stage sharding over n ranks
+        return {0: 16.0, 1: 8 + 8 / n, 2: 4 + 12 / n, 3: 16 / n}[t.zero]
+
+    states = dense / (p.tp * p.pp) * shard(dp) + expert / (p.etp * p.ep * p.pp) * shard(edp)
     s, b, h, a = t.seq_len // p.cp, t.micro_batch, m.hidden, m.heads
     if t.recompute == "full":
         per_layer = 2 * s * b * h

@@ -6,7 +6,10 @@ any other, and parity tests compare pieces against the one-process model's tenso
 
 :func:`model_pieces` says where each named piece sits, in a parameter and in the full tensor; the
 same pieces describe anything shaped like the parameters (gradients, optimizer moments), and a ZeRO
-flat range of a parameter is split along them (:func:`flat_range_shards`).
+flat range of a parameter is split along them (:func:`flat_range_shards`). A column block (the experts'
+``gate`` or ``up`` half of their fused first weight) of a flat range is a flat range of the block too,
+but its elements are not contiguous in the parameter's: its data is then a copy, a :class:`Gathered`
+whose :meth:`~Gathered.scatter` writes it back (after ``ckpt.load`` filled it).
 """
 
 from __future__ import annotations
@@ -102,13 +105,34 @@ def model_shards(chunks: list[GPTChunk], *, grads: bool = False) -> dict[str, Sh
     return {piece.name: piece.shard(source(piece.param)) for piece in model_pieces(chunks)}
 
 
-def flat_range_shards(pieces: list[Piece], local: Shard) -> dict[str, Shard]:
+@dataclass(frozen=True)
+class Gathered:
+    """A column block's elements of a flat range: ``data``, copied from the ``[start, stop)``
+    ``segments`` of ``source`` (one per expert), in order."""
+
+    data: torch.Tensor
+    source: torch.Tensor
+    segments: tuple[tuple[int, int], ...]
+
+    def scatter(self) -> None:
+        """Write ``data`` back into ``source`` (after it was loaded)."""
+        offset = 0
+        for start, stop in self.segments:
+            self.source[start:stop].copy_(self.data[offset : offset + stop - start])
+            offset += stop - start
+
+
+def flat_range_shards(pieces: list[Piece], local: Shard, gathered: list[Gathered] | None = None) -> dict[str, Shard]:
     """Split ``local``, a flat range of one parameter in its own frame (a ZeRO shard), along the
-    parameter's ``pieces`` into flat ranges of each named full tensor's pieces."""
+    parameter's ``pieces`` into flat ranges of each named full tensor's pieces. A column block piece is
+    taken only with ``gathered``: where its data is a copy, the :class:`Gathered` is appended there."""
     out = {}
     for piece in pieces:
         if piece.dim1 is not None:
-            raise ValueError(f"{piece.name}: a column block cannot take a ZeRO flat range")
+            if gathered is None:
+                raise ValueError(f"{piece.name}: a column block of a ZeRO flat range needs gathered=")
+            out[piece.name] = _column_block(piece, local, gathered)
+            continue
         row = math.prod(local.shape[1:])
         first, last = piece.rows if piece.rows is not None else (0, local.shape[0])
         start, stop = max(local.flat_range[0], first * row), min(local.flat_range[1], last * row)
@@ -119,6 +143,35 @@ def flat_range_shards(pieces: list[Piece], local: Shard) -> dict[str, Shard]:
         flat = (start - first * row, stop - first * row)
         out[piece.name] = Shard(data, piece.global_shape, piece.offsets, shape=shape, flat_range=flat)
     return out
+
+
+def _column_block(piece: Piece, local: Shard, gathered: list[Gathered]) -> Shard:
+    """The elements of columns ``piece.dim1`` (of dimension 1) in ``local``'s flat range, as a flat range of
+    the block: within each index of dimension 0 they are contiguous, and the block's flat range runs on
+    from one to the next, so the range is contiguous in the block, not in the parameter."""
+    if piece.rows is not None:
+        raise ValueError(f"{piece.name}: a piece of rows and columns cannot take a ZeRO flat range")
+    shape, (first, last) = local.shape, piece.dim1
+    inner = math.prod(shape[2:])
+    row, width = shape[1] * inner, (last - first) * inner  # per index of dimension 0: all, and the block's
+
+    def within(flat: int) -> int:  # elements of the block before the parameter's element ``flat``
+        return flat // row * width + min(max(flat % row - first * inner, 0), width)
+
+    low, high = local.flat_range
+    segments = []
+    for index in range(low // row, -(-high // row)):
+        start, stop = max(low, index * row + first * inner), min(high, index * row + last * inner)
+        if start < stop:
+            segments.append((start - low, stop - low))
+    if len(segments) <= 1:  # contiguous: a view
+        start, stop = segments[0] if segments else (0, 0)
+        data = local.data[start:stop]
+    else:
+        data = torch.cat([local.data[start:stop] for start, stop in segments])
+        gathered.append(Gathered(data, local.data, tuple(segments)))
+    block = (shape[0], last - first, *shape[2:])
+    return Shard(data, piece.global_shape, piece.offsets, shape=block, flat_range=(within(low), within(high)))
 
 
 def _whole(name: str, p: nn.Parameter) -> Piece:

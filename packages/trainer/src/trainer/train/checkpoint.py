@@ -8,7 +8,11 @@ step and the data position (consumed samples, which resume at any DP size). ``rn
 generator.
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
-``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer.
+``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer. With
+MoE, ZeRO shards the experts' state over ``edp``, and the flat range of their fused ``[gate; up]``
+weight is split into the ``gate`` and ``up`` tensors' flat ranges; those elements are not contiguous in
+the range, so they are copies (``state["_gathered"]``), written back into the optimizer's state dict
+before it is loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ckpt import PerRank
 from dp_shard import optimizer_state_shards, parameter_shards
 from pstate import Shard
 
-from ..model.shards import Piece, flat_range_shards, model_pieces
+from ..model.shards import Gathered, Piece, flat_range_shards, model_pieces
 from .setup import Run
 
 ADAM = ("exp_avg", "exp_avg_sq")
@@ -43,7 +47,7 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
         by_param.setdefault(id(piece.param), []).append(piece)
     state["model"] = {piece.name: piece.shard(piece.param.data) for piece in pieces}
     if run.sharded:
-        state["optimizer"], state["_zero"] = _zero_state(run, by_param)
+        state["optimizer"], state["_zero"], state["_gathered"] = _zero_state(run, by_param)
     else:
         state["optimizer"] = _adam_state(run, by_param)
     return state
@@ -52,6 +56,8 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
 def finish_load(run: Run, state: dict[str, Any]) -> None:
     """After ``ckpt.load`` filled ``state``: give ZeRO state to the optimizer, restore the generator."""
     if run.sharded:  # its entries carry no masters: it takes them from the parameters just loaded
+        for copy in state["_gathered"]:
+            copy.scatter()
         run.optimizer.load_state_dict(state["_zero"])
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
 
@@ -72,13 +78,14 @@ def _adam_state(run: Run, by_param: dict[int, list[Piece]]) -> dict[str, Any]:
     return out
 
 
-def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    own = run.optimizer.state_dict()
+def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, Any], dict[str, Any], list[Gathered]]:
+    own = run.optimizer.state_dict()  # expert entries: ranges of this rank's experts, sharded over edp
     out: dict[str, Any] = {}
+    gathered: list[Gathered] = []
     for key, entry in own["state"].items():
         del entry[MASTER]  # the fp32 masters hold the model's values: saved once, as the model
-        _split_entries(by_param[id(run.named[key])], entry, out)
-    return out, own
+        _split_entries(by_param[id(run.named[key])], entry, out, gathered)
+    return out, own, gathered
 
 
 def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -94,12 +101,14 @@ def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     return model, optimizer
 
 
-def _split_entries(pieces: list[Piece], entries: dict[str, Any], out: dict[str, dict[str, Any]]) -> None:
+def _split_entries(
+    pieces: list[Piece], entries: dict[str, Any], out: dict[str, dict[str, Any]], gathered: list[Gathered] | None = None
+) -> None:
     """One parameter's optimizer state into ``out[piece name][state]``: a flat-range ``Shard`` split along
-    the parameter's pieces, a scalar (``step``) given to each piece."""
+    the parameter's pieces, a scalar (``step``) given to each piece. ``gathered``: see ``flat_range_shards``."""
     for key, value in entries.items():
         if isinstance(value, Shard):
-            for piece_name, shard in flat_range_shards(pieces, value).items():
+            for piece_name, shard in flat_range_shards(pieces, value, gathered).items():
                 out.setdefault(piece_name, {})[key] = shard
         else:
             for piece in pieces:

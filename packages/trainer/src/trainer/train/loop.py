@@ -133,9 +133,10 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     found_inf = False
+    experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
     if run.sharded:
         sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
-        norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp)
+        norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
         params = [p for c in run.chunks for p in c.parameters()]
         norm = clip_grad_norm_(params, _clip_threshold(run), pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
@@ -146,7 +147,6 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         if run.scaler is not None:
             grads = [p.main_grad for c in run.chunks for p in c.parameters()]
             found_inf = run.scaler.unscale_(grads, groups=[ps.world])
-        experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
         params = [p for c in run.chunks for p in c.parameters()]
         norm = clip_grad_norm_(params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     norm = float(norm)

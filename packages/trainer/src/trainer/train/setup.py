@@ -3,8 +3,9 @@ data-parallel wrapping, the optimizer and the pipeline executor.
 
 ``zero=0``: each chunk in :class:`dp_shard.DataParallel` (bucketed all-reduce over ``dp_cp``, experts
 over ``edp``) and ``torch.optim.AdamW``. ``zero=1/2``: :class:`dp_shard.ShardedOptimizer` owns the
-gradient reduction. Mixed precision (``bf16``/``fp16``) is autocast compute over fp32 parameters, which
-are the master weights; ``fp16`` adds a dynamic :class:`dp_shard.LossScaler`.
+gradient reduction (dense parameters sharded over ``dp_cp``, experts over ``edp``). Mixed precision
+(``bf16``/``fp16``) is autocast compute over fp32 parameters, which are the master weights; ``fp16``
+adds a dynamic :class:`dp_shard.LossScaler`.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
             stage=t.zero,
             loss_scaler=scaler,
             aligned=tied_embedding_params(chunks),  # both stages then own the same elements of the copies
+            expert_group=ps.edp if model.num_experts > 0 else None,  # experts sharded over edp
             **adam,
         )
         no_sync = None
