@@ -24,6 +24,7 @@ from torch import nn
 
 from dp_shard import clip_grad_norm_
 from dp_shard.fully_shard import fully_shard
+from pstate import tags
 
 SEED, BATCH, IN, HIDDEN, LAYERS, STEPS = 1234, 4, 6, 12, 3, 3
 
@@ -204,3 +205,35 @@ def test_clip_grad_norm_counts_each_shard_once(run_ranks):
     for norm in run_ranks(2, sharded_grad_norm, True):
         torch.testing.assert_close(norm, expected)
     assert all(norm < expected * 0.99 for norm in run_ranks(2, sharded_grad_norm, False))  # the local part only
+
+
+def tags_of_the_pieces():
+    torch.manual_seed(SEED)
+    model = Net()
+    block = model.blocks[0]
+    tags.mark_tensor_parallel(block.fc.weight, 0)
+    tags.mark_sequence_parallel(block.norm.weight)
+    tags.mark_expert_parallel(block.extra.weight)
+    tags.mark_tied_copy(block.extra.bias)
+    fully_shard(model, group=dist.group.WORLD, units=Block)
+    pieces = dict(model.named_parameters())
+    return {
+        name: (
+            tags.tensor_parallel_dim(p),
+            tags.is_sequence_parallel(p),
+            tags.is_expert_parallel(p),
+            tags.is_tied_copy(p),
+        )
+        for name, p in pieces.items()
+        if name.startswith("blocks.0.")
+    }
+
+
+def test_pieces_keep_the_parameters_tags(run_ranks):
+    """Clipping and the model-parallel gradient completions read the tags on what the optimizer sees."""
+    for found in run_ranks(2, tags_of_the_pieces):
+        assert found["blocks.0.fc.weight"] == (0, False, False, False)
+        assert found["blocks.0.norm.weight"] == (None, True, False, False)
+        assert found["blocks.0.extra.weight"] == (None, False, True, False)
+        assert found["blocks.0.extra.bias"] == (None, False, False, True)
+        assert found["blocks.0.fc.bias"] == (None, False, False, False)

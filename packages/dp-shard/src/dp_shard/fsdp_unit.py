@@ -5,7 +5,9 @@ of the group size ``N``, form a flat tensor of ``padded`` elements; rank ``r`` s
 ``[r * padded / N, (r + 1) * padded / N)`` of it in ``flat``, in the parameters' own dtype (the master
 copy). What the optimizer sees is one ``nn.Parameter`` per original parameter, its *piece*: a view of
 ``flat`` holding the part of that parameter this rank stores (possibly empty). Optimizers update
-pieces in place, which updates ``flat``.
+pieces in place, which updates ``flat``. A piece carries its parameter's :mod:`pstate.tags` (they
+describe the original parameter: TP split, sequence parallel, expert, tied copy), so clipping and the
+model-parallel gradient completions treat the piece as they would the parameter.
 
 Gathered copy. ``full`` is a leaf tensor of ``padded`` elements in the compute dtype that requires
 grad; each original parameter's attribute on its module is set (in the module's ``__dict__``, which
@@ -31,9 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pstate import tags
 from pstate.collectives import all_gather_single, reduce_scatter_single
 
 PIECE_ATTRIBUTE = "_dp_shard_fsdp_piece"  # set on the pieces, so that sharding them again is refused
+TAGS = (tags.TENSOR_PARALLEL_DIM, tags.SEQUENCE_PARALLEL, tags.EXPERT_PARALLEL, tags.TIED_COPY)  # kept by pieces
 
 
 @dataclass
@@ -111,6 +115,9 @@ class FlatUnit:
                 self.flat[a - low : b - low].copy_(param.detach().reshape(-1)[local[0] : local[1]])
                 piece = nn.Parameter(self.flat[a - low : b - low], requires_grad=True)
                 setattr(piece, PIECE_ATTRIBUTE, True)
+                for tag in TAGS:
+                    if hasattr(param, tag):
+                        setattr(piece, tag, getattr(param, tag))
                 self.slots.append(Slot(pname, owners, param.shape, start, piece, local, a - low))
                 start += param.numel()
         self.full = torch.empty(self.padded, dtype=self.compute_dtype, device=self.device, requires_grad=True)
