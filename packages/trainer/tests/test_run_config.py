@@ -69,12 +69,39 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         ({"train": {"global_batch": 6, "micro_batch": 4}}, 1, "global_batch=6 must be divisible"),
         ({"parallel": {"tp": 2}}, 3, "world_size=3"),
         ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "nope"}}, 2, "--pipeline-schedule nope"),
+        (
+            {"parallel": {"pp": 2}, "train": {"zero": 3, "pipeline_schedule": "zero-bubble", "global_batch": 8}},
+            4,
+            "--zero 3 with --pipeline-schedule zero-bubble",
+        ),
+        ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
     ],
 )
 def test_impossible_runs_are_refused_with_the_rule(overrides, world, match):
     cfg = load_run_config(overrides=overrides)
     with pytest.raises(TrainerError, match=match):
         check_run(cfg, world)
+
+
+@pytest.mark.parametrize(
+    "overrides, world",
+    [
+        ({"parallel": {"tp": 2}, "train": {"sequence_parallel": True}}, 4),
+        ({"parallel": {"tp": 2, "pp": 2}, "train": {"global_batch": 8}}, 8),
+        (
+            {
+                "model": {"preset": "tiny-gpt2"},
+                "parallel": {"pp": 2, "vpp": 2},
+                "train": {"pipeline_schedule": "interleaved-1f1b", "micro_batch": 2, "global_batch": 8},
+            },
+            4,
+        ),
+        ({"train": {"precision": "fp16"}}, 2),
+    ],
+)
+def test_zero3_combines_with_tp_pp_tied_embeddings_and_fp16(overrides, world):
+    overrides.setdefault("train", {})["zero"] = 3
+    assert check_run(load_run_config(overrides=overrides), world) >= 1
 
 
 @pytest.mark.parametrize("zero", [1, 2])

@@ -173,9 +173,10 @@ def build_chunks(
 
 
 def tied_embedding_params(chunks: list[GPTChunk]) -> list[nn.Parameter]:
-    """The embedding copies whose gradients are summed over the embedding group (tied, pp > 1)."""
+    """The embedding copies whose gradients are summed over the embedding group (tied, pp > 1): the
+    registered parameters (under FSDP, this rank's pieces of them)."""
     return [
-        c.embedding.weight
+        dict(c.embedding.named_parameters())["weight"]
         for c in chunks
         if c.embedding is not None and c.cfg.tied_embeddings and not (c.stage.embedding and c.stage.head)
     ]

@@ -138,8 +138,14 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
         norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
+        # the pieces line up across TP ranks (and a tied embedding's two copies): complete them as DDP does
+        sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
         params = [p for c in run.chunks for p in c.parameters()]
-        norm = clip_grad_norm_(params, _clip_threshold(run), pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
+        if run.scaler is not None:
+            found_inf = run.scaler.unscale_([p.grad for p in params], groups=[ps.world])
+        norm = clip_grad_norm_(
+            params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp]
+        )
     else:
         for module in run.modules:
             module.finish_grad_sync()

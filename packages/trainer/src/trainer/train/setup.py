@@ -23,7 +23,6 @@ from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
-from ..model.block import TransformerLayer
 from ..model.shards import Piece, model_pieces
 from .pipeline import make_executor
 
@@ -130,7 +129,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         decayed = {n for n, p in named.items() if p.dim() >= 2}
         fsdp_pieces = [_pieces_by_name(c) for c in chunks]
         for c in chunks:
-            fully_shard(c, group=ps.dp_cp, units=TransformerLayer)
+            fully_shard(c, group=ps.dp_cp, units=_fsdp_units(c))  # the pieces keep the parameters' tags
         named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
         optimizer = torch.optim.AdamW(
             [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay, decayed)], **adam
@@ -146,6 +145,20 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     run = Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
     run.fsdp_pieces = fsdp_pieces if t.zero == 3 else None
     return run
+
+
+def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
+    """A chunk's FSDP units: each transformer layer, the final norm and, where nothing but its own
+    forward uses it, the embedding table; the root keeps the rest. So a tied embedding's two copies (in
+    the first stage's embedding unit, and alone in the last stage's root, where the head uses it outside
+    the embedding's forward) lie alike in their flat shards, and their gradient pieces are summed
+    element by element over the embedding group."""
+    units: list[nn.Module] = [*chunk.layers]
+    if chunk.final_norm is not None:
+        units.append(chunk.final_norm)
+    if chunk.stage.embedding and not (chunk.stage.head and chunk.cfg.tied_embeddings):
+        units.append(chunk.embedding)
+    return units
 
 
 def _pieces_by_name(chunk: GPTChunk) -> dict[str, list[Piece]]:
