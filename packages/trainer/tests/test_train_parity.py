@@ -126,6 +126,11 @@ CASES = {
         (4, {"parallel": {"tp": 2}, "train": {"zero": 3}}),
     ),
     "zero1-dp2-to-tp2-dp1": ((2, {"parallel": {"dp": 2}, "train": {"zero": 1}}), (2, {"parallel": {"tp": 2}})),
+    # dropout at TP2 (its masks are the one-process run's): the generator states come back with the run
+    "dropout-tp2-same": (
+        (2, {"model": {"preset": "tiny", "dropout": 0.1}, "parallel": {"tp": 2}}),
+        (2, {"model": {"preset": "tiny", "dropout": 0.1}, "parallel": {"tp": 2}}),
+    ),
     # expert state saved sharded over edp=2 with 2 experts per rank, loaded with all 4 experts per rank
     "zero1-moe-ep2-dp4-to-moe-ep1-dp2": (
         (4, {"model": {"preset": "tiny-moe"}, "parallel": {"ep": 2}, "train": {"zero": 1}}),

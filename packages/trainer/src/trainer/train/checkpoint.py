@@ -5,7 +5,9 @@ AdamW's moments under the same names (with ZeRO and FSDP, their flat-range shard
 same pieces) and ``step`` as a replicated scalar; the fp32 master weights are the parameters, saved
 once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
 step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
-generator.
+generator. ``dropout``: each chunk's dropout generator states (:class:`trainer.model.dropout.DropoutRNG`),
+by device type; a run resumed at the layout that saved them restores them (at another layout the
+stages and shards draw other masks anyway, and start again from the seed).
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
 ``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer. With
@@ -37,6 +39,7 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
     state: dict[str, Any] = {
         "progress": {"step": step, "data": data_state},
         "rng": PerRank(torch.get_rng_state(), required=False),
+        "dropout": {run.device.type: _dropout_states(run)},
     }
     if run.fsdp:
         state["model"], state["optimizer"] = _fsdp_state(run)
@@ -60,6 +63,16 @@ def finish_load(run: Run, state: dict[str, Any]) -> None:
             copy.scatter()
         run.optimizer.load_state_dict(state["_zero"])
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
+    for chunk, states in zip(run.chunks, state.get("dropout", {}).get(run.device.type, {}).values()):
+        values = {name: v.value if isinstance(v, PerRank) else v for name, v in states.items()}
+        chunk.rng.tracker(run.device).set_states(values)
+
+
+def _dropout_states(run: Run) -> dict[str, dict[str, PerRank]]:
+    return {
+        f"chunk{i}": {name: PerRank(s, required=False) for name, s in c.rng.tracker(run.device).get_states().items()}
+        for i, c in enumerate(run.chunks)
+    }
 
 
 def saveable(state: dict[str, Any]) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
     tokens_per_step = global_batch * t.seq_len
-    peak = measured_matmul_flops() * dist.get_world_size()
+    peak = measured_matmul_flops(device=run.device) * dist.get_world_size()
     flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
     records: list[dict[str, Any]] = []
     step = start
@@ -121,7 +121,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
     and whether the step was skipped for a non-finite gradient."""
     ps, t = run.ps, run.cfg.train
-    batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in micro]
+    batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
     if run.sharded or run.fsdp:
         run.optimizer.zero_grad()
@@ -142,7 +142,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
         params = [p for c in run.chunks for p in c.parameters()]
         if run.scaler is not None:
-            found_inf = run.scaler.unscale_([p.grad for p in params], groups=[ps.world])
+            found_inf = run.scaler.unscale_([p.grad for p in params])
         norm = clip_grad_norm_(
             params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp]
         )
@@ -152,7 +152,7 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
         sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
         if run.scaler is not None:
             grads = [p.main_grad for c in run.chunks for p in c.parameters()]
-            found_inf = run.scaler.unscale_(grads, groups=[ps.world])
+            found_inf = run.scaler.unscale_(grads)
         params = [p for c in run.chunks for p in c.parameters()]
         norm = clip_grad_norm_(params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
     norm = float(norm)
@@ -173,7 +173,9 @@ def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
     counts = ps.is_last_stage() and ps.tp.rank == 0
-    total = torch.tensor([float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0])
+    total = torch.tensor(
+        [float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0], device=run.device
+    )
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -191,7 +193,7 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     for _ in range(t.eval_steps):
         pairs = [
             local_batch(b[:, :-1], b[:, 1:], ps)
-            for b in (torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in next(data))
+            for b in (torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in next(data))
         ]
         result = run.executor.evaluate([i for i, _ in pairs], [lab for _, lab in pairs])
         losses.append(_global_loss(run, result.losses))
@@ -204,11 +206,15 @@ def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None
     state = saveable(run_state(run, step, data.state_dict()))
     state["config"] = to_toml(run.cfg)
     path = ckpt.step_dir(t.save, step)
-    layout = {k: getattr(run.cfg.parallel, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp")} | {"dp": run.ps.dp.size}
     if saver is None:
-        ckpt.save(state, path, layout=layout, keep=t.keep)
+        ckpt.save(state, path, layout=_layout(run), keep=t.keep)
     else:
-        saver.save(state, path, layout=layout, keep=t.keep)
+        saver.save(state, path, layout=_layout(run), keep=t.keep)
+
+
+def _layout(run: Run) -> dict[str, int]:
+    """The parallel sizes a checkpoint records."""
+    return {k: getattr(run.cfg.parallel, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp")} | {"dp": run.ps.dp.size}
 
 
 def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
@@ -224,7 +230,11 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
             raise TrainerError(f"--load {root}: no complete checkpoint there")
         return 0
     state = run_state(run, 0, data.state_dict())
-    if not any(key.startswith("progress/") for key in ckpt.inspect(found)["values"]):
+    summary = ckpt.inspect(found)
+    saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
+    if summary["layout"] != _layout(run) or not saved_dropout:  # streams per stage and TP rank: start anew
+        state.pop("dropout")
+    if not any(key.startswith("progress/") for key in summary["values"]):
         ckpt.load({"model": state["model"]}, found)  # weights only (trainer convert): a new run from them
         metrics.note(f"initialised the model from {found}")
         return 0

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dp_shard import DataParallel, LossScaler, ShardedOptimizer, fully_shard
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
+from pstate.device import device_for_backend
 from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
@@ -32,7 +34,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Run:
     """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
-    the executor calls: wrapped or bare), the optimizer, the executor and the loss scaler (fp16)."""
+    the executor calls: wrapped or bare), the optimizer, the executor, the loss scaler (fp16) and the
+    ``device`` the model and its batches are on."""
 
     cfg: RunConfig
     model: ModelConfig
@@ -46,6 +49,7 @@ class Run:
     scaler: LossScaler | None = None
     named: dict[str, nn.Parameter] = field(default_factory=dict)
     fsdp_pieces: list[dict[str, list[Piece]]] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def sharded(self) -> bool:
@@ -97,9 +101,13 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     chunks = build_chunks(
         model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
     )
+    device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
+    for chunk in chunks:
+        chunk.to(device)
     named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
     adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    scaler = LossScaler() if t.precision == "fp16" else None
+    # an overflow on any rank skips the step on every rank
+    scaler = LossScaler(groups=[ps.world]) if t.precision == "fp16" else None
     if t.zero == 0:
         has_experts = model.num_experts > 0
         modules: list[nn.Module] = [
@@ -144,6 +152,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     )  # fmt: skip
     run = Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
     run.fsdp_pieces = fsdp_pieces if t.zero == 3 else None
+    run.device = device
     return run
 
 
