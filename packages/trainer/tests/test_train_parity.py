@@ -195,14 +195,15 @@ def train_fp16_from_an_overflowing_scale(overrides: dict, tmp: str) -> list[tupl
     return steps
 
 
-def test_fp16_zero3_skips_the_same_overflowing_steps_and_matches_its_one_process_run(run_ranks, tmp_path):
-    """fp16 under FSDP at TP2+SP x PP2 x DP2: the loss scaler unscales the sharded gradients and finds the
-    overflow on whichever rank holds it, so every rank skips the step the one-process run skips, and the
+@pytest.mark.parametrize("zero", [1, 3])
+def test_fp16_zero_skips_the_same_overflowing_steps_and_matches_its_one_process_run(run_ranks, tmp_path, zero):
+    """fp16 under ZeRO-1 and FSDP at TP2+SP x PP2 x DP2: the loss scaler unscales the sharded gradients and
+    finds the overflow on whichever rank holds it, so every rank skips the step the one-process run skips, and the
     other steps match it. Losses: rtol 2e-2, as for the low-precision runs above. Norms: rtol 0.1: at
     step 8 the fp16 rounding under the TP split moves the norm by 7% with DDP as well (3.02 in one
     process, 3.22 at TP2 x PP2 with DDP or ZeRO-3); gradients left scaled are off by 2**12."""
     reference = run_ranks(1, train_fp16_from_an_overflowing_scale, {}, str(tmp_path))[0]
-    parallel = {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": 3, "sequence_parallel": True}}
+    parallel = {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": zero, "sequence_parallel": True}}
     results = run_ranks(8, train_fp16_from_an_overflowing_scale, parallel, str(tmp_path))
     skipped = [s for *_, s in reference]
     assert skipped[0] and not any(skipped[1:])

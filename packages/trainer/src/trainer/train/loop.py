@@ -160,7 +160,9 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     if run.scaler is not None and not run.sharded:
         run.scaler.update(found_inf)
     if not skipped:
-        run.optimizer.step()
+        run.optimizer.step()  # ZeRO-1/2: unscales, and updates the loss scale itself
+    elif run.scaler is not None and run.sharded:  # scaled gradients overflowed: the norm saw it first
+        run.scaler.update(True)
     return _global_loss(run, result.losses) / scale, norm, skipped
 
 
