@@ -1,7 +1,8 @@
 """Dropout under tensor, sequence and pipeline parallelism draws the masks it should: replicated
 activations (no sequence parallelism) the same mask on every TP rank, a sequence shard a mask of its
-own per TP rank, and each pipeline stage its own masks (the default generator would repeat the first
-stage's masks on every stage, and the same mask on every TP rank's shard). Training with dropout is
+own per TP rank, each CP rank (another part of the sequences) and each pipeline stage its own masks (the
+default generator would repeat the first stage's masks on every stage, and the same mask on every TP
+rank's shard and every CP rank's part). Training with dropout is
 tested in ``test_train_parity.py`` (TP2 equals one process; full recompute draws the same masks)."""
 
 import torch
@@ -12,13 +13,14 @@ from trainer.model import ModelGroups
 from trainer.model.dropout import Dropout, DropoutRNG
 
 
-def masks(sharded: bool, stage: int) -> list[torch.Tensor]:
-    """This rank's dropout mask, and every TP rank's (gathered)."""
-    with pstate.initialize(pstate.ParallelConfig(tp=dist.get_world_size())) as ps:
-        rng = DropoutRNG(seed=5, groups=ModelGroups.from_state(ps, sequence_parallel=True), stage=stage)
-        mask = Dropout(0.5, rng, sharded=sharded)(torch.ones(256)) != 0
-        everyone = [torch.empty_like(mask) for _ in range(ps.tp.size)]
-        dist.all_gather(everyone, mask, group=ps.tp.group)
+def masks(sharded: bool, stage: int, axis: str = "tp") -> list[torch.Tensor]:
+    """Every rank's dropout mask (all the ranks of the ``axis``: TP, or CP)."""
+    config = pstate.ParallelConfig(**{axis: dist.get_world_size()})
+    with pstate.initialize(config) as ps:
+        groups = ModelGroups.from_state(ps, sequence_parallel=ps.tp.size > 1)
+        mask = Dropout(0.5, DropoutRNG(seed=5, groups=groups, stage=stage), sharded=sharded)(torch.ones(256)) != 0
+        everyone = [torch.empty_like(mask) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mask)
         return [m.clone() for m in everyone]
 
 
@@ -30,3 +32,9 @@ def test_shards_get_their_own_masks_and_replicas_the_same(run_ranks):
     assert not torch.equal(sharded[0], sharded[1])
     assert not torch.equal(replicated[0], other_stage[0])
     assert 0.3 < replicated[0].float().mean() < 0.7  # p=0.5 really drops
+
+
+def test_context_parallel_ranks_get_their_own_masks(run_ranks):
+    for sharded in (False, True):  # the CP ranks hold other tokens, whether or not TP shards them too
+        first, second = run_ranks(2, masks, sharded, 0, "cp")[0]
+        assert not torch.equal(first, second)

@@ -1,7 +1,8 @@
 """Dropout that draws the right masks under tensor, sequence and pipeline parallelism.
 
 Each chunk holds one :class:`DropoutRNG` (a :class:`tp_layers.RNGTracker` per device) with two states, both seeded
-from the run seed and the chunk's pipeline stage, so stages draw other masks than each other (from
+from the run seed, the chunk's pipeline stage and the CP rank, so stages (and the CP ranks' parts of the
+sequences) draw other masks than each other (from
 the default generator, every stage would start from the same state and repeat the first stage's masks
 in its own layers):
 
@@ -33,7 +34,8 @@ class DropoutRNG:
     :class:`~tp_layers.RNGTracker` per device the activations are on, made on first use."""
 
     def __init__(self, seed: int, groups: ModelGroups, stage: int) -> None:
-        base = init.tensor_seed(seed, stage, "dropout")
+        # each CP rank holds another part of the sequences: its own states, replicated ones included
+        base = init.tensor_seed(seed, stage, "dropout") + groups.cp_rank * (groups.tp_size + 1)
         self.seeds = {REPLICATED: base, MODEL_PARALLEL: base + 1 + groups.tp_rank}
         self._trackers: dict[torch.device, RNGTracker] = {}
 
