@@ -19,6 +19,11 @@ def test_tags_default_to_untagged_and_read_back_what_was_set():
     tags.mark_expert_parallel(param)
     assert tags.is_sequence_parallel(param) and tags.is_expert_parallel(param)
     assert tags.mark_tied_copy(param) is param and tags.is_tied_copy(param)
+    piece = torch.zeros(1)
+    assert tags.copy_tags(param, piece) is piece
+    assert tags.tensor_parallel_dim(piece) == 1 and tags.is_sequence_parallel(piece)
+    assert tags.is_expert_parallel(piece) and tags.is_tied_copy(piece)
+    assert not tags.is_tied_copy(tags.copy_tags(torch.zeros(1), torch.zeros(1)))  # untagged stays untagged
 
 
 def gather_and_scatter():

@@ -33,11 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pstate import tags
 from pstate.collectives import all_gather_single, reduce_scatter_single
+from pstate.tags import copy_tags
 
 PIECE_ATTRIBUTE = "_dp_shard_fsdp_piece"  # set on the pieces, so that sharding them again is refused
-TAGS = (tags.TENSOR_PARALLEL_DIM, tags.SEQUENCE_PARALLEL, tags.EXPERT_PARALLEL, tags.TIED_COPY)  # kept by pieces
 
 
 @dataclass
@@ -115,9 +114,7 @@ class FlatUnit:
                 self.flat[a - low : b - low].copy_(param.detach().reshape(-1)[local[0] : local[1]])
                 piece = nn.Parameter(self.flat[a - low : b - low], requires_grad=True)
                 setattr(piece, PIECE_ATTRIBUTE, True)
-                for tag in TAGS:
-                    if hasattr(param, tag):
-                        setattr(piece, tag, getattr(param, tag))
+                copy_tags(param, piece)
                 self.slots.append(Slot(pname, owners, param.shape, start, piece, local, a - low))
                 start += param.numel()
         self.full = torch.empty(self.padded, dtype=self.compute_dtype, device=self.device, requires_grad=True)

@@ -29,14 +29,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
-from pstate.tags import (
-    is_expert_parallel,
-    is_tied_copy,
-    mark_expert_parallel,
-    mark_tensor_parallel,
-    mark_tied_copy,
-    tensor_parallel_dim,
-)
+from pstate.tags import copy_tags, is_expert_parallel
 
 from .checks import check_same_parameters
 from .clip import clip_grad_norm_
@@ -156,12 +149,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             master = owned.param.detach().to(master_dtype(param.dtype)).clone()
             self._copies.append((master, owned.param))
         master.grad = owned.grad
-        if (dim := tensor_parallel_dim(param)) is not None:
-            mark_tensor_parallel(master, dim)
-        if is_tied_copy(param):
-            mark_tied_copy(master)
-        if is_expert_parallel(param):
-            mark_expert_parallel(master)
+        copy_tags(param, master)
         self._masters[id(param)] = master
         return master
 

@@ -12,6 +12,7 @@ TENSOR_PARALLEL_DIM = "tensor_parallel_dim"
 SEQUENCE_PARALLEL = "sequence_parallel"
 EXPERT_PARALLEL = "expert_parallel"
 TIED_COPY = "tied_copy"
+TAGS = (TENSOR_PARALLEL_DIM, SEQUENCE_PARALLEL, EXPERT_PARALLEL, TIED_COPY)
 
 
 def mark_tensor_parallel(param: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,3 +59,12 @@ def mark_tied_copy(param: torch.Tensor) -> torch.Tensor:
 def is_tied_copy(param: torch.Tensor) -> bool:
     """Whether ``param`` was tagged by :func:`mark_tied_copy`."""
     return getattr(param, TIED_COPY, False)
+
+
+def copy_tags(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Give ``target`` (a piece or copy standing for ``source``: a ZeRO master, an FSDP shard) every tag
+    ``source`` has, so that clipping and gradient completion treat it as they treat ``source``."""
+    for tag in TAGS:
+        if hasattr(source, tag):
+            setattr(target, tag, getattr(source, tag))
+    return target

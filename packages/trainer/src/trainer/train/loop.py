@@ -120,7 +120,7 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
 def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
     and whether the step was skipped for a non-finite gradient."""
-    ps, t = run.ps, run.cfg.train
+    ps = run.ps
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
     if run.sharded or run.fsdp:
@@ -132,38 +132,46 @@ def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
-    found_inf = False
-    experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
-    if run.sharded:
-        sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
-        norm = run.optimizer.clip_grad_norm_(_clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
-    elif run.fsdp:  # gradients arrive reduce-scattered: each rank holds other elements
-        # the pieces line up across TP ranks (and a tied embedding's two copies): complete them as DDP does
-        sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
-        params = [p for c in run.chunks for p in c.parameters()]
-        if run.scaler is not None:
-            found_inf = run.scaler.unscale_([p.grad for p in params])
-        norm = clip_grad_norm_(
-            params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp]
-        )
-    else:
-        for module in run.modules:
-            module.finish_grad_sync()
-        sync_model_parallel_grads(run.chunks, ps, sequence_parallel=t.sequence_parallel)
-        if run.scaler is not None:
-            grads = [p.main_grad for c in run.chunks for p in c.parameters()]
-            found_inf = run.scaler.unscale_(grads)
-        params = [p for c in run.chunks for p in c.parameters()]
-        norm = clip_grad_norm_(params, _clip_threshold(run), tp_group=ps.tp, pp_group=ps.pp, **experts)
-    norm = float(norm)
+    grads = _complete_grads(run)
+    # one loss-scaling protocol for every mode: unscale (overflow checked over the world), clip, update
+    found_inf = run.scaler is not None and run.scaler.unscale_(grads)
+    norm = _clip(run)
     skipped = found_inf or not math.isfinite(norm)
-    if run.scaler is not None and not run.sharded:
+    if run.scaler is not None:
         run.scaler.update(found_inf)
     if not skipped:
-        run.optimizer.step()  # ZeRO-1/2: unscales, and updates the loss scale itself
-    elif run.scaler is not None and run.sharded:  # scaled gradients overflowed: the norm saw it first
-        run.scaler.update(True)
+        run.optimizer.step()
     return _global_loss(run, result.losses) / scale, norm, skipped
+
+
+def _complete_grads(run: Run) -> list[torch.Tensor]:
+    """Finish what the model's split and the data-parallel reduction leave partial; return the gradients
+    the optimizer steps on."""
+    ps = run.ps
+    if run.sharded:  # reduced into shards during backward (SP completed there too)
+        sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
+        return run.optimizer.master_grads()
+    if not run.fsdp:
+        for module in run.modules:
+            module.finish_grad_sync()
+    # FSDP: the reduce-scattered pieces line up across TP ranks (and a tied embedding's two copies)
+    sync_model_parallel_grads(run.chunks, ps, sequence_parallel=run.cfg.train.sequence_parallel)
+    params = [p for c in run.chunks for p in c.parameters()]
+    return [p.grad for p in params] if run.fsdp else [p.main_grad for p in params]
+
+
+def _clip(run: Run) -> float:
+    """Clip by the global norm; return the norm."""
+    ps, threshold = run.ps, _clip_threshold(run)
+    experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
+    if run.sharded:
+        return float(run.optimizer.clip_grad_norm_(threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
+    params = [p for c in run.chunks for p in c.parameters()]
+    if run.fsdp:  # each rank holds other elements of the gradients over dp_cp
+        return float(
+            clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
+        )
+    return float(clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
 
 
 def _clip_threshold(run: Run) -> float:

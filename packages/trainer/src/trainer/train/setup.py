@@ -127,7 +127,6 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
             torch.optim.AdamW,
             group=ps.dp_cp,
             stage=t.zero,
-            loss_scaler=scaler,
             aligned=tied_embedding_params(chunks),  # both stages then own the same elements of the copies
             expert_group=ps.edp if model.num_experts > 0 else None,  # experts sharded over edp
             **adam,
