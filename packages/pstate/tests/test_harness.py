@@ -65,12 +65,11 @@ def hang_on_rank_zero():
 
 
 def test_a_hang_becomes_a_failure_with_every_stuck_stack(run_ranks):
-    start = time.monotonic()
+    assert run_ranks(2, exit_never) == ["fine", "fine"]  # this module is loaded in the ranks: the call starts at once
     with pytest.raises(RankTimeout) as info:
-        run_ranks(2, hang_on_rank_zero, timeout_s=2)
-    assert time.monotonic() - start < 30
+        run_ranks(2, hang_on_rank_zero, timeout_s=5)
     text = str(info.value)
-    assert "did not finish within 2 s on ranks 0, 1 of 2" in text
+    assert "did not finish within 5 s on ranks 0, 1 of 2" in text
     assert "--- rank 0 ---" in text and "in hang_on_rank_zero" in text
     assert "--- rank 1 ---" in text and "in barrier" in text
     assert run_ranks(2, exit_never) == ["fine", "fine"]

@@ -19,7 +19,8 @@ from .errors import RankError, RankTimeout
 
 #: After one rank fails, how long the others get to finish before they are presumed stuck.
 FAILURE_GRACE_S = 1.0
-STACK_DUMP_WAIT_S = 0.5
+#: Outer bound on the wait for stuck ranks' stack dumps; the wait ends as soon as every dump is there.
+STACK_DUMP_TIMEOUT_S = 60.0
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -149,15 +150,23 @@ class WorkerPool:
         for rank in ranks:
             if self._procs[rank].is_alive():
                 os.kill(self._procs[rank].pid, worker.STACK_SIGNAL)
-        time.sleep(STACK_DUMP_WAIT_S)
-        parts = []
-        for rank in ranks:
-            try:
-                with open(self._stack_path(rank)) as f:
-                    parts.append(f"--- rank {rank} ---\n{f.read().strip() or '(no stack written)'}")
-            except OSError:
-                parts.append(f"--- rank {rank} ---\n(no stack file)")
-        return "\n".join(parts)
+        texts = {rank: self._read_stack(rank) for rank in ranks}
+        deadline = time.monotonic() + STACK_DUMP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            waiting = [r for r in ranks if self._procs[r].is_alive() and not worker.dump_is_complete(texts[r])]
+            if not waiting:
+                break
+            time.sleep(0.02)
+            for rank in waiting:
+                texts[rank] = self._read_stack(rank)
+        return "\n".join(f"--- rank {rank} ---\n{texts[rank].strip() or '(no stack written)'}" for rank in ranks)
+
+    def _read_stack(self, rank: int) -> str:
+        try:
+            with open(self._stack_path(rank)) as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def kill(self) -> None:
         """Stop every rank at once, whatever it is doing; the pool cannot be used again."""

@@ -27,6 +27,13 @@ READY = "ready"
 STOP = b"stop"
 
 
+def dump_is_complete(text: str) -> bool:
+    """Whether a faulthandler dump has reached this module's serve loop in the main thread's stack: every
+    frame of the call the rank is stuck in (written innermost first) is then in the dump."""
+    frame = f'File "{__file__}", line '
+    return any(frame in line and line.rstrip().endswith(" in main") for line in text.splitlines())
+
+
 def resolve(module_name: str, module_file: str | None, qualname: str) -> Callable[..., Any]:
     """Find a module-level function, loading its module from ``module_file`` when it is not importable
     by name (test modules that pytest imported from a path)."""
