@@ -39,7 +39,7 @@ def test_inspect_lists_tensors_layout_and_verifies(run_ranks, tmp_path):
     assert "layer/weight  bfloat16  (6, 8)                  2           96" in text
     assert "norm          float32   (8,)                    1           32" in text
     assert "per-rank tensor rng: ranks [0, 1]" in text and "value step = 12" in text
-    assert "files: 2," in text and "checksums: ok" in text
+    assert "files: 2," in text and "checksums and contents: ok" in text
 
     summary = json.loads(run(sys.executable, "-m", "ckpt", "inspect", "--json", str(path)).stdout)
     assert summary["problems"] == [] and summary["layout"]["tp"] == 2
@@ -52,7 +52,7 @@ def test_inspect_lists_tensors_layout_and_verifies(run_ranks, tmp_path):
     victim.write_bytes(bytes(raw))
     out = run(sys.executable, "-m", "ckpt", "inspect", str(path))
     assert out.returncode == 1
-    assert "checksums: FAILED" in out.stdout and "rank_00001.safetensors: checksum mismatch" in out.stdout
+    assert "checksums and contents: FAILED" in out.stdout and "rank_00001.safetensors: checksum mismatch" in out.stdout
     assert run(sys.executable, "-m", "ckpt", "inspect", "--no-verify", str(path)).returncode == 0
 
     victim.unlink()

@@ -40,7 +40,14 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"model": {"preset": "nope"}}, "unknown; choose one of"),
         ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
         ({"parallel": {"tp": 0}}, "tp=0 must be >= 1"),
-        ({"optim": {"min_lr": 1.0}}, "optim.min_lr=1.0"),
+        ({"optim": {"min_lr": 1.0}}, r"optim.lr=0.0003: must be >= optim.min_lr=1.0"),
+        ({"optim": {"lr": float("inf")}}, "optim.lr=inf: must be a finite number > 0"),
+        ({"train": {"steps": 2.5}}, "train.steps=2.5: must be an integer"),
+        ({"train": {"steps": True}}, "train.steps=True: must be an integer"),
+        ({"train": {"global_batch": 0}}, "train.global_batch=0: must be >= 1"),
+        ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
+        ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
+        ({"optim": {"beta1": 1.5}}, "optim.beta1=1.5: must be a finite number >= 0 and < 1"),
     ],
 )
 def test_bad_fields_are_named(overrides, match):

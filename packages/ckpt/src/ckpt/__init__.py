@@ -3,13 +3,14 @@
 ``save(state, path, group=...)`` writes each rank's pieces of a nested state dict (``pstate.Shard``
 pieces, replicated tensors, ``PerRank`` values, JSON values) as safetensors files plus a JSON index;
 ``load(state, path, group=...)`` fills a state described in any other layout from them. ``latest``
-finds the newest complete checkpoint, ``AsyncSaver`` saves in the background, :mod:`ckpt.convert`
+finds the newest intact checkpoint (``intact`` all of them, newest first; ``clean`` removes what
+interrupted saves left), ``AsyncSaver`` saves in the background, :mod:`ckpt.convert`
 maps state dicts to and from Hugging Face's format, and ``ckpt inspect PATH`` shows a checkpoint.
 """
 
 from .convert import Adapter, Rename, Split, Transpose, export_hf, import_hf
 from .errors import CheckpointError
-from .files import latest, step_dir
+from .files import clean, intact, latest, step_dir
 from .inspection import inspect, verify
 from .load import load
 from .save import AsyncSaver, SaveHandle, save
@@ -24,9 +25,11 @@ __all__ = [
     "SaveHandle",
     "Split",
     "Transpose",
+    "clean",
     "export_hf",
     "import_hf",
     "inspect",
+    "intact",
     "latest",
     "load",
     "save",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,7 +66,15 @@ def write_json(path: Path, doc: object) -> None:
 
 
 def commit(tmp: Path, path: Path, index: dict) -> None:
-    """Write the index last, make everything durable, then rename ``tmp`` to ``path``."""
+    """Check that every data file the index lists is in ``tmp`` as recorded, write the index last, make
+    everything durable, then rename ``tmp`` to ``path``."""
+    missing = [n for n, r in sorted(index["files"].items()) if not _has_size(tmp / n, r["size"])]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} of {len(index['files'])} data files are missing or incomplete in {tmp}, where rank 0 "
+            f"writes the index: {', '.join(missing)}; every rank must save to storage that rank 0 sees "
+            "(a file system shared by all nodes)"
+        )
     write_json(tmp / INDEX, index)
     fsync_path(tmp)
     os.rename(tmp, path)
@@ -129,13 +138,76 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=_order)
 
 
-def latest(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``root/step_00000100`` style), or ``None``.
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
-    Temporary directories of saves that did not finish are ignored.
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, found without reading its data (the index is
+    readable and every data file is there with its recorded size); ``None`` when nothing is wrong."""
+    try:
+        index = read_index(path)
+        for name, record in sorted(index["files"].items()):
+            if not _has_size(resolve_member(path, name), record["size"]):
+                return f"data file {path / name} is missing or has the wrong size"
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _log_warning(message: str) -> None:
+    logging.getLogger("ckpt").warning(message)
+
+
+def intact(root: str | os.PathLike, *, warn: Callable[[str], None] | None = _log_warning) -> list[Path]:
+    """The checkpoints under ``root`` that pass :func:`problem`, newest first; ``warn`` is told about each
+    complete-looking one that does not (naming it and why)."""
+    found = []
+    for candidate in reversed(complete(Path(root))):
+        trouble = problem(candidate)
+        if trouble is None:
+            found.append(candidate)
+        elif warn is not None:
+            warn(f"skipping checkpoint {candidate}: {trouble}")
+    return found
+
+
+def latest(root: str | os.PathLike, *, warn: Callable[[str], None] | None = _log_warning) -> Path | None:
+    """The newest intact checkpoint under ``root`` (``root/step_00000100`` style), or ``None``.
+
+    Temporary directories of saves that did not finish are ignored; a newer checkpoint whose index or
+    data files are missing or unreadable is skipped, and ``warn`` names it.
     """
-    found = complete(Path(root))
-    return found[-1] if found else None
+    for candidate in reversed(complete(Path(root))):
+        trouble = problem(candidate)
+        if trouble is None:
+            return candidate
+        if warn is not None:
+            warn(f"skipping checkpoint {candidate}: {trouble}")
+    return None
+
+
+_LEFTOVER = re.compile(r"^\.(.+)\.(partial|deleting)-[0-9a-f]+$")
+_STEP = re.compile(r"^step_\d+$")
+
+
+def clean(root: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted saves left under ``root``: hidden ``.NAME.partial-*`` and ``.NAME.deleting-*``
+    directories, and ``step_N`` directories without an index. Returns what was removed. Call it on one
+    rank, when no save into ``root`` is running."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        leftover = _LEFTOVER.match(child.name) or (_STEP.match(child.name) and not (child / INDEX).exists())
+        if leftover and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
 from . import files
 from .errors import CheckpointError
 from .plan import parse_dtype
@@ -25,10 +27,35 @@ def verify(path: str | os.PathLike) -> list[str]:
             files.verify_file(path, name, record)
         except CheckpointError as e:
             problems.append(str(e))
+    stored: dict[str, set[str]] = {}
     for key, head in sorted(index["tensors"].items()):
         for piece in head["pieces"]:
             if piece["file"] not in index["files"]:
                 problems.append(f"{key!r}: a piece names the file {piece['file']!r}, absent from the index")
+            stored.setdefault(piece["file"], set()).add(piece["name"])
+    for by_rank in index["rank_tensors"].values():
+        for entry in by_rank.values():
+            stored.setdefault(entry["file"], set()).add(entry["name"])
+    if not problems:
+        problems.extend(_unreadable(path, stored))
+    return problems
+
+
+def _unreadable(root: Path, stored: dict[str, set[str]]) -> list[str]:
+    """Each data file safetensors cannot open, or that lacks a tensor its index places there."""
+    problems = []
+    for name, keys in sorted(stored.items()):
+        target = root / name
+        try:
+            with safe_open(str(target), framework="pt") as f:
+                missing = sorted(keys - set(f.keys()))
+                for key in sorted(keys - set(missing)):
+                    f.get_slice(key).get_shape()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            problems.append(f"{target}: safetensors cannot read it ({type(e).__name__}: {e})")
+            continue
+        if missing:
+            problems.append(f"{target}: lacks the tensor(s) {missing} that the index places there")
     return problems
 
 
@@ -84,6 +111,6 @@ def render(summary: dict, problems: list[str] | None) -> str:
     for name, size in summary["files"].items():
         lines.append(f"  {name} {size}")
     if problems is not None:
-        lines.append("checksums: ok" if not problems else "checksums: FAILED")
+        lines.append("checksums and contents: ok" if not problems else "checksums and contents: FAILED")
         lines.extend(f"  {p}" for p in problems)
     return "\n".join(lines)

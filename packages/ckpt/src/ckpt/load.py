@@ -175,8 +175,17 @@ def _run(path: Path, copies: list[_Copy]) -> None:
         for c in copies:
             if c.file not in opened:
                 target = files.resolve_member(path, c.file)
-                opened[c.file] = stack.enter_context(safe_open(str(target), framework="pt"))
-            src = _read(opened[c.file], c.stored, c.src_box, c.offsets, c.shape)
+                try:
+                    opened[c.file] = stack.enter_context(safe_open(str(target), framework="pt"))
+                except Exception as e:
+                    raise CheckpointError(f"cannot load {path}: safetensors cannot read {target} ({e})") from e
+            try:
+                src = _read(opened[c.file], c.stored, c.src_box, c.offsets, c.shape)
+            except Exception as e:  # safetensors' own error types: name the file and the tensor
+                raise CheckpointError(
+                    f"cannot load {path}: data file {path / c.file} has no readable tensor {c.stored!r} "
+                    f"({type(e).__name__}: {e})"
+                ) from e
             box_view(c.dst, c.dst_box)[local_slices(c.dst_box, c.offsets, c.shape)].copy_(src)
 
 

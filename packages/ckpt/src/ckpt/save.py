@@ -221,6 +221,8 @@ def _commit(job: _Job, records: list[dict]) -> str | None:
         if not failed:
             job.body["files"] = {n: f for rec in records for n, f in rec["files"].items()}
             files.commit(job.tmp, job.path, job.body)
+    except CheckpointError as e:
+        failed.append(str(e))
     except Exception as e:
         failed.append(f"rank 0 commit: {type(e).__name__}: {e}")
     if failed:

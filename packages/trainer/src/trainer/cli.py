@@ -1,20 +1,23 @@
 """The ``trainer`` command: one subcommand per job, each with a small function that adds its parser.
 
-A subcommand's parser sets ``run``, the function that does the work and returns the exit status. Errors the
-user can fix (the types in ``USER_ERRORS``) print one line and exit with status 2; an interrupted run exits
-with 130.
+A subcommand's parser sets ``run``, the function that does the work and returns the exit status. Expected
+failures (configuration, data, checkpoint, launch: the types in ``USER_ERRORS``) print one line, no
+traceback, and exit with the code :mod:`trainer.exits` documents (2 for bad input); ``--debug`` shows the
+traceback as well. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from trainer import exits
 from trainer.commands import add_convert, add_generate, add_layout, add_plan, add_train
-from trainer.errors import TrainerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (TrainerError,)
+USER_ERRORS = exits.USER_ERRORS
 
 
 def add_preprocess(commands: argparse._SubParsersAction) -> None:
@@ -75,6 +78,7 @@ SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, a
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``trainer`` command, with every subcommand in ``SUBCOMMANDS``."""
     top = argparse.ArgumentParser(prog="trainer", description="Train GPT models with any mix of parallelisms.")
+    top.add_argument("--debug", action="store_true", help="show the traceback of expected errors too")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(commands)
@@ -86,9 +90,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except exits.Interrupted as stop:
+        print(f"trainer {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"trainer {args.command}: interrupted", file=sys.stderr)
+        return exits.SIGINT
     except USER_ERRORS as err:
-        print(f"trainer {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        if args.debug:
+            traceback.print_exc()
+        print(f"trainer {args.command}: error: {_rank_tag()}{err}", file=sys.stderr)
+        return exits.exit_code(err)
+
+
+def _rank_tag() -> str:
+    """``rank R: `` under torchrun with several ranks (each rank prints its own error), else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ['RANK']}: " if world > 1 and "RANK" in os.environ else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from typing import Any
 
 import tomllib
 
-from .config import check_run, load_run_config, to_toml
+from .config import check_inputs, check_run, load_run_config, to_toml
 from .errors import TrainerError
 
 # flag -> (section, field); flags with a ``store_true`` action are listed in SWITCHES
@@ -58,6 +58,14 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         "--data", nargs="+", metavar="PREFIX", help="datasets from trainer preprocess (default: the embedded corpus)"
     )
     p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (not under torchrun)")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --nproc: restart the ranks after a failure, up to N times, resuming from the newest intact "
+        "checkpoint under --save (under torchrun, use torchrun's own --max-restarts)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
     p.set_defaults(run=run_train)
 
@@ -184,16 +192,23 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def run_train(args: argparse.Namespace) -> int:
     from .launch import run_ranks, world_size
 
+    if args.nproc is not None and args.nproc < 1:
+        raise TrainerError(f"--nproc {args.nproc}: must be >= 1")
+    if args.max_restarts < 0:
+        raise TrainerError(f"--max-restarts {args.max_restarts}: must be >= 0")
     cfg = load_run_config(args.config, overrides_from(args))
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
     check_run(cfg, world_size(args.nproc))
-    records = run_ranks(cfg, args.nproc)
+    check_inputs(cfg)
+    records = run_ranks(cfg, args.nproc, max_restarts=args.max_restarts)
     if records:
         first, last = records[0], records[-1]
+        skipped = sum(bool(r.get("skipped")) for r in records)
         print(
-            f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}",
+            f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+            f"{skipped} skipped",
             file=sys.stderr,
         )
     return 0

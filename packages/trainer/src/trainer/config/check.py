@@ -44,6 +44,10 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
         (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        (
+            t.eval_every > 0 and cfg.data.valid_fraction == 0,
+            f"train.eval_every={t.eval_every} needs a validation set: set data.valid_fraction > 0",
+        ),
     ]
     for broken, rule in rules:
         if broken:

@@ -18,6 +18,7 @@ from pstate import ParallelConfig, ParallelConfigError
 from ..data.build import DataConfig
 from ..errors import TrainerError
 from ..model import ModelConfig, preset
+from .fields import check_types
 from .run import OptimConfig, RunConfig, TrainConfig
 
 SECTIONS = {"parallel": ParallelConfig, "train": TrainConfig, "optim": OptimConfig, "data": DataConfig}
@@ -47,7 +48,11 @@ def parse_run_config(
     unknown = sorted(set(raw) - set(SECTIONS) - {"model"})
     if unknown:
         raise TrainerError(f"config: unknown section(s) {unknown}; sections are {['model', *SECTIONS]}")
-    model = _model(dict(raw.get("model", {})))
+    try:
+        model = _model(dict(raw.get("model", {})))
+        check_types(model, "model")
+    except TypeError as error:
+        raise TrainerError(f"config [model]: {error}") from None
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name, {})

@@ -35,23 +35,38 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.paths, (list, tuple)) or not all(isinstance(p, str) for p in self.paths):
+            raise DataError(f"data.paths={self.paths!r}: must be a list of dataset prefixes (strings)")
+        if self.weights is not None and (
+            not isinstance(self.weights, (list, tuple))
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.weights)
+        ):
+            raise DataError(f"data.weights={self.weights!r}: must be a list of numbers, one per path")
+        if not isinstance(self.tokenizer, str):
+            raise DataError(f"data.tokenizer={self.tokenizer!r}: must be 'byte' or the path of a tokenizer.json")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise DataError(f"data.split_seed={self.split_seed!r}: must be an integer >= 0")
+        if isinstance(self.valid_fraction, bool) or not isinstance(self.valid_fraction, (int, float)):
+            raise DataError(f"data.valid_fraction={self.valid_fraction!r}: must be a number in [0, 1)")
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if len(self.weights) != len(self.paths):
-                raise DataError(f"weights has {len(self.weights)} entries but paths has {len(self.paths)}")
+                raise DataError(f"data.weights has {len(self.weights)} entries but paths has {len(self.paths)}")
             blend_counts(self.weights)  # positive, finite, not too small
         if not 0 <= self.valid_fraction < 1:
-            raise DataError(f"valid_fraction={self.valid_fraction} must be in [0, 1)")
+            raise DataError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class Datasets:
-    """The samples a run trains and evaluates on, and the tokenizer that reads and writes their tokens."""
+    """The samples a run trains and evaluates on, the tokenizer that reads and writes their tokens, and the
+    indexed datasets they come from."""
 
     train: SampleDataset | BlendedDataset
     valid: SampleDataset | BlendedDataset | None
     tokenizer: Tokenizer
+    sources: tuple[IndexedDataset, ...] = ()
 
 
 def _derived_seed(*entropy: int) -> int:
@@ -78,7 +93,7 @@ def build_datasets(config: DataConfig, *, seq_len: int, seed: int, tokenizer: To
         if len(valid_ids):
             seed_v = _derived_seed(config.split_seed, i, 1)
             valid.append(SampleDataset(ds, seq_len, seed_v, valid_ids, name=f"{name} (valid)"))
-    return Datasets(_blend(train, weights), _blend(valid, weights) if valid else None, tok)
+    return Datasets(_blend(train, weights), _blend(valid, weights) if valid else None, tok, tuple(sources))
 
 
 def _blend(parts: list[SampleDataset], weights: tuple[float, ...]) -> SampleDataset | BlendedDataset:

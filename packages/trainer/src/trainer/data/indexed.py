@@ -9,7 +9,7 @@ entries and ``uint32`` otherwise. ``PREFIX.idx`` is, little-endian::
     num_docs   uint64
     num_tokens uint64
     meta_len   uint64    length of the metadata JSON that follows
-    meta       meta_len bytes of UTF-8 JSON (tokenizer name, vocab_size, eos_id, ...), then spaces up to a
+    meta       meta_len bytes of UTF-8 JSON (tokenizer name, vocab_size, max_token_id, eos_id, ...), then spaces up to a
                multiple of 8 bytes
     offsets    uint64[num_docs + 1]: document i is tokens[offsets[i]:offsets[i + 1]]
 
@@ -79,19 +79,22 @@ def write_dataset(
     """
     bin_path, idx_path = dataset_paths(prefix)
     dtype = dtype_for_vocab(vocab_size)
-    offsets = [0]
+    offsets, top = [0], -1
     tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         for doc in documents:
             arr = np.asarray(doc)
             if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
                 raise DataError(f"document {len(offsets) - 1} has a token id outside [0, {vocab_size})")
+            top = max(top, int(arr.max())) if arr.size else top
             f.write(arr.astype(dtype).tobytes())
             offsets.append(offsets[-1] + arr.size)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, bin_path)
-    replace_atomically(idx_path, encode_index(np.array(offsets), dtype, {**meta, "vocab_size": vocab_size}))
+    replace_atomically(
+        idx_path, encode_index(np.array(offsets), dtype, {**meta, "vocab_size": vocab_size, "max_token_id": top})
+    )
     return IndexedDataset(prefix)
 
 
@@ -120,6 +123,17 @@ class IndexedDataset:
     @property
     def vocab_size(self) -> int | None:
         return self.meta.get("vocab_size")
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id in the dataset (-1 when empty): recorded in the index by the writers, or
+        found by one pass over the tokens for an index that does not record it."""
+        if "max_token_id" not in self.meta:
+            top = -1
+            for start in range(0, self.num_tokens, 1 << 24):
+                top = max(top, int(self.tokens[start : start + (1 << 24)].max()))
+            self.meta["max_token_id"] = top
+        return int(self.meta["max_token_id"])
 
     @property
     def tokenizer(self) -> str | None:

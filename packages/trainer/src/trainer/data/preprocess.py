@@ -98,6 +98,10 @@ def _start(paths: dict[str, Path], settings: dict[str, Any], overwrite: bool, lo
             raise DataError(
                 f"progress file {sidecar} is corrupt ({err}); rerun with --overwrite to start over"
             ) from err
+        if saved.get("version") == SIDECAR_VERSION and _only_unread_inputs_changed(previous, settings, state):
+            log("inputs not read yet by the unfinished run have changed since; continuing with them")
+            previous = settings
+            _save_state(paths, settings, state)
         if saved.get("version") != SIDECAR_VERSION or previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k]) or ["version"]
             raise DataError(
@@ -126,6 +130,20 @@ def _start(paths: dict[str, Path], settings: dict[str, Any], overwrite: bool, lo
     state = {"done_files": 0, "offset": 0, "line": 0, "num_tokens": 0, "num_docs": 0}
     _save_state(paths, settings, state)
     return state
+
+
+def _only_unread_inputs_changed(previous: dict[str, Any], settings: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether the settings differ only in inputs the unfinished run has not started reading (say, a file
+    that failed to decode and was fixed): those can change without invalidating what was written."""
+    try:
+        read = state["done_files"] + (1 if state["offset"] else 0)
+        old, new = previous["inputs"], settings["inputs"]
+        same_rest = {k: v for k, v in previous.items() if k != "inputs"} == {
+            k: v for k, v in settings.items() if k != "inputs"
+        }
+    except (KeyError, TypeError):
+        return False
+    return same_rest and len(old) == len(new) and old[:read] == new[:read] and old != new
 
 
 def _save_state(paths: dict[str, Path], settings: dict[str, Any], state: dict[str, int]) -> None:
@@ -187,11 +205,22 @@ def _finish(paths: dict[str, Path], settings: dict[str, Any], state: dict[str, i
     offsets = np.concatenate([np.zeros(1, dtype="<u8"), ends])
     meta = {k: settings[k] for k in ("tokenizer", "vocab_size", "eos_id", "append_eos")}
     meta["sources"] = [Path(s["path"]).name for s in settings["inputs"]]
+    meta["max_token_id"] = _max_token(paths["tokens"], dtype)
     os.replace(paths["tokens"], paths["bin"])
     replace_atomically(paths["idx"], encode_index(offsets, dtype, meta))
     paths["offsets"].unlink()
     paths["sidecar"].unlink()
     return IndexedDataset(paths["bin"])
+
+
+def _max_token(path: Path, dtype: np.dtype) -> int:
+    """The largest token id in the token file (read in blocks), recorded in the index."""
+    tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+    top = -1
+    for start in range(0, len(tokens), 1 << 24):
+        top = max(top, int(tokens[start : start + (1 << 24)].max()))
+    del tokens
+    return top
 
 
 class _Progress:

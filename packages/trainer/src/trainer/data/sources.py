@@ -8,6 +8,7 @@ paragraph is one (``unit="paragraph"``). Empty documents are skipped.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -69,10 +70,22 @@ def check_inputs(paths: Sequence[str | Path], jsonl_key: str = "text") -> list[I
 
 
 def _has_text(f) -> bool:
-    while block := f.read(1 << 16):
-        if block.strip():
-            return True
-    return False
+    """Whether the text file holds a non-blank character; refuses a file that is not UTF-8 (before anything
+    is written, so that no unfinished run is left behind)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    found, offset = False, 0
+    while True:
+        block = f.read(1 << 20)
+        pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+        try:
+            found = bool(decoder.decode(block, final=not block).strip()) or found
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"input {f.name} is not UTF-8 text (invalid byte at offset {offset - pending + err.start})"
+            ) from err
+        if not block:
+            return found
+        offset += len(block)
 
 
 def _first_jsonl_document(f, name: str | Path, key: str) -> bool:

@@ -11,10 +11,8 @@ finish the current step, save, and return.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,6 +25,7 @@ import pstate
 from dp_shard import clip_grad_norm_
 
 from ..config import RunConfig, check_run, to_toml
+from ..config.inputs import model_vocab
 from ..data import DataIterator, build_datasets
 from ..errors import TrainerError
 from .checkpoint import finish_load, run_state, saveable
@@ -34,7 +33,11 @@ from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
 from .pipeline import local_batch, scale_router_losses, sync_model_parallel_grads, sync_tied_embedding_grads
+from .resume import checkpoints_to_try
 from .setup import Run, setup
+from .signals import stop_on_signal
+from .skips import SkipCounter
+from .watchdog import collective_timeout, watch
 
 
 def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]]:
@@ -46,14 +49,9 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(t.seed)
-    with pstate.initialize(cfg.parallel) as ps:
+    with pstate.initialize(cfg.parallel, timeout=collective_timeout(t)) as ps:
         datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed)
-        model = cfg.model
-        vocab = datasets.tokenizer.vocab_size
-        if model.vocab_size is None:
-            model = model.with_overrides(vocab_size=vocab)
-        elif model.vocab_size < vocab:
-            raise TrainerError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab}")
+        model = model_vocab(cfg.model, datasets.tokenizer, list(datasets.sources))
         run = setup(cfg, ps, model, microbatches)
         global_batch = t.global_batch or t.micro_batch * ps.dp.size
         data = DataIterator(
@@ -77,17 +75,15 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
     flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
     records: list[dict[str, Any]] = []
     step = start
-    with _stop_on_signal() as stop:
+    skips = SkipCounter(t.on_nan, t.max_skipped_steps, scaled=run.scaler is not None)
+    with stop_on_signal() as stop, watch(t.stall_timeout) as watchdog:
         for step in range(start, t.steps):
             began = time.perf_counter()
             lr = lr_at(step, cfg.optim, t.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             loss, norm, skipped = _train_step(run, next(data))
-            if not skipped and not math.isfinite(loss):
-                skipped = True
-            if skipped and t.on_nan == "stop":
-                raise TrainerError(f"step {step + 1}: the loss ({loss}) or gradient norm ({norm}) is not finite")
+            skipped = skips.check(step + 1, loss, norm, skipped)
             seconds = time.perf_counter() - began
             record = {
                 "step": step + 1,
@@ -104,16 +100,21 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 metrics.step(record, t.steps)
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 metrics.evaluation(evaluate(run, datasets.valid, step + 1))
+            stop.agree(run.device)
             if t.exit_interval and (step + 1) % t.exit_interval == 0 and step + 1 < t.steps:
                 stop.requested = stop.requested or "exit_interval"
             last = step + 1 == t.steps or stop.requested
             if t.save and ((t.save_every and (step + 1) % t.save_every == 0) or last):
                 _save(run, data, step + 1, saver)
+            watchdog.beat()
             if stop.requested:
                 metrics.note(f"stopping after step {step + 1} ({stop.requested})")
                 break
-    if saver is not None:
-        saver.close()
+        if saver is not None:
+            saver.close()
+    if skips.skipped:
+        metrics.note(skips.summary())
+    stop.raise_if_signalled()
     return records
 
 
@@ -233,12 +234,20 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
     root = t.load or t.save
     if not root:
         return 0
-    path = Path(root)
-    found = path if (path / "index.json").exists() else ckpt.latest(path)
-    if found is None:
-        if t.load:
-            raise TrainerError(f"--load {root}: no complete checkpoint there")
-        return 0
+    explicit = (Path(root) / "index.json").exists()
+    for found in checkpoints_to_try(t, metrics.note, first_rank=dist.get_rank() == 0):
+        try:
+            return _resume_from(run, data, metrics, found)
+        except ckpt.CheckpointError as error:
+            if explicit:
+                raise
+            metrics.note(f"skipping checkpoint {found}: {error}")
+    if t.load:
+        raise TrainerError(f"--load {root}: no intact checkpoint there")
+    return 0
+
+
+def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) -> int:
     state = run_state(run, 0, data.state_dict())
     summary = ckpt.inspect(found)
     saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
@@ -263,28 +272,3 @@ def _memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class _Stop:
-    requested: int | str | None = None
-
-
-@contextmanager
-def _stop_on_signal():
-    """Turn SIGTERM/SIGINT into a request to stop after the current step (main thread only)."""
-    stop = _Stop()
-    previous = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.requested = signum
-
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

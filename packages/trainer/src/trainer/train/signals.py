@@ -1,0 +1,62 @@
+"""SIGTERM and SIGINT during training: finish the current step, save, then stop with a distinct exit code.
+
+The first signal asks the loop to stop after its step (and the save the loop then makes); a second one
+ends the process at once with 128 + the signal (a save in progress is left as a hidden partial
+directory, which the next start removes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..exits import Interrupted
+
+
+class StopRequest:
+    """``requested``: why the loop should stop after this step (a signal number, or a reason string)."""
+
+    def __init__(self) -> None:
+        self.requested: int | str | None = None
+
+    def agree(self, device: torch.device) -> None:
+        """Make every rank see a signal any rank received (collective over the world, once a step), so
+        that all stop after the same step and save together."""
+        flag = torch.tensor([self.requested if isinstance(self.requested, int) else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not isinstance(self.requested, int):
+            self.requested = int(flag.item())
+
+    def raise_if_signalled(self) -> None:
+        """After the loop saved: raise :class:`Interrupted` when a signal stopped it."""
+        if isinstance(self.requested, int):
+            raise Interrupted(self.requested)
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[StopRequest]:
+    """Turn SIGTERM/SIGINT into a stop request (main thread only; elsewhere signals keep their handlers)."""
+    stop = StopRequest()
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if isinstance(stop.requested, int):
+            os._exit(128 + signum)
+        stop.requested = signum
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
