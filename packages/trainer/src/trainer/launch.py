@@ -117,7 +117,7 @@ class LocalLauncher:
         self.signalled: int | None = None
         self.procs: list[subprocess.Popen] = []
         # a stall: every rank dumps its stack within two watchdog intervals of the first
-        self.dump_grace = 2 * min(5.0, cfg.train.stall_timeout / 5) + 10.0
+        self.dump_grace = 2 * min(5.0, cfg.train.stall_timeout / 5) + 2.0
 
     def run(self) -> list[dict[str, Any]]:
         """Rank 0's records; raises :class:`trainer.exits.LaunchError` or ``Interrupted`` when the ranks stop."""

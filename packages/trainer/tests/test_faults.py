@@ -1,0 +1,107 @@
+"""The fault-handling parts of the trainer, one at a time: which non-finite steps stop a run, the stall
+watchdog's verdict, and an fp16 run whose loss scale overflows under ``on_nan="stop"``.
+
+The end-to-end faults (killed, stalled and interrupted ranks, corrupt checkpoints) are in
+``integration_tests/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from unittest import mock
+
+import pytest
+import torch.distributed as dist
+
+import trainer.train.loop as loop
+import trainer.train.setup as run_setup
+from dp_shard import LossScaler
+from trainer.config import load_run_config
+from trainer.exits import NotFinite
+from trainer.train.skips import SkipCounter
+from trainer.train.watchdog import Watchdog
+
+
+def test_fp16_overflows_are_counted_not_fatal():
+    skips = SkipCounter("stop", max_in_a_row=3, scaled=True)
+    assert skips.check(1, 2.0, math.inf, skipped=True)  # the scaler found an overflow: skipped, counted
+    assert not skips.check(2, 2.0, 1.0, skipped=False)
+    assert skips.check(3, 2.0, math.nan, skipped=True)
+    assert (skips.skipped, skips.overflows, skips.in_a_row) == (2, 2, 1)
+    assert skips.summary() == "skipped steps: 2 (2 fp16 loss-scale overflows)"
+
+
+def test_a_non_finite_loss_stops_even_in_fp16():
+    with pytest.raises(NotFinite, match=r"step 4: the loss \(nan\) or gradient norm \(inf\) is not finite"):
+        SkipCounter("stop", max_in_a_row=3, scaled=True).check(4, math.nan, math.inf, skipped=True)
+
+
+def test_a_non_finite_gradient_without_a_loss_scaler_stops():
+    with pytest.raises(NotFinite, match="step 1: the loss"):
+        SkipCounter("stop", max_in_a_row=3, scaled=False).check(1, 2.0, math.inf, skipped=True)
+    assert SkipCounter("skip", max_in_a_row=3, scaled=False).check(1, 2.0, math.inf, skipped=True)
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_too_many_skipped_steps_in_a_row_stop_the_run(on_nan):
+    skips = SkipCounter(on_nan, max_in_a_row=3, scaled=True)
+    skips.check(1, 2.0, math.inf, skipped=True)
+    skips.check(2, 2.0, math.inf, skipped=True)
+    with pytest.raises(NotFinite, match=r"step 3: 3 steps in a row .* \(train.max_skipped_steps=3\)"):
+        skips.check(3, 2.0, math.inf, skipped=True)
+
+
+def _watchdogs(world: int, timeout: float) -> tuple[list[Watchdog], list[str], threading.Event]:
+    store = dist.HashStore()
+    verdicts: list[str] = []
+    fired = threading.Event()
+
+    def on_stall(verdict: str) -> None:
+        verdicts.append(verdict)
+        fired.set()
+
+    dogs = [Watchdog(store, r, world, timeout, on_stall=on_stall) for r in range(world)]
+    return dogs, verdicts, fired
+
+
+def test_the_watchdog_names_a_rank_that_stopped_responding():
+    dogs, verdicts, fired = _watchdogs(3, timeout=2.0)
+    for dog in dogs:
+        dog.start()
+    dogs[2].stop()  # rank 2's process is stopped: it neither reports progress nor is alive
+    assert fired.wait(120), "no stall verdict"
+    for dog in dogs[:2]:
+        dog.stop()
+    assert "stalled: rank(s) [2] stopped responding" in verdicts[0]
+    assert "no progress for 2 s (train.stall_timeout)" in verdicts[0]
+
+
+def test_the_watchdog_names_the_rank_behind_when_all_are_alive():
+    dogs, verdicts, fired = _watchdogs(2, timeout=2.0)
+    for dog in dogs:
+        dog.start()
+    while not fired.wait(0.01):  # rank 0 keeps stepping; rank 1 is alive but stuck
+        dogs[0].beat()
+    for dog in dogs:
+        dog.stop()
+    assert "stalled: rank(s) [1] made no progress" in verdicts[0]
+
+
+def train_fp16_overflowing_under_stop(tmp: str) -> list[bool]:
+    """fp16 from a loss scale of 2**20, where the first step's gradients overflow, with on_nan="stop"."""
+    scaler = functools.partial(LossScaler, init_scale=2.0**20, backoff_factor=2.0**-8)
+    overrides = {
+        "model": {"preset": "tiny"},
+        "train": {"steps": 4, "seq_len": 32, "micro_batch": 2, "global_batch": 4, "precision": "fp16"},
+        "data": {"cache_dir": tmp},
+    }
+    with mock.patch.object(run_setup, "LossScaler", scaler):
+        records = loop.train(load_run_config(overrides=overrides))
+    return [r["skipped"] for r in records]
+
+
+def test_an_fp16_overflow_does_not_stop_a_run_under_on_nan_stop(run_ranks, tmp_path):
+    skipped = run_ranks(1, train_fp16_overflowing_under_stop, str(tmp_path))[0]
+    assert skipped == [True, False, False, False]
