@@ -19,6 +19,7 @@ import trainer.train.loop as loop
 import trainer.train.setup as run_setup
 from dp_shard import LossScaler
 from trainer.config import load_run_config
+from trainer.data import DataError, preprocess
 from trainer.exits import NotFinite
 from trainer.train.skips import SkipCounter
 from trainer.train.watchdog import Watchdog
@@ -105,3 +106,28 @@ def train_fp16_overflowing_under_stop(tmp: str) -> list[bool]:
 def test_an_fp16_overflow_does_not_stop_a_run_under_on_nan_stop(run_ranks, tmp_path):
     skipped = run_ranks(1, train_fp16_overflowing_under_stop, str(tmp_path))[0]
     assert skipped == [True, False, False, False]
+
+
+def test_a_non_utf8_input_leaves_nothing_behind_and_the_fixed_rerun_works(tmp_path):
+    good, bad = tmp_path / "a.txt", tmp_path / "b.txt"
+    good.write_text("first document\n")
+    bad.write_bytes(b"caf\xe9 latin-1\n")
+    with pytest.raises(DataError, match=r"input .*b.txt is not UTF-8 text \(invalid byte at offset 3\)"):
+        preprocess([good, bad], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    bad.write_text("café\n")
+    ds = preprocess([good, bad], tmp_path / "out", progress=False)
+    assert len(ds) == 2 and ds.max_token_id == max(b for b in "café".encode())
+
+
+def test_a_changed_input_not_read_yet_does_not_block_resuming(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"text": "one"}\n')
+    second.write_text('{"text": "two"}\n{"text": "\\udcff"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:3"):
+        preprocess([first, second], tmp_path / "out", progress=False)
+    second.write_text('{"text": "two"}\n')  # fixed after the failed run, which had not finished reading it
+    notes = []
+    ds = preprocess([first, second], tmp_path / "out", progress=False, log=notes.append)
+    assert [bytes(ds[i].astype("u1")).decode() for i in range(len(ds))] == ["one", "two"]
+    assert any("inputs not read yet" in n for n in notes)
