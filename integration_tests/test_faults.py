@@ -1,6 +1,7 @@
 """Fault injection against ``trainer train --nproc 2``, as a cluster produces faults: a rank killed, a rank
 stopped, a rank killed while saving, SIGTERM to the launcher, a corrupt newest checkpoint, data outside
-the vocabulary, and two "nodes" that do not share the checkpoint storage.
+the vocabulary, two "nodes" that do not share the checkpoint storage, and a full disk (a small tmpfs,
+when running as root).
 
 Each case asserts the exit code (:mod:`trainer.exits`), the one-line message, and that no committed
 checkpoint was lost or changed (every complete checkpoint still verifies). Faults are injected on
@@ -276,3 +277,21 @@ def test_invalid_settings_are_one_line_before_any_rank_starts(tmp_path, args, me
     done = trainer(tmp_path, *args)
     assert done.returncode == 2
     assert done.stderr.strip() == f"trainer train: error: {message}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save = disk / "ckpt"
+        done = trainer(tmp_path, *BASE, "--steps", "3", "--save", str(save), "--save-every", "1",
+                       "--set", "train.async_save=false")  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"trainer train: error: cannot save {save / 'step_0000000'}") and "No space" in line
+        assert [p.name for p in committed_intact(save)] == ["step_00000001"]
+    finally:
+        subprocess.run(["umount", str(disk)])
