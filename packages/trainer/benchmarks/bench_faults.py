@@ -83,7 +83,7 @@ class Bench:
         self.finish("SIGTERM to the launcher", run, time.monotonic(), save, before)
 
     def restart(self) -> None:
-        steps = ["--steps", "30", "--save-every", "5"]
+        steps = ["--steps", "30", "--save-every", "5", "--set", "train.keep=100"]  # retention would remove some
         reference, metrics, save = self.tmp / "ref.jsonl", self.tmp / "restart.jsonl", self.tmp / "restart"
         self.popen(*steps, "--metrics-file", str(reference)).communicate()
         run = self.popen(*steps, "--save", str(save), "--metrics-file", str(metrics), "--max-restarts", "1")
