@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from pstate import comm
 from pstate.tags import is_expert_parallel, is_tied_copy, tensor_parallel_dim
 
 from .errors import DataParallelError
@@ -87,7 +88,7 @@ def clip_grad_norm_(
         partial = _partial_norm(part, p, device)
         for group in groups:
             if group is not None:
-                dist.all_reduce(partial, op=op, group=pstate.as_group(group))
+                comm.all_reduce(partial, op=op, group=group)
         local = torch.maximum(local, partial) if math.isinf(p) else local + partial
     total = local if math.isinf(p) else local ** (1.0 / p)
 

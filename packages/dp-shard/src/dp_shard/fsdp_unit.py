@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pstate.collectives import all_gather_single, reduce_scatter_single
+from pstate import comm
 from pstate.tags import copy_tags
 
 PIECE_ATTRIBUTE = "_dp_shard_fsdp_piece"  # set on the pieces, so that sharding them again is refused
@@ -144,7 +144,7 @@ class FlatUnit:
             return
         self.full.untyped_storage().resize_(self._full_bytes)
         source = self.flat if self.compute_dtype == self.dtype else self.flat.to(self.compute_dtype)
-        work = all_gather_single(self.full.data, source, group=self.group, async_op=async_op)
+        work = comm.all_gather(self.full.data, source, group=self.group, async_op=async_op)
         self.gathered = True
         if async_op:
             self._gather_work, self._gather_source = work, source
@@ -171,6 +171,6 @@ class FlatUnit:
         if self.size > 1:
             source.div_(self.size)
         out = torch.empty(self.shard_numel, dtype=dtype, device=self.device)
-        work = reduce_scatter_single(out, source, group=self.group, async_op=True)
+        work = comm.reduce_scatter(out, source, group=self.group, async_op=True)
         self.free()
         return PendingReduce(self, work, out, source)

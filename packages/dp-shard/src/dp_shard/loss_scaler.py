@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from pstate import comm
 
 from .errors import DataParallelError
 
@@ -77,7 +78,7 @@ class LossScaler:
             device = grad.device
         found = torch.stack(flags).any().to(torch.float32).reshape(1) if flags else torch.zeros(1, device=device)
         for group in (*self.groups, *groups):
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=pstate.as_group(group))
+            comm.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
         return bool(found.item())
 
     def update(self, found_inf: bool) -> None:

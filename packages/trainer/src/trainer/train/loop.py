@@ -148,7 +148,8 @@ def _complete_grads(run: Run) -> list[torch.Tensor]:
     """Finish what the model's split and the data-parallel reduction leave partial; return the gradients
     the optimizer steps on."""
     ps = run.ps
-    if run.sharded:  # reduced into shards during backward (SP completed there too)
+    if run.sharded:  # reduced into shards (SP completed during backward)
+        run.optimizer.finish_grad_sync()
         sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
         return run.optimizer.master_grads()
     if not run.fsdp:

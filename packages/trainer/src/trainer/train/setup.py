@@ -129,9 +129,11 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
             stage=t.zero,
             aligned=tied_embedding_params(chunks),  # both stages then own the same elements of the copies
             expert_group=ps.edp if model.num_experts > 0 else None,  # experts sharded over edp
+            finish_in_backward=False,  # the step finishes the reduction once, after every chunk's backward
             **adam,
         )
-        no_sync = None
+        sharded = optimizer
+        no_sync = lambda chunk: sharded.no_sync()  # noqa: E731  (one reduction per step, not per micro-batch)
     else:
         decayed = {n for n, p in named.items() if p.dim() >= 2}
         fsdp_pieces = [_pieces_by_name(c) for c in chunks]
