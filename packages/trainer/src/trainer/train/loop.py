@@ -25,6 +25,7 @@ import torch.distributed as dist
 import ckpt
 import pstate
 from dp_shard import clip_grad_norm_
+from dp_shard.fully_shard import sharded_state
 
 from ..config import RunConfig, check_run, to_toml
 from ..data import DataIterator, build_datasets
@@ -152,7 +153,10 @@ def _complete_grads(run: Run) -> list[torch.Tensor]:
         run.optimizer.finish_grad_sync()
         sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
         return run.optimizer.master_grads()
-    if not run.fsdp:
+    if run.fsdp:  # what no_sync kept and the last passes did not reduce
+        for chunk in run.chunks:
+            sharded_state(chunk).finish_grad_sync()
+    else:
         for module in run.modules:
             module.finish_grad_sync()
     # FSDP: the reduce-scattered pieces line up across TP ranks (and a tied embedding's two copies)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dp_shard import DataParallel, LossScaler, ShardedOptimizer, fully_shard
+from dp_shard.fully_shard import sharded_state
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
@@ -143,7 +144,8 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         optimizer = torch.optim.AdamW(
             [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay, decayed)], **adam
         )
-        modules, no_sync = list(chunks), None
+        modules = list(chunks)
+        no_sync = lambda chunk: sharded_state(chunks[chunk]).no_sync()  # noqa: E731  (one reduce-scatter per step)
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
