@@ -155,15 +155,19 @@ class _TimedWork:
         return getattr(self._work, name)
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _call(
-    kind: str, group: Group | None, tensor: torch.Tensor, fn: Any, async_op: bool, /, *args: Any, **kw: Any
+    kind: str, group: Group | None, dtype: torch.dtype, nbytes: int, fn: Any, async_op: bool, /, *args: Any, **kw: Any
 ) -> Any:
     if not CommRecorder._active:
         return fn(*args, **kw)
     recorder = CommRecorder._active[-1]
     pg = None if group is None else as_group(group)
     size = dist.get_world_size(pg)
-    record = CommRecord(kind, recorder.name_of(group), tensor.dtype, tensor.numel() * tensor.element_size(), size)
+    record = CommRecord(kind, recorder.name_of(group), dtype, nbytes, size)
     recorder.records.append(record)
     began = time.perf_counter()
     work = fn(*args, **kw)
@@ -178,7 +182,18 @@ def all_reduce(
 ) -> Any:
     """``dist.all_reduce`` over ``group`` (an :class:`~pstate.Axis` or a process group), recorded."""
     pg = None if group is None else as_group(group)
-    return _call("all_reduce", group, tensor, dist.all_reduce, async_op, tensor, op=op, group=pg, async_op=async_op)
+    return _call(
+        "all_reduce",
+        group,
+        tensor.dtype,
+        _nbytes(tensor),
+        dist.all_reduce,
+        async_op,
+        tensor,
+        op=op,
+        group=pg,
+        async_op=async_op,
+    )
 
 
 def reduce_scatter(
@@ -187,19 +202,43 @@ def reduce_scatter(
     """Sum ``input`` over ``group`` and keep this rank's equal piece in ``output``, recorded."""
     pg = None if group is None else as_group(group)
     fn = reduce_scatter_single
-    return _call("reduce_scatter", group, input, fn, async_op, output, input, group=pg, async_op=async_op)
+    return _call(
+        "reduce_scatter", group, input.dtype, _nbytes(input), fn, async_op, output, input, group=pg, async_op=async_op
+    )
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, *, group: Group | None = None, async_op: bool = False) -> Any:
     """Concatenate every rank's ``input`` into ``output`` (in group-rank order), recorded."""
     pg = None if group is None else as_group(group)
-    return _call("all_gather", group, output, all_gather_single, async_op, output, input, group=pg, async_op=async_op)
+    return _call(
+        "all_gather",
+        group,
+        output.dtype,
+        _nbytes(output),
+        all_gather_single,
+        async_op,
+        output,
+        input,
+        group=pg,
+        async_op=async_op,
+    )
 
 
 def broadcast(tensor: torch.Tensor, src: int, *, group: Group | None = None, async_op: bool = False) -> Any:
     """``dist.broadcast`` of global rank ``src``'s ``tensor`` over ``group``, recorded."""
     pg = None if group is None else as_group(group)
-    return _call("broadcast", group, tensor, dist.broadcast, async_op, tensor, src, group=pg, async_op=async_op)
+    return _call(
+        "broadcast",
+        group,
+        tensor.dtype,
+        _nbytes(tensor),
+        dist.broadcast,
+        async_op,
+        tensor,
+        src,
+        group=pg,
+        async_op=async_op,
+    )
 
 
 def all_to_all_single(
@@ -214,21 +253,50 @@ def all_to_all_single(
     """``dist.all_to_all_single``, recorded (bytes: ``input``)."""
     pg = None if group is None else as_group(group)
     return _call(
-        "all_to_all", group, input, dist.all_to_all_single, async_op,
+        "all_to_all", group, input.dtype, _nbytes(input), dist.all_to_all_single, async_op,
         output, input, output_split_sizes, input_split_sizes, group=pg, async_op=async_op,
     )  # fmt: skip
+
+
+def all_gather_list(
+    tensors: list[torch.Tensor], input: torch.Tensor, *, group: Group | None = None, async_op: bool = False
+) -> Any:
+    """``dist.all_gather`` into a list of tensors, recorded (bytes: all of ``tensors``)."""
+    pg = None if group is None else as_group(group)
+    nbytes = _nbytes(input) * len(tensors)
+    fn = dist.all_gather
+    return _call("all_gather", group, input.dtype, nbytes, fn, async_op, tensors, input, group=pg, async_op=async_op)
+
+
+def batch_isend_irecv(ops: list[dist.P2POp]) -> list[Any]:
+    """``dist.batch_isend_irecv``, each op recorded as a ``send`` or ``recv`` on its group."""
+    if not CommRecorder._active:
+        return dist.batch_isend_irecv(ops)
+    recorder = CommRecorder._active[-1]
+    records = []
+    for op in ops:
+        kind = "send" if op.op in (dist.isend, dist.send) else "recv"
+        size = dist.get_world_size(op.group)
+        nbytes = op.tensor.numel() * op.tensor.element_size()
+        records.append(CommRecord(kind, recorder.name_of(op.group), op.tensor.dtype, nbytes, size))
+    recorder.records.extend(records)
+    began = time.perf_counter()
+    works = dist.batch_isend_irecv(ops)
+    if len(works) == len(records):
+        return [_TimedWork(w, r, began) for w, r in zip(works, records)]
+    return [_TimedWork(w, records[0], began) for w in works]
 
 
 def send(tensor: torch.Tensor, dst: int, *, group: Group | None = None) -> None:
     """``dist.send`` to global rank ``dst``, recorded."""
     pg = None if group is None else as_group(group)
-    _call("send", group, tensor, dist.send, False, tensor, dst, group=pg)
+    _call("send", group, tensor.dtype, _nbytes(tensor), dist.send, False, tensor, dst, group=pg)
 
 
 def recv(tensor: torch.Tensor, src: int, *, group: Group | None = None) -> None:
     """``dist.recv`` from global rank ``src``, recorded."""
     pg = None if group is None else as_group(group)
-    _call("recv", group, tensor, dist.recv, False, tensor, src, group=pg)
+    _call("recv", group, tensor.dtype, _nbytes(tensor), dist.recv, False, tensor, src, group=pg)
 
 
 __all__ = [
@@ -236,8 +304,10 @@ __all__ = [
     "CommRecord",
     "CommRecorder",
     "all_gather",
+    "all_gather_list",
     "all_reduce",
     "all_to_all_single",
+    "batch_isend_irecv",
     "broadcast",
     "recording",
     "recv",

@@ -14,7 +14,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,6 +26,8 @@ import ckpt
 import pstate
 from dp_shard import clip_grad_norm_
 from dp_shard.fully_shard import sharded_state
+from pstate import comm
+from pstate.comm import CommRecorder
 
 from ..config import RunConfig, check_run, to_toml
 from ..data import DataIterator, build_datasets
@@ -64,12 +66,20 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
         try:
-            return _loop(run, data, datasets, metrics, global_batch)
+            recorder = CommRecorder.for_state(ps) if t.comm_report else None
+            return _loop(run, data, datasets, metrics, global_batch, recorder)
         finally:
             metrics.close()
 
 
-def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_batch: int) -> list[dict[str, Any]]:
+def _loop(
+    run: Run,
+    data: DataIterator,
+    datasets: Any,
+    metrics: Metrics,
+    global_batch: int,
+    recorder: CommRecorder | None = None,
+) -> list[dict[str, Any]]:
     cfg, t = run.cfg, run.cfg.train
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
@@ -84,7 +94,8 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
             lr = lr_at(step, cfg.optim, t.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss, norm, skipped = _train_step(run, next(data))
+            with recorder if recorder is not None else nullcontext():
+                loss, norm, skipped = train_step(run, next(data))
             if not skipped and not math.isfinite(loss):
                 skipped = True
             if skipped and t.on_nan == "stop":
@@ -100,6 +111,9 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 "memory_mb": _memory_mb(),
                 "skipped": skipped,
             }
+            if recorder is not None:
+                record.update(comm_fields(recorder))
+                recorder.clear()
             records.append(record)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics.step(record, t.steps)
@@ -118,7 +132,17 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
     return records
 
 
-def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
+def comm_fields(recorder: CommRecorder) -> dict[str, float]:
+    """This rank's bytes and seconds of communication per axis since the recorder was last cleared, as
+    flat ``comm_<axis>_bytes`` / ``comm_<axis>_s`` fields (one step's, in the loop)."""
+    out: dict[str, float] = {}
+    for axis, total in sorted(recorder.by_axis().items()):
+        out[f"comm_{axis}_bytes"] = int(total["bytes"])
+        out[f"comm_{axis}_s"] = total["seconds"]
+    return out
+
+
+def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
     and whether the step was skipped for a non-finite gradient."""
     ps = run.ps
@@ -191,7 +215,7 @@ def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     total = torch.tensor(
         [float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0], device=run.device
     )
-    dist.all_reduce(total)
+    comm.all_reduce(total)
     return (total[0] / total[1]).item()
 
 

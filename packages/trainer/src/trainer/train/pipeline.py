@@ -13,13 +13,12 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import cp_ring
 from moe_dispatch import TopKRouter
 from pp_sched import PipelineExecutor, build
-from pstate import ParallelState
+from pstate import ParallelState, comm
 from tp_layers import allreduce_sequence_parallel_grads
 
 from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
@@ -80,7 +79,7 @@ def sync_tied_embedding_grads(
         return
     for p in tied_embedding_params(list(chunks)):
         if (grad := grad_of(p)) is not None:
-            dist.all_reduce(grad, group=ps.embedding.group)
+            comm.all_reduce(grad, group=ps.embedding)
 
 
 def scale_router_losses(chunks: Sequence[nn.Module], scale: float) -> None:
