@@ -60,6 +60,7 @@ from torch.autograd import Variable
 from pstate import comm
 
 from .buffers import Bucket, GradBuffer
+from .errors import DataParallelError
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,6 +130,7 @@ class ShardedGrads:
         self._in_pass = False
         self._unreduced = False  # local gradients not reduced yet (accumulated, or buckets still waiting)
         self._pending = [len(s.bucket.params) for s in self.slots]
+        self._ready: set[int] = set()  # ids of parameters counted in this reduction
         self._next = 0
         self._works: list[tuple[Any, int, torch.Tensor]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
@@ -258,6 +260,12 @@ class ShardedGrads:
         self._unreduced = True
         if not self._syncing:
             return
+        if id(param) in self._ready:
+            raise DataParallelError(
+                "a parameter received a second gradient before the reduction finished: run every backward "
+                "but the last of a step inside no_sync(), then finish_grad_sync()"
+            )
+        self._ready.add(id(param))
         self._pending[index] -= 1
         if self.overlap:
             while self._next < len(self.slots) and self._pending[self._next] == 0:
@@ -303,6 +311,7 @@ class ShardedGrads:
             else:
                 slot.local = None
         self._works.clear()
+        self._ready.clear()
         self._pending = [len(s.bucket.params) for s in self.slots]
         self._next = 0
         self._unreduced = False
