@@ -211,10 +211,11 @@ def _clip_threshold(run: Run) -> float:
 def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
-    counts = ps.is_last_stage() and ps.tp.rank == 0
-    total = torch.tensor(
-        [float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0], device=run.device
-    )
+    counts = ps.is_last_stage() and ps.tp.rank == 0 and len(losses) > 0
+    total = torch.zeros(2, device=run.device)
+    if counts:  # summed on the device: the .item() below is the step's one host sync for the loss
+        total[0] = torch.stack([x.detach().float().reshape(()) for x in losses]).sum()
+        total[1] = len(losses)
     comm.all_reduce(total)
     return (total[0] / total[1]).item()
 
