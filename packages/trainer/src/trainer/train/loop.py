@@ -1,9 +1,11 @@
 """``train(cfg)``: the training loop on every rank of a run (started by torchrun or ``--nproc``).
 
-Each step: the learning rate of the step, this rank's micro-batches (the same global samples at any DP
-size), forwards and backwards through the pipeline executor, the data-parallel reduction, the model-
-parallel gradient completion, clipping by the global norm, the optimizer step (skipped, or the run
-stopped, on a non-finite loss or norm), then metrics, evaluation and checkpoints as configured.
+Each step (:func:`train_step`): the learning rate of the step, this rank's micro-batches (the same global
+samples at any DP size), forwards and backwards through the pipeline executor (accumulating without
+communication until each chunk's last backward), the data-parallel reduction (once per step), the
+model-parallel gradient completion, then the engine's step protocol (unscale with an overflow check,
+clipping by the global norm, the optimizer step: skipped, or the run stopped, on a non-finite loss or
+norm), then metrics, evaluation and checkpoints as configured.
 Resumes from the newest complete checkpoint under ``--load`` (or ``--save``); SIGTERM and SIGINT
 finish the current step, save, and return.
 """
@@ -24,10 +26,10 @@ import torch.distributed as dist
 
 import ckpt
 import pstate
-from dp_shard import clip_grad_norm_
-from dp_shard.fully_shard import sharded_state
+from dp_shard import ClipGroups
 from pstate import comm
 from pstate.comm import CommRecorder
+from tp_layers import allreduce_sequence_parallel_grads
 
 from ..config import RunConfig, check_run, to_toml
 from ..data import DataIterator, build_datasets
@@ -36,7 +38,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, scale_router_losses, sync_model_parallel_grads, sync_tied_embedding_grads
+from .pipeline import local_batch, scale_router_losses, sync_tied_embedding_grads
 from .setup import Run, setup
 
 
@@ -144,63 +146,26 @@ def comm_fields(recorder: CommRecorder) -> dict[str, float]:
 
 def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
-    and whether the step was skipped for a non-finite gradient."""
-    ps = run.ps
+    and whether the step was skipped for a non-finite gradient. The same code for every ZeRO stage: the
+    engine accumulates over the micro-batches, reduces once, and runs the one step protocol."""
+    ps, engine = run.ps, run.engine
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
-    if run.sharded or run.fsdp:
-        run.optimizer.zero_grad()
-    else:
-        for module in run.modules:
-            module.zero_grad_buffer()
+    engine.zero_grad()
     scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
-    grads = _complete_grads(run)
-    # one loss-scaling protocol for every mode: unscale (overflow checked over the world), clip, update
-    found_inf = run.scaler is not None and run.scaler.unscale_(grads)
-    norm = _clip(run)
-    skipped = found_inf or not math.isfinite(norm)
-    if run.scaler is not None:
-        run.scaler.update(found_inf)
-    if not skipped:
-        run.optimizer.step()
-    return _global_loss(run, result.losses) / scale, norm, skipped
-
-
-def _complete_grads(run: Run) -> list[torch.Tensor]:
-    """Finish what the model's split and the data-parallel reduction leave partial; return the gradients
-    the optimizer steps on."""
-    ps = run.ps
-    if run.sharded:  # reduced into shards (SP completed during backward)
-        run.optimizer.finish_grad_sync()
-        sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
-        return run.optimizer.master_grads()
-    if run.fsdp:  # what no_sync kept and the last passes did not reduce
+    engine.finish_grad_sync()
+    # what the model's split leaves partial: SP sums over TP (unless done in backward), tied copies
+    if run.cfg.train.sequence_parallel and not engine.reduces_in_backward:
         for chunk in run.chunks:
-            sharded_state(chunk).finish_grad_sync()
-    else:
-        for module in run.modules:
-            module.finish_grad_sync()
-    # FSDP: the reduce-scattered pieces line up across TP ranks (and a tied embedding's two copies)
-    sync_model_parallel_grads(run.chunks, ps, sequence_parallel=run.cfg.train.sequence_parallel)
-    params = [p for c in run.chunks for p in c.parameters()]
-    return [p.grad for p in params] if run.fsdp else [p.main_grad for p in params]
-
-
-def _clip(run: Run) -> float:
-    """Clip by the global norm; return the norm."""
-    ps, threshold = run.ps, _clip_threshold(run)
-    experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
-    if run.sharded:
-        return float(run.optimizer.clip_grad_norm_(threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
-    params = [p for c in run.chunks for p in c.parameters()]
-    if run.fsdp:  # each rank holds other elements of the gradients over dp_cp
-        return float(
-            clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
-        )
-    return float(clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
+            allreduce_sequence_parallel_grads(chunk, group=ps.tp)
+    sync_tied_embedding_grads(run.chunks, ps, engine.grad_of)
+    experts = run.model.num_experts > 0
+    clip = ClipGroups(tp=ps.tp, pp=ps.pp, ep=ps.ep if experts else None, etp=ps.etp if experts else None)
+    norm, skipped = engine.step(_clip_threshold(run), clip, run.scaler)
+    return _global_loss(run, result.losses) / scale, norm, skipped
 
 
 def _clip_threshold(run: Run) -> float:
