@@ -100,6 +100,19 @@ class DataParallelEngine(ABC):
         """The optimizer's step (ZeRO-1/2: then the parameter gathers)."""
         self.optimizer.step()
 
+    @abstractmethod
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the model's parameters (``params``: the stored parameters, ZeRO-3's
+        shards), their gradients (``grads``: buffers, shards, staging) and the optimizer (``optimizer``:
+        its state and master copies), and ``numel``: the parameters' elements this rank's chunks hold
+        unsharded (what bytes per parameter divide by). Optimizer state exists after the first step."""
+
+    def bytes_per_param(self) -> dict[str, float]:
+        """:meth:`memory_bytes` per parameter element (``total`` too)."""
+        held = self.memory_bytes()
+        out = {k: held[k] / held["numel"] for k in ("params", "grads", "optimizer")}
+        return out | {"total": sum(out.values())}
+
     def step(self, max_norm: float, groups: ClipGroups, scaler: LossScaler | None = None) -> tuple[float, bool]:
         """The step protocol (module notes); returns the global gradient norm and whether it was skipped."""
         found_inf = scaler is not None and scaler.unscale_(self.main_grads())
@@ -110,6 +123,19 @@ class DataParallelEngine(ABC):
         if not skipped:
             self.optimizer_step()
         return norm, skipped
+
+
+def _bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer counted once)."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
 
 
 def _named(chunks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
@@ -162,6 +188,12 @@ class DDPEngine(DataParallelEngine):
     def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return clip_grad_norm_(self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
+
+    def memory_bytes(self) -> dict[str, int]:
+        grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)
+        params = sum(p.numel() * p.element_size() for p in self._params)
+        numel = sum(p.numel() for p in self._params)
+        return {"params": params, "grads": grads, "optimizer": _state_bytes(self.optimizer), "numel": numel}
 
 
 class ZeroEngine(DataParallelEngine):
@@ -216,6 +248,13 @@ class ZeroEngine(DataParallelEngine):
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return self.optimizer.clip_grad_norm_(max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
 
+    def memory_bytes(self) -> dict[str, int]:
+        held = self.optimizer.memory_bytes()
+        params = list(self.named.values())
+        numel = sum(p.numel() for p in params)
+        optimizer = _state_bytes(self.optimizer.optimizer) + held["master"]  # per-element state and masters
+        return {"params": _bytes(p.data for p in params), "grads": held["grad"], "optimizer": optimizer, "numel": numel}
+
 
 class FSDPEngine(DataParallelEngine):
     """ZeRO-3: each chunk passed to :func:`~dp_shard.fully_shard` over ``group`` with ``units(chunk)``;
@@ -264,6 +303,13 @@ class FSDPEngine(DataParallelEngine):
         return clip_grad_norm_(  # each rank holds other elements of the gradients over the group
             self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, model_parallel_groups=[self.group]
         )
+
+    def memory_bytes(self) -> dict[str, int]:
+        units = [u for c in self.chunks for u in sharded_state(c).units]
+        numel = sum(s.numel for u in units for s in u.slots)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self._params if p.grad is not None)
+        params = sum(u.flat.numel() * u.flat.element_size() for u in units)
+        return {"params": params, "grads": grads, "optimizer": _state_bytes(self.optimizer), "numel": numel}
 
 
 def make_engine(

@@ -117,6 +117,8 @@ def _loop(
                 record.update(comm_fields(recorder))
                 recorder.clear()
             records.append(record)
+            if step == start:  # the optimizer's state exists now
+                metrics.note(_memory_note(run))
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics.step(record, t.steps)
             if t.eval_every and (step + 1) % t.eval_every == 0:
@@ -132,6 +134,15 @@ def _loop(
     if saver is not None:
         saver.close()
     return records
+
+
+def _memory_note(run: Run) -> str:
+    """This rank's bytes per parameter: the stored parameters, their gradients and the optimizer's share."""
+    per = run.engine.bytes_per_param()
+    return (
+        f"bytes per parameter (rank 0, zero={run.cfg.train.zero}, dp_cp={run.ps.dp_cp.size}): params "
+        f"{per['params']:.2f} + grads {per['grads']:.2f} + optimizer {per['optimizer']:.2f} = {per['total']:.2f}"
+    )
 
 
 def comm_fields(recorder: CommRecorder) -> dict[str, float]:
