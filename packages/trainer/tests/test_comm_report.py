@@ -1,6 +1,6 @@
 """The trainer's communication per step, recorded by ``pstate.comm``: the data-parallel gradient reduction
 happens once per step whatever the number of micro-batches, in every mode, and ``--comm-report`` puts
-each step's bytes per axis in the metrics.
+each step's bytes per axis in the metrics (and the start-up note gives the bytes per parameter).
 
 At DP=2 each mode runs two steps of ``train_step`` with 1 and with 3 micro-batches per rank and records
 the second. The reductions on the ``dp`` axis (all-reduce and reduce-scatter: bytes and calls) must be
@@ -8,6 +8,7 @@ the same for both counts. For DDP they must equal the formula: one all-reduce of
 buffer, ``4P`` bytes, plus the 8-byte all-reduce of the logged loss (sum and count).
 """
 
+import io
 import json
 
 import numpy as np
@@ -80,13 +81,17 @@ def test_gradients_are_reduced_once_per_step_whatever_the_micro_batch_count(run_
             assert one.get("all_gather") == three.get("all_gather")
 
 
-def report(tmp: str) -> list[dict]:
+def report(tmp: str) -> tuple[list[dict], str]:
     cfg = config(1, 2, {"cache_dir": tmp}, steps=2, comm_report=True, metrics_file=f"{tmp}/metrics.jsonl")
-    return train(cfg)
+    stream = io.StringIO()
+    return train(cfg, stream=stream), stream.getvalue()
 
 
 def test_comm_report_writes_bytes_per_axis(run_ranks, tmp_path):
-    records = run_ranks(2, report, str(tmp_path))[0]
+    records, printed = run_ranks(2, report, str(tmp_path))[0]
+    assert "comm (rank 0): dp " in printed
+    # ZeRO-1 at d=2, fp32 parameters that are their own masters: 4 + (4 + 4/d) + 8/d, plus bucket padding
+    assert "bytes per parameter (rank 0, zero=1, dp_cp=2): params 4.00 + grads 6.00 + optimizer 4.00" in printed
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["comm_dp_bytes"] for r in lines] == [r["comm_dp_bytes"] for r in records]
     assert records[0]["comm_dp_bytes"] == records[1]["comm_dp_bytes"] > 0
