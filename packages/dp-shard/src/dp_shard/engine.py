@@ -67,9 +67,6 @@ class DataParallelEngine(ABC):
     modules: list[nn.Module]
     named: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
-    reduces_in_backward: bool = False
-    """Whether gradients leave the parameters during backward (ZeRO-1/2): then a model-parallel
-    completion of gradients (sequence-parallel sums) must run during backward too."""
 
     @abstractmethod
     def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
@@ -199,8 +196,6 @@ class DDPEngine(DataParallelEngine):
 class ZeroEngine(DataParallelEngine):
     """ZeRO-1/2: a :class:`~dp_shard.ShardedOptimizer` over ``group`` (experts over ``expert_group``) owns
     the reduction; the chunks run bare. ``aligned``: parameters laid out alone (tied copies)."""
-
-    reduces_in_backward = True
 
     def __init__(
         self,

@@ -29,7 +29,6 @@ import pstate
 from dp_shard import ClipGroups
 from pstate import comm
 from pstate.comm import CommRecorder
-from tp_layers import allreduce_sequence_parallel_grads
 
 from ..config import RunConfig, check_run, to_toml
 from ..data import DataIterator, build_datasets
@@ -38,7 +37,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, scale_router_losses, sync_tied_embedding_grads
+from .pipeline import local_batch, scale_router_losses, sync_sequence_parallel_grads, sync_tied_embedding_grads
 from .setup import Run, setup
 
 
@@ -168,10 +167,9 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     engine.finish_grad_sync()
-    # what the model's split leaves partial: SP sums over TP (unless done in backward), tied copies
-    if run.cfg.train.sequence_parallel and not engine.reduces_in_backward:
-        for chunk in run.chunks:
-            allreduce_sequence_parallel_grads(chunk, group=ps.tp)
+    # what the model's split leaves partial, on the reduced gradients: SP sums over TP, tied copies
+    if run.cfg.train.sequence_parallel:
+        sync_sequence_parallel_grads(run.chunks, ps, engine.grad_of)
     sync_tied_embedding_grads(run.chunks, ps, engine.grad_of)
     experts = run.model.num_experts > 0
     clip = ClipGroups(tp=ps.tp, pp=ps.pp, ep=ps.ep if experts else None, etp=ps.etp if experts else None)

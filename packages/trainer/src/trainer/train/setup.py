@@ -21,7 +21,6 @@ from dp_shard import DataParallelEngine, LossScaler, ZeroEngine, make_engine
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
-from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
@@ -130,9 +129,6 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         units=_fsdp_units,
         **adam,
     )
-    if engine.reduces_in_backward and t.sequence_parallel:  # complete SP gradients before they are taken
-        for chunk in chunks:
-            reduce_sequence_parallel_grads_in_backward(chunk, group=ps.tp)
     modules = engine.modules
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
