@@ -4,7 +4,8 @@
 Rules name keys with templates such as ``"layers.{i}.attn.qkv.weight"``: ``{i}`` matches one
 dot-free part and is carried to the other side. ``Rename`` renames, ``Transpose`` renames and
 transposes a 2-D weight (GPT-2 stores ``[in, out]``), ``Split`` cuts a fused tensor (QKV, gate/up)
-into parts along a dimension and fuses them back on import. Every rule works in both directions, so
+into parts along a dimension and fuses them back on import, ``Stack`` unstacks a tensor of experts
+into one tensor per expert (``{e}`` in the other name numbers them). Every rule works in both directions, so
 ``adapter.from_hf(adapter.to_hf(state)) == state``.
 """
 
@@ -115,7 +116,45 @@ class Split:
         return out
 
 
-Rule = Rename | Transpose | Split
+@dataclass(frozen=True)
+class Stack:
+    """Our ``ours`` (``[n, ...]``) is ``n`` tensors ``theirs`` on the other side, numbered by ``{e}``
+    (``0`` to ``n-1``, all of them present on import)."""
+
+    ours: str
+    theirs: str
+
+    def apply(self, src: Tensors, reverse: bool) -> Tensors:
+        return self._stack(src) if reverse else self._unstack(src)
+
+    def _unstack(self, src: Tensors) -> Tensors:
+        ours, theirs, out = _Template(self.ours), _Template(self.theirs), {}
+        for key in [k for k in src if ours.match(k) is not None]:
+            fields = ours.match(key)
+            for e, piece in enumerate(src.pop(key).unbind(0)):
+                out[theirs.format({**fields, "e": str(e)})] = piece.contiguous()
+        return out
+
+    def _stack(self, src: Tensors) -> Tensors:
+        ours, theirs = _Template(self.ours), _Template(self.theirs)
+        found: dict[str, dict[int, str]] = {}
+        for key in list(src):
+            fields = theirs.match(key)
+            if fields is not None:
+                e = fields.pop("e")
+                if not e.isdigit():
+                    continue
+                found.setdefault(ours.format(fields), {})[int(e)] = key
+        out = {}
+        for name, keys in found.items():
+            if sorted(keys) != list(range(len(keys))):
+                missing = sorted(set(range(max(keys) + 1)) - set(keys))
+                raise CheckpointError(f"{name!r}: experts {missing} of {self.theirs!r} are missing")
+            out[name] = torch.stack([src.pop(keys[e]) for e in range(len(keys))])
+        return out
+
+
+Rule = Rename | Transpose | Split | Stack
 
 
 @dataclass(frozen=True)
@@ -223,4 +262,4 @@ def import_hf(path: str | os.PathLike, *, adapter: Adapter | None = None) -> tup
     return (adapter.from_hf(hf) if adapter is not None else hf), config
 
 
-__all__ = ["Adapter", "Rename", "Split", "Transpose", "export_hf", "import_hf"]
+__all__ = ["Adapter", "Rename", "Split", "Stack", "Transpose", "export_hf", "import_hf"]
