@@ -201,9 +201,11 @@ def export_hf(
     adapter: Adapter | None = None,
     config: dict | None = None,
     max_shard_bytes: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write full tensors as a Hugging Face checkpoint: ``model.safetensors`` (or numbered shards and
-    ``model.safetensors.index.json`` past ``max_shard_bytes``) and ``config.json``; atomically."""
+    ``model.safetensors.index.json`` past ``max_shard_bytes``), ``config.json`` and ``extra_files``
+    (name to contents: a tokenizer, ``generation_config.json``); atomically."""
     out = Path(out_dir).absolute()
     if out.exists():
         raise CheckpointError(f"{out} already exists")
@@ -234,6 +236,10 @@ def export_hf(
             files.write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if config is not None:
             files.write_json(tmp / "config.json", config)
+        for name, data in (extra_files or {}).items():
+            if "/" in name or name.startswith(".") or name in (HF_SINGLE, HF_INDEX, "config.json"):
+                raise CheckpointError(f"extra file name {name!r}: must be a plain new file name")
+            (tmp / name).write_bytes(data)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

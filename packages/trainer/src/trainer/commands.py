@@ -182,9 +182,13 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .convert import with_checkpoint_model
     from .launch import run_ranks, world_size
 
-    cfg = load_run_config(args.config, overrides_from(args))
+    overrides = overrides_from(args)
+    cfg = load_run_config(args.config, overrides)
+    explicit = "model" in overrides or (args.config is not None and "model" in tomllib.loads(open(args.config).read()))
+    cfg = with_checkpoint_model(cfg, explicit_model=explicit)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0

@@ -10,6 +10,8 @@ mapping is :func:`trainer.hf.adapter`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import ckpt
@@ -30,23 +32,42 @@ def _one_process_model(cfg: RunConfig, model: ModelConfig, ps: pstate.ParallelSt
     return chunk
 
 
-def export_to_hf(path: str | Path, out: str | Path) -> Path:
-    """The newest checkpoint under ``path`` (or ``path`` itself) as a Hugging Face directory ``out``."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_SHARD_BYTES = 5 * 2**30
+"""Exported safetensors are split into numbered files with an index past this size (as ``transformers``)."""
+
+
+def export_to_hf(path: str | Path, out: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """The newest checkpoint under ``path`` (or ``path`` itself) as a complete Hugging Face directory
+    ``out``: weights (sharded past ``max_shard_bytes``), ``config.json``, ``generation_config.json`` and,
+    when the run's tokenizer is a ``tokenizer.json``, the tokenizer files beside it."""
     found = Path(path) if (Path(path) / "index.json").exists() else ckpt.latest(path)
     if found is None:
         raise TrainerError(f"{path}: no complete checkpoint there")
     with default_group(default_device()), pstate.initialize(pstate.ParallelConfig()) as ps:
         cfg = parse_run_config(ckpt.load({"config": ""}, found)["config"], source=f"{found} config")
         model = cfg.model
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
         if model.vocab_size is None:
-            model = model.with_overrides(vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size)
+            model = model.with_overrides(vocab_size=tokenizer.vocab_size)
         kind = family(model)
         shards = model_shards([_one_process_model(cfg, model, ps)])
         ckpt.load({"model": shards}, found)
         state = {name: s.data for name, s in shards.items()}
         if kind == "gpt2":
             fuse_qkv(state, model.layers)
-        return ckpt.export_hf(state, out, adapter=adapter(model), config=hf_config(model))
+        extra = {"generation_config.json": _generation_config(tokenizer.eos_id)}
+        if str(cfg.data.tokenizer) != "byte":
+            folder = Path(tokenizer.path).parent
+            extra.update({n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()})
+        config = {**hf_config(model), "eos_token_id": tokenizer.eos_id}
+        return ckpt.export_hf(
+            state, out, adapter=adapter(model), config=config, max_shard_bytes=max_shard_bytes, extra_files=extra
+        )
+
+
+def _generation_config(eos_id: int | None) -> bytes:
+    return json.dumps({"eos_token_id": eos_id, "do_sample": False}, indent=2).encode()
 
 
 def import_from_hf(hf_dir: str | Path, save: str | Path, *, overrides: dict | None = None) -> Path:
@@ -66,6 +87,11 @@ def import_from_hf(hf_dir: str | Path, save: str | Path, *, overrides: dict | No
         split_qkv(state, model)
     tokenizer = Path(hf_dir) / "tokenizer.json"
     data = {"tokenizer": str(tokenizer.absolute())} if tokenizer.is_file() else {}
+    if data and load_tokenizer(tokenizer).vocab_size > model.vocab_size:
+        raise TrainerError(
+            f"{tokenizer}: its {load_tokenizer(tokenizer).vocab_size} ids exceed config.json "
+            f"vocab_size={model.vocab_size}"
+        )
     cfg = parse_run_config(to_toml(RunConfig(model=model)), {"data": data, **(overrides or {})})
     with default_group(default_device()), pstate.initialize(pstate.ParallelConfig()) as ps:
         shards = model_shards([_one_process_model(cfg, model, ps)])
@@ -79,3 +105,31 @@ def import_from_hf(hf_dir: str | Path, save: str | Path, *, overrides: dict | No
                 )
             shard.data.copy_(state[name])
         return ckpt.save({"model": shards, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout={"hf": str(hf_dir)})
+
+
+def with_checkpoint_model(cfg: RunConfig, *, explicit_model: bool) -> RunConfig:
+    """``cfg`` taking its model (and, when the run names none, its tokenizer) from the checkpoint at
+    ``cfg.train.load``, as ``trainer train --load`` does: no ``--model`` is needed. A model given
+    explicitly (``explicit_model``) that differs from the checkpoint's is refused naming both."""
+    load = cfg.train.load
+    found = None if load is None else (Path(load) if (Path(load) / "index.json").exists() else ckpt.latest(load))
+    if found is None:
+        return cfg
+    try:
+        stored = parse_run_config(ckpt.load({"config": ""}, found)["config"], source=f"{found} config")
+    except (ckpt.CheckpointError, KeyError):
+        return cfg  # a checkpoint without a stored config: the run's own model is the only one
+    ours, theirs = cfg.model, stored.model
+    if ours.vocab_size is None:
+        ours = ours.with_overrides(vocab_size=theirs.vocab_size)
+    if explicit_model and ours != theirs:
+        differ = [f.name for f in dataclasses.fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]
+        raise TrainerError(
+            f"--load {load}: the checkpoint's model differs from the one given ({', '.join(differ)}: "
+            f"{', '.join(f'{n}={getattr(theirs, n)!r} vs {getattr(ours, n)!r}' for n in differ[:4])}); "
+            "leave out --model / [model] to train the checkpoint's"
+        )
+    data = cfg.data
+    if data.tokenizer == RunConfig().data.tokenizer and stored.data.tokenizer != data.tokenizer:
+        data = dataclasses.replace(data, tokenizer=stored.data.tokenizer)
+    return dataclasses.replace(cfg, model=theirs, data=data)
