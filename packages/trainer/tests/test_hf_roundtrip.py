@@ -117,3 +117,17 @@ def test_convert_train_export_serve(run_ranks, tmp_path):
             suppress_tokens=list(range(vocab, VOCAB)), pad_token_id=0,
         )[0, len(prompt) :].tolist()  # fmt: skip
     assert ours[: len(theirs)] == theirs
+
+
+def test_train_load_with_a_different_model_is_refused_on_the_command_line(run_ranks, tmp_path):
+    import subprocess
+    import sys
+
+    make_hf(tmp_path / "hf")
+    run_ranks(1, import_dir, str(tmp_path / "hf"), str(tmp_path / "imported"))
+    command = [sys.executable, "-m", "trainer", "train", "--load", str(tmp_path / "imported"), "--print-config"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "hidden = 48" in done.stdout and 'rope_type = "llama3"' in done.stdout
+    done = subprocess.run([*command, "--model", "tiny"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "checkpoint's model differs" in done.stderr, done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import tomllib
@@ -187,7 +188,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = overrides_from(args)
     cfg = load_run_config(args.config, overrides)
-    explicit = "model" in overrides or (args.config is not None and "model" in tomllib.loads(open(args.config).read()))
+    in_file = args.config is not None and "model" in tomllib.loads(Path(args.config).read_text())
+    explicit = "model" in overrides or in_file
     cfg = with_checkpoint_model(cfg, explicit_model=explicit)
     if args.print_config:
         print(to_toml(cfg), end="")
