@@ -89,12 +89,14 @@ def import_dir(hf: str, save: str) -> str:
     return str(import_from_hf(hf, save))
 
 
-def our_logits(save: str, parallel: dict, sequence_parallel: bool = False) -> torch.Tensor | None:
-    """The imported model's logits at ``parallel`` (gathered on the last stage's TP rank 0)."""
+def our_logits(save: str, parallel: dict, sequence_parallel: bool = False, hf: str | None = None):
+    """The imported model's logits at ``parallel`` (gathered on the last stage's TP rank 0); with ``hf``
+    each rank reads its pieces straight from the Hugging Face folder instead (streaming load)."""
     import ckpt
     import pstate
     from tp_layers import gather_from_region
     from trainer.config import parse_run_config
+    from trainer.hf.stream import load_hf_pieces
     from trainer.model import ModelGroups, build_chunks, model_shards
 
     found = ckpt.latest(save)
@@ -102,7 +104,10 @@ def our_logits(save: str, parallel: dict, sequence_parallel: bool = False) -> to
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=sequence_parallel)
         (chunk,) = build_chunks(cfg.model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=0)
-        ckpt.load({"model": model_shards([chunk])}, found)
+        if hf is None:
+            ckpt.load({"model": model_shards([chunk])}, found)
+        else:
+            load_hf_pieces([chunk], hf)
         ids = tokens()
         with torch.no_grad():
             if ps.pp.rank == 0:
@@ -126,8 +131,18 @@ def export_dir(save: str, out: str) -> str:
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
-LAYOUTS = {"tp1": (1, {}, {}), "tp2": (2, dict(tp=2), {}), "pp2": (2, dict(pp=2), {})}
-MOE_LAYOUTS = {"tp1": (1, {}, {}), "ep2": (2, dict(ep=2), {}), "pp2": (2, dict(pp=2), {})}
+LAYOUTS = {
+    "tp1": (1, {}, {}),
+    "tp2": (2, dict(tp=2), {}),
+    "pp2": (2, dict(pp=2), {}),
+    "tp2-streamed": (2, dict(tp=2), dict(stream=True)),
+}
+MOE_LAYOUTS = {
+    "tp1": (1, {}, {}),
+    "ep2": (2, dict(ep=2), {}),
+    "pp2": (2, dict(pp=2), {}),
+    "ep2-pp2-streamed": (4, dict(ep=2, pp=2), dict(stream=True)),
+}
 
 
 def check_family(run_ranks, tmp_path, kind, seed, layouts):
@@ -137,6 +152,7 @@ def check_family(run_ranks, tmp_path, kind, seed, layouts):
         expected = model(tokens()).logits
     run_ranks(1, import_dir, hf, save)
     for name, (world, parallel, options) in layouts.items():
+        options = {"hf": hf} if options.get("stream") else {}
         results = [r for r in run_ranks(world, our_logits, save, parallel, **options) if r is not None]
         for ours in results:
             torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

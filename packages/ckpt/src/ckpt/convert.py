@@ -29,7 +29,7 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 
 
-class _Template:
+class Template:
     """``"layers.{i}.w"``: matching a key yields ``{"i": ...}``; formatting fills the fields back in."""
 
     def __init__(self, text: str):
@@ -90,7 +90,7 @@ class Split:
         return self._fuse(src) if reverse else self._split(src)
 
     def _split(self, src: Tensors) -> Tensors:
-        ours, out = _Template(self.ours), {}
+        ours, out = Template(self.ours), {}
         for key in [k for k in src if ours.match(k) is not None]:
             fields, fused = ours.match(key), src.pop(key)
             n = fused.shape[self.dim]
@@ -98,21 +98,21 @@ class Split:
             if sum(sizes) != n or len(sizes) != len(self.parts):
                 raise CheckpointError(f"{key!r}: dimension {self.dim} of size {n} cannot be split into {sizes}")
             for part, piece in zip(self.parts, torch.split(fused, sizes, dim=self.dim)):
-                out[_Template(part).format(fields)] = piece.contiguous()
+                out[Template(part).format(fields)] = piece.contiguous()
         return out
 
     def _fuse(self, src: Tensors) -> Tensors:
-        first, out = _Template(self.parts[0]), {}
+        first, out = Template(self.parts[0]), {}
         for key in [k for k in src if first.match(k) is not None]:
             fields = first.match(key)
-            names = [_Template(p).format(fields) for p in self.parts]
+            names = [Template(p).format(fields) for p in self.parts]
             missing = [n for n in names if n not in src]
             if missing:
                 raise CheckpointError(f"cannot fuse {self.ours!r}: {missing} are missing")
             pieces = [src.pop(n) for n in names]
             if self.sizes and [p.shape[self.dim] for p in pieces] != list(self.sizes):
                 raise CheckpointError(f"{names}: sizes along dimension {self.dim} are not {list(self.sizes)}")
-            out[_Template(self.ours).format(fields)] = torch.cat(pieces, dim=self.dim)
+            out[Template(self.ours).format(fields)] = torch.cat(pieces, dim=self.dim)
         return out
 
 
@@ -128,7 +128,7 @@ class Stack:
         return self._stack(src) if reverse else self._unstack(src)
 
     def _unstack(self, src: Tensors) -> Tensors:
-        ours, theirs, out = _Template(self.ours), _Template(self.theirs), {}
+        ours, theirs, out = Template(self.ours), Template(self.theirs), {}
         for key in [k for k in src if ours.match(k) is not None]:
             fields = ours.match(key)
             for e, piece in enumerate(src.pop(key).unbind(0)):
@@ -136,7 +136,7 @@ class Stack:
         return out
 
     def _stack(self, src: Tensors) -> Tensors:
-        ours, theirs = _Template(self.ours), _Template(self.theirs)
+        ours, theirs = Template(self.ours), Template(self.theirs)
         found: dict[str, dict[int, str]] = {}
         for key in list(src):
             fields = theirs.match(key)
@@ -189,7 +189,7 @@ class Adapter:
 
 def _take(src: Tensors, a: str, b: str, fn) -> list[tuple[str, torch.Tensor]]:
     """Pop the keys of ``src`` matching template ``a``, renamed by template ``b`` and mapped by ``fn``."""
-    ta, tb = _Template(a), _Template(b)
+    ta, tb = Template(a), Template(b)
     found = [(k, ta.match(k)) for k in list(src)]
     return [(tb.format(f), fn(src.pop(k))) for k, f in found if f is not None]
 
@@ -268,4 +268,4 @@ def import_hf(path: str | os.PathLike, *, adapter: Adapter | None = None) -> tup
     return (adapter.from_hf(hf) if adapter is not None else hf), config
 
 
-__all__ = ["Adapter", "Rename", "Split", "Stack", "Transpose", "export_hf", "import_hf"]
+__all__ = ["Adapter", "Rename", "Split", "Stack", "Template", "Transpose", "export_hf", "import_hf"]

@@ -37,6 +37,7 @@ FLAGS = {
     "recompute": ("train", "recompute"),
     "save": ("train", "save"),
     "load": ("train", "load"),
+    "init_from_hf": ("train", "init_from_hf"),
     "save_every": ("train", "save_every"),
     "eval_every": ("train", "eval_every"),
     "metrics_file": ("train", "metrics_file"),

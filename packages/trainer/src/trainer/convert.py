@@ -14,6 +14,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 import ckpt
 import pstate
 from pstate.device import default_device
@@ -22,7 +24,8 @@ from .config import RunConfig, parse_run_config, to_toml
 from .data import load_tokenizer
 from .errors import TrainerError
 from .hf import adapter, family, hf_config, model_from_hf
-from .hf.names import drop_ignored, fuse_qkv, split_qkv
+from .hf.names import drop_ignored, fuse_qkv
+from .hf.stream import hf_tensor_names, load_hf_pieces
 from .launch import default_group
 from .model import ModelConfig, ModelGroups, build_chunks, model_shards
 
@@ -72,60 +75,63 @@ def _generation_config(eos_id: int | None) -> bytes:
 
 def import_from_hf(hf_dir: str | Path, save: str | Path, *, overrides: dict | None = None) -> Path:
     """A Hugging Face directory as a weights-only checkpoint ``save/step_00000000`` that ``trainer
-    train --load`` starts from; the run config saved with it takes the model from ``config.json``."""
-    _, config = ckpt.import_hf(hf_dir)
-    if config is None:
-        raise TrainerError(f"{hf_dir}: config.json is missing")
-    model = model_from_hf(config)
-    kind = family(model)
-    raw, _ = ckpt.import_hf(hf_dir)
-    try:
-        state = adapter(model).from_hf(drop_ignored(raw, model))
-    except ckpt.CheckpointError as error:
-        raise TrainerError(f"{hf_dir}: {error}") from None
-    if kind == "gpt2":
-        split_qkv(state, model)
-    tokenizer = Path(hf_dir) / "tokenizer.json"
-    data = {"tokenizer": str(tokenizer.absolute())} if tokenizer.is_file() else {}
-    if data and load_tokenizer(tokenizer).vocab_size > model.vocab_size:
-        raise TrainerError(
-            f"{tokenizer}: its {load_tokenizer(tokenizer).vocab_size} ids exceed config.json "
-            f"vocab_size={model.vocab_size}"
-        )
-    cfg = parse_run_config(to_toml(RunConfig(model=model)), {"data": data, **(overrides or {})})
+    train --load`` starts from; the run config saved with it takes the model from ``config.json`` and
+    the tokenizer from a ``tokenizer.json`` beside it. Tensors are read one slice at a time
+    (:func:`trainer.hf.stream.load_hf_pieces`); a tensor in the files that the model has no place for
+    is refused by name, before anything is written."""
+    base = _hf_run(hf_dir)
+    model = base.model
+    if str(base.data.tokenizer) != "byte":
+        size = load_tokenizer(base.data.tokenizer).vocab_size
+        if size > model.vocab_size:
+            raise TrainerError(
+                f"{base.data.tokenizer}: its {size} ids exceed config.json vocab_size={model.vocab_size}"
+            )
+    cfg = parse_run_config(to_toml(base), overrides or {})
     with default_group(default_device()), pstate.initialize(pstate.ParallelConfig()) as ps:
-        shards = model_shards([_one_process_model(cfg, model, ps)])
-        missing = sorted(set(shards) - set(state))
-        if missing:
-            raise TrainerError(f"{hf_dir}: tensors {missing} are missing")
-        for name, shard in shards.items():
-            if tuple(state[name].shape) != tuple(shard.data.shape):
-                raise TrainerError(
-                    f"{hf_dir}: {name} has shape {tuple(state[name].shape)}, expected {tuple(shard.data.shape)}"
-                )
-            shard.data.copy_(state[name])
+        chunk = _one_process_model(cfg, model, ps)
+        shards = model_shards([chunk])
+        _refuse_extra_tensors(hf_dir, model, shards)
+        load_hf_pieces([chunk], hf_dir)
         return ckpt.save({"model": shards, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout={"hf": str(hf_dir)})
+
+
+def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict) -> None:
+    """Every tensor in the folder's files must be one the model holds (a dropped weight is an error)."""
+    state = {name: torch.empty(s.global_shape, device="meta") for name, s in shards.items()}
+    if family(model) == "gpt2":
+        fuse_qkv(state, model.layers)
+    expected = set(adapter(model).to_hf(state))
+    stored = set(drop_ignored(dict.fromkeys(hf_tensor_names(hf_dir)), model))
+    extra = sorted(stored - expected)
+    if extra:
+        raise TrainerError(f"{hf_dir}: tensors {extra[:5]} have no place in the {family(model)} model")
 
 
 def with_checkpoint_model(cfg: RunConfig, *, explicit_model: bool) -> RunConfig:
     """``cfg`` taking its model (and, when the run names none, its tokenizer) from the checkpoint at
     ``cfg.train.load``, as ``trainer train --load`` does: no ``--model`` is needed. A model given
     explicitly (``explicit_model``) that differs from the checkpoint's is refused naming both."""
-    load = cfg.train.load
+    load, hf = cfg.train.load, cfg.train.init_from_hf
     found = None if load is None else (Path(load) if (Path(load) / "index.json").exists() else ckpt.latest(load))
-    if found is None:
+    if hf is not None:
+        if found is not None:
+            raise TrainerError(f"--init-from-hf {hf} and --load {load}: give one place to start from")
+        stored, load = _hf_run(hf), hf
+    elif found is None:
         return cfg
-    try:
-        stored = parse_run_config(ckpt.load({"config": ""}, found)["config"], source=f"{found} config")
-    except (ckpt.CheckpointError, KeyError):
-        return cfg  # a checkpoint without a stored config: the run's own model is the only one
+    else:
+        try:
+            stored = parse_run_config(ckpt.load({"config": ""}, found)["config"], source=f"{found} config")
+        except (ckpt.CheckpointError, KeyError):
+            return cfg  # a checkpoint without a stored config: the run's own model is the only one
     ours, theirs = cfg.model, stored.model
     if ours.vocab_size is None:
         ours = ours.with_overrides(vocab_size=theirs.vocab_size)
     if explicit_model and ours != theirs:
         differ = [f.name for f in dataclasses.fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]
         raise TrainerError(
-            f"--load {load}: the checkpoint's model differs from the one given ({', '.join(differ)}: "
+            f"{load}: the checkpoint's model differs from the one given ({', '.join(differ)}: "
             f"{', '.join(f'{n}={getattr(theirs, n)!r} vs {getattr(ours, n)!r}' for n in differ[:4])}); "
             "leave out --model / [model] to train the checkpoint's"
         )
@@ -133,3 +139,18 @@ def with_checkpoint_model(cfg: RunConfig, *, explicit_model: bool) -> RunConfig:
     if data.tokenizer == RunConfig().data.tokenizer and stored.data.tokenizer != data.tokenizer:
         data = dataclasses.replace(data, tokenizer=stored.data.tokenizer)
     return dataclasses.replace(cfg, model=theirs, data=data)
+
+
+def _hf_run(hf_dir: str | Path) -> RunConfig:
+    """The model (and the tokenizer beside it) of a Hugging Face folder, as a run configuration."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise TrainerError(f"{path}: config.json is missing")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:
+        raise TrainerError(f"{path}: not valid JSON ({error})") from None
+    model = model_from_hf(config)
+    tokenizer = Path(hf_dir) / "tokenizer.json"
+    data = {"tokenizer": str(tokenizer.absolute())} if tokenizer.is_file() else {}
+    return parse_run_config(to_toml(RunConfig(model=model)), {"data": data})
