@@ -109,6 +109,10 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     chunks = build_chunks(
         model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
     )
+    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+        from ..hf.stream import load_hf_pieces
+
+        load_hf_pieces(chunks, t.init_from_hf)
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
     for chunk in chunks:
         chunk.to(device)
