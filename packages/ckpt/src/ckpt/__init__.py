@@ -8,7 +8,7 @@ interrupted saves left), ``AsyncSaver`` saves in the background, :mod:`ckpt.conv
 maps state dicts to and from Hugging Face's format, and ``ckpt inspect PATH`` shows a checkpoint.
 """
 
-from .convert import Adapter, Rename, Split, Transpose, export_hf, import_hf
+from .convert import Adapter, Rename, Split, Stack, Transpose, export_hf, import_hf
 from .errors import CheckpointError
 from .files import clean, intact, latest, step_dir
 from .inspection import inspect, verify
@@ -24,6 +24,7 @@ __all__ = [
     "Rename",
     "SaveHandle",
     "Split",
+    "Stack",
     "Transpose",
     "clean",
     "export_hf",

@@ -57,11 +57,12 @@ class TrainConfig:
     """The loop: ``steps`` is the total (a resumed run continues to it); global batch =
     ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded.
     ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
-    ``steps``; a later run with ``load`` continues). ``on_nan="stop"`` stops on a non-finite loss, or a
-    non-finite gradient that is not an fp16 loss-scale overflow (those steps are skipped and counted), or
-    after ``max_skipped_steps`` skipped steps in a row; ``"skip"`` skips any such step. ``stall_timeout``:
-    seconds without progress on some rank after which every rank dumps its stack and the job stops,
-    naming the stalled rank(s); collectives time out a little later."""
+    ``steps``; a later run with ``load`` continues). ``init_from_hf``: a Hugging Face folder whose
+    weights the model starts from (each rank reads only its pieces). ``on_nan="stop"`` stops on a
+    non-finite loss, or a non-finite gradient that is not an fp16 loss-scale overflow (those steps are
+    skipped and counted), or after ``max_skipped_steps`` skipped steps in a row; ``"skip"`` skips any
+    such step. ``stall_timeout``: seconds without progress on some rank after which every rank dumps its
+    stack and the job stops, naming the stalled rank(s); collectives time out a little later."""
 
     steps: int = 100
     seed: int = 1234
@@ -79,6 +80,7 @@ class TrainConfig:
     save_every: int = 0
     save: str | None = None
     load: str | None = None
+    init_from_hf: str | None = None
     keep: int = 3
     async_save: bool = True
     metrics_file: str | None = None
@@ -87,6 +89,7 @@ class TrainConfig:
     on_nan: str = "stop"
     exit_interval: int | None = None
     deterministic: bool = False
+    comm_report: bool = False
     max_skipped_steps: int = 100
     stall_timeout: float = 600.0
 
