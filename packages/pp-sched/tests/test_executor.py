@@ -196,12 +196,12 @@ def test_a_deadlocking_schedule_is_refused_before_any_communication(run_ranks):
     schedule = deadlocking_schedule()
     with pytest.raises(PipelineScheduleError, match="deadlock"):
         validate(schedule)
-    messages = run_ranks(2, construct, schedule, timeout_s=30)
+    messages = run_ranks(2, construct, schedule)
     assert all(m is not None and "deadlock" in m and "rank 1 is stuck at action 0" in m for m in messages)
 
 
 def test_an_incomplete_schedule_is_refused(run_ranks):
     good = build("zero-bubble", pp=2, microbatches=2)
     broken = good.with_actions([good.actions[0], [a for a in good.actions[1] if a != Action("W", 1)]])
-    messages = run_ranks(2, construct, broken, timeout_s=30)
+    messages = run_ranks(2, construct, broken)
     assert all("has I but no W for microbatch 1" in m for m in messages)

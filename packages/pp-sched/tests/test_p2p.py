@@ -63,7 +63,7 @@ def pipeline_round_trip(vpp, declared, odd_first):
 @pytest.mark.parametrize("odd_first", [False, True])
 @pytest.mark.parametrize(("pp", "vpp"), [(2, 1), (4, 1), (2, 2), (4, 2)])
 def test_messages_cross_every_boundary_both_ways(run_ranks, pp, vpp, odd_first, declared):
-    results = run_ranks(pp, pipeline_round_trip, vpp, declared, odd_first, timeout_s=60)
+    results = run_ranks(pp, pipeline_round_trip, vpp, declared, odd_first)
     last = pp * vpp - 1
     for rank, received in enumerate(results):
         expected = {}
@@ -99,7 +99,7 @@ def wrong_shapes(declared):
 
 @pytest.mark.parametrize("declared", [False, True])
 def test_a_message_whose_shapes_change_is_refused(run_ranks, declared):
-    message0, message1 = run_ranks(2, wrong_shapes, declared, timeout_s=30)
+    message0, message1 = run_ranks(2, wrong_shapes, declared)
     assert "has tensors (TensorSpec(shape=(3, 2)" in message0
     assert "carries (TensorSpec(shape=(2, 3)" in message0
     assert message1 is None
@@ -121,7 +121,7 @@ def misaddressed():
 
 
 def test_misaddressed_messages_are_refused_without_communicating(run_ranks):
-    errors = run_ranks(2, misaddressed, timeout_s=30)[0]
+    errors = run_ranks(2, misaddressed)[0]
     assert "stage 0 has no previous stage" in errors[0]
     assert "stage 1 is not held by pipeline rank 0" in errors[1]
     assert "direction='sideways'" in errors[2]

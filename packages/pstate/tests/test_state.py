@@ -204,4 +204,4 @@ def test_an_error_inside_the_block_surfaces_instead_of_hanging_in_the_exit_barri
     from pstate.testing import RankError
 
     with pytest.raises(RankError, match="rank 1 broke inside the block"):
-        run_ranks(2, fail_on_one_rank, timeout_s=30)
+        run_ranks(2, fail_on_one_rank)
