@@ -23,13 +23,21 @@ class ParallelConfig:
     """
 
     tp: int = 1
+    """tensor-parallel size."""
     pp: int = 1
+    """pipeline-parallel size (stages)."""
     vpp: int = 1
+    """virtual pipeline chunks per pipeline rank (interleaved schedules)."""
     cp: int = 1
+    """context-parallel size (the sequence split over ranks)."""
     ep: int = 1
+    """expert-parallel size."""
     etp: int | None = None
+    """expert tensor-parallel size (default: tp)."""
     dp: int | None = None
+    """data-parallel size (default: what the world size leaves)."""
     order: str = DEFAULT_ORDER
+    """rank order of the axes; the first varies fastest."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):

@@ -26,28 +26,51 @@ class ModelConfig:
     """
 
     hidden: int
+    """model width."""
     layers: int
+    """transformer layers."""
     heads: int
+    """attention heads."""
     kv_heads: int | None = None
+    """key/value heads, fewer than heads for grouped-query attention (default: heads)."""
     ffn_hidden: int | None = None
+    """MLP width (default: 4*hidden for gelu, 8/3*hidden rounded up to 64 for swiglu)."""
     vocab_size: int | None = None
+    """vocabulary size (default: the tokenizer's)."""
     max_seq_len: int = 1024
+    """longest sequence (the size of learned position embeddings)."""
     norm: str = "rmsnorm"
+    """normalization layer."""
     norm_eps: float = 1e-5
+    """normalization epsilon."""
     position: str = "rotary"
+    """position encoding."""
     rope_theta: float = 10000.0
+    """rotary base frequency."""
     mlp: str = "swiglu"
+    """MLP kind."""
     bias: bool = False
+    """biases in the linear layers."""
     tied_embeddings: bool = False
+    """the output layer shares the input embedding's weights."""
     dropout: float = 0.0
+    """dropout probability."""
     init_std: float = 0.02
+    """standard deviation of the weights' normal initialization."""
     vocab_pad_multiple: int = 1
+    """pad the vocabulary to a multiple of this (times tp)."""
     num_experts: int = 0
+    """experts per MoE layer (0: a dense model)."""
     moe_topk: int = 2
+    """experts each token is routed to."""
     moe_every: int = 1
+    """every k-th layer is a mixture of experts (layers 0, k, 2k, ...)."""
     moe_ffn_hidden: int | None = None
+    """expert MLP width (default: ffn_hidden)."""
     moe_aux_loss_coeff: float = 0.0
+    """weight of the router's load-balancing loss."""
     moe_dispatcher: str = "alltoall"
+    """how tokens reach their experts."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
