@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 import tomllib
@@ -260,21 +261,36 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .launch import run_ranks, world_size
+    from .launch import global_rank, run_ranks, under_torchrun, world_size
 
     cfg = load_run_config(args.config, overrides_from(args))
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
-    check_run(cfg, world_size(args.nproc))
+    world = world_size(args.nproc)
+    check_run(cfg, world)
+    first_rank = global_rank() == 0
+    if first_rank and not under_torchrun():
+        print(f"trainer train: starting {world} rank{'s' if world > 1 else ''}", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     records = run_ranks(cfg, args.nproc)
-    if records:
-        first, last = records[0], records[-1]
-        print(
-            f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}",
-            file=sys.stderr,
-        )
+    if records and first_rank:  # under torchrun every rank returns here; one summary is enough
+        print(summary(cfg, records, time.perf_counter() - began), file=sys.stderr)
     return 0
+
+
+def summary(cfg: Any, records: list[dict[str, Any]], seconds: float) -> str:
+    """The closing line of a training run."""
+    first, last = records[0], records[-1]
+    text = (
+        f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f} "
+        f"in {seconds:.1f} s ({last.get('tokens', 0):,} tokens seen)"
+    )
+    if cfg.train.save:
+        text += f"; checkpoints in {cfg.train.save}"
+    if cfg.train.metrics_file:
+        text += f"; metrics in {cfg.train.metrics_file}"
+    return text
 
 
 def run_layout(args: argparse.Namespace) -> int:

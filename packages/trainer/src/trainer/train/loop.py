@@ -34,6 +34,7 @@ from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
 from .pipeline import local_batch, scale_router_losses, sync_model_parallel_grads, sync_tied_embedding_grads
+from .report import banner, memory_mb
 from .setup import Run, setup
 
 
@@ -62,6 +63,8 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
         metrics = Metrics(
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
+        if metrics.active:
+            metrics.banner(banner(run, datasets, global_batch))
         try:
             return _loop(run, data, datasets, metrics, global_batch)
         finally:
@@ -77,13 +80,16 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
     flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
     records: list[dict[str, Any]] = []
     step = start
+    metrics.start(t.steps, start)
     with _stop_on_signal() as stop:
         for step in range(start, t.steps):
             began = time.perf_counter()
             lr = lr_at(step, cfg.optim, t.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss, norm, skipped = _train_step(run, next(data))
+            micro = next(data)
+            data_seconds = time.perf_counter() - began
+            loss, norm, skipped = _train_step(run, micro)
             if not skipped and not math.isfinite(loss):
                 skipped = True
             if skipped and t.on_nan == "stop":
@@ -96,9 +102,14 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_step / seconds,
                 "mfu": flops_per_step / seconds / peak,
-                "memory_mb": _memory_mb(),
                 "skipped": skipped,
+                "step_time_s": seconds,
+                "data_time_s": data_seconds,
+                "tokens": (step + 1) * tokens_per_step,
+                **memory_mb(run.device),
             }
+            if run.scaler is not None:
+                record["loss_scale"] = float(run.scaler.scale)
             records.append(record)
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics.step(record, t.steps)
@@ -108,12 +119,14 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 stop.requested = stop.requested or "exit_interval"
             last = step + 1 == t.steps or stop.requested
             if t.save and ((t.save_every and (step + 1) % t.save_every == 0) or last):
-                _save(run, data, step + 1, saver)
+                metrics.checkpoints.saved(step + 1, *_save(run, data, step + 1, saver))
+            metrics.checkpoints.poll()
             if stop.requested:
                 metrics.note(f"stopping after step {step + 1} ({stop.requested})")
                 break
     if saver is not None:
         saver.close()
+    metrics.checkpoints.poll(finished=True)
     return records
 
 
@@ -211,15 +224,16 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> None:
+def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> tuple[Path, Any]:
+    """Save the run at ``step``; return the checkpoint's path and the background save's handle (or None)."""
     t = run.cfg.train
     state = saveable(run_state(run, step, data.state_dict()))
     state["config"] = to_toml(run.cfg)
     path = ckpt.step_dir(t.save, step)
     if saver is None:
         ckpt.save(state, path, layout=_layout(run), keep=t.keep)
-    else:
-        saver.save(state, path, layout=_layout(run), keep=t.keep)
+        return path, None
+    return path, saver.save(state, path, layout=_layout(run), keep=t.keep)
 
 
 def _layout(run: Run) -> dict[str, int]:
@@ -255,14 +269,6 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
     step = int(state["progress"]["step"])
     metrics.note(f"resumed from {found} at step {step}")
     return step
-
-
-def _memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Stop:
