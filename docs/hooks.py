@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 from html.parser import HTMLParser
+from typing import ClassVar
 
 MARKER = re.compile(r"^( *)([-*+]|\d+\.) \S")
 MARKER_IN_TEXT = re.compile(r"\n[ \t]*([-*+]|\d+\.)[ \t]+\S")
@@ -17,7 +18,23 @@ class Blocks(HTMLParser):
     """The text of each block element outside ``<pre>`` (inline code kept as a placeholder, so lines stay
     whole), and how many ``<li>`` sit inside another ``<li>``."""
 
-    BLOCK = {"p", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "table", "tr", "td", "th", "pre"}
+    BLOCK: ClassVar[set[str]] = {
+        "p",
+        "li",
+        "ul",
+        "ol",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "table",
+        "tr",
+        "td",
+        "th",
+        "pre",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,19 +155,21 @@ def cli_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def on_files(files, config):  # noqa: ANN001, ANN201 - mkdocs hook
+def on_files(files, config):
     from mkdocs.exceptions import PluginError
     from mkdocs.structure.files import File
 
     try:
         content = cli_reference()
     except ImportError as error:
-        raise PluginError(f"the CLI reference is generated from trainer's parsers; install the packages ({error})")
+        raise PluginError(
+            f"the CLI reference is generated from trainer's parsers; install the packages ({error})"
+        ) from None
     files.append(File.generated(config, CLI_PAGE, content=content))
     return files
 
 
-def on_page_content(html, page, config, files):  # noqa: ANN001, ANN201 - mkdocs hook
+def on_page_content(html, page, config, files):
     from mkdocs.exceptions import PluginError
 
     problems = list_problems(page.markdown, html)

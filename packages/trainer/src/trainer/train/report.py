@@ -17,6 +17,7 @@ from .setup import Run
 def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
     """The lines that say what this run is, before its first step."""
     from ..plan import parameter_count  # plan imports train.flops: not at module level
+
     cfg, m, t, ps = run.cfg, run.model, run.cfg.train, run.ps
     dense, expert = parameter_count(m)
     experts = f" ({_count(expert)} of them in experts)" if expert else ""
