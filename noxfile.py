@@ -43,6 +43,13 @@ def dependencies(dist: str) -> list[str]:
     return order
 
 
+def test_extra(dist: str) -> str:
+    """``[a,b]``: every extra ``dist`` declares (its tests use them: ``test`` references, ``plot``), else ``""``."""
+    project = tomllib.loads((PACKAGES[dist] / "pyproject.toml").read_text())["project"]
+    names = sorted(project.get("optional-dependencies", {}))
+    return f"[{','.join(names)}]" if names else ""
+
+
 def install(session: nox.Session, *args: str) -> None:
     if os.environ.get("TORCH_INDEX_URL"):
         session.install(*CONSTRAINTS, "torch", "--index-url", os.environ["TORCH_INDEX_URL"])
@@ -56,18 +63,12 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", "auto", *session.posargs)
 
 
-def extras(dist: str) -> str:
-    """``[a,b]``: every optional-dependency group of ``dist`` (its tests use them: plots, references)."""
-    project = tomllib.loads((PACKAGES[dist] / "pyproject.toml").read_text())["project"]
-    names = sorted(project.get("optional-dependencies", {}))
-    return f"[{','.join(names)}]" if names else ""
-
-
 def package_session(dist: str) -> None:
     @nox.session(name=dist)
     def run(session: nox.Session) -> None:
         # Non-editable: proves the built wheel is complete. pstate[testing] brings the rank harness.
-        local = [str(PACKAGES[name]) for name in dependencies(dist)[:-1]] + [f"{PACKAGES[dist]}{extras(dist)}"]
+        local = [str(PACKAGES[name]) for name in dependencies(dist)]
+        local[-1] += test_extra(dist)  # its extras: test-only references (trainer: transformers), plots (pp-sched)
         install(session, *local, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS)
         session.run("pytest", "-n", "auto", str(PACKAGES[dist] / "tests"), *session.posargs)
 

@@ -53,7 +53,8 @@ class TrainConfig:
     """The loop: ``steps`` is the total (a resumed run continues to it); global batch =
     ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded.
     ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
-    ``steps``; a later run with ``load`` continues)."""
+    ``steps``; a later run with ``load`` continues). ``init_from_hf``: a Hugging Face folder whose
+    weights the model starts from (each rank reads only its pieces)."""
 
     steps: int = 100
     """total optimizer steps of the run (a resumed run continues to it)."""
@@ -87,6 +88,8 @@ class TrainConfig:
     """directory for checkpoints (step_NNNNNNNN/ inside); a run resumes from its newest (default: nothing saved)."""
     load: str | None = None
     """checkpoint, or directory of them (the newest), to start from; any layout may have saved it (default: save's)."""
+    init_from_hf: str | None = None
+    """a Hugging Face model folder whose weights the model starts from, each rank reading its pieces (default: none)."""
     keep: int = 3
     """checkpoints kept under save (older ones are removed)."""
     async_save: bool = True
@@ -103,6 +106,8 @@ class TrainConfig:
     """save and stop when the step is a multiple of N; a later run with load continues (default: never)."""
     deterministic: bool = False
     """use only deterministic kernels (torch.use_deterministic_algorithms)."""
+    comm_report: bool = False
+    """record every collective of the run and print the bytes per step on each parallel axis."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch", "eval_steps", "log_every", "keep"):

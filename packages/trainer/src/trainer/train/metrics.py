@@ -1,5 +1,5 @@
 """What the loop reports on rank 0: step lines (with a progress bar on a terminal), ``--metrics-file`` JSON
-lines and TensorBoard scalars under grouped tags (``train/``, ``perf/``, ``memory/``, ``eval/``).
+lines and TensorBoard scalars under grouped tags (``train/``, ``perf/``, ``memory/``, ``eval/``, ``comm/``).
 
 TensorBoard needs the ``tensorboard`` package; without it ``--tensorboard`` is refused at start.
 """
@@ -64,6 +64,11 @@ class Metrics:
         )
         if record.get("skipped"):
             line += "  (skipped: non-finite)"
+        axes = [k.removeprefix("comm_").removesuffix("_bytes") for k in record if k.endswith("_bytes")]
+        if axes:  # --comm-report: this rank's bytes and seconds per axis
+            mb = {a: record[f"comm_{a}_bytes"] / 2**20 for a in axes}
+            parts = [f"{a} {mb[a]:.3f} MB {1e3 * record[f'comm_{a}_s']:.1f} ms" for a in axes]
+            line += "\n  comm (rank 0): " + ", ".join(parts)
         self._print(line)
         if self._bar is not None:
             self._bar.update(record["step"], record)
@@ -95,7 +100,8 @@ class Metrics:
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{GROUPS.get(key, 'train')}/{key}", value, record["step"])
+                    group = GROUPS.get(key, "comm" if key.startswith("comm_") else "train")
+                    self.writer.add_scalar(f"{group}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self._bar is not None:
