@@ -58,7 +58,14 @@ FLAGS = {
     "tokenizer": ("data", "tokenizer"),
 }
 FLOATS = {"lr"}
-METAVARS = {"save": "DIR", "load": "DIR", "tensorboard": "DIR", "metrics_file": "FILE", "tokenizer": "NAME"}
+METAVARS = {
+    "save": "DIR",
+    "load": "DIR",
+    "init_from_hf": "DIR",
+    "tensorboard": "DIR",
+    "metrics_file": "FILE",
+    "tokenizer": "NAME",
+}
 SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
         "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
