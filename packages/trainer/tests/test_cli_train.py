@@ -12,7 +12,7 @@ import sys
 import pytest
 
 
-def trainer(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+def trainer(*args: str, cwd, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRAINER_CACHE": str(cwd / "cache")}
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

@@ -50,7 +50,7 @@ def describe(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
 class WorkerPool:
     """``world_size`` processes, each a rank of one default group, serving calls until closed."""
 
-    def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1, start_timeout_s: float = 120.0):
+    def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1, start_timeout_s: float = 300.0):
         self.world_size = world_size
         self.backend = backend
         self.broken = False
