@@ -6,28 +6,32 @@ rank's pieces, and against ``transformers``' ``from_pretrained`` of the same fol
 A random Llama of the given shape is made with ``transformers`` and saved (fp32 safetensors). Then, on
 8 gloo ranks (``pstate.testing.Harness``) at TP2 x PP2 x DP2 and at TP8, each rank builds its model
 chunk (the random initialisation), then fills it from the folder with ``load_hf_pieces`` (reading only
-its slices). Reported per layout, as the maximum over ranks: the resident set after importing the
-libraries (the fixed overhead), its peak after building the chunk and after loading, and the bytes of
-the rank's pieces. Peak RSS is ``ru_maxrss`` (monotone: the load figure includes the build's peak).
+its slices). Reported per layout, as the maximum over ranks: the resident set before building (the
+libraries: the fixed overhead), the growth of the peak resident set (``VmHWM``, reset before each
+phase through ``/proc/self/clear_refs``) while building and while loading, measured from that base,
+and the bytes of the rank's pieces. Pages of the safetensors files mapped while reading count as
+resident. Also timed: ``import_from_hf`` (``trainer convert --from-hf``) in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 
 import torch
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1]) / 1024
 
 
-def current_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def reset_peak() -> float:
+    """Reset the peak resident set (VmHWM) to the current one, which is returned."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mib("VmRSS:")
 
 
 def measure(hf: str, parallel: dict) -> dict:
@@ -36,17 +40,27 @@ def measure(hf: str, parallel: dict) -> dict:
     from trainer.hf.stream import load_hf_pieces
     from trainer.model import ModelGroups, build_chunks
 
-    base = current_mib()
     cfg = _hf_run(hf).model
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
+        base = reset_peak()
         began = time.perf_counter()
         chunks = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=ps.pp.rank, pp=ps.pp.size, seed=0)
-        built, after_build = time.perf_counter() - began, rss_mib()
+        built, build_peak = time.perf_counter() - began, status_mib("VmHWM:") - base
+        reset_peak()
         began = time.perf_counter()
         load_hf_pieces(chunks, hf)
-        loaded = time.perf_counter() - began
+        loaded, load_peak = time.perf_counter() - began, status_mib("VmHWM:") - base
         pieces = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters()) / 2**20
-        return dict(base=base, build=after_build, load=rss_mib(), pieces=pieces, t_build=built, t_load=loaded)
+        del chunks
+        return dict(base=base, build=build_peak, load=load_peak, pieces=pieces, t_build=built, t_load=loaded)
+
+
+def import_one_process(hf: str, save: str) -> float:
+    from trainer.convert import import_from_hf
+
+    began = time.perf_counter()
+    import_from_hf(hf, save)
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -80,13 +94,15 @@ def main() -> None:
         print(f"vocab {args.vocab}: {params / 1e6:.0f}M parameters, {params * 4 / 2**20:.0f} MiB in fp32")
         print(f"transformers from_pretrained, one process: {t_hf:.2f} s")
         with Harness(timeout_s=1800, threads=1) as harness:
+            (t_ours,) = harness.run(1, import_one_process, hf, tempfile.mkdtemp() + "/ckpt")
+            print(f"trainer convert --from-hf (import_from_hf), one process: {t_ours:.2f} s")
             for name, parallel in (("TP2xPP2xDP2", dict(tp=2, pp=2)), ("TP8", dict(tp=8))):
                 results = harness.run(8, measure, hf, parallel)
                 top = {k: max(r[k] for r in results) for k in results[0]}
                 print(
-                    f"{name:12} per rank (max over 8): pieces {top['pieces']:.0f} MiB; resident after imports "
-                    f"{top['base']:.0f} MiB, peak after build {top['build']:.0f} MiB, after load {top['load']:.0f} "
-                    f"MiB; build {top['t_build']:.2f} s, load {top['t_load']:.2f} s"
+                    f"{name:12} per rank (max over 8): pieces {top['pieces']:.0f} MiB; resident before "
+                    f"{top['base']:.0f} MiB; peak growth building {top['build']:.0f} MiB, loading "
+                    f"{top['load']:.0f} MiB; build {top['t_build']:.2f} s, load {top['t_load']:.2f} s"
                 )
 
 
