@@ -41,6 +41,10 @@ def _wrong_shape(state):
     state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, 32)
 
 
+def _integer(state):
+    state["model.norm.weight"] = torch.ones(32, dtype=torch.int64)
+
+
 def _extra(state):
     state["model.layers.0.self_attn.rotary_scale"] = torch.zeros(4)
 
@@ -58,6 +62,7 @@ CASES = {
     "no config": (lambda p: (p / "config.json").unlink(), "config.json is missing"),
     "no weights": (lambda p: (p / "model.safetensors").unlink(), "neither model.safetensors.index.json nor"),
     "wrong shape": (lambda p: rewrite(p, _wrong_shape), "k_proj.weight has shape (8, 32), expected (16, 32)"),
+    "wrong dtype": (lambda p: rewrite(p, _integer), "model.norm.weight has dtype I64, expected one of"),
     "extra tensor": (lambda p: rewrite(p, _extra), "rotary_scale'] have no place in the llama model"),
     "missing tensor": (lambda p: rewrite(p, _missing), "tensor 'model.layers.0.mlp.up_proj.weight' is missing"),
     "truncated": (

@@ -24,6 +24,9 @@ from ..model import GPTChunk, ModelConfig
 from ..model.shards import model_pieces
 from .names import adapter
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""The safetensors dtypes a weight may have (converted to the model's dtype on load)."""
+
 
 class _Files:
     """The folder's tensors by name, opened lazily (one handle per file)."""
@@ -67,6 +70,8 @@ def _read(files: _Files, name: str, global_shape: tuple[int, ...], index: tuple[
     shape = tuple(part.get_shape())
     if shape != tuple(global_shape):
         raise TrainerError(f"{files.root}: {name} has shape {shape}, expected {tuple(global_shape)}")
+    if part.get_dtype() not in FLOAT_DTYPES:
+        raise TrainerError(f"{files.root}: {name} has dtype {part.get_dtype()}, expected one of {FLOAT_DTYPES}")
     return part[index]
 
 
