@@ -155,13 +155,16 @@ def build_chunks(
     seed: int,
     recompute: str | None = None,
     uneven: str | None = None,
+    draw: bool = True,
 ) -> list[GPTChunk]:
-    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order."""
+    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order.
+    ``draw=False`` leaves the randomly initialised weights at zero (they are about to be loaded)."""
     from .seeded import draw_initial_pieces  # it reads the chunks' pieces (shards imports this module)
 
     stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven)
     chunks = [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in stages if s.rank == pp_rank]
-    draw_initial_pieces(chunks, seed)
+    if draw:
+        draw_initial_pieces(chunks, seed)
     return chunks
 
 
