@@ -50,9 +50,10 @@ def measure(hf: str, parallel: dict) -> dict:
         began = time.perf_counter()
         load_hf_pieces(chunks, hf)
         loaded, load_peak = time.perf_counter() - began, status_mib("VmHWM:") - base
+        anon = status_mib("RssAnon:")  # without the file pages the reads mapped (reclaimable page cache)
         pieces = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters()) / 2**20
         del chunks
-        return dict(base=base, build=build_peak, load=load_peak, pieces=pieces, t_build=built, t_load=loaded)
+        return dict(base=base, build=build_peak, load=load_peak, anon=anon, pieces=pieces, t_build=built, t_load=loaded)
 
 
 def import_one_process(hf: str, save: str) -> float:
@@ -102,7 +103,8 @@ def main() -> None:
                 print(
                     f"{name:12} per rank (max over 8): pieces {top['pieces']:.0f} MiB; resident before "
                     f"{top['base']:.0f} MiB; peak growth building {top['build']:.0f} MiB, loading "
-                    f"{top['load']:.0f} MiB; build {top['t_build']:.2f} s, load {top['t_load']:.2f} s"
+                    f"{top['load']:.0f} MiB (anonymous after loading {top['anon']:.0f} MiB); "
+                    f"build {top['t_build']:.2f} s, load {top['t_load']:.2f} s"
                 )
 
 
