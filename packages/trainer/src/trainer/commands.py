@@ -47,7 +47,7 @@ FLAGS = {
     "tokenizer": ("data", "tokenizer"),
 }
 FLOATS = {"lr"}
-SWITCHES = {"sequence_parallel": ("train", "sequence_parallel")}
+SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
         "save_every", "eval_every", "warmup_steps"}  # fmt: skip
 

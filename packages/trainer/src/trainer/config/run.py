@@ -72,6 +72,7 @@ class TrainConfig:
     on_nan: str = "stop"
     exit_interval: int | None = None
     deterministic: bool = False
+    comm_report: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch", "eval_steps", "log_every", "keep"):
