@@ -162,6 +162,13 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "--load", metavar="DIR", help="a checkpoint, or a directory of them (the newest); required with --to-hf"
     )
     p.add_argument("--save", metavar="DIR", help="where the weights-only checkpoint goes; required with --from-hf")
+    for axis in ("tp", "pp", "ep", "etp"):  # --from-hf under torchrun: each rank reads only its slices
+        p.add_argument(
+            f"--{axis}",
+            type=int,
+            metavar="N",
+            help=f"with --from-hf under torchrun: the {axis} size of the reading ranks (default: 1)",
+        )
     p.set_defaults(run=run_convert)
 
 
@@ -175,7 +182,8 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         if not args.save:
             raise TrainerError("convert --from-hf needs --save DIR")
-        print(import_from_hf(args.from_hf, args.save))
+        parallel = {a: getattr(args, a) for a in ("tp", "pp", "ep", "etp") if getattr(args, a) is not None}
+        print(import_from_hf(args.from_hf, args.save, parallel=parallel))
     return 0
 
 
