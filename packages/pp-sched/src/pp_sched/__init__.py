@@ -1,4 +1,5 @@
-"""Pipeline schedules as data (GPipe, 1F1B, interleaved 1F1B, zero-bubble), their simulator and renderer.
+"""Pipeline schedules as data (GPipe, 1F1B, interleaved 1F1B, zero-bubble, ZB-V, DualPipe-V), their simulator
+and renderer.
 
 ``build(name, pp=..., microbatches=...)`` gives a :class:`Schedule`: every rank's ordered
 :class:`Action` list. ``validate`` checks a schedule (also a hand-edited one) cannot deadlock,
@@ -13,11 +14,12 @@ from .executor import PipelineExecutor, StepResult
 from .layers import StageLayers, split_layers
 from .p2p import StageP2P, TensorSpec
 from .render import render, render_image
-from .schedules import SCHEDULES, build
+from .schedules import SCHEDULES, V_SCHEDULES, build
 from .simulate import Simulation, Slot, simulate, validate
 
 __all__ = [
     "SCHEDULES",
+    "V_SCHEDULES",
     "Action",
     "PipelineExecutor",
     "PipelineScheduleError",
