@@ -298,7 +298,7 @@ def check_posting_order(
         seen: set[Message] = set()
         for step in plan:
             seen.update(step.recvs)
-            if step.needs is not None and step.needs not in seen:
+            if step.needs is not None and not step.needs.local and step.needs not in seen:
                 raise PipelineScheduleError(f"rank {rank} {step.action} waits for {step.needs} before posting it")
     posts = [batches(plan) for plan in plans]
     stuck = _advance(pp, posts, _where(posts), [0] * pp)
