@@ -166,10 +166,13 @@ def build_chunks(
     seed: int,
     recompute: str | None = None,
     uneven: str | None = None,
+    layout: str = "looped",
 ) -> list[GPTChunk]:
-    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order."""
-    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven)
-    return [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in stages if s.rank == pp_rank]
+    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds, in chunk order: stage ``chunk*pp + pp_rank``, or
+    with ``layout="v"`` (the V schedules) stages ``pp_rank`` and ``2*pp - 1 - pp_rank``."""
+    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven, layout=layout)
+    mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.chunk)
+    return [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in mine]
 
 
 def tied_embedding_params(chunks: list[GPTChunk]) -> list[nn.Parameter]:

@@ -182,7 +182,7 @@ def _clip_threshold(run: Run) -> float:
 def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
-    counts = ps.is_last_stage() and ps.tp.rank == 0
+    counts = bool(losses) and ps.tp.rank == 0  # the executor gives losses where the last stage is
     total = torch.tensor(
         [float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0], device=run.device
     )

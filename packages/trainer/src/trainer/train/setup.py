@@ -26,7 +26,7 @@ from tp_layers import reduce_sequence_parallel_grads_in_backward
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
-from .pipeline import make_executor
+from .pipeline import make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,7 +99,14 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     t, o = cfg.train, cfg.optim
     groups = ModelGroups.from_state(ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention)
     chunks = build_chunks(
-        model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
+        model,
+        groups,
+        pp_rank=ps.pp.rank,
+        pp=ps.pp.size,
+        vpp=cfg.parallel.vpp,
+        seed=t.seed,
+        recompute=t.recompute,
+        layout=stage_layout(t.pipeline_schedule, ps.pp.size),
     )
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
     for chunk in chunks:
