@@ -29,7 +29,9 @@ def data():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def run_pipeline(model_name: str, parallel: dict, schedule: str, sp: bool = False, layers: int | None = None):
+def run_pipeline(
+    model_name: str, parallel: dict, schedule: str, sp: bool = False, layers: int | None = None, uneven=None
+):
     cfg = replace(preset(model_name), vocab_size=VOCAB)
     cfg = cfg if layers is None else replace(cfg, layers=layers)
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
@@ -42,6 +44,7 @@ def run_pipeline(model_name: str, parallel: dict, schedule: str, sp: bool = Fals
             vpp=parallel.get("vpp", 1),
             seed=SEED,
             layout=stage_layout(schedule, ps.pp.size),
+            uneven=uneven,
         )
         executor = make_executor(chunks, ps, cfg, groups, schedule=schedule, microbatches=MICRO)
         ids, labels = (t.chunk(ps.dp.size)[ps.dp.rank] for t in data())
@@ -68,6 +71,12 @@ CASES = {
     "pp2-zb-v-tied": ("tiny-gpt2", dict(pp=2, vpp=2), "zb-v", {}),
     "pp4-dualpipe-v": ("tiny", dict(pp=4, vpp=2), "dualpipe-v", dict(layers=8)),
     "tp2-sp-pp2-dp2-dualpipe-v-tied": ("tiny-gpt2", dict(tp=2, pp=2, vpp=2), "dualpipe-v", dict(sp=True)),
+}
+# uneven layouts (parallel.pipeline_layout), with stages that hold no transformer layer
+CASES |= {
+    "pp2-uneven-3-1-tied": ("tiny-gpt2", dict(pp=2), "1f1b", dict(uneven=[3, 1])),
+    "pp4-uneven-empty-last": ("tiny", dict(pp=4), "zero-bubble", dict(uneven=[2, 1, 1, 0])),
+    "pp2-zb-v-uneven-empty-first": ("tiny", dict(pp=2, vpp=2), "zb-v", dict(uneven=[0, 2, 1, 1])),
 }
 WORLD = {"tp2-sp-pp2-dp2": 8, "tp2-sp-pp2-dp2-dualpipe-v-tied": 8}
 

@@ -11,7 +11,7 @@ with :class:`StageP2P` carrying activations and gradients between adjacent stage
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
 from .executor import PipelineExecutor, StepResult
-from .layers import StageLayers, split_layers
+from .layers import StageLayers, split_layers, stage_costs
 from .p2p import StageP2P, TensorSpec
 from .render import render, render_image
 from .schedules import SCHEDULES, V_SCHEDULES, build
@@ -35,5 +35,6 @@ __all__ = [
     "render_image",
     "simulate",
     "split_layers",
+    "stage_costs",
     "validate",
 ]

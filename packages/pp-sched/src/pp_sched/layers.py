@@ -97,3 +97,16 @@ def split_layers(
         )
         first += count
     return tuple(result)
+
+
+def stage_costs(stages: Sequence[StageLayers], *, embedding: float = 1.0, head: float = 1.0) -> list[float]:
+    """Each stage's relative compute for :func:`pp_sched.simulate`: its transformer layers, plus
+    ``embedding`` and ``head`` (in layers' worth) where it holds them. A stage must cost something: one
+    with no transformer layers needs the embedding or the head."""
+    costs = []
+    for s in stages:
+        cost = len(s.layers) + (embedding if s.embedding else 0.0) + (head if s.head else 0.0)
+        if not cost > 0:
+            raise PipelineScheduleError(f"stage {s.stage} holds no layer, embedding or head; every stage needs work")
+        costs.append(float(cost))
+    return costs

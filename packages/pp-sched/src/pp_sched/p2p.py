@@ -135,6 +135,7 @@ class StageP2P:
         self._declared = None if specs is None else tuple(specs)
         self._specs: dict[int, tuple[TensorSpec, ...]] = {}  # boundary -> specs of its activation message
         self._sending: list[tuple[dist.Work, object]] = []  # a send request and the tensors it reads
+        self._prune_at = 64
 
     # -- addressing: boundary b joins stage b and stage b + 1 --
 
@@ -239,7 +240,9 @@ class StageP2P:
     def _keep_sends(self, works: list[dist.Work], sends: list[dist.P2POp], num_ops: int) -> list[dist.Work]:
         """Remember send requests with their tensors (waited for later) and return the receive requests to
         wait for now. A backend that coalesces the batch into fewer requests (NCCL) has all of them waited for."""
-        self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+        if len(self._sending) >= self._prune_at:  # amortized: a step's cost stays linear in its messages
+            self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+            self._prune_at = max(64, 2 * len(self._sending))
         if len(works) != num_ops:
             self._sending += [(w, tuple(op.tensor for op in sends)) for w in works]
             return list(works)

@@ -165,11 +165,12 @@ def build_chunks(
     vpp: int = 1,
     seed: int,
     recompute: str | None = None,
-    uneven: str | None = None,
+    uneven: str | Sequence[int] | None = None,
     layout: str = "looped",
 ) -> list[GPTChunk]:
     """The ``vpp`` chunks pipeline rank ``pp_rank`` holds, in chunk order: stage ``chunk*pp + pp_rank``, or
-    with ``layout="v"`` (the V schedules) stages ``pp_rank`` and ``2*pp - 1 - pp_rank``."""
+    with ``layout="v"`` (the V schedules) stages ``pp_rank`` and ``2*pp - 1 - pp_rank``. ``uneven``: the
+    layers per stage (see :func:`pp_sched.split_layers`)."""
     stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven, layout=layout)
     mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.chunk)
     return [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in mine]

@@ -107,6 +107,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         seed=t.seed,
         recompute=t.recompute,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
+        uneven=cfg.parallel.pipeline_layout,
     )
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
     for chunk in chunks:
