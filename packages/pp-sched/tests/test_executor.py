@@ -227,3 +227,36 @@ def test_an_incomplete_schedule_is_refused(run_ranks):
     broken = good.with_actions([good.actions[0], [a for a in good.actions[1] if a != Action("W", 1)]])
     messages = run_ranks(2, construct, broken, timeout_s=30)
     assert all("has I but no W for microbatch 1" in m for m in messages)
+
+
+def plans_derived(name, pp, vpp):
+    """Three training steps and two evaluations; how often each rank derived a posting plan."""
+    import pp_sched.executor as executor_module
+
+    calls = []
+    original = executor_module.posting_orders
+
+    def counting(schedule, **kwargs):
+        calls.append(kwargs["train"])
+        return original(schedule, **kwargs)
+
+    executor_module.posting_orders = counting
+    try:
+        rank = dist.get_rank()
+        schedule = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)
+        chunks, _ = chunks_of(rank, pp, vpp, schedule.layout)
+        executor = PipelineExecutor(schedule, chunks, dist.group.WORLD, loss_fn)
+        x, y = data()
+        last = schedule.rank_of(schedule.num_stages - 1)
+        for _ in range(3):
+            executor.step(list(x) if rank == 0 else None, list(y) if rank == last else None)
+        for _ in range(2):
+            executor.evaluate(list(x) if rank == 0 else None, list(y) if rank == last else None)
+    finally:
+        executor_module.posting_orders = original
+    return calls
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), [("interleaved-1f1b", 2, 2), ("dualpipe-v", 2, 2)])
+def test_the_posting_plan_is_derived_once_per_mode_not_per_step(run_ranks, name, pp, vpp):
+    assert run_ranks(pp, plans_derived, name, pp, vpp) == [[True, False]] * pp
