@@ -63,13 +63,15 @@ def timed(step, iters: int) -> float:
     return statistics.median(times)
 
 
-def measure(pp: int, microbatches: list[int], iters: int, with_torch: bool) -> list[dict]:
+def measure(pp: int, microbatches: list[int], iters: int, with_torch: bool, names: list[str]) -> list[dict]:
     rank = dist.get_rank()
     rows = []
     for m in microbatches:
         x = [torch.randn(4) for _ in range(m)]
         y = [torch.randn(4) for _ in range(m)]
         for name, vpp in SCHEDULES:
+            if name not in names:
+                continue
             schedule = build(name, pp=pp, microbatches=m, vpp=vpp)
             chunks = [Scale() for _ in range(vpp)]
             executor = PipelineExecutor(schedule, chunks, dist.group.WORLD, loss_fn)
@@ -108,12 +110,13 @@ def main() -> None:
     parser.add_argument("--pp", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--microbatches", type=int, nargs="+", default=[16, 32, 128])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--schedules", nargs="+", default=[name for name, _ in SCHEDULES], help="which to time")
     parser.add_argument("--torch", action="store_true", help="also time torch's Schedule1F1B on the same stages")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, gloo, one thread per rank, {args.iters} steps")
     with Harness(timeout_s=3600, threads=1) as harness:
         for pp in args.pp:
-            rows = harness.run(pp, measure, pp, args.microbatches, args.iters, args.torch)[0]
+            rows = harness.run(pp, measure, pp, args.microbatches, args.iters, args.torch, args.schedules)[0]
             print(f"\npp={pp}")
             print(f"  {'schedule':<17} {'m':>4} {'plan (once)':>12} {'ms/step':>9} {'actions':>8} {'ms/action':>10}")
             for row in rows:
