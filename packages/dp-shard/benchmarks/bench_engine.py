@@ -3,16 +3,16 @@ against the analytic minimum, step time against the PyTorch-native equivalent, a
 
     python packages/dp-shard/benchmarks/bench_engine.py [--world 8 --layers 4 --hidden 256 --micro 2]
 
-Each mode trains the same MLP (``--layers`` x ``Linear(hidden, hidden)`` + ReLU, fp32, AdamW) for steps
-of ``--micro`` micro-batches (all but the last inside ``engine.no_sync``) on ``--world`` ranks over gloo,
-one thread per rank. Bytes: what ``pstate.comm`` records on the DP axis in one step, as ring wire bytes
-(nccl-tests' factors), divided by the minimum for the mode: DDP one all-reduce of the 4P gradient bytes
-(``2(n-1)/n * 4P``), ZeRO-1/2 a reduce-scatter of 4P and an all-gather of 4P (the same), ZeRO-3 a reduce-scatter
-of 4P and an all-gather of 4P for each micro-batch's forward and for its backward: ``(1 + 2m)(n-1)/n * 4P``. ZeRO-1/2 are measured with both
-collective choices: ``reduce_scatter`` (the minimum) and ``auto`` (over gloo: all-reduce and broadcasts,
-faster there but more bytes). Step time: the slowest rank's, the median of alternating rounds, against
-``DistributedDataParallel`` (with ``no_sync``), ``ZeroRedundancyOptimizer`` over DDP, and FSDP2
-``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last micro-batch).
+Each mode trains the same MLP (``--layers`` x ``Linear(hidden, hidden)`` + ReLU, fp32, AdamW) for steps of
+``--micro`` micro-batches (all but the last inside ``engine.no_sync``) on ``--world`` ranks over gloo, one
+thread per rank. Bytes: what ``pstate.comm`` records on the DP axis in one step, as ring wire bytes (nccl-
+tests' factors), divided by the minimum for the mode: DDP one all-reduce of the 4P gradient bytes (``2(n-1)/n
+* 4P``), ZeRO-1/2 a reduce-scatter of 4P and an all-gather of 4P (the same), ZeRO-3 a reduce-scatter of 4P and
+an all-gather of 4P for each micro-batch's forward and for its backward: ``(1 + 2m)(n-1)/n * 4P``. ZeRO-1/2
+are measured with both collective choices: ``reduce_scatter`` (the minimum) and ``auto`` (over gloo: all-
+reduce and broadcasts, faster there but more bytes). Step time: the slowest rank's, the median of alternating
+rounds, against ``DistributedDataParallel`` (with ``no_sync``), ``ZeroRedundancyOptimizer`` over DDP, and
+FSDP2 ``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last micro-batch).
 """
 
 from __future__ import annotations

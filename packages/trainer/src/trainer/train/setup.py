@@ -114,6 +114,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         vpp=cfg.parallel.vpp,
         seed=t.seed,
         recompute=t.recompute,
+        draw=t.init_from_hf is None,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
         uneven=cfg.parallel.pipeline_layout,
     )
