@@ -198,7 +198,7 @@ def _clip_threshold(run: Run) -> float:
 def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
-    counts = ps.is_last_stage() and ps.tp.rank == 0 and len(losses) > 0
+    counts = len(losses) > 0 and ps.tp.rank == 0  # the executor gives losses where the last stage is
     total = torch.zeros(2, device=run.device)
     if counts:  # summed on the device: the .item() below is the step's one host sync for the loss
         total[0] = torch.stack([x.detach().float().reshape(()) for x in losses]).sum()
