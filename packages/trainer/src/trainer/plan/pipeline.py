@@ -1,0 +1,50 @@
+"""What the pipeline schedule costs, from ``pp_sched``'s simulator: bubble and in-flight activations.
+
+The simulator runs the schedule's real action lists on a model of time (forward 1, backward ``ratio``,
+no p2p time). Results are cached by shape. From ``CAP_ROUNDS`` rounds of ``pp`` micro-batches on, the
+idle time per rank and the activations held no longer grow with the micro-batch count (every rank is in
+its steady state), so a longer schedule is simulated at that length and its steady part added; a test
+checks this against the full simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pp_sched import build, simulate
+
+CAP_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class PipelineCost:
+    """Per step: ``idle`` is the mean idle time per rank in units of one micro-batch's forward and backward
+    on a rank; ``in_flight`` the most activation sets the worst rank holds (each one chunk's layers);
+    ``pending_w`` the most sets waiting only for their weight gradient (split-backward schedules)."""
+
+    idle: float
+    in_flight: int
+    pending_w: int
+    bubble_fraction: float
+
+
+def pipeline_cost(schedule: str, pp: int, vpp: int, microbatches: int, ratio: float = 2.0) -> PipelineCost:
+    """The cost of ``schedule`` with ``microbatches``; ``ratio`` is the backward's time over the forward's."""
+    if pp == 1:
+        return PipelineCost(0.0, 1, 0, 0.0)
+    cap = CAP_ROUNDS * pp
+    if microbatches <= cap:
+        return _simulated(schedule, pp, vpp, microbatches, ratio)
+    short = _simulated(schedule, pp, vpp, cap, ratio)
+    busy = microbatches  # in micro-batch units per rank
+    in_flight = microbatches if short.in_flight >= cap else short.in_flight  # GPipe holds every micro-batch
+    return PipelineCost(short.idle, in_flight, short.pending_w, short.idle / (short.idle + busy))
+
+
+@lru_cache(maxsize=4096)
+def _simulated(schedule: str, pp: int, vpp: int, microbatches: int, ratio: float) -> PipelineCost:
+    sim = simulate(build(schedule, pp=pp, microbatches=microbatches, vpp=vpp), 1.0, ratio)
+    idle = sim.bubble_fraction * sim.makespan / (1.0 + ratio)
+    pending = max(sim.peak_pending_w) if sim.peak_pending_w else 0
+    return PipelineCost(idle, max(sim.peak_activations), pending, sim.bubble_fraction)
