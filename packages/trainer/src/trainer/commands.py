@@ -121,31 +121,24 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def add_plan(commands: argparse._SubParsersAction) -> None:
-    """``trainer plan``: the layouts that fit a model on a cluster, fastest first (estimated)."""
-    p = commands.add_parser("plan", help="suggest parallel layouts for a model on a cluster")
-    p.add_argument("--model", required=True, metavar="PRESET")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, in the training dtype")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--global-batch", type=int, required=True)
-    p.add_argument("--vocab-size", type=int, help="for presets without one")
-    p.add_argument("--top", type=int, default=5)
+    """``trainer plan``: the layouts that fit a model on a cluster, fastest first, or one layout explained."""
+    from .plan.cli import add_plan_options
+
+    p = commands.add_parser(
+        "plan",
+        help="suggest parallel layouts for a model on a cluster, or explain one",
+        description="Search the layouts (--top K; layout flags pin the search) or evaluate the one the layout "
+        "flags (those of trainer train) give. --model takes a preset or a Hugging Face config.json.",
+    )
+    _run_options(p)
+    add_plan_options(p)
     p.set_defaults(run=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .model import preset
-    from .plan import Cluster, plan, render
+    from .plan.cli import run_plan
 
-    model = preset(args.model)
-    if args.vocab_size:
-        model = model.with_overrides(vocab_size=args.vocab_size)
-    cluster = Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.peak_tflops)
-    plans = plan(model, cluster, seq_len=args.seq_len, global_batch=args.global_batch, top=args.top)
-    print(render(plans, args.model, args.seq_len, args.global_batch))
-    return 0 if plans else 1
+    return run_plan(args, overrides_from(args))
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
