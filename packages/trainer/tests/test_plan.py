@@ -66,8 +66,8 @@ def test_plan_command_prints_the_best_as_a_train_command(capsys):
 
 
 def test_the_best_command_parses_as_trainer_train_and_passes_check_run(capsys):
-    from trainer.commands import overrides_from
     from trainer.cli import build_parser
+    from trainer.commands import overrides_from
     from trainer.config import load_run_config
 
     main(["plan", "--model", "llama3-8b", "--gpus", "64", "--seq-len", "4096", "--global-batch", "256", "--json"])

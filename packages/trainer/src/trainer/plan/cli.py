@@ -55,7 +55,7 @@ def run_plan(args: argparse.Namespace, overrides: dict) -> int:
         raise TrainerError("plan needs --global-batch: the sequences per step fix the data-parallel work")
     cluster = Cluster(args.gpus, args.hardware, args.gpus_per_node, args.gpu_memory, args.peak_tflops)
     hw, work = cluster.profile, Workload(model, t.seq_len, t.global_batch, t.precision, t.cp_attention)
-    given = {field: getattr(args, flag) for flag, field in LAYOUT_FLAGS.items() if getattr(args, flag, None) is not None}
+    given = {f: getattr(args, flag) for flag, f in LAYOUT_FLAGS.items() if getattr(args, flag, None) is not None}
     head = {"model": model_name, "gpus": args.gpus, "hardware": dataclasses.asdict(hw), "seq_len": t.seq_len,
             "global_batch": t.global_batch, "precision": t.precision}  # fmt: skip
     if given and args.top is None:

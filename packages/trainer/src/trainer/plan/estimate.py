@@ -26,7 +26,9 @@ class Cluster:
 
     def __post_init__(self) -> None:
         hw = self.hardware if isinstance(self.hardware, Hardware) else load_hardware(self.hardware)
-        hw = hw.with_overrides(gpus_per_node=self.gpus_per_node, memory_gib=self.memory_gib, bf16_tflops=self.peak_tflops)
+        hw = hw.with_overrides(
+            gpus_per_node=self.gpus_per_node, memory_gib=self.memory_gib, bf16_tflops=self.peak_tflops
+        )
         object.__setattr__(self, "profile", hw)
 
 
@@ -68,7 +70,7 @@ class Estimate:
 
     # the names of the first planner's results
     @property
-    def parallel(self):  # noqa: ANN201
+    def parallel(self):
         return self.layout.parallel()
 
     @property

@@ -38,7 +38,7 @@ def pipeline_cost(schedule: str, pp: int, vpp: int, microbatches: int, ratio: fl
         return _simulated(schedule, pp, vpp, microbatches, ratio)
     short = _simulated(schedule, pp, vpp, cap, ratio)
     busy = microbatches  # in micro-batch units per rank
-    in_flight = microbatches if short.in_flight >= cap else short.in_flight  # GPipe holds every micro-batch
+    in_flight = microbatches * vpp if short.in_flight >= cap * vpp else short.in_flight  # GPipe holds them all
     return PipelineCost(short.idle, in_flight, short.pending_w, short.idle / (short.idle + busy))
 
 
