@@ -104,6 +104,7 @@ class Estimate:
             "memory_bytes": {**self.memory.parts, "total": self.memory.total, "usable": self.memory.usable},
             "time_s": {**self.time.parts, "step": self.step_s},
             "hidden_s": self.time.hidden,
+            "traffic_bytes": self.time.traffic,
             "pipeline": {"bubble_fraction": self.pipe.bubble_fraction, "in_flight": self.pipe.in_flight,
                          "pending_w": self.pipe.pending_w},
             "fits": self.fits, "mfu": self.mfu, "tokens_per_s": self.tokens_per_s,

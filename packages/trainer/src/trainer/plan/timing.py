@@ -34,19 +34,26 @@ class StepTime:
 
     parts: dict[str, float]
     hidden: dict[str, float] = field(default_factory=dict)
+    traffic: dict[str, float] = field(default_factory=dict)  # bytes one GPU sends per step, by axis
 
     @property
     def step(self) -> float:
         return sum(self.parts.values())
 
 
+def ring_bytes(kind: str, nbytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring collective of ``nbytes`` (the whole tensor) over ``n`` ranks."""
+    if n <= 1:
+        return 0.0
+    return {"all-reduce": 2 * (n - 1) / n, "gather": (n - 1) / n, "p2p": 1.0}[kind] * nbytes
+
+
 def collective(kind: str, nbytes: float, n: int, gbps: float, latency_us: float, efficiency: float) -> float:
     """Seconds for one ring collective of ``nbytes`` (the whole tensor) over ``n`` ranks."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    factor = {"all-reduce": 2 * (n - 1) / n, "gather": (n - 1) / n, "p2p": 1.0}[kind]
     steps = {"all-reduce": 2 * (n - 1), "gather": n - 1, "p2p": 1}[kind]
-    return factor * nbytes / (gbps * 1e9 * efficiency) + steps * latency_us * 1e-6
+    return ring_bytes(kind, nbytes, n) / (gbps * 1e9 * efficiency) + steps * latency_us * 1e-6
 
 
 def layer_flops(m: ModelConfig, seq_len: int, moe: bool) -> dict[str, float]:
@@ -92,24 +99,30 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     compute_mb = sum(secs.values()) + recompute + memory_bound
 
     # tensor and sequence parallelism: 2 all-reduce-sized exchanges per layer in forward, 2 in backward
+    # (3 with SP: the column-parallel layers gather their input again rather than keep it)
     tp_bytes = tokens * m.hidden * act
     tp_one = collective("all-reduce", tp_bytes, L.tp, hw.intra_node_gbps, hw.intra_node_latency_us, eff)
-    tp_fwd = 2 * layers * tp_one * (2 if L.recompute == "full" else 1)
-    tp_bwd = 2 * layers * tp_one
+    fwd_count = 2 * (2 if L.recompute == "full" else 1)
+    bwd_count = 3 if L.sequence_parallel else 2
+    tp_fwd = fwd_count * layers * tp_one
+    tp_bwd = bwd_count * layers * tp_one
     wgrad = secs["matmul"] / 3  # the weight-gradient matmuls the backward collectives overlap
     tp_bwd_exposed = max(0.0, tp_bwd - wgrad)
 
     cp_link = (hw.intra_node_gbps, hw.intra_node_latency_us) if L.tp * L.cp <= gpn else (
         hw.inter_node_gbps, hw.inter_node_latency_us)  # fmt: skip
     kv_bytes = tokens * 2 * m.num_kv_heads * m.head_dim * act / L.tp
+    cp_volume = 0.0
     if L.cp == 1:
         cp_total = cp_exposed = 0.0
     elif work.cp_attention == "ulysses":
         qkvo = tokens * (2 * m.heads + 2 * m.num_kv_heads) * m.head_dim * act / L.tp
         cp_total = cp_exposed = 2 * layers * collective("gather", qkvo, L.cp, *cp_link, eff)
+        cp_volume = 2 * layers * ring_bytes("gather", qkvo, L.cp)
     else:  # ring: cp-1 K/V blocks in forward, K/V and their gradients in backward
         per_block = collective("p2p", kv_bytes, 2, *cp_link, eff)
         cp_total = 3 * layers * (L.cp - 1) * per_block
+        cp_volume = 3 * layers * (L.cp - 1) * kv_bytes
         cp_exposed = max(0.0, cp_total - secs["attention"])
 
     ep_link = (hw.intra_node_gbps, hw.intra_node_latency_us) if L.etp * L.ep <= gpn else (
@@ -119,6 +132,11 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
 
     critical_mb = compute_mb + tp_fwd + tp_bwd_exposed + cp_exposed + ep_total
     microbatches = L.microbatches(work.global_batch)
+    traffic = {
+        "tp": microbatches * (fwd_count + bwd_count) * layers * ring_bytes("all-reduce", tp_bytes, L.tp),
+        "cp": microbatches * cp_volume,
+        "ep": microbatches * 4 * moe * ring_bytes("gather", rows * m.hidden * act, L.ep),
+    }
     parts = {
         "compute": microbatches * (sum(secs.values()) + memory_bound),
         "recompute": microbatches * recompute,
@@ -134,6 +152,7 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     shared = L.tp if L.sequence_parallel else 1
     p2p_one = collective("p2p", tokens * m.hidden * act / shared, 2, *p2p_link, eff) if L.pp > 1 else 0.0
     parts["pipeline p2p exposed"] = 2 * (L.pp - 1) * p2p_one
+    traffic["pp"] = 2 * microbatches * L.vpp * tokens * m.hidden * act / shared if L.pp > 1 else 0.0
     hidden["pipeline p2p"] = max(0.0, 2 * microbatches * L.vpp * p2p_one - parts["pipeline p2p exposed"])
 
     dense, expert, _ = stage_params(m, L)
@@ -146,11 +165,16 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
         return collective(kind, nbytes_dense, d, *dp_link, eff) + collective(kind, nbytes_expert, e, *edp_link, eff)
 
     last_backward = 2 / 3 * critical_mb
+    def volume(kind: str) -> float:
+        return ring_bytes(kind, 4 * dense, d) + ring_bytes(kind, 4 * expert, e)
+
     if L.zero == 3:
+        traffic["dp"] = 3 * microbatches * volume("gather")
         per_mb = 3 * over("gather", 4 * dense, 4 * expert)  # gather forward, gather backward, reduce-scatter
         exposed = microbatches * max(0.0, per_mb - critical_mb)
         hidden["data parallel"] = microbatches * per_mb - exposed
     else:
+        traffic["dp"] = volume("all-reduce")  # an all-reduce, or a reduce-scatter and an all-gather
         reduce = over("all-reduce" if L.zero == 0 else "gather", 4 * dense, 4 * expert)
         gather = over("gather", 4 * dense, 4 * expert) if L.zero in (1, 2) else 0.0
         exposed = max(0.0, reduce - last_backward) + gather
@@ -159,7 +183,7 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     shard = 1 if L.zero == 0 else None
     local = dense / (shard or d) + expert / (shard or e)
     parts["optimizer"] = 28 * local / (hw.hbm_gbps * 1e9)  # AdamW reads p, g, m, v and writes p, m, v (fp32)
-    return StepTime(parts, hidden)
+    return StepTime(parts, hidden, traffic)
 
 
 def model_flops(work: Workload) -> float:
