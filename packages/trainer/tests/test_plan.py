@@ -62,7 +62,7 @@ def test_plan_command_prints_the_best_as_a_train_command(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "best: trainer train --model gpt2 --seq-len 1024 --global-batch 64" in out
-    assert "why #1 wins over #2" in out and "activations" in out and "pipeline bubble" not in out
+    assert "#1 and #2 tie" in out and "activations" in out and "pipeline bubble" not in out
 
 
 def test_the_best_command_parses_as_trainer_train_and_passes_check_run(capsys):

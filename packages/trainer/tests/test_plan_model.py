@@ -25,6 +25,7 @@ from trainer.plan import (
     parameter_count,
     pipeline_cost,
     plan,
+    resolve_model,
 )  # fmt: skip
 from trainer.plan.memory import memory
 from trainer.plan.pipeline import _simulated
@@ -73,13 +74,15 @@ def _states(zero: int, d: int) -> float:
     return mem.parts, sum(parameter_count(m))
 
 
-@pytest.mark.parametrize("zero, per_param", [(0, 16), (1, 8 + 8 / 4), (2, 4 + 12 / 4), (3, 16 / 4)])
+# bytes per parameter: fp32 weights, fp32 gradients (ZeRO-1: the full local ones and the reduced shard),
+# two fp32 AdamW moments, sharded over 4 ranks as each stage does
+@pytest.mark.parametrize("zero, per_param", [(0, 16), (1, 4 + 4 + 4 / 4 + 8 / 4), (2, 4 + 12 / 4), (3, 16 / 4)])
 def test_model_states_per_zero_stage(zero, per_param):
     parts, params = _states(zero, 4)
     states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
     layer = (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128) + 2 * 64  # one layer's parameters
-    extra = {0: 0, 1: 0, 2: 4 * layer, 3: 0}[zero]  # ZeRO-2: one layer's full gradients before reducing
-    assert states == pytest.approx(params * per_param + extra)
+    assert states == pytest.approx(params * per_param)
+    assert parts.get("gradient staging", 0) == (4 * layer if zero == 2 else 0)  # a bucket before reducing
     assert parts.get("gathered units", 0) == (3 * layer * 4 if zero == 3 else 0)
     assert parts["master weights"] == 0  # fp32 parameters are the masters
 
@@ -150,8 +153,10 @@ def test_shapes_from_hugging_face_config_json(tmp_path):
     }
     assert sum(parameter_count(model_from_hf_config(qwen))) == 494_032_768 - 24 * (896 + 2 * 128)  # less QKV biases
     (tmp_path / "config.json").write_text(json.dumps(mixtral))
-    found = plan(model_from_hf_config(mixtral), Cluster(64), seq_len=4096, global_batch=256, top=1)
-    assert (found and found[0].layout.ep > 1) or found[0].layout.zero < 3
+    from_dir, from_file = resolve_model(str(tmp_path)), resolve_model(str(tmp_path / "config.json"))
+    assert from_dir == from_file and parameter_count(from_dir) == parameter_count(preset("mixtral-8x7b"))
+    with pytest.raises(TrainerError, match="model_type='t5' is not one of"):
+        model_from_hf_config({"model_type": "t5"})
 
 
 def test_a_model_that_fits_one_gpu_gets_data_parallelism_only():
@@ -171,10 +176,10 @@ MODELS = st.builds(
 )  # fmt: skip
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     model=MODELS,
-    gpus=st.sampled_from([1, 2, 8, 16, 24, 64, 256]),
+    gpus=st.sampled_from([1, 2, 8, 16, 24, 64]),
     hardware=st.sampled_from(["a100-40gb", "h100-sxm", "mi300x"]),
     seq_len=st.sampled_from([512, 2048, 8192]),
     batch=st.sampled_from([8, 48, 256]),

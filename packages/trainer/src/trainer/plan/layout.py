@@ -14,13 +14,14 @@ from ..model import ModelConfig
 @dataclass(frozen=True)
 class Workload:
     """What is trained: the model, the sequence length, the global batch (sequences per step), the
-    precision and the context-parallel attention."""
+    precision, the context-parallel attention and the communication backend."""
 
     model: ModelConfig
     seq_len: int
     global_batch: int
     precision: str = "bf16"
     cp_attention: str = "ring"
+    backend: str = "nccl"  # gloo: ZeRO-1/2 all-reduce their buckets (its reduce-scatter is slower)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,6 @@ def breaks_a_rule(layout: Layout, work: Workload) -> bool:
         return False
     if L.schedule == "interleaved-1f1b":
         return L.vpp < 2 or mbs % L.pp != 0  # group_size = pp <= microbatches, a multiple of it
-    if L.vpp != 1:
+    if L.schedule in ("gpipe", "1f1b", "zero-bubble") and L.vpp != 1:
         return True
-    return L.schedule == "zero-bubble" and L.zero == 3
+    return L.schedule not in ("gpipe", "1f1b", "interleaved-1f1b") and L.zero == 3  # split backward

@@ -2,8 +2,9 @@
 
 Model states as this trainer keeps them: fp32 parameters that are also the master weights (so no extra
 master copy), fp32 gradients, AdamW's two fp32 moments. Dense states shard over ``dp*cp`` (the
-``dp_cp`` group), experts' over ``edp``: ZeRO-1 the moments, ZeRO-2 also the gradients, ZeRO-3
-everything (plus the gathered unit being used, the prefetched next one and the unit's gradients).
+``dp_cp`` group), experts' over ``edp``: ZeRO-1 the moments (and adds the reduced gradient shard to the
+full local gradients), ZeRO-2 also the gradients, ZeRO-3 everything (plus the gathered unit being
+used, the prefetched next one and the unit's gradients).
 Under ``bf16``/``fp16`` autocast each in-flight micro-batch keeps the 16-bit weight copies its matmuls
 saved for backward.
 
@@ -111,13 +112,15 @@ def stage_params(m: ModelConfig, L: Layout) -> tuple[float, float, float]:
 
 
 def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memory:
-    """The memory breakdown of the fullest stage (the first: most micro-batches in flight)."""
+    """The memory breakdown of the fuller of the first stage (most micro-batches in flight) and the last
+    (the logits)."""
     m = work.model
     dense, expert, per_layer = stage_params(m, L)
     d, e = L.dp * L.cp, L.edp
     params = dense + expert
-    shard = {0: (4, 4, 8), 1: (4, 4, 8 / d), 2: (4, 4 / d, 8 / d), 3: (4 / d, 4 / d, 8 / d)}[L.zero]
-    eshard = {0: (4, 4, 8), 1: (4, 4, 8 / e), 2: (4, 4 / e, 8 / e), 3: (4 / e, 4 / e, 8 / e)}[L.zero]
+    # ZeRO-1 keeps the full local gradients and its reduced shard; ZeRO-2 only the shard
+    shard = {0: (4, 4, 8), 1: (4, 4 + 4 / d, 8 / d), 2: (4, 4 / d, 8 / d), 3: (4 / d, 4 / d, 8 / d)}[L.zero]
+    eshard = {0: (4, 4, 8), 1: (4, 4 + 4 / e, 8 / e), 2: (4, 4 / e, 8 / e), 3: (4 / e, 4 / e, 8 / e)}[L.zero]
     parts = {
         "parameters": dense * shard[0] + expert * eshard[0],
         "gradients": dense * shard[1] + expert * eshard[1],
@@ -127,7 +130,7 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     if L.zero == 3:
         parts["gathered units"] = 3 * per_layer * 4  # in use, prefetched, and the unit's full gradients
     elif L.zero == 2:
-        parts["gradients"] += per_layer * 4  # a layer's full gradients before their reduce-scatter
+        parts["gradient staging"] = per_layer * 4  # a bucket's full gradients before their reduce-scatter
     s, act = work.seq_len // L.cp, 4 if work.precision == "fp32" else 2
     layers_per_set = m.layers // (L.pp * L.vpp)
     moe = moe_layers(m, layers_per_set)
@@ -139,14 +142,19 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
         for is_moe, count in ((False, layers_per_set - moe), (True, moe))
         if count
     )
-    sets = pipe.in_flight + 0.5 * pipe.pending_w
+    vocab = padded_vocab_size(m.vocab_size or 0, L.tp, m.vocab_pad_multiple)
+    shared = L.tp if L.sequence_parallel else 1
+    # the loss's moment: the head's output, its fp32 copy, the shifted logits and their exponentials
+    logits = s * L.micro_batch * vocab / L.tp * (act + (4 if act != 4 else 0) + 8)
+    logits += s * L.micro_batch * m.hidden * (4 + act) / shared  # the final norm's input and output
+    first = pipe.in_flight + 0.5 * pipe.pending_w
+    last = pipe.in_flight_last + 0.5 * pipe.pending_w if L.pp > 1 else first
+    sets = first if first * per_set >= last * per_set + logits else last
     parts["activations"] = per_set * sets
     if L.recompute == "full":  # the one layer being recomputed holds its full activations for a moment
         parts["activations"] += layer_activations(m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, act_bytes=act)
-    vocab = padded_vocab_size(m.vocab_size or 0, L.tp, m.vocab_pad_multiple)
-    parts["logits"] = s * L.micro_batch * vocab / L.tp * (act + 4)  # the head's output and the fp32 softmax
+    parts["logits"] = logits if sets == last else 0.0
     if work.precision != "fp32" and L.recompute != "full":
         parts["16-bit weight copies"] = 2 * params / L.vpp * sets  # each set: its chunk's weights
-    shared = L.tp if L.sequence_parallel else 1
     parts["communication buffers"] = 2 * s * L.micro_batch * m.hidden * act / shared * (2 if L.pp > 1 else 1)
     return Memory(parts, usable)

@@ -20,26 +20,29 @@ CAP_ROUNDS = 2
 @dataclass(frozen=True)
 class PipelineCost:
     """Per step: ``idle`` is the mean idle time per rank in units of one micro-batch's forward and backward
-    on a rank; ``in_flight`` the most activation sets the worst rank holds (each one chunk's layers);
+    on a rank; ``in_flight`` the most activation sets the worst rank holds (each one chunk's layers;
+    ``in_flight_last`` the last rank's);
     ``pending_w`` the most sets waiting only for their weight gradient (split-backward schedules)."""
 
     idle: float
     in_flight: int
     pending_w: int
     bubble_fraction: float
+    in_flight_last: int = 1  # the last rank's, which also holds the logits
 
 
 def pipeline_cost(schedule: str, pp: int, vpp: int, microbatches: int, ratio: float = 2.0) -> PipelineCost:
     """The cost of ``schedule`` with ``microbatches``; ``ratio`` is the backward's time over the forward's."""
     if pp == 1:
-        return PipelineCost(0.0, 1, 0, 0.0)
+        return PipelineCost(0.0, 1, 0, 0.0, 1)
     cap = CAP_ROUNDS * pp
     if microbatches <= cap:
         return _simulated(schedule, pp, vpp, microbatches, ratio)
     short = _simulated(schedule, pp, vpp, cap, ratio)
     busy = microbatches  # in micro-batch units per rank
     in_flight = microbatches * vpp if short.in_flight >= cap * vpp else short.in_flight  # GPipe holds them all
-    return PipelineCost(short.idle, in_flight, short.pending_w, short.idle / (short.idle + busy))
+    last = microbatches * vpp if short.in_flight_last >= cap * vpp else short.in_flight_last
+    return PipelineCost(short.idle, in_flight, short.pending_w, short.idle / (short.idle + busy), last)
 
 
 @lru_cache(maxsize=4096)
@@ -47,4 +50,4 @@ def _simulated(schedule: str, pp: int, vpp: int, microbatches: int, ratio: float
     sim = simulate(build(schedule, pp=pp, microbatches=microbatches, vpp=vpp), 1.0, ratio)
     idle = sim.bubble_fraction * sim.makespan / (1.0 + ratio)
     pending = max(sim.peak_pending_w) if sim.peak_pending_w else 0
-    return PipelineCost(idle, max(sim.peak_activations), pending, sim.bubble_fraction)
+    return PipelineCost(idle, max(sim.peak_activations), pending, sim.bubble_fraction, sim.peak_activations[-1])

@@ -78,8 +78,13 @@ def why(best: Estimate, other: Estimate) -> str:
     gaps = {k: other.time.parts.get(k, 0.0) - best.time.parts.get(k, 0.0) for k in best.time.parts}
     gains = sorted(((v, k) for k, v in gaps.items() if v > 0), reverse=True)[:3]
     total = other.step_s - best.step_s
-    said = ", ".join(f"{k} {v:.4f} s" for v, k in gains) or "a simpler layout at the same time"
-    return f"why #1 wins over #2: {total:.4f} s faster per step; less {said}"
+    if total < 5e-4 or not gains:
+        return (
+            f"#1 and #2 tie within a millisecond ({best.step_s:.4f} s vs {other.step_s:.4f} s): #1 is the "
+            "simpler layout (less model parallelism, a lower ZeRO stage, or less memory)"
+        )
+    said = ", ".join(f"{k} {v:.4f} s" for v, k in gains)
+    return f"why #1 wins over #2: {total:.4f} s faster per step ({100 * total / other.step_s:.1f}%); less {said}"
 
 
 def render(estimates: list[Estimate], model_name: str, model: ModelConfig) -> str:

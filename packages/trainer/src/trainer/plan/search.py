@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from pp_sched import SCHEDULES, PipelineScheduleError
+
 from ..config import check_run
 from ..errors import TrainerError
 from .estimate import Estimate, estimate
@@ -50,11 +52,15 @@ def _structures(work: Workload, world: int, hw: Hardware, fixed: dict[str, Any])
 
 
 def _schedules(pp: int, layers: int, fixed: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(schedule, vpp)`` pairs: GPipe is left out (1F1B has its bubble with less memory); schedules
+    ``pp_sched`` gains later (V shapes) are tried with 1 and 2 chunks and kept where they build."""
     if pp == 1:
         options = [("1f1b", 1)]
     else:
         options = [("1f1b", 1), ("zero-bubble", 1)]
         options += [("interleaved-1f1b", v) for v in (2, 4) if not layers % (pp * v)]
+        known = {"gpipe", "1f1b", "zero-bubble", "interleaved-1f1b"}
+        options += [(name, v) for name in SCHEDULES if name not in known for v in (1, 2) if not layers % (pp * v)]
     if "schedule" in fixed:
         options = [(s, v) for s, v in options if s == fixed["schedule"]] or [(fixed["schedule"], 1)]
     if "vpp" in fixed:
@@ -81,7 +87,10 @@ def search(
                     if breaks_a_rule(layout, work):
                         continue
                     tried = True
-                    result = estimate(work, layout, hw)
+                    try:
+                        result = estimate(work, layout, hw)
+                    except PipelineScheduleError:  # a schedule whose own rules refuse this shape
+                        continue
                     if result.fits:
                         found.append(result)
                         fitted = True

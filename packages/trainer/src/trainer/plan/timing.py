@@ -8,9 +8,11 @@ pipeline bubble and the optimizer.
 - **Collectives** take ``volume / (bandwidth * link_efficiency) + steps * latency``, with ring volumes
   per GPU: all-reduce ``2(n-1)/n``, all-gather / reduce-scatter / all-to-all ``(n-1)/n`` of the data.
   A group uses the intra-node link when its ranks fit in one node, else the per-GPU network.
+  This trainer's ZeRO-1/2 reduces the gradients in every micro-batch's backward (reduce-scatter; on
+  gloo an all-reduce), DDP once per step.
 - **Overlap**, as this trainer does it: TP/SP collectives are exposed in forward; in backward they run
   while the weight gradients are computed. The CP ring overlaps the attention core; Ulysses and EP
-  all-to-alls are exposed. DDP / ZeRO-1/2 gradient reduction overlaps the last micro-batch's backward;
+  all-to-alls are exposed. DDP's gradient reduction overlaps the last micro-batch's backward, ZeRO-1/2's each one;
   the ZeRO-1/2 parameter all-gather after the step is exposed; ZeRO-3's per-micro-batch gathers and
   reduce-scatters overlap that micro-batch's compute (prefetch). Pipeline p2p is hidden except during
   fill and drain. The **bubble** is the simulator's mean idle time per rank, in micro-batch units.
@@ -165,6 +167,7 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
         return collective(kind, nbytes_dense, d, *dp_link, eff) + collective(kind, nbytes_expert, e, *edp_link, eff)
 
     last_backward = 2 / 3 * critical_mb
+
     def volume(kind: str) -> float:
         return ring_bytes(kind, 4 * dense, d) + ring_bytes(kind, 4 * expert, e)
 
@@ -173,12 +176,17 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
         per_mb = 3 * over("gather", 4 * dense, 4 * expert)  # gather forward, gather backward, reduce-scatter
         exposed = microbatches * max(0.0, per_mb - critical_mb)
         hidden["data parallel"] = microbatches * per_mb - exposed
-    else:
-        traffic["dp"] = volume("all-reduce")  # an all-reduce, or a reduce-scatter and an all-gather
-        reduce = over("all-reduce" if L.zero == 0 else "gather", 4 * dense, 4 * expert)
-        gather = over("gather", 4 * dense, 4 * expert) if L.zero in (1, 2) else 0.0
-        exposed = max(0.0, reduce - last_backward) + gather
-        hidden["data parallel"] = reduce + gather - exposed
+    elif L.zero == 0:  # DDP: one all-reduce per step, during the last micro-batch's backward
+        traffic["dp"] = volume("all-reduce")
+        reduce = over("all-reduce", 4 * dense, 4 * expert)
+        exposed = max(0.0, reduce - last_backward)
+        hidden["data parallel"] = reduce - exposed
+    else:  # ZeRO-1/2: a reduction in every micro-batch's backward, the parameters gathered after the step
+        kind = "all-reduce" if work.backend == "gloo" else "gather"
+        traffic["dp"] = microbatches * volume(kind) + volume("gather")
+        reduce, gather = over(kind, 4 * dense, 4 * expert), over("gather", 4 * dense, 4 * expert)
+        exposed = microbatches * max(0.0, reduce - last_backward) + gather
+        hidden["data parallel"] = microbatches * reduce + gather - exposed
     parts["data parallel exposed"] = exposed
     shard = 1 if L.zero == 0 else None
     local = dense / (shard or d) + expert / (shard or e)
