@@ -127,8 +127,9 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
         "optimizer": dense * shard[2] + expert * eshard[2],
         "master weights": 0.0,  # the fp32 parameters are the masters
     }
-    if L.zero == 3:
-        parts["gathered units"] = 3 * per_layer * 4  # in use, prefetched, and the unit's full gradients
+    if L.zero == 3:  # the root (the head), the unit in use and the prefetched one, and a unit's gradients
+        vocab_unit = padded_vocab_size(m.vocab_size or 0, L.tp, m.vocab_pad_multiple) * m.hidden / L.tp
+        parts["gathered units"] = 4 * (vocab_unit + 2 * max(per_layer, vocab_unit) + per_layer)
     elif L.zero == 2:
         parts["gradient staging"] = per_layer * 4  # a bucket's full gradients before their reduce-scatter
     s, act = work.seq_len // L.cp, 4 if work.precision == "fp32" else 2
@@ -151,9 +152,10 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     last = pipe.in_flight_last + 0.5 * pipe.pending_w if L.pp > 1 else first
     sets = first if first * per_set >= last * per_set + logits else last
     parts["activations"] = per_set * sets
-    if L.recompute == "full":  # the one layer being recomputed holds its full activations for a moment
-        parts["activations"] += layer_activations(m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, act_bytes=act)
     parts["logits"] = logits if sets == last else 0.0
+    if L.recompute == "full":  # in backward, the layer being recomputed holds its activations (logits gone)
+        layer = layer_activations(m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, act_bytes=act)
+        parts["activations"] += max(0.0, layer - parts["logits"])
     if work.precision != "fp32" and L.recompute != "full":
         parts["16-bit weight copies"] = 2 * params / L.vpp * sets  # each set: its chunk's weights
     parts["communication buffers"] = 2 * s * L.micro_batch * m.hidden * act / shared * (2 if L.pp > 1 else 1)

@@ -106,7 +106,7 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     tp_one = collective("all-reduce", tp_bytes, L.tp, hw.intra_node_gbps, hw.intra_node_latency_us, eff)
     fwd_count = 2 * (2 if L.recompute == "full" else 1)
     bwd_count = 3 if L.sequence_parallel else 2
-    tp_fwd = fwd_count * layers * tp_one
+    tp_fwd = fwd_count * layers * tp_one + (1.0 + (1.0 if L.pp == 1 else 0.0)) * tp_one  # embedding, head
     tp_bwd = bwd_count * layers * tp_one
     wgrad = secs["matmul"] / 3  # the weight-gradient matmuls the backward collectives overlap
     tp_bwd_exposed = max(0.0, tp_bwd - wgrad)
@@ -121,10 +121,10 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
         qkvo = tokens * (2 * m.heads + 2 * m.num_kv_heads) * m.head_dim * act / L.tp
         cp_total = cp_exposed = 2 * layers * collective("gather", qkvo, L.cp, *cp_link, eff)
         cp_volume = 2 * layers * ring_bytes("gather", qkvo, L.cp)
-    else:  # ring: cp-1 K/V blocks in forward, K/V and their gradients in backward
+    else:  # ring: cp-1 K/V blocks in forward; in backward cp-1 K/V blocks and cp gradient blocks (home)
         per_block = collective("p2p", kv_bytes, 2, *cp_link, eff)
-        cp_total = 3 * layers * (L.cp - 1) * per_block
-        cp_volume = 3 * layers * (L.cp - 1) * kv_bytes
+        cp_total = layers * (3 * L.cp - 2) * per_block
+        cp_volume = layers * (3 * L.cp - 2) * kv_bytes
         cp_exposed = max(0.0, cp_total - secs["attention"])
 
     ep_link = (hw.intra_node_gbps, hw.intra_node_latency_us) if L.etp * L.ep <= gpn else (
@@ -134,8 +134,12 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
 
     critical_mb = compute_mb + tp_fwd + tp_bwd_exposed + cp_exposed + ep_total
     microbatches = L.microbatches(work.global_batch)
+    # the vocabulary-parallel embedding (stage 0) and head (last stage): one all-reduce-sized exchange
+    # each, the head one and a half with SP (its input gathered again in backward)
+    tp_volume = ring_bytes("all-reduce", tp_bytes, L.tp)
+    vocab_count = 1.0 + ((1.5 if L.sequence_parallel else 1.0) if L.pp == 1 else 0.0)
     traffic = {
-        "tp": microbatches * (fwd_count + bwd_count) * layers * ring_bytes("all-reduce", tp_bytes, L.tp),
+        "tp": microbatches * ((fwd_count + bwd_count) * layers + vocab_count) * tp_volume,
         "cp": microbatches * cp_volume,
         "ep": microbatches * 4 * moe * ring_bytes("gather", rows * m.hidden * act, L.ep),
     }
@@ -154,7 +158,8 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     shared = L.tp if L.sequence_parallel else 1
     p2p_one = collective("p2p", tokens * m.hidden * act / shared, 2, *p2p_link, eff) if L.pp > 1 else 0.0
     parts["pipeline p2p exposed"] = 2 * (L.pp - 1) * p2p_one
-    traffic["pp"] = 2 * microbatches * L.vpp * tokens * m.hidden * act / shared if L.pp > 1 else 0.0
+    # what stage 0 sends: activations forward for each chunk, gradients back for all but its first
+    traffic["pp"] = microbatches * (2 * L.vpp - 1) * tokens * m.hidden * act / shared if L.pp > 1 else 0.0
     hidden["pipeline p2p"] = max(0.0, 2 * microbatches * L.vpp * p2p_one - parts["pipeline p2p exposed"])
 
     dense, expert, _ = stage_params(m, L)
