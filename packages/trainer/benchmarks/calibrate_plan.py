@@ -2,14 +2,15 @@
 
     python packages/trainer/benchmarks/calibrate_plan.py [--only NAME ...]
 
-Each layout runs the trainer's own ``setup`` and two ``_train_step`` calls (fp32; a Llama-style model of
+Each layout runs the trainer's own ``setup`` and two ``train_step`` calls (fp32; a Llama-style model of
 hidden 256, 4 layers, 8/4 heads, vocab 4096; 4 micro-batches of 2 sequences of 256 tokens per rank) on
 its ranks (``pstate.testing.Harness``). Measured on rank 0 (pipeline stage 0, the one the planner calls
 fullest):
 
 - **peak**: the most bytes the CPU allocator held at once from before the model was built to the end of
   the second step (PyTorch's profiler with ``profile_memory``: its running "Total Allocated");
-- **states**: the parameters, their gradients and the optimizer's state tensors after the second step;
+- **states**: the parameters, their gradients and the optimizer's state after the second step (the
+  data-parallel engine's ``memory_bytes``);
 - **traffic**: the bytes rank 0 sends in the second step, by axis, from every collective and p2p call
   (the functions are wrapped in the rank; ring volumes: all-reduce ``2(n-1)/n``, all-gather,
   reduce-scatter and all-to-all ``(n-1)/n`` of the whole tensor, sends their size). Scalars (the loss,
@@ -35,7 +36,7 @@ from pstate.testing import Harness
 from trainer.config import RunConfig
 from trainer.model import preset
 from trainer.plan import Layout, Workload, estimate, load_hardware
-from trainer.train.loop import _train_step
+from trainer.train.loop import train_step
 from trainer.train.setup import setup
 
 MODEL = preset("tiny").with_overrides(
@@ -127,17 +128,13 @@ def measure(layout: Layout) -> dict:
         run = setup(cfg, ps, MODEL, MICRO)
         rng = np.random.default_rng(ps.dp.rank)
         batches = [[rng.integers(0, MODEL.vocab_size, (MB, SEQ + 1)) for _ in range(MICRO)] for _ in range(2)]
-        _train_step(run, batches[0])
+        train_step(run, batches[0])
         dist.barrier()
         traffic.on = True
-        _train_step(run, batches[1])
+        train_step(run, batches[1])
         traffic.on = False
-        states = sum(p.nbytes + (p.grad.nbytes if p.grad is not None else 0) for p in run.named.values())
-        opt = run.optimizer
-        if hasattr(opt, "memory_bytes"):
-            states = sum(p.nbytes for p in run.named.values()) + sum(opt.memory_bytes().values())
-        else:
-            states += sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        held = run.engine.memory_bytes()
+        states = held["params"] + held["grads"] + held["optimizer"]
         axes = {"tp": ps.tp, "cp": ps.cp, "pp": ps.pp, "dp": ps.dp_cp, "ep": ps.ep}
         by_axis: dict[str, float] = {}
         for _, group, volume in traffic.calls:

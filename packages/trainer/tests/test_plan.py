@@ -10,17 +10,27 @@ from trainer.config import RunConfig, TrainConfig, check_run
 from trainer.model import ModelGroups, build_chunks, model_shards, preset
 from trainer.plan import Cluster, parameter_count, plan
 
+VARIANTS = {  # the newer shape options: per-part biases, QK norms, wider heads, a gated shared expert
+    "tiny-qwen": dict(qkv_bias=True, qk_norm=True, kv_channels=32),
+    "tiny-moe-shared": dict(moe_shared_ffn_hidden=96, moe_shared_gate=True, proj_bias=True),
+}
+
+
+def _model(name: str):
+    base = "tiny-moe" if name == "tiny-moe-shared" else "tiny" if name == "tiny-qwen" else name
+    return preset(base).with_overrides(vocab_size=257, **VARIANTS.get(name, {}))
+
 
 def counted(name: str) -> int:
-    cfg = preset(name).with_overrides(vocab_size=257)
+    cfg = _model(name)
     with pstate.initialize(pstate.ParallelConfig()) as ps:
         (chunk,) = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=0)
         return sum(s.data.numel() for s in model_shards([chunk]).values())
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe", "tiny-qwen", "tiny-moe-shared"])
 def test_parameter_count_is_the_model_s(run_ranks, name):
-    assert sum(parameter_count(preset(name).with_overrides(vocab_size=257))) == run_ranks(1, counted, name)[0]
+    assert sum(parameter_count(_model(name))) == run_ranks(1, counted, name)[0]
 
 
 def test_parameter_counts_of_known_models():

@@ -4,7 +4,8 @@ Model states as this trainer keeps them: fp32 parameters that are also the maste
 master copy), fp32 gradients, AdamW's two fp32 moments. Dense states shard over ``dp*cp`` (the
 ``dp_cp`` group), experts' over ``edp``: ZeRO-1 the moments (and adds the reduced gradient shard to the
 full local gradients), ZeRO-2 also the gradients, ZeRO-3 everything (plus the gathered unit being
-used, the prefetched next one and the unit's gradients).
+used, the prefetched next one and the unit's gradients). Every mode reduces the gradients once per
+step, so over several micro-batches ZeRO-2 and ZeRO-3 hold the full local gradients until then.
 Under ``bf16``/``fp16`` autocast each in-flight micro-batch keeps the 16-bit weight copies its matmuls
 saved for backward.
 
@@ -24,7 +25,7 @@ from tp_layers import padded_vocab_size
 
 from ..model import ModelConfig
 from .layout import Layout, Workload
-from .models import attention_params, expert_params, mlp_params, norm_params
+from .models import attention_params, expert_params, mlp_params, norm_params, shared_expert_params
 from .pipeline import PipelineCost
 
 GIB = 2**30
@@ -68,6 +69,8 @@ def layer_activations(
         rows = m.moe_topk * s * b / shared  # token copies this rank's experts see, balanced routing
         total += sbh * B / shared + s * b * m.num_experts * 4 / shared  # router input and probabilities
         total += rows * h * B + rows * m.moe_ffn * (4 if m.mlp == "swiglu" else 2) * B
+        if m.moe_shared_ffn_hidden:  # the shared expert: its gathered input and activation, split over TP
+            total += sbh * B / shared + s * b * m.moe_shared_ffn_hidden * (4 if m.mlp == "swiglu" else 2) * B / tp
     else:
         total += sbh * B / shared  # the first MLP projection's input
         total += s * b * m.ffn * (4 if m.mlp == "swiglu" else 2) * B / tp  # activation function in and out
@@ -101,7 +104,7 @@ def stage_params(m: ModelConfig, L: Layout) -> tuple[float, float, float]:
     vocab = padded_vocab_size(m.vocab_size or 0, L.tp, m.vocab_pad_multiple)
     per_layer = (attention_params(m) + (0 if m.num_experts else mlp_params(m))) / L.tp + 2 * norm_params(m)
     moe = moe_layers(m, layers)
-    dense = layers * per_layer + moe * m.hidden * m.num_experts
+    dense = layers * per_layer + moe * (m.hidden * m.num_experts + shared_expert_params(m) / L.tp)
     if m.num_experts:
         dense += (layers - moe) * mlp_params(m) / L.tp
     first = vocab * m.hidden / L.tp + (m.max_seq_len * m.hidden if m.position == "learned" else 0)
@@ -127,11 +130,12 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
         "optimizer": dense * shard[2] + expert * eshard[2],
         "master weights": 0.0,  # the fp32 parameters are the masters
     }
+    accumulating = L.microbatches(work.global_batch) > 1
     if L.zero == 3:  # the root (the head), the unit in use and the prefetched one, and a unit's gradients
         vocab_unit = padded_vocab_size(m.vocab_size or 0, L.tp, m.vocab_pad_multiple) * m.hidden / L.tp
         parts["gathered units"] = 4 * (vocab_unit + 2 * max(per_layer, vocab_unit) + per_layer)
-    elif L.zero == 2:
-        parts["gradient staging"] = per_layer * 4  # a bucket's full gradients before their reduce-scatter
+    if L.zero in (2, 3):  # reduced once per step: over several micro-batches the full local gradients wait
+        parts["gradient staging"] = 4 * (params if accumulating else per_layer)
     s, act = work.seq_len // L.cp, 4 if work.precision == "fp32" else 2
     layers_per_set = m.layers // (L.pp * L.vpp)
     moe = moe_layers(m, layers_per_set)

@@ -1,13 +1,14 @@
-"""Model shapes for the planner: a preset name or a Hugging Face ``config.json``; exact parameter counts."""
+"""Model shapes for the planner: a preset name or a Hugging Face ``config.json`` (read by
+:func:`trainer.hf.model_from_hf`, which refuses what it cannot honour); exact parameter counts."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 from ..errors import TrainerError
+from ..hf import model_from_hf as model_from_hf_config
 from ..model import PRESETS, ModelConfig, preset
 
 
@@ -20,7 +21,7 @@ def parameter_count(cfg: ModelConfig) -> tuple[int, int]:
     for layer in range(cfg.layers):
         dense += attention_params(cfg) + 2 * norm_params(cfg)
         if cfg.is_moe_layer(layer):
-            dense += h * cfg.num_experts
+            dense += h * cfg.num_experts + shared_expert_params(cfg)
             expert += cfg.num_experts * expert_params(cfg)
         else:
             dense += mlp_params(cfg)
@@ -33,17 +34,26 @@ def norm_params(cfg: ModelConfig) -> int:
 
 def attention_params(cfg: ModelConfig) -> int:
     h, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return h * (q + 2 * kv) + q * h + ((q + 2 * kv) + h if cfg.bias else 0)
+    biases = (q + 2 * kv if cfg.has_bias("qkv") else 0) + (h if cfg.has_bias("proj") else 0)
+    return h * (q + 2 * kv) + q * h + biases + (2 * cfg.head_dim if cfg.qk_norm else 0)
 
 
 def mlp_params(cfg: ModelConfig) -> int:
     matrices = 3 if cfg.mlp == "swiglu" else 2
-    return matrices * cfg.hidden * cfg.ffn + ((matrices - 1) * cfg.ffn + cfg.hidden if cfg.bias else 0)
+    return matrices * cfg.hidden * cfg.ffn + ((matrices - 1) * cfg.ffn + cfg.hidden if cfg.has_bias("mlp") else 0)
 
 
 def expert_params(cfg: ModelConfig) -> int:
     """One expert's parameters (experts have no biases)."""
     return (3 if cfg.mlp == "swiglu" else 2) * cfg.hidden * cfg.moe_ffn
+
+
+def shared_expert_params(cfg: ModelConfig) -> int:
+    """A MoE layer's shared expert and its gate (dense: split over TP, not EP)."""
+    if cfg.moe_shared_ffn_hidden is None:
+        return 0
+    gate = cfg.hidden if cfg.moe_shared_gate else 0
+    return (3 if cfg.mlp == "swiglu" else 2) * cfg.hidden * cfg.moe_shared_ffn_hidden + gate
 
 
 def resolve_model(name_or_path: str, vocab_size: int | None = None) -> ModelConfig:
@@ -60,48 +70,8 @@ def resolve_model(name_or_path: str, vocab_size: int | None = None) -> ModelConf
             raise TrainerError(f"--model {name_or_path}: no such file") from None
         except json.JSONDecodeError as error:
             raise TrainerError(f"--model {name_or_path}: invalid JSON: {error}") from None
-        model = model_from_hf_config(config, source=str(path))
+        model = model_from_hf_config(config)
     return model.with_overrides(vocab_size=vocab_size) if vocab_size else model
-
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
-
-
-def model_from_hf_config(config: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """The shape of a GPT-2, Llama, Mistral, Qwen2/3 or Mixtral-style (MoE) ``config.json``.
-
-    Planning needs the shape only: Qwen2's query/key/value biases (a few thousand parameters per layer)
-    and sliding windows are left out; shared experts are refused."""
-    kind = config.get("model_type")
-    if kind == "gpt2":
-        h = config["n_embd"]
-        return ModelConfig(
-            hidden=h, layers=config["n_layer"], heads=config["n_head"], ffn_hidden=config.get("n_inner") or 4 * h,
-            vocab_size=config["vocab_size"], max_seq_len=config.get("n_positions", 1024), norm="layernorm",
-            position="learned", mlp="gelu", bias=True, tied_embeddings=True,
-        )  # fmt: skip
-    if kind not in LLAMA_LIKE:
-        raise TrainerError(f"{source}: model_type={kind!r} is not one of {('gpt2', *LLAMA_LIKE)}")
-    h, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, h // heads):
-        raise TrainerError(f"{source}: head_dim={config['head_dim']} differs from hidden/heads={h // heads}")
-    if config.get("shared_expert_intermediate_size"):
-        raise TrainerError(f"{source}: shared experts (shared_expert_intermediate_size) are not modelled")
-    fields: dict[str, Any] = dict(
-        hidden=h, layers=config["num_hidden_layers"], heads=heads, kv_heads=config.get("num_key_value_heads"),
-        ffn_hidden=config.get("intermediate_size"), vocab_size=config["vocab_size"],
-        max_seq_len=config.get("max_position_embeddings", 4096), norm="rmsnorm", position="rotary", mlp="swiglu",
-        bias=False, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_theta=float(config.get("rope_theta", 10000.0)), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-    )  # fmt: skip
-    experts = config.get("num_local_experts") or config.get("num_experts") or 0
-    if experts:
-        fields.update(
-            num_experts=experts, moe_topk=config.get("num_experts_per_tok", 2),
-            moe_ffn_hidden=config.get("moe_intermediate_size") or config.get("intermediate_size"),
-            moe_every=config.get("decoder_sparse_step", 1) or 1,
-        )  # fmt: skip
-    return ModelConfig(**fields)
 
 
 def model_flags(model: ModelConfig, name: str) -> list[str]:

@@ -8,11 +8,11 @@ pipeline bubble and the optimizer.
 - **Collectives** take ``volume / (bandwidth * link_efficiency) + steps * latency``, with ring volumes
   per GPU: all-reduce ``2(n-1)/n``, all-gather / reduce-scatter / all-to-all ``(n-1)/n`` of the data.
   A group uses the intra-node link when its ranks fit in one node, else the per-GPU network.
-  This trainer's ZeRO-1/2 reduces the gradients in every micro-batch's backward (reduce-scatter; on
-  gloo an all-reduce), DDP once per step.
+  Every data-parallel mode reduces the gradients once per step (ZeRO-1/2 over gloo with an all-reduce,
+  which that backend runs faster than its reduce-scatter).
 - **Overlap**, as this trainer does it: TP/SP collectives are exposed in forward; in backward they run
   while the weight gradients are computed. The CP ring overlaps the attention core; Ulysses and EP
-  all-to-alls are exposed. DDP's gradient reduction overlaps the last micro-batch's backward, ZeRO-1/2's each one;
+  all-to-alls are exposed. The gradient reduction overlaps the last micro-batch's backward;
   the ZeRO-1/2 parameter all-gather after the step is exposed; ZeRO-3's per-micro-batch gathers and
   reduce-scatters overlap that micro-batch's compute (prefetch). Pipeline p2p is hidden except during
   fill and drain. The **bubble** is the simulator's mean idle time per rank, in micro-batch units.
@@ -64,7 +64,7 @@ def layer_flops(m: ModelConfig, seq_len: int, moe: bool) -> dict[str, float]:
     mats = 3 if m.mlp == "swiglu" else 2
     out = {"matmul": 2 * h * (q + 2 * kv) + 2 * q * h, "attention": 4 * seq_len * q, "experts": 0.0}
     if moe:
-        out["matmul"] += 2 * h * m.num_experts
+        out["matmul"] += 2 * h * m.num_experts + 2 * h * (m.moe_shared_ffn_hidden or 0) * mats
         out["experts"] = m.moe_topk * 2 * h * m.moe_ffn * mats
     else:
         out["matmul"] += 2 * h * m.ffn * mats
@@ -171,27 +171,27 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
     def over(kind: str, nbytes_dense: float, nbytes_expert: float) -> float:
         return collective(kind, nbytes_dense, d, *dp_link, eff) + collective(kind, nbytes_expert, e, *edp_link, eff)
 
-    last_backward = 2 / 3 * critical_mb
-
     def volume(kind: str) -> float:
         return ring_bytes(kind, 4 * dense, d) + ring_bytes(kind, 4 * expert, e)
 
-    if L.zero == 3:
-        traffic["dp"] = 3 * microbatches * volume("gather")
-        per_mb = 3 * over("gather", 4 * dense, 4 * expert)  # gather forward, gather backward, reduce-scatter
-        exposed = microbatches * max(0.0, per_mb - critical_mb)
-        hidden["data parallel"] = microbatches * per_mb - exposed
-    elif L.zero == 0:  # DDP: one all-reduce per step, during the last micro-batch's backward
-        traffic["dp"] = volume("all-reduce")
-        reduce = over("all-reduce", 4 * dense, 4 * expert)
-        exposed = max(0.0, reduce - last_backward)
+    last_backward = 2 / 3 * critical_mb
+    # DDP all-reduces; ZeRO reduce-scatters (ZeRO-1/2 over gloo: an all-reduce, its own shard kept)
+    kind = "gather" if L.zero == 3 or (L.zero and work.backend != "gloo") else "all-reduce"
+    reduce = over(kind, 4 * dense, 4 * expert)  # once per step, in the last micro-batch's backward
+    exposed = max(0.0, reduce - last_backward)
+    traffic["dp"] = volume(kind)
+    if L.zero in (1, 2):  # the updated parameters gathered after the step
+        gather = over("gather", 4 * dense, 4 * expert)
+        traffic["dp"] += volume("gather")
+        exposed += gather
+        hidden["data parallel"] = reduce + gather - exposed
+    elif L.zero == 3:  # parameters gathered for every micro-batch's forward and backward (prefetched)
+        per_mb = 2 * over("gather", 4 * dense, 4 * expert)
+        traffic["dp"] += 2 * microbatches * volume("gather")
+        exposed += microbatches * max(0.0, per_mb - critical_mb)
+        hidden["data parallel"] = reduce + microbatches * per_mb - exposed
+    else:
         hidden["data parallel"] = reduce - exposed
-    else:  # ZeRO-1/2: a reduction in every micro-batch's backward, the parameters gathered after the step
-        kind = "all-reduce" if work.backend == "gloo" else "gather"
-        traffic["dp"] = microbatches * volume(kind) + volume("gather")
-        reduce, gather = over(kind, 4 * dense, 4 * expert), over("gather", 4 * dense, 4 * expert)
-        exposed = microbatches * max(0.0, reduce - last_backward) + gather
-        hidden["data parallel"] = microbatches * reduce + gather - exposed
     parts["data parallel exposed"] = exposed
     shard = 1 if L.zero == 0 else None
     local = dense / (shard or d) + expert / (shard or e)
