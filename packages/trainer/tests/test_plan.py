@@ -121,3 +121,20 @@ def test_json_gives_every_figure(capsys):
         sum(v for k, v in first["memory_bytes"].items() if k not in ("total", "usable"))
     )
     assert first["time_s"]["step"] == pytest.approx(sum(v for k, v in first["time_s"].items() if k != "step"))
+
+
+def test_a_config_json_model_comes_back_from_the_printed_command(tmp_path, capsys):
+    from trainer.cli import build_parser
+    from trainer.commands import overrides_from
+    from trainer.config import load_run_config
+    from trainer.hf import hf_config
+
+    model = preset("tiny").with_overrides(vocab_size=512, kv_heads=4, ffn_hidden=192)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    argv = ["plan", "--model", str(tmp_path), "--gpus", "4", "--seq-len", "128", "--global-batch", "16", "--json"]
+    assert main(argv) == 0
+    best = json.loads(capsys.readouterr().out)["layouts"][0]
+    args = build_parser().parse_args([a.replace('"', "") for a in best["command"].split()[1:]])  # as a shell would
+    cfg = load_run_config(None, overrides_from(args))
+    assert parameter_count(cfg.model) == parameter_count(model)
+    assert check_run(cfg, 4) == best["layout"]["microbatches"]

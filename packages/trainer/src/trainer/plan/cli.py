@@ -36,15 +36,16 @@ def run_plan(args: argparse.Namespace, overrides: dict) -> int:
 
     if args.gpus < 1:
         raise TrainerError(f"--gpus={args.gpus}: must be >= 1")
-    model_name = args.model or "tiny"
-    model = resolve_model(model_name, args.vocab_size)
     overrides = {k: dict(v) for k, v in overrides.items()}
     overrides.get("model", {}).pop("preset", None)
     if not args.config and args.precision is None:
         overrides.setdefault("train", {})["precision"] = "bf16"
     cfg = load_run_config(args.config, overrides)
-    if args.model or "model" not in overrides:
-        cfg = dataclasses.replace(cfg, model=model)
+    if args.model:  # a preset or a config.json; without it the model is the --config file's
+        cfg = dataclasses.replace(cfg, model=resolve_model(args.model, args.vocab_size))
+    elif args.vocab_size:
+        cfg = dataclasses.replace(cfg, model=cfg.model.with_overrides(vocab_size=args.vocab_size))
+    model_name = args.model or "(--config)"
     model = cfg.model
     if model.vocab_size is None:
         raise TrainerError("plan: the model needs a vocab_size (--vocab-size N, or a preset or config.json with one)")
