@@ -105,6 +105,8 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     way.add_argument("--from-hf", metavar="DIR", help="read a Hugging Face directory into a checkpoint under --save")
     p.add_argument("--load", metavar="DIR", help="with --to-hf: a checkpoint, or a directory of them (the newest)")
     p.add_argument("--save", metavar="DIR", help="with --from-hf: where the weights-only checkpoint goes")
+    for axis in ("tp", "pp", "ep", "etp"):  # --from-hf under torchrun: each rank reads only its slices
+        p.add_argument(f"--{axis}", type=int, metavar="N", help=f"with --from-hf: the {axis} size of the ranks")
     p.set_defaults(run=run_convert)
 
 
@@ -118,7 +120,8 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         if not args.save:
             raise TrainerError("convert --from-hf needs --save DIR")
-        print(import_from_hf(args.from_hf, args.save))
+        parallel = {a: getattr(args, a) for a in ("tp", "pp", "ep", "etp") if getattr(args, a) is not None}
+        print(import_from_hf(args.from_hf, args.save, parallel=parallel))
     return 0
 
 

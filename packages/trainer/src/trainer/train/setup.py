@@ -107,8 +107,9 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     t, o = cfg.train, cfg.optim
     groups = ModelGroups.from_state(ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention)
     chunks = build_chunks(
-        model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
-    )
+        model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute,
+        draw=t.init_from_hf is None,
+    )  # fmt: skip
     if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
 
