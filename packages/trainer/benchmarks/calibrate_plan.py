@@ -59,7 +59,7 @@ LAYOUTS = {
 
 
 def _workload(layout: Layout) -> Workload:
-    return Workload(MODEL, SEQ, MB * MICRO * layout.dp, "fp32", backend="gloo")
+    return Workload(MODEL, SEQ, MB * MICRO * layout.dp, "fp32", backend="gloo", fused_norm=False)
 
 
 class Traffic:

@@ -64,6 +64,8 @@ def test_activations_of_our_layer_hand_counted():
         + 4 * s * b * 128 * 2  # SwiGLU: the fused gate/up output (2 ffn), silu(gate), and the product
     )
     assert layer_activations(m, s, b) == expected
+    # PyTorch's composite RMSNorm (CPU) also keeps each norm's normalised input for the weight product
+    assert layer_activations(m, s, b, fused_norm=False) == expected + 2 * s * b * 64 * 4
 
 
 def _states(zero: int, d: int) -> float:

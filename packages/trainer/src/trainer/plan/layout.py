@@ -22,6 +22,7 @@ class Workload:
     precision: str = "bf16"
     cp_attention: str = "ring"
     backend: str = "nccl"  # gloo: ZeRO-1/2 all-reduce their buckets (its reduce-scatter is slower)
+    fused_norm: bool = True  # GPUs run RMSNorm fused; on CPU the composite one keeps one more tensor
 
 
 @dataclass(frozen=True)

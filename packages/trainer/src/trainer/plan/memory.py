@@ -43,6 +43,7 @@ def layer_activations(
     residual_bytes: int = 4,
     flash: bool = True,
     moe: bool = False,
+    fused_norm: bool = True,
 ) -> float:
     """Bytes one transformer layer keeps for backward, for one micro-batch of ``b`` sequences of ``s``
     tokens (the CP-local length) on one TP rank."""
@@ -54,6 +55,8 @@ def layer_activations(
         return sbh * R / shared
     masks = 2 * sbh / shared if m.dropout > 0 else 0  # 1-byte dropout masks after attention and MLP
     total = 2 * sbh * R / shared + masks  # the two norms' inputs (the residual stream)
+    if m.norm == "rmsnorm" and not fused_norm:  # the composite RMSNorm also keeps x / rms for the weight
+        total += 2 * sbh * R / shared
     total += sbh * B / shared  # the QKV projection's input
     total += s * b * (q + 2 * kv) * B / tp  # Q, K, V
     if m.position == "rotary":
@@ -142,7 +145,15 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     per_set = sum(
         count
         * layer_activations(
-            m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, recompute=L.recompute, act_bytes=act, moe=is_moe
+            m,
+            s,
+            L.micro_batch,
+            L.tp,
+            sp=L.sequence_parallel,
+            recompute=L.recompute,
+            act_bytes=act,
+            moe=is_moe,
+            fused_norm=work.fused_norm,
         )
         for is_moe, count in ((False, layers_per_set - moe), (True, moe))
         if count
@@ -151,14 +162,17 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     shared = L.tp if L.sequence_parallel else 1
     # the loss's moment: the head's output, its fp32 copy, the shifted logits and their exponentials
     logits = s * L.micro_batch * vocab / L.tp * (act + (4 if act != 4 else 0) + 8)
-    logits += s * L.micro_batch * m.hidden * (4 + act) / shared  # the final norm's input and output
+    norm_copies = 3 if m.norm == "rmsnorm" and not work.fused_norm else 2
+    logits += s * L.micro_batch * m.hidden * (4 * norm_copies - 4 + act) / shared  # the final norm's tensors
     first = pipe.in_flight + 0.5 * pipe.pending_w
     last = pipe.in_flight_last + 0.5 * pipe.pending_w if L.pp > 1 else first
     sets = first if first * per_set >= last * per_set + logits else last
     parts["activations"] = per_set * sets
     parts["logits"] = logits if sets == last else 0.0
     if L.recompute == "full":  # in backward, the layer being recomputed holds its activations (logits gone)
-        layer = layer_activations(m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, act_bytes=act)
+        layer = layer_activations(
+            m, s, L.micro_batch, L.tp, sp=L.sequence_parallel, act_bytes=act, fused_norm=work.fused_norm
+        )
         parts["activations"] += max(0.0, layer - parts["logits"])
     if work.precision != "fp32" and L.recompute != "full":
         parts["16-bit weight copies"] = 2 * params / L.vpp * sets  # each set: its chunk's weights
