@@ -154,15 +154,19 @@ def build_chunks(
     vpp: int = 1,
     seed: int,
     recompute: str | None = None,
-    uneven: str | None = None,
+    uneven: str | Sequence[int] | None = None,
     draw: bool = True,
+    layout: str = "looped",
 ) -> list[GPTChunk]:
-    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order.
-    ``draw=False`` leaves the randomly initialised weights at zero (they are about to be loaded)."""
+    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds, in chunk order: stage ``chunk*pp + pp_rank``, or
+    with ``layout="v"`` (the V schedules) stages ``pp_rank`` and ``2*pp - 1 - pp_rank``. ``uneven``: the
+    layers per stage (see :func:`pp_sched.split_layers`). ``draw=False`` leaves the randomly initialised
+    weights at zero (they are about to be loaded)."""
     from .seeded import draw_initial_pieces  # it reads the chunks' pieces (shards imports this module)
 
-    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven)
-    chunks = [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in stages if s.rank == pp_rank]
+    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven, layout=layout)
+    mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.chunk)
+    chunks = [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in mine]
     if draw:
         draw_initial_pieces(chunks, seed)
     return chunks

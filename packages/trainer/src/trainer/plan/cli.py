@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from ..errors import TrainerError
+from .hardware import known_hardware
 
 # the ``trainer train`` flags that choose a layout, and the Layout field each sets
 LAYOUT_FLAGS = {
@@ -18,14 +19,27 @@ LAYOUT_FLAGS = {
 
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``trainer plan`` beyond the ``trainer train`` ones."""
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
-    p.add_argument("--hardware", default="h100-sxm", metavar="NAME|FILE", help="a profile name or a TOML file")
-    p.add_argument("--gpus-per-node", type=int, help="override the profile's")
-    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="override the profile's memory")
-    p.add_argument("--peak-tflops", type=float, help="override the profile's dense 16-bit peak")
-    p.add_argument("--vocab-size", type=int, help="for presets without one")
-    p.add_argument("--top", type=int, help="search: print the K fastest layouts that fit (default 5)")
+    """The options of ``trainer plan`` beyond the ``trainer train`` ones (whose ``--model`` here also takes
+    a Hugging Face ``config.json``)."""
+    for action in p._actions:
+        if action.dest == "model":
+            action.choices, action.metavar = None, "PRESET|CONFIG.json"
+            action.help = "a preset, or a Hugging Face config.json or its folder (default: the --config file's)"
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs in the cluster (required)")
+    known = ", ".join(known_hardware())
+    p.add_argument(
+        "--hardware", default="h100-sxm", metavar="NAME|FILE",
+        help=f"a hardware profile ({known}) or a TOML file with the same fields (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: the profile's)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU (default: the profile's)")
+    p.add_argument("--peak-tflops", type=float, help="dense 16-bit peak TFLOP/s per GPU (default: the profile's)")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size (default: the model's)")
+    p.add_argument(
+        "--top", type=int, metavar="K",
+        help="search and print the K fastest layouts that fit; without it, layout flags evaluate that one "
+        "layout (default: search, K=5, when no layout flag is given)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="every figure as JSON")
 
 
