@@ -2,11 +2,12 @@
 
 Enumerated: TP (powers of two within a node, dividing the KV heads and FFN), CP (powers of two up to
 16), PP (divisors of the layer count), the schedule (1F1B, interleaved 1F1B with 2 or 4 chunks,
-zero-bubble, and the other schedules ``pp_sched`` builds, such as the V shapes), EP (divisors of the expert count), the micro-batch size (1, 2, 4, 8), the ZeRO stage and
-recomputation; sequence parallelism whenever TP > 1. Memory only falls from ZeRO 0 to 3 and from no
-recomputation to full, and time only rises, so for each structure the first stage / recomputation
-that fits is kept and a micro-batch size that cannot fit at the most economical setting ends the
-larger ones. Each answer is confirmed by ``check_run``.
+zero-bubble, and the other schedules ``pp_sched`` builds, such as the V shapes), EP (divisors of the
+expert count), the micro-batch size (1, 2, 4, 8), the ZeRO stage and recomputation; sequence
+parallelism whenever TP > 1. Memory only falls from ZeRO 0 to 3 and from no recomputation to full,
+and time only rises, so for each structure the first stage / recomputation that fits is kept and a
+micro-batch size that cannot fit at the most economical setting ends the larger ones. Each answer is
+confirmed by ``check_run``.
 """
 
 from __future__ import annotations
