@@ -22,7 +22,11 @@ LAYOUTS = {
     "tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
     "zero1-moe-ep2-tp2-sp-dp2": (
         4,
-        {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"zero": 1, "sequence_parallel": True}},
+        {
+            "model": {"preset": "tiny-moe"},
+            "parallel": {"tp": 2, "ep": 2},
+            "train": {"zero": 1, "sequence_parallel": True},
+        },
     ),
     "zero3-tp2-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": 3}}),
     "tied-zero2-pp2-dp2": (4, {"model": {"preset": "tiny-gpt2"}, "parallel": {"pp": 2}, "train": {"zero": 2}}),
@@ -49,12 +53,20 @@ def save_both_ways(overrides: dict, root: str) -> int:
 
     base = {
         "model": {"preset": "tiny"},
-        "train": {"steps": 2, "seq_len": 16, "micro_batch": 2, "global_batch": 8, "seed": 3, "exit_interval": 1, "async_save": False},
+        "train": {
+            "steps": 2,
+            "seq_len": 16,
+            "micro_batch": 2,
+            "global_batch": 8,
+            "seed": 3,
+            "exit_interval": 1,
+            "async_save": False,
+        },
         "data": {"cache_dir": str(Path(root) / "cache")},
     }
     for section, values in overrides.items():
         base.setdefault(section, {}).update(values)
-    base["train"]["save"] = str(Path(root) / "local")
+    base["train"].update(save=str(Path(root) / "local"), exit_interval=1, async_save=False)
     with mock.patch.object(loop.ckpt, "save", both):
         train(load_run_config(overrides=base))
     dist.barrier()
