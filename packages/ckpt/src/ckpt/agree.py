@@ -45,10 +45,13 @@ def vector(doc: dict, holders: Mapping[str, tuple[int, ...]], rank: int, token: 
         piece = piece_of(name, meta)
         if piece is not None and len(holders[name]) > 1:
             by_set.setdefault(holders[name], []).append((piece, piece_bytes(piece, meta["dtype"])))
+    sets: dict[tuple[int, ...], str] = {}
     for piece, writer in assign(by_set).items():
         meta = doc["tensors"][piece[0]]
         ranks = holders[piece[0]]
-        key = json.dumps([piece, meta["dtype"], meta["global_shape"], ranks])
+        if ranks not in sets:  # once per holder set: a rank holds pieces of a few sets
+            sets[ranks] = hashlib.blake2b(json.dumps(ranks).encode(), digest_size=16).hexdigest()
+        key = json.dumps([piece, meta["dtype"], meta["global_shape"], sets[ranks]])
         weight = 1 - (len(ranks) if writer == rank else 0)
         replicas = [(acc + weight * h) % PRIME for acc, h in zip(replicas, _lanes(key))]
     chars = [ord(c) for c in token] if token is not None else [0] * TOKEN
@@ -65,9 +68,14 @@ def verdict(total: list[int], world: int) -> tuple[bool, str]:
     return agree, "".join(chr(c) for c in chars)
 
 
-def holders_of(replicas: Any, name: str, shard: Any, rank: int, size: int) -> tuple[int, ...]:
-    """``replicas(name, shard)`` as sorted ranks; it must hold ``rank`` and lie in the group."""
-    ranks = tuple(sorted({int(r) for r in replicas(name, shard)}))
+def holders_of(replicas: Any, name: str, shard: Any, rank: int, size: int, checked: dict) -> tuple[int, ...]:
+    """``replicas(name, shard)`` as sorted ranks; it must hold ``rank`` and lie in the group. A sequence
+    returned again (the same object, kept alive in ``checked``) is not sorted and checked again."""
+    given = replicas(name, shard)
+    if id(given) in checked and checked[id(given)][0] is given:
+        return checked[id(given)][1]
+    ranks = tuple(sorted({int(r) for r in given}))
+    checked[id(given)] = (given, ranks)
     if rank not in ranks or ranks[0] < 0 or ranks[-1] >= size:
         raise ValueError(f"{name!r}: replicas {list(ranks)} must include this rank {rank} and lie in [0, {size})")
     return ranks

@@ -15,6 +15,7 @@ document; :func:`local_plan` is told them by the caller, who derives them from t
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections.abc import Mapping
@@ -97,13 +98,20 @@ def piece_bytes(piece: Piece, dtype: str) -> int:
 
 
 def assign(pieces: Mapping[tuple[int, ...], list[tuple[Piece, int]]]) -> dict[Piece, int]:
-    """The writer of each piece, from the pieces ``(piece, bytes)`` of each holder set (sorted ranks)."""
+    """The writer of each piece, from the pieces ``(piece, bytes)`` of each holder set (sorted ranks).
+
+    Largest first, each piece goes to the holder with the fewest bytes so far (the lowest rank on a
+    tie). Holders not yet given a piece have none, so they are taken in rank order before any other:
+    the cost is the number of pieces (times a logarithm), not the size of the holder set."""
     writers: dict[Piece, int] = {}
     for holders, members in pieces.items():
-        load = dict.fromkeys(holders, 0)
+        used: list[tuple[int, int]] = []  # (bytes, rank) of the holders given a piece, as a heap
         for piece, size in sorted(members, key=lambda m: (-m[1], m[0][0], m[0][1], m[0][2], m[0][3] or ())):
-            writer = min(holders, key=lambda r: (load[r], r))
-            load[writer] += size
+            if len(used) < len(holders):
+                load, writer = 0, holders[len(used)]
+            else:
+                load, writer = heapq.heappop(used)
+            heapq.heappush(used, (load + size, writer))
             writers[piece] = writer
     return writers
 

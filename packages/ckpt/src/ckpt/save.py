@@ -214,9 +214,10 @@ def _plan(
     agrees (one fixed-size sum), else from every rank's description."""
     if replicas is not None:
         holders: dict[str, tuple[int, ...]] = {}
+        checked: dict[int, tuple[object, tuple[int, ...]]] = {}  # by the id of a list replicas returned again
         for name in doc["tensors"]:
             try:
-                holders[name] = agree.holders_of(replicas, name, leaves[name].shard(), comm.rank, comm.size)
+                holders[name] = agree.holders_of(replicas, name, leaves[name].shard(), comm.rank, comm.size, checked)
             except Exception as e:
                 doc["errors"].append(f"replicas: {type(e).__name__}: {e}")
         local_errors = int(bool(doc["errors"]))
