@@ -7,6 +7,7 @@ the common ones have their own flags. The run is checked (``check_run``) before 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -59,6 +60,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (not under torchrun)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here; report it")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the job's world size")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: the rank to build")
     p.set_defaults(run=run_train)
 
 
@@ -188,6 +192,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    if args.dry_run:
+        from .train.dry_run import dry_run
+
+        if args.world_size is None:
+            raise TrainerError("--dry-run needs --world-size N")
+        print(json.dumps(dry_run(cfg, args.world_size, args.rank), indent=2))
+        return 0
     check_run(cfg, world_size(args.nproc))
     records = run_ranks(cfg, args.nproc)
     if records:
@@ -200,8 +211,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_layout(args: argparse.Namespace) -> int:
-    import json
-
     from pstate import layout
     from pstate.cli import describe, render
 
