@@ -65,26 +65,27 @@ def dry_run(cfg: RunConfig, world_size: int, rank: int) -> dict[str, Any]:
             with phase("model_and_engine"):
                 run = setup(cfg, ps, model, microbatches)
             with phase("checkpoint_plan"):
-                state = saveable(run_state(run, 0, {"consumed": 0}))
-                doc = describe(flatten(state))
-                held = replicas(ps.layout, rank, model.tied_embeddings)
-                holders = {name: tuple(sorted(held(name, leaf.shard()))) for name, leaf in flatten(state).items()
-                           if leaf.kind == "shard"}  # fmt: skip
-                vector(doc, holders, rank, None, 0)
-                plan = local_plan(doc, holders, rank)
-            written = {name: leaf for name, leaf in flatten(state).items()}
-            write_bytes = sum(_nbytes(_leaf_tensor(written[name])) for name, _ in plan.writes)
-            return {
-                "world_size": world_size,
-                "rank": rank,
-                "coords": ps.layout.coords(rank),
-                "microbatches": microbatches,
-                "bytes": _memory(run),
-                "checkpoint": {"pieces": len(plan.writes), "bytes": write_bytes, "leaves": len(doc["tensors"])},
-                "seconds": seconds,
-            }
+                figures = rank_figures(run, rank)
+            return {"world_size": world_size, "rank": rank, "coords": ps.layout.coords(rank),
+                    "microbatches": microbatches, **figures, "seconds": seconds}  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def rank_figures(run: Any, rank: int) -> dict[str, Any]:
+    """This rank's bytes and its share of a checkpoint, planned locally from the layout (no exchange)."""
+    state = saveable(run_state(run, 0, {"consumed": 0}))
+    leaves = flatten(state)
+    doc = describe(leaves)
+    held = replicas(run.ps.layout, rank, run.model.tied_embeddings)
+    holders = {name: tuple(sorted(held(name, leaf.shard()))) for name, leaf in leaves.items() if leaf.kind == "shard"}
+    vector(doc, holders, rank, None, 0)
+    plan = local_plan(doc, holders, rank)
+    written = sum(_nbytes(_leaf_tensor(leaves[name])) for name, _ in plan.writes)
+    return {
+        "bytes": _memory(run),
+        "checkpoint": {"leaves": len(doc["tensors"]), "pieces": len(plan.writes), "bytes": written},
+    }
 
 
 def _leaf_tensor(leaf: Any) -> torch.Tensor:
