@@ -31,12 +31,19 @@ def rank_doc(lay, rank: int, *, layers: int, hidden: int, ffn: int, vocab: int, 
     docs["values"] = {"progress/step": 7, "config": "model = 'x'"}
     docs["rank_values"] = {"progress/data": {"consumed": rank}}
     holders: dict[str, tuple[int, ...]] = {}
-    stage = tuple(lay.group_of(rank, "tp-cp-dp"))
+    groups: dict[str, tuple[int, ...]] = {}
+
+    def group(axes: str) -> tuple[int, ...]:  # one object per group, as a caller caches them
+        if axes not in groups:
+            groups[axes] = tuple(lay.group_of(rank, axes))
+        return groups[axes]
+
+    stage = group("tp-cp-dp")
     for name, gshape, offsets, shape in tensors:
         split = shape != gshape
         rect = {"dtype": "float32", "global_shape": list(gshape), "offsets": list(offsets), "shape": list(shape)}
         docs["tensors"][f"model/{name}"] = {**rect, "flat_range": None}
-        holders[f"model/{name}"] = tuple(lay.group_of(rank, "cp-dp" if split else "tp-cp-dp"))
+        holders[f"model/{name}"] = group("cp-dp" if split else "tp-cp-dp")
         numel = 1
         for n in shape:
             numel *= n
@@ -45,7 +52,7 @@ def rank_doc(lay, rank: int, *, layers: int, hidden: int, ffn: int, vocab: int, 
             if zero:
                 flat = [d * numel // dp, (d + 1) * numel // dp]
                 docs["tensors"][key] = {**rect, "flat_range": flat}
-                holders[key] = (rank,) if split else tuple(lay.group_of(rank, "tp"))
+                holders[key] = (rank,) if split else group("tp")
             else:
                 docs["tensors"][key] = {**rect, "flat_range": None}
                 holders[key] = holders[f"model/{name}"]

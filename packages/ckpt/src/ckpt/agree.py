@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .plan import assign, piece_bytes, piece_of
+from .plan import SetKey, assign, canonical, piece_bytes, piece_of
 
 LANES = 4
 PRIME = 2**31 - 1
@@ -40,18 +40,22 @@ def vector(doc: dict, holders: Mapping[str, tuple[int, ...]], rank: int, token: 
     """This rank's contribution to the agreement sum (``token`` on rank 0 only)."""
     values = [h % (1 << VALUE_BITS) for h in _lanes(json.dumps(doc["values"], sort_keys=True, allow_nan=True))]
     replicas = [0] * LANES
-    by_set: dict[tuple[int, ...], list] = {}
+    holders = canonical(holders)
+    keys: dict[int, SetKey] = {}
+    by_set: dict[SetKey, list] = {}
     for name, meta in doc["tensors"].items():
         piece = piece_of(name, meta)
-        if piece is not None and len(holders[name]) > 1:
-            by_set.setdefault(holders[name], []).append((piece, piece_bytes(piece, meta["dtype"])))
-    sets: dict[tuple[int, ...], str] = {}
+        ranks = holders.get(name, ())
+        if piece is not None and len(ranks) > 1:
+            key = keys.setdefault(id(ranks), SetKey(ranks))
+            by_set.setdefault(key, []).append((piece, piece_bytes(piece, meta["dtype"])))
+    sets: dict[int, str] = {}  # once per holder set: a rank holds pieces of a few sets
+    for key in by_set:
+        sets[id(key.ranks)] = hashlib.blake2b(json.dumps(key.ranks).encode(), digest_size=16).hexdigest()
     for piece, writer in assign(by_set).items():
         meta = doc["tensors"][piece[0]]
         ranks = holders[piece[0]]
-        if ranks not in sets:  # once per holder set: a rank holds pieces of a few sets
-            sets[ranks] = hashlib.blake2b(json.dumps(ranks).encode(), digest_size=16).hexdigest()
-        key = json.dumps([piece, meta["dtype"], meta["global_shape"], sets[ranks]])
+        key = json.dumps([piece, meta["dtype"], meta["global_shape"], sets[id(ranks)]])
         weight = 1 - (len(ranks) if writer == rank else 0)
         replicas = [(acc + weight * h) % PRIME for acc, h in zip(replicas, _lanes(key))]
     chars = [ord(c) for c in token] if token is not None else [0] * TOKEN

@@ -15,6 +15,7 @@ document; :func:`local_plan` is told them by the caller, who derives them from t
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import math
@@ -97,14 +98,44 @@ def piece_bytes(piece: Piece, dtype: str) -> int:
     return numel * parse_dtype(dtype).itemsize
 
 
-def assign(pieces: Mapping[tuple[int, ...], list[tuple[Piece, int]]]) -> dict[Piece, int]:
+def canonical(holders: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``holders`` with one tuple object per distinct holder set, so that sets can be told apart by
+    identity: comparing or hashing a set costs its size, and a rank holds many pieces of a few sets."""
+    by_id: dict[int, tuple[int, ...]] = {}
+    by_value: dict[tuple[int, ...], tuple[int, ...]] = {}
+    out = {}
+    for name, ranks in holders.items():
+        same = by_id.get(id(ranks))
+        if same is None:
+            same = by_id[id(ranks)] = by_value.setdefault(ranks, ranks)
+        out[name] = same
+    return out
+
+
+class SetKey:
+    """A holder set as a dictionary key by identity (see :func:`canonical`), ordered like its ranks."""
+
+    __slots__ = ("ranks",)
+
+    def __init__(self, ranks: tuple[int, ...]):
+        self.ranks = ranks
+
+    def __hash__(self) -> int:
+        return id(self.ranks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SetKey) and other.ranks is self.ranks
+
+
+def assign(pieces: Mapping[Any, list[tuple[Piece, int]]]) -> dict[Piece, int]:
     """The writer of each piece, from the pieces ``(piece, bytes)`` of each holder set (sorted ranks).
 
     Largest first, each piece goes to the holder with the fewest bytes so far (the lowest rank on a
     tie). Holders not yet given a piece have none, so they are taken in rank order before any other:
     the cost is the number of pieces (times a logarithm), not the size of the holder set."""
     writers: dict[Piece, int] = {}
-    for holders, members in pieces.items():
+    for key, members in pieces.items():
+        holders = key.ranks if isinstance(key, SetKey) else key
         used: list[tuple[int, int]] = []  # (bytes, rank) of the holders given a piece, as a heap
         for piece, size in sorted(members, key=lambda m: (-m[1], m[0][0], m[0][1], m[0][2], m[0][3] or ())):
             if len(used) < len(holders):
@@ -160,16 +191,22 @@ def local_plan(doc: dict, holders: Mapping[str, tuple[int, ...]], rank: int) -> 
     out = Plan([f"rank {rank}: {e}" for e in doc["errors"]])
     if rank == 0:
         out.fragment["values"] = dict(doc["values"])
-    by_set: dict[tuple[int, ...], list[tuple[Piece, int]]] = {}
+    holders = canonical(holders)
+    keys: dict[int, SetKey] = {}
+    by_set: dict[SetKey, list[tuple[Piece, int]]] = {}
     for name, meta in doc["tensors"].items():
         piece = piece_of(name, meta)
         if piece is None:
             continue
         ranks = holders[name]
-        if rank not in ranks:
-            out.errors.append(f"rank {rank}: {name!r}: replicas {list(ranks)} do not include the rank holding it")
-            continue
-        by_set.setdefault(ranks, []).append((piece, piece_bytes(piece, meta["dtype"])))
+        key = keys.get(id(ranks))
+        if key is None:
+            i = bisect.bisect_left(ranks, rank)
+            if i == len(ranks) or ranks[i] != rank:
+                out.errors.append(f"rank {rank}: {name!r}: replicas {list(ranks)} do not include the rank holding it")
+                continue
+            key = keys[id(ranks)] = SetKey(ranks)
+        by_set.setdefault(key, []).append((piece, piece_bytes(piece, meta["dtype"])))
     writers = assign(by_set)
     _fill(out, doc, [p for p, w in writers.items() if w == rank], rank)
     return out
