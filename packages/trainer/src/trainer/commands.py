@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import tomllib
@@ -37,6 +38,7 @@ FLAGS = {
     "recompute": ("train", "recompute"),
     "save": ("train", "save"),
     "load": ("train", "load"),
+    "init_from_hf": ("train", "init_from_hf"),
     "save_every": ("train", "save_every"),
     "eval_every": ("train", "eval_every"),
     "metrics_file": ("train", "metrics_file"),
@@ -46,7 +48,7 @@ FLAGS = {
     "tokenizer": ("data", "tokenizer"),
 }
 FLOATS = {"lr"}
-SWITCHES = {"sequence_parallel": ("train", "sequence_parallel")}
+SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
         "save_every", "eval_every", "warmup_steps"}  # fmt: skip
 
@@ -107,6 +109,8 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     way.add_argument("--from-hf", metavar="DIR", help="read a Hugging Face directory into a checkpoint under --save")
     p.add_argument("--load", metavar="DIR", help="with --to-hf: a checkpoint, or a directory of them (the newest)")
     p.add_argument("--save", metavar="DIR", help="with --from-hf: where the weights-only checkpoint goes")
+    for axis in ("tp", "pp", "ep", "etp"):  # --from-hf under torchrun: each rank reads only its slices
+        p.add_argument(f"--{axis}", type=int, metavar="N", help=f"with --from-hf: the {axis} size of the ranks")
     p.set_defaults(run=run_convert)
 
 
@@ -120,7 +124,8 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         if not args.save:
             raise TrainerError("convert --from-hf needs --save DIR")
-        print(import_from_hf(args.from_hf, args.save))
+        parallel = {a: getattr(args, a) for a in ("tp", "pp", "ep", "etp") if getattr(args, a) is not None}
+        print(import_from_hf(args.from_hf, args.save, parallel=parallel))
     return 0
 
 
@@ -186,9 +191,14 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .convert import with_checkpoint_model
     from .launch import run_ranks, world_size
 
-    cfg = load_run_config(args.config, overrides_from(args))
+    overrides = overrides_from(args)
+    cfg = load_run_config(args.config, overrides)
+    in_file = args.config is not None and "model" in tomllib.loads(Path(args.config).read_text())
+    explicit = "model" in overrides or in_file
+    cfg = with_checkpoint_model(cfg, explicit_model=explicit)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
