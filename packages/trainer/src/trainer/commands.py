@@ -7,6 +7,7 @@ the common ones have their own flags. The run is checked (``check_run``) before 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (default: 1; under torchrun: its world)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here; report it")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the job's world size (required there)")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: the rank to build")
     p.set_defaults(run=run_train)
 
 
@@ -274,6 +278,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    if args.dry_run:
+        from .train.dry_run import dry_run
+
+        if args.world_size is None:
+            raise TrainerError("--dry-run needs --world-size N")
+        print(json.dumps(dry_run(cfg, args.world_size, args.rank), indent=2))
+        return 0
     world = world_size(args.nproc)
     check_run(cfg, world)
     first_rank = global_rank() == 0
@@ -301,8 +312,6 @@ def summary(cfg: Any, records: list[dict[str, Any]], seconds: float) -> str:
 
 
 def run_layout(args: argparse.Namespace) -> int:
-    import json
-
     from pstate import layout
     from pstate.cli import describe, render
 
