@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from trainer.commands import add_convert, add_generate, add_layout, add_plan, add_train
 from trainer.errors import TrainerError
+from trainer.serve_command import add_serve
 
 USER_ERRORS: tuple[type[Exception], ...] = (TrainerError,)
 
@@ -69,7 +70,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout)
+SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

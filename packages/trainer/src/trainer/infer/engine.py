@@ -220,12 +220,15 @@ class Engine:
         else:
             self.runner.stop()
 
-    async def submit(self, request: Request) -> AsyncIterator[Output]:
-        """Stream ``request``'s outputs; ``TrainerError`` (before the first) names a bad field. Leaving the
-        loop early aborts the request and frees its blocks."""
+    def submit(self, request: Request) -> AsyncIterator[Output]:
+        """Check ``request`` now (``TrainerError`` names a bad field) and return the stream of its outputs
+        (``async for``); the request joins the running batch when the stream is first read. Leaving the
+        stream early aborts the request and frees its blocks."""
         if self._thread is None:
             raise TrainerError("the engine's loop is not running: call start() first")
-        seq = self.sequence(request)
+        return self._stream(self.sequence(request))
+
+    async def _stream(self, seq: Seq) -> AsyncIterator[Output]:
         queue: asyncio.Queue[Output] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._listeners[seq.id] = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
