@@ -87,7 +87,7 @@ class Engine:
     ) -> None:
         self.runner, self.tokenizer, self.eos_id = runner, tokenizer, eos_id
         self.scheduler = Scheduler(runner.pool, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, policy=policy)
-        self.steps = 0
+        self.steps = self.aborted = 0
         self.timings: dict[str, Timing] = {}
         self._ids = itertools.count()
         self._listeners: dict[str, Callable[[Output], None]] = {}
@@ -251,7 +251,7 @@ class Engine:
         pool = self.runner.pool
         return {
             "running": len(s.running), "waiting": len(s.waiting), "free_blocks": pool.free,
-            "total_blocks": pool.num_blocks, "steps": self.steps, "preemptions": s.preemptions,
+            "total_blocks": pool.num_blocks, "steps": self.steps, "preemptions": s.preemptions, "aborted": self.aborted,
         }  # fmt: skip
 
     def _post(self, what: str, seq: Seq) -> None:
@@ -273,6 +273,7 @@ class Engine:
                         self.scheduler.add(seq)
                     elif seq.finish_reason is None:
                         seq.finish_reason = "abort"
+                        self.aborted += 1
                         self.scheduler.finish(seq)
                         self._listeners.pop(seq.id, None)
                 if self.scheduler.has_work():

@@ -1,7 +1,7 @@
 """The HTTP API of ``trainer serve`` (Starlette): the OpenAI completions API over an :class:`Engine`.
 
 ``POST /v1/completions``: ``prompt`` (text, token ids, or a list of either), ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``, ``seed``, ``stream``; the answer
+``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``, ``seed``, ``stream``, ``ignore_eos``; the answer
 is a ``text_completion`` object, or with ``stream`` server-sent events ending with ``data: [DONE]``.
 ``GET /v1/models`` lists the one model; ``GET /health`` says the engine's state (requests, free blocks).
 
@@ -30,7 +30,7 @@ from .sampling import SamplingParams
 
 DEFAULTS: dict[str, Any] = {
     "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": None, "repetition_penalty": 1.0,
-    "seed": None, "stop": None,
+    "seed": None, "stop": None, "ignore_eos": False,
 }  # fmt: skip
 # accepted with only the value that changes nothing
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -130,7 +130,7 @@ def build_app(engine: Engine, model_name: str) -> Starlette:
         firsts = await asyncio.gather(*(anext(s) for s in streams))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            events = _events(cid, created, model_name, streams, firsts)
+            events = _events(cid, created, model_name, streams, firsts, http)
             return StreamingResponse(events, media_type="text/event-stream")
         results = await asyncio.gather(*(_collect(s, f) for s, f in zip(streams, firsts)))
         choices = [
@@ -164,11 +164,21 @@ async def _collect(stream: AsyncIterator[Output], first: Output) -> tuple[str, O
 
 
 async def _events(
-    cid: str, created: int, model: str, streams: list[AsyncIterator[Output]], firsts: list[Output]
+    cid: str,
+    created: int,
+    model: str,
+    streams: list[AsyncIterator[Output]],
+    firsts: list[Output],
+    http: HTTPRequest,
 ) -> AsyncIterator[str]:
-    """Server-sent events of every prompt's outputs as they come; leaving early closes every stream (which
-    aborts its request)."""
+    """Server-sent events of every prompt's outputs as they come. The client leaving (the server only
+    drops what is sent after that, so its disconnect message is watched for) closes every stream, which
+    aborts its request."""
     queue: asyncio.Queue[tuple[int, Output | None]] = asyncio.Queue()
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
 
     async def pump(i: int, stream: AsyncIterator[Output], first: Output) -> None:
         await queue.put((i, first))
@@ -178,10 +188,17 @@ async def _events(
         await queue.put((i, None))
 
     tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+    gone = asyncio.create_task(disconnected())
+    tasks.append(gone)
     try:
-        open_streams = len(tasks)
+        open_streams = len(streams)
         while open_streams:
-            i, out = await queue.get()
+            item = asyncio.create_task(queue.get())
+            await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                item.cancel()
+                return
+            i, out = item.result()
             if out is None:
                 open_streams -= 1
                 continue
