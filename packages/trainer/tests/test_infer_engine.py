@@ -80,7 +80,8 @@ def batched_against_solo(name: str):
         static = engine(chunk, policy="static").generate(requests)
         small = engine(chunk, num_blocks=16, max_batch_tokens=16)
         continuous = small.generate(requests)
-        return reference, recompute, solo, [c.token_ids for c in static], [c.token_ids for c in continuous], small.stats()
+        static, continuous = [c.token_ids for c in static], [c.token_ids for c in continuous]
+        return reference, recompute, solo, static, continuous, small.stats()
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
@@ -196,7 +197,7 @@ def test_sampling_params_name_the_field():
     for field, value in [("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_k", 0), ("seed", -1)]:
         with pytest.raises(TrainerError, match=f"^{field}: "):
             SamplingParams(**{field: value})
-    with pytest.raises(TrainerError, match="^stop: "):
+    with pytest.raises(TrainerError, match=r"^stop: "):
         SamplingParams(stop=("",))
 
 

@@ -96,7 +96,7 @@ def client(server):
 
 
 def test_completions_equal_the_engine(run_ranks, server, client):
-    url, path = server
+    path = server[1]
     single = client.completions.create(model=NAME, prompt="def add(a, b):", max_tokens=12, temperature=0)
     several = client.completions.create(
         model=NAME, prompt=["The quick brown", "x"], max_tokens=9, temperature=0.9, top_p=0.95, seed=11

@@ -1,8 +1,9 @@
 """The HTTP API of ``trainer serve`` (Starlette): the OpenAI completions API over an :class:`Engine`.
 
 ``POST /v1/completions``: ``prompt`` (text, token ids, or a list of either), ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``, ``seed``, ``stream``, ``ignore_eos``; the answer
-is a ``text_completion`` object, or with ``stream`` server-sent events ending with ``data: [DONE]``.
+``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``, ``seed``, ``stream``,
+``ignore_eos``; the answer is a ``text_completion`` object, or with ``stream`` server-sent events ending
+with ``data: [DONE]``.
 ``GET /v1/models`` lists the one model; ``GET /health`` says the engine's state (requests, free blocks).
 
 A bad request (malformed JSON, an unknown field, a value out of range, a prompt that does not fit) is
