@@ -192,3 +192,18 @@ def test_a_client_that_leaves_frees_its_blocks(server):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert now["free_blocks"] == now["total_blocks"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--load", "no-such-dir"], "--load no-such-dir: no complete checkpoint"),
+        (["--load", ".", "--port", "70000"], "--port 70000: must be in [0, 65535]"),
+        (["--load", ".", "--tp", "0"], "--tp 0: must be >= 1"),
+    ],
+)
+def test_serve_refuses_bad_flags_before_starting(capsys, args, message):
+    from trainer.cli import main
+
+    assert main(["serve", *args]) == 2
+    assert message in capsys.readouterr().err
