@@ -276,6 +276,7 @@ class Engine:
                         self.aborted += 1
                         self.scheduler.finish(seq)
                         self._listeners.pop(seq.id, None)
+                        self.timings.pop(seq.id, None)
                 if self.scheduler.has_work():
                     self._run_step()
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -299,6 +300,8 @@ class Engine:
             self._notify(seq, new)
 
     def _notify(self, seq: Seq, new: list[int]) -> None:
+        if seq.finish_reason is not None:
+            self.timings.pop(seq.id, None)  # a long-running loop keeps no record of finished requests
         listener = self._listeners.get(seq.id)
         if listener is None:
             return
