@@ -61,7 +61,12 @@ def serve(options: ServeOptions) -> int:
         min_nodes=1, max_nodes=1, nproc_per_node=options.tp, run_id=f"serve-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
     )  # fmt: skip
-    elastic_launch(config, _serve_here)(asdict(options), options.tp)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        elastic_launch(config, _serve_here)(asdict(options), options.tp)
+    except (SignalException, KeyboardInterrupt):
+        return 130  # interrupted: the launcher has stopped the ranks
     return 0
 
 
