@@ -41,6 +41,12 @@ def dependencies(dist: str) -> list[str]:
     return order
 
 
+def test_extra(dist: str) -> str:
+    """``"[test]"`` when ``dist`` declares a ``test`` extra, else ``""``."""
+    project = tomllib.loads((PACKAGES[dist] / "pyproject.toml").read_text())["project"]
+    return "[test]" if "test" in project.get("optional-dependencies", {}) else ""
+
+
 def install(session: nox.Session, *args: str) -> None:
     if os.environ.get("TORCH_INDEX_URL"):
         session.install(*CONSTRAINTS, "torch", "--index-url", os.environ["TORCH_INDEX_URL"])
@@ -59,6 +65,7 @@ def package_session(dist: str) -> None:
     def run(session: nox.Session) -> None:
         # Non-editable: proves the built wheel is complete. pstate[testing] brings the rank harness.
         local = [str(PACKAGES[name]) for name in dependencies(dist)]
+        local[-1] += test_extra(dist)  # the package's own test-only references (trainer: transformers)
         install(session, *local, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS)
         session.run("pytest", "-n", "auto", str(PACKAGES[dist] / "tests"), *session.posargs)
 

@@ -105,3 +105,17 @@ def test_import_refuses_an_index_that_escapes(tmp_path):
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ckpt.CheckpointError, match="escapes the checkpoint directory"):
         ckpt.import_hf(out)
+
+
+def test_stacked_experts_unstack_into_one_tensor_each_and_back():
+    from ckpt import CheckpointError, Stack
+
+    stack = Adapter((Stack("layers.{i}.experts.fc2", "model.layers.{i}.experts.{e}.down.weight"),))
+    experts = torch.randn(3, H, F, generator=torch.Generator().manual_seed(1))
+    hf = stack.to_hf({"layers.0.experts.fc2": experts})
+    assert sorted(hf) == [f"model.layers.0.experts.{e}.down.weight" for e in range(3)]
+    assert torch.equal(hf["model.layers.0.experts.2.down.weight"], experts[2])
+    assert torch.equal(stack.from_hf(hf)["layers.0.experts.fc2"], experts)
+    del hf["model.layers.0.experts.1.down.weight"]
+    with pytest.raises(CheckpointError, match=r"experts \[1\]"):
+        stack.from_hf(hf)

@@ -7,7 +7,7 @@
 (Llama-style: RMSNorm, rotary, GQA, SwiGLU, untied) scaled by the flags, fp32.
 
 Ours: the trainer's own ``setup(cfg, ps, model, microbatches)`` (GPT chunks from ``tp_layers``,
-``dp_shard.DataParallel``, AdamW, ``pp_sched``'s 1F1B executor) stepped by the loop's ``_train_step``:
+``dp_shard.DataParallel``, AdamW, ``pp_sched``'s 1F1B executor) stepped by the loop's ``train_step``:
 forwards and backwards over the micro-batches, the data-parallel reduction, the model-parallel gradient
 completion, clipping by the global norm, the AdamW step, the global loss.
 
@@ -72,7 +72,7 @@ from pstate.testing import Harness
 from trainer.config import OptimConfig, RunConfig, TrainConfig
 from trainer.model import preset
 from trainer.model.rotary import apply_rotary, rotary_angles
-from trainer.train.loop import _train_step
+from trainer.train.loop import train_step
 from trainer.train.setup import param_groups, setup
 
 TP, PP, DP = 2, 2, 2
@@ -286,7 +286,7 @@ def measure(cfg, args: argparse.Namespace) -> dict:
         native = Native(cfg, run, mesh, args.microbatches, args.sequence_parallel)
 
         def ours(step: int) -> tuple[float, float]:
-            loss, norm, _ = _train_step(run, rank_batches(cfg, args, ps.dp.rank, step))
+            loss, norm, _ = train_step(run, rank_batches(cfg, args, ps.dp.rank, step))
             return loss, norm
 
         def theirs(step: int) -> tuple[float, float]:

@@ -188,8 +188,8 @@ def train_fp16_from_an_overflowing_scale(overrides: dict, tmp: str) -> list[tupl
         steps.append(train_step(*args))
         return steps[-1]
 
-    train_step, scaler = loop._train_step, functools.partial(LossScaler, init_scale=2.0**20, backoff_factor=2.0**-8)
-    with mock.patch.object(loop, "_train_step", spy), mock.patch.object(run_setup, "LossScaler", scaler):
+    train_step, scaler = loop.train_step, functools.partial(LossScaler, init_scale=2.0**20, backoff_factor=2.0**-8)
+    with mock.patch.object(loop, "train_step", spy), mock.patch.object(run_setup, "LossScaler", scaler):
         train = {**overrides.get("train", {}), "precision": "fp16", "on_nan": "skip"}
         run_training({**overrides, "train": train}, tmp)
     return steps

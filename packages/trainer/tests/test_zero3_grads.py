@@ -2,7 +2,7 @@
 gradients, as the loop completes them (sequence-parallel pieces summed over TP, a tied embedding's two
 copies over the embedding group), and its global gradient norm, against the one-process run.
 
-Each layout runs ``_train_step`` once on the same global batch (several micro-batches per rank, so FSDP
+Each layout runs ``train_step`` once on the same global batch (several micro-batches per rank, so FSDP
 accumulates gradients over interleaved forwards and backwards), without clipping; the pieces' gradients
 are gathered over ``dp_cp`` and compared, named piece by named piece, with the one-process model's.
 Tolerance as in test_pipeline_parity (rtol 1e-5, atol 1e-6, fp32; only summation order changes). The
@@ -19,7 +19,7 @@ from dp_shard import parameter_shards
 from trainer.config import check_run, load_run_config
 from trainer.model import model_shards
 from trainer.model.shards import assemble
-from trainer.train.loop import _train_step
+from trainer.train.loop import train_step
 from trainer.train.setup import setup
 
 BATCH, SEQ, VOCAB, MICRO_BATCH = 16, 16, 97, 2
@@ -39,7 +39,7 @@ def one_step(model: str, parallel: dict, train: dict):
     with pstate.initialize(cfg.parallel) as ps:
         run = setup(cfg, ps, cfg.model, microbatches)
         rows = np.split(tokens, ps.dp.size)[ps.dp.rank]
-        loss, norm, skipped = _train_step(run, np.split(rows, microbatches))
+        loss, norm, skipped = train_step(run, np.split(rows, microbatches))
         assert not skipped
         return loss, norm, fsdp_grads(run) if run.fsdp else model_shards(run.chunks, grads=True)
 

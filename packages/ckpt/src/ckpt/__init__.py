@@ -7,7 +7,7 @@ finds the newest complete checkpoint, ``AsyncSaver`` saves in the background, :m
 maps state dicts to and from Hugging Face's format, and ``ckpt inspect PATH`` shows a checkpoint.
 """
 
-from .convert import Adapter, Rename, Split, Transpose, export_hf, import_hf
+from .convert import Adapter, Rename, Split, Stack, Transpose, export_hf, import_hf
 from .errors import CheckpointError
 from .files import latest, step_dir
 from .inspection import inspect, verify
@@ -23,6 +23,7 @@ __all__ = [
     "Rename",
     "SaveHandle",
     "Split",
+    "Stack",
     "Transpose",
     "export_hf",
     "import_hf",

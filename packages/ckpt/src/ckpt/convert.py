@@ -4,7 +4,8 @@
 Rules name keys with templates such as ``"layers.{i}.attn.qkv.weight"``: ``{i}`` matches one
 dot-free part and is carried to the other side. ``Rename`` renames, ``Transpose`` renames and
 transposes a 2-D weight (GPT-2 stores ``[in, out]``), ``Split`` cuts a fused tensor (QKV, gate/up)
-into parts along a dimension and fuses them back on import. Every rule works in both directions, so
+into parts along a dimension and fuses them back on import, ``Stack`` unstacks a tensor of experts
+into one tensor per expert (``{e}`` in the other name numbers them). Every rule works in both directions, so
 ``adapter.from_hf(adapter.to_hf(state)) == state``.
 """
 
@@ -28,7 +29,7 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 
 
-class _Template:
+class Template:
     """``"layers.{i}.w"``: matching a key yields ``{"i": ...}``; formatting fills the fields back in."""
 
     def __init__(self, text: str):
@@ -89,7 +90,7 @@ class Split:
         return self._fuse(src) if reverse else self._split(src)
 
     def _split(self, src: Tensors) -> Tensors:
-        ours, out = _Template(self.ours), {}
+        ours, out = Template(self.ours), {}
         for key in [k for k in src if ours.match(k) is not None]:
             fields, fused = ours.match(key), src.pop(key)
             n = fused.shape[self.dim]
@@ -97,25 +98,63 @@ class Split:
             if sum(sizes) != n or len(sizes) != len(self.parts):
                 raise CheckpointError(f"{key!r}: dimension {self.dim} of size {n} cannot be split into {sizes}")
             for part, piece in zip(self.parts, torch.split(fused, sizes, dim=self.dim)):
-                out[_Template(part).format(fields)] = piece.contiguous()
+                out[Template(part).format(fields)] = piece.contiguous()
         return out
 
     def _fuse(self, src: Tensors) -> Tensors:
-        first, out = _Template(self.parts[0]), {}
+        first, out = Template(self.parts[0]), {}
         for key in [k for k in src if first.match(k) is not None]:
             fields = first.match(key)
-            names = [_Template(p).format(fields) for p in self.parts]
+            names = [Template(p).format(fields) for p in self.parts]
             missing = [n for n in names if n not in src]
             if missing:
                 raise CheckpointError(f"cannot fuse {self.ours!r}: {missing} are missing")
             pieces = [src.pop(n) for n in names]
             if self.sizes and [p.shape[self.dim] for p in pieces] != list(self.sizes):
                 raise CheckpointError(f"{names}: sizes along dimension {self.dim} are not {list(self.sizes)}")
-            out[_Template(self.ours).format(fields)] = torch.cat(pieces, dim=self.dim)
+            out[Template(self.ours).format(fields)] = torch.cat(pieces, dim=self.dim)
         return out
 
 
-Rule = Rename | Transpose | Split
+@dataclass(frozen=True)
+class Stack:
+    """Our ``ours`` (``[n, ...]``) is ``n`` tensors ``theirs`` on the other side, numbered by ``{e}``
+    (``0`` to ``n-1``, all of them present on import)."""
+
+    ours: str
+    theirs: str
+
+    def apply(self, src: Tensors, reverse: bool) -> Tensors:
+        return self._stack(src) if reverse else self._unstack(src)
+
+    def _unstack(self, src: Tensors) -> Tensors:
+        ours, theirs, out = Template(self.ours), Template(self.theirs), {}
+        for key in [k for k in src if ours.match(k) is not None]:
+            fields = ours.match(key)
+            for e, piece in enumerate(src.pop(key).unbind(0)):
+                out[theirs.format({**fields, "e": str(e)})] = piece.contiguous()
+        return out
+
+    def _stack(self, src: Tensors) -> Tensors:
+        ours, theirs = Template(self.ours), Template(self.theirs)
+        found: dict[str, dict[int, str]] = {}
+        for key in list(src):
+            fields = theirs.match(key)
+            if fields is not None:
+                e = fields.pop("e")
+                if not e.isdigit():
+                    continue
+                found.setdefault(ours.format(fields), {})[int(e)] = key
+        out = {}
+        for name, keys in found.items():
+            if sorted(keys) != list(range(len(keys))):
+                missing = sorted(set(range(max(keys) + 1)) - set(keys))
+                raise CheckpointError(f"{name!r}: experts {missing} of {self.theirs!r} are missing")
+            out[name] = torch.stack([src.pop(keys[e]) for e in range(len(keys))])
+        return out
+
+
+Rule = Rename | Transpose | Split | Stack
 
 
 @dataclass(frozen=True)
@@ -150,7 +189,7 @@ class Adapter:
 
 def _take(src: Tensors, a: str, b: str, fn) -> list[tuple[str, torch.Tensor]]:
     """Pop the keys of ``src`` matching template ``a``, renamed by template ``b`` and mapped by ``fn``."""
-    ta, tb = _Template(a), _Template(b)
+    ta, tb = Template(a), Template(b)
     found = [(k, ta.match(k)) for k in list(src)]
     return [(tb.format(f), fn(src.pop(k))) for k, f in found if f is not None]
 
@@ -162,9 +201,11 @@ def export_hf(
     adapter: Adapter | None = None,
     config: dict | None = None,
     max_shard_bytes: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write full tensors as a Hugging Face checkpoint: ``model.safetensors`` (or numbered shards and
-    ``model.safetensors.index.json`` past ``max_shard_bytes``) and ``config.json``; atomically."""
+    ``model.safetensors.index.json`` past ``max_shard_bytes``), ``config.json`` and ``extra_files``
+    (name to contents: a tokenizer, ``generation_config.json``); atomically."""
     out = Path(out_dir).absolute()
     if out.exists():
         raise CheckpointError(f"{out} already exists")
@@ -195,6 +236,10 @@ def export_hf(
             files.write_json(tmp / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if config is not None:
             files.write_json(tmp / "config.json", config)
+        for name, data in (extra_files or {}).items():
+            if "/" in name or name.startswith(".") or name in (HF_SINGLE, HF_INDEX, "config.json"):
+                raise CheckpointError(f"extra file name {name!r}: must be a plain new file name")
+            (tmp / name).write_bytes(data)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,4 +268,4 @@ def import_hf(path: str | os.PathLike, *, adapter: Adapter | None = None) -> tup
     return (adapter.from_hf(hf) if adapter is not None else hf), config
 
 
-__all__ = ["Adapter", "Rename", "Split", "Transpose", "export_hf", "import_hf"]
+__all__ = ["Adapter", "Rename", "Split", "Stack", "Template", "Transpose", "export_hf", "import_hf"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pstate import Group, as_group
+from pstate import Group, as_group, comm
 
 from .errors import ContextParallelError
 
@@ -48,7 +48,7 @@ class RingPeers:
             ops.append(dist.P2POp(dist.isend, tensor.contiguous(), self.next, self.group, tag))
             ops.append(dist.P2POp(dist.irecv, buffer, self.prev, self.group, tag))
             received[tag] = buffer
-        return received, dist.batch_isend_irecv(ops)
+        return received, comm.batch_isend_irecv(ops)
 
 
 def wait_all(requests: list[dist.Work]) -> None:
@@ -67,7 +67,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Group)
         return x
     send = torch.stack(x.chunk(parts, scatter_dim))  # [parts, ...]: piece j goes to rank j
     received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=pg)
+    comm.all_to_all_single(received, send, group=group)
     return torch.cat(received.unbind(0), dim=gather_dim)
 
 
@@ -75,12 +75,12 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> list[torch.Tensor]:
     """Every rank's ``x`` (equal shapes), in group-rank order."""
     pg = as_group(group)
     pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(pieces, x.contiguous(), group=pg)
+    comm.all_gather_list(pieces, x.contiguous(), group=group)
     return pieces
 
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     """The sum of every rank's ``x`` (a new tensor; the portable form of a reduce-scatter on gloo)."""
     out = x.contiguous().clone()
-    dist.all_reduce(out, group=as_group(group))
+    comm.all_reduce(out, group=group)
     return out

@@ -6,11 +6,13 @@ optimizer, with a state dict ``ckpt`` can reshard), :class:`LossScaler` (dynamic
 :func:`fully_shard` (ZeRO-3: parameters sharded per unit, gathered for each unit's forward and
 backward, gradients reduce-scattered; checkpoint pieces through :func:`parameter_shards` and
 :func:`optimizer_state_shards`) and :func:`clip_grad_norm_` (the global norm over TP/PP/DP/EP-split
-models).
+models). :func:`make_engine` gives the one interface a training loop holds over all of them
+(:class:`DataParallelEngine`: accumulate, finish the step's gradients once, the step protocol).
 """
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
+from .engine import ClipGroups, DataParallelEngine, DDPEngine, FSDPEngine, ZeroEngine, make_engine
 from .errors import DataParallelError
 from .fully_shard import (
     fully_shard,
@@ -23,14 +25,20 @@ from .loss_scaler import LossScaler
 from .sharded_optimizer import ShardedOptimizer
 
 __all__ = [
+    "ClipGroups",
+    "DDPEngine",
     "DataParallel",
+    "DataParallelEngine",
     "DataParallelError",
+    "FSDPEngine",
     "LossScaler",
     "ShardedOptimizer",
+    "ZeroEngine",
     "clip_grad_norm_",
     "fully_shard",
     "load_optimizer_state_shards",
     "load_parameter_shards",
+    "make_engine",
     "optimizer_state_shards",
     "parameter_shards",
 ]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from pstate import comm
+
 from .errors import DataParallelError
 
 Signature = list[tuple[str, tuple[int, ...], str]]
@@ -20,7 +22,7 @@ def check_same_parameters(named: Sequence[tuple[str, torch.nn.Parameter]], group
     signature: Signature = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in named]
     digest = int.from_bytes(hashlib.sha256(repr(signature).encode()).digest()[:7], "little")
     extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=named[0][1].device)
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     if extremes[0].item() == -extremes[1].item():
         return
     gathered: list[Signature | None] = [None] * dist.get_world_size(group)

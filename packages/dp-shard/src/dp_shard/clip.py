@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from pstate import comm
 from pstate.tags import is_expert_parallel, is_tied_copy, tensor_parallel_dim
 
 from .errors import DataParallelError
@@ -87,7 +88,7 @@ def clip_grad_norm_(
         partial = _partial_norm(part, p, device)
         for group in groups:
             if group is not None:
-                dist.all_reduce(partial, op=op, group=pstate.as_group(group))
+                comm.all_reduce(partial, op=op, group=group)
         local = torch.maximum(local, partial) if math.isinf(p) else local + partial
     total = local if math.isinf(p) else local ** (1.0 / p)
 
@@ -98,23 +99,26 @@ def clip_grad_norm_(
         )
     scale = torch.clamp(max_norm / (total + eps), max=1.0)
     scale = torch.where(torch.isfinite(total), scale, torch.ones_like(scale))
-    scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-    for grad, _ in grads:
-        key = (grad.device, grad.dtype)
-        if key not in scales:
-            scales[key] = scale.to(device=grad.device, dtype=grad.dtype)
-        grad.mul_(scales[key])
+    for (device, dtype), tensors in _by_device_and_dtype(g for g, _ in grads).items():
+        torch._foreach_mul_(tensors, scale.to(device=device, dtype=dtype))  # one fused pass per dtype
     return total
+
+
+def _by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """Non-empty ``tensors`` grouped as the fused ``torch._foreach_*`` kernels take them."""
+    out: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            out.setdefault((t.device, t.dtype), []).append(t)
+    return out
 
 
 def _partial_norm(grads: list[tuple[torch.Tensor, bool]], p: float, device: torch.device) -> torch.Tensor:
     """This rank's share of the ``p``-norm (its ``p``-th power, or the max for ``inf``)."""
     local = torch.zeros((), dtype=torch.float32, device=device)
-    for grad, counted in grads:
-        if not counted or grad.numel() == 0:
-            continue
-        norm = torch.linalg.vector_norm(grad, p, dtype=torch.float32)
-        local = torch.maximum(local, norm) if math.isinf(p) else local + norm**p
+    for tensors in _by_device_and_dtype(g for g, counted in grads if counted).values():
+        norms = torch.stack(torch._foreach_norm(tensors, p, dtype=torch.float32)).to(device)
+        local = torch.maximum(local, norms.max()) if math.isinf(p) else local + norms.pow(p).sum()
     return local
 
 

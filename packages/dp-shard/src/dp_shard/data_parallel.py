@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 import pstate
+from pstate import comm
 from pstate.tags import is_expert_parallel
 
 from .buffers import Bucket, GradBuffer
@@ -208,7 +209,7 @@ class DataParallel(nn.Module):
         if self.average and self.group_size > 1:
             bucket.data.div_(self.group_size)
         group = self._bucket_groups[self._next_bucket]
-        self._works.append(dist.all_reduce(bucket.data, group=group, async_op=True))
+        self._works.append(comm.all_reduce(bucket.data, group=group, async_op=True))
         self._next_bucket += 1
 
     def _reset_sync_state(self) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +47,7 @@ class FullyShardedState:
         self._in_backward = False
         self._reduced: set[int] = set()
         self._pending: PendingReduce | None = None
+        self._sync = True
         self._hooks = []
         hooked = [root] + [u.module for u in units if u.module is not root]
         for mod in hooked:
@@ -111,9 +114,30 @@ class FullyShardedState:
         self._backward_order = list(dict.fromkeys(reversed(self._finished)))
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside keep each unit's unsharded gradient instead of reducing it; the next
+        synchronised pass (or :meth:`finish_grad_sync`) reduces the sum once."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def finish_grad_sync(self) -> None:
+        """Reduce what ``no_sync`` kept and no synchronised pass reduced since (units unused in the last
+        pass); a no-op otherwise. Every rank must have kept gradients of the same units."""
+        for unit in self.units:
+            if unit.unsharded_grad is not None:
+                unit.start_reduce().finish()
+
     def _make_post_backward(self, unit: FlatUnit):
         def hook(full: torch.Tensor) -> None:
             self._start_backward()
+            if not self._sync:
+                unit.stash_grad()
+                self._reduced.add(id(unit))
+                return
             if self._pending is not None:
                 self._pending.finish()
             self._pending = unit.start_reduce()

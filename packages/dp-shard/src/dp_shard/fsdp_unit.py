@@ -21,6 +21,9 @@ Gradient. Every view's gradient accumulates into ``full.grad``; once autograd ha
 of them (``full``'s post-accumulate-grad hook), :meth:`FlatUnit.start_reduce` casts it to the
 reduction dtype, divides by ``N`` and reduce-scatters it; :meth:`PendingReduce.finish` adds this
 rank's part into the pieces' ``.grad`` (accumulating across backward passes like plain parameters).
+Under ``no_sync`` :meth:`FlatUnit.stash_grad` keeps ``full.grad`` instead (in the reduction dtype,
+summed over the passes) and the next reduction of the unit includes it: one reduce-scatter per step
+whatever the number of micro-batches, at the price of the unit's unsharded gradient while a step runs.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pstate.collectives import all_gather_single, reduce_scatter_single
+from pstate import comm
 from pstate.tags import copy_tags
 
 PIECE_ATTRIBUTE = "_dp_shard_fsdp_piece"  # set on the pieces, so that sharding them again is refused
@@ -121,6 +124,7 @@ class FlatUnit:
         self._full_bytes = self.full.untyped_storage().nbytes()
         self._gather_work: Any = None
         self._gather_source: torch.Tensor | None = None
+        self.unsharded_grad: torch.Tensor | None = None  # gradients kept under no_sync, not reduced yet
         for slot in self.slots:  # register the pieces, then shadow them with full-size views
             for owner, attr in slot.owners:
                 owner._parameters[attr] = slot.piece
@@ -144,7 +148,7 @@ class FlatUnit:
             return
         self.full.untyped_storage().resize_(self._full_bytes)
         source = self.flat if self.compute_dtype == self.dtype else self.flat.to(self.compute_dtype)
-        work = all_gather_single(self.full.data, source, group=self.group, async_op=async_op)
+        work = comm.all_gather(self.full.data, source, group=self.group, async_op=async_op)
         self.gathered = True
         if async_op:
             self._gather_work, self._gather_source = work, source
@@ -163,14 +167,31 @@ class FlatUnit:
         self.full.untyped_storage().resize_(0)
         self.gathered = False
 
-    def start_reduce(self) -> PendingReduce:
-        """Take ``full.grad``, start its averaged reduce-scatter and free the gathered copy."""
+    def stash_grad(self) -> None:
+        """Keep ``full.grad`` (added to what earlier passes kept) for the next reduction; free the copy."""
         grad, self.full.grad = self.full.grad, None
+        if grad is not None:
+            grad = grad.to(self.reduce_dtype or grad.dtype)
+            if self.unsharded_grad is None:
+                self.unsharded_grad = grad
+            else:
+                self.unsharded_grad.add_(grad)
+        self.free()
+
+    def start_reduce(self) -> PendingReduce:
+        """Take ``full.grad`` (plus what ``no_sync`` kept), start its averaged reduce-scatter and free the
+        gathered copy."""
+        grad, self.full.grad = self.full.grad, None
+        kept, self.unsharded_grad = self.unsharded_grad, None
+        if grad is None:
+            grad = kept
         dtype = self.reduce_dtype or grad.dtype
         source = grad.to(dtype)
+        if kept is not None and kept is not grad:
+            source = source + kept if source is grad else source.add_(kept)
         if self.size > 1:
             source.div_(self.size)
         out = torch.empty(self.shard_numel, dtype=dtype, device=self.device)
-        work = reduce_scatter_single(out, source, group=self.group, async_op=True)
+        work = comm.reduce_scatter(out, source, group=self.group, async_op=True)
         self.free()
         return PendingReduce(self, work, out, source)

@@ -17,13 +17,17 @@ gradient shards; the master weights' ``.grad`` are views of it. Local, unreduced
   reduced. Only the shard buffer stays.
 
 When. As in ``DataParallel``: a bucket's reduce-scatter starts once all of its parameters have their
-gradient and every earlier bucket has started (one collective order on every rank). The first hook of
-a backward pass queues an autograd-engine callback that runs when the pass ends: it starts the buckets
-still waiting (their unused parameters contribute zeros), waits for all and adds each reduced piece
-into the shard buffer. So after ``loss.backward()`` returns, the shards hold the gradients, and several
-backward passes per step accumulate. Inside :meth:`no_sync` stage 1 only accumulates locally (one
-reduction per step); stage 2 reduces every pass anyway, since holding the full gradient is what it
-avoids.
+gradient and every earlier bucket has started (one collective order on every rank). With
+``finish_in_backward`` (the default) the first hook of a backward pass queues an autograd-engine
+callback that runs when the pass ends: it starts the buckets still waiting (their unused parameters
+contribute zeros), waits for all and adds each reduced piece into the shard buffer. So after
+``loss.backward()`` returns, the shards hold the gradients. Without it, :meth:`finish` does that, once
+per step: what a pipeline needs, whose model chunks end their backward passes at different times.
+
+Inside :meth:`no_sync` backward passes only accumulate locally (stage 2: into bucket staging buffers
+that stay until the next reduction), so each gradient element is reduced once per step whatever the
+number of micro-batches. Stage 2 then holds the full local gradient during a step of several
+micro-batches, as FSDP2 does without gradient sync; between steps it holds only its shard.
 
 Collectives. A reduce-scatter per bucket and an all-gather of the updated parameters, except over gloo,
 whose CPU reduce-scatter is slower than its all-reduce of the whole bucket (about 41 against 35 ms for
@@ -53,9 +57,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
-from pstate.collectives import all_gather_single, reduce_scatter_single
+from pstate import comm
 
 from .buffers import Bucket, GradBuffer
+from .errors import DataParallelError
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,8 +104,10 @@ class ShardedGrads:
         collectives: str = "auto",
         alone: Sequence[torch.nn.Parameter] = (),
         divisor: int | None = None,
+        finish_in_backward: bool = True,
     ) -> None:
         self.group, self.stage, self.overlap, self.average = group, stage, overlap, average
+        self.finish_in_backward = finish_in_backward
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.divisor = self.size if divisor is None else divisor  # what averaging divides by
         if collectives not in ("auto", "reduce_scatter", "all_reduce"):
@@ -121,8 +128,9 @@ class ShardedGrads:
         self._fresh = [True] * len(self.slots)  # the shard holds zeros: reduce straight into it
         self._syncing = True
         self._in_pass = False
-        self._unreduced = False  # local gradients accumulated under no_sync and not reduced yet
+        self._unreduced = False  # local gradients not reduced yet (accumulated, or buckets still waiting)
         self._pending = [len(s.bucket.params) for s in self.slots]
+        self._ready: set[int] = set()  # ids of parameters counted in this reduction
         self._next = 0
         self._works: list[tuple[Any, int, torch.Tensor]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
@@ -174,7 +182,7 @@ class ShardedGrads:
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Stage 1: backward passes inside accumulate locally without communicating. Stage 2: no effect."""
+        """Backward passes inside accumulate locally without communicating (see the module notes)."""
         previous, self._syncing = self._syncing, False
         try:
             yield
@@ -182,8 +190,9 @@ class ShardedGrads:
             self._syncing = previous
 
     def finish(self) -> None:
-        """Reduce what is still local (accumulated under ``no_sync`` with no synchronised pass after it)."""
-        if self._unreduced:
+        """Start the buckets not started yet, wait for all and add them into the shards: what is still local
+        since the last reduction (accumulated under ``no_sync``, or left by a pass that did not finish)."""
+        if self._unreduced or self._works:
             self._launch_rest()
             self._wait()
 
@@ -214,10 +223,10 @@ class ShardedGrads:
                 for owner in range(self.size):
                     source = dist.get_global_rank(self.group, owner)
                     data = slot.params[owner * piece : (owner + 1) * piece]
-                    works.append(dist.broadcast(data, source, group=self.group, async_op=True))
+                    works.append(comm.broadcast(data, source, group=self.group, async_op=True))
                 continue
             own = slot.params[self.rank * piece : (self.rank + 1) * piece]
-            works.append(all_gather_single(slot.params, own, group=self.group, async_op=True))
+            works.append(comm.all_gather(slot.params, own, group=self.group, async_op=True))
         for work in works:
             work.wait()
 
@@ -248,9 +257,15 @@ class ShardedGrads:
             start, end = layout.span(param)
             slot.local[start - slot.bucket.start : end - slot.bucket.start].view_as(param).add_(param.grad)
             param.grad = None
-        if not self._syncing and self.stage == 1:
-            self._unreduced = True
+        self._unreduced = True
+        if not self._syncing:
             return
+        if id(param) in self._ready:
+            raise DataParallelError(
+                "a parameter received a second gradient before the reduction finished: run every backward "
+                "but the last of a step inside no_sync(), then finish_grad_sync()"
+            )
+        self._ready.add(id(param))
         self._pending[index] -= 1
         if self.overlap:
             while self._next < len(self.slots) and self._pending[self._next] == 0:
@@ -258,7 +273,7 @@ class ShardedGrads:
 
     def _end_pass(self) -> None:
         self._in_pass = False
-        if self._syncing or self.stage == 2:
+        if self._syncing and self.finish_in_backward:
             self._launch_rest()
             self._wait()
 
@@ -276,10 +291,10 @@ class ShardedGrads:
         if self._gloo:
             piece = slot.bucket.numel // self.size
             out = slot.local[self.rank * piece : (self.rank + 1) * piece]
-            work = dist.all_reduce(slot.local, group=self.group, async_op=True)
+            work = comm.all_reduce(slot.local, group=self.group, async_op=True)
         else:
             out = slot.shard if self._fresh[index] else torch.empty_like(slot.shard)
-            work = reduce_scatter_single(out, slot.local, group=self.group, async_op=True)
+            work = comm.reduce_scatter(out, slot.local, group=self.group, async_op=True)
         self._works.append((work, index, out))
 
     def _wait(self) -> None:
@@ -296,6 +311,7 @@ class ShardedGrads:
             else:
                 slot.local = None
         self._works.clear()
+        self._ready.clear()
         self._pending = [len(s.bucket.params) for s in self.slots]
         self._next = 0
         self._unreduced = False

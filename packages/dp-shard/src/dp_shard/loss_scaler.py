@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import pstate
+from pstate import comm
 
 from .errors import DataParallelError
 
@@ -66,18 +67,19 @@ class LossScaler:
     def unscale_(self, grads: Iterable[torch.Tensor | None], *, groups: Sequence[pstate.Group] = ()) -> bool:
         """Divide ``grads`` by the scale in place; return whether any gradient on any rank of
         ``self.groups`` and ``groups`` holds inf or nan (the same answer on every rank)."""
-        inverse = 1.0 / self.scale
-        flags = []
-        device = None
+        found = None
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grad in grads:
-            if grad is None or grad.numel() == 0:
-                continue
-            grad.mul_(inverse)
-            flags.append(torch.logical_not(torch.isfinite(grad).all()))
-            device = grad.device
-        found = torch.stack(flags).any().to(torch.float32).reshape(1) if flags else torch.zeros(1, device=device)
+            if grad is not None and grad.numel():
+                by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        for (device, _), tensors in by_kind.items():  # one fused unscale-and-check per device and dtype
+            flag = torch.zeros(1, device=device)
+            inverse = torch.full((1,), 1.0 / self.scale, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, inverse)
+            found = flag if found is None else torch.maximum(found, flag.to(found.device))
+        found = torch.zeros(1) if found is None else found
         for group in (*self.groups, *groups):
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=pstate.as_group(group))
+            comm.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
         return bool(found.item())
 
     def update(self, found_inf: bool) -> None:

@@ -61,6 +61,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     gradient shards, which :meth:`grad_shard` gives for summing between them before the step.
     ``expert_group``: the group over which parameters tagged ``expert_parallel`` are sharded and reduced
     (``ps.edp``); their gradients are averaged over the dense ``group``'s size. Tagged parameters need it.
+    ``finish_in_backward``: ``True`` finishes the reduction when a synchronised backward pass ends (so the
+    shards hold the gradients when ``backward()`` returns); ``False`` leaves that to
+    :meth:`finish_grad_sync` (or :meth:`step`), for pipelines whose chunks end their backward at
+    different times: buckets still start during backward as they fill.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         collectives: str = "auto",
         aligned: Iterable[torch.nn.Parameter] = (),
         expert_group: pstate.Group | None = None,
+        finish_in_backward: bool = True,
         **kwargs: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -115,7 +120,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             check_same_parameters(experts, self.expert_group)
         self.stage, self.loss_scaler = stage, loss_scaler
         options = dict(
-            stage=stage, bucket_size_mb=bucket_size_mb, overlap=overlap, average=average, collectives=collectives
+            stage=stage,
+            bucket_size_mb=bucket_size_mb,
+            overlap=overlap,
+            average=average,
+            collectives=collectives,
+            finish_in_backward=finish_in_backward,
         )
         self.grads = ShardedGrads([p for _, p in dense], group=self.process_group, alone=aligned, **options)
         self.expert_grads = None  # expert parameters' gradients, sharded over expert_group
@@ -158,13 +168,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """For all but the last micro-batch of a step. Stage 1: backward accumulates locally and the
-        next synchronised backward (or :meth:`step`) reduces it all. Stage 2: no effect (it reduces
-        every backward pass into its shard, since not holding the full gradient is its point)."""
+        """For all but the last micro-batch of a step: backward accumulates locally (stage 2: in bucket
+        staging buffers kept until the reduction) and the next synchronised backward (or
+        :meth:`finish_grad_sync`, :meth:`step`) reduces it all, so each element is reduced once per step."""
         with ExitStack() as stack:
             for part in self._parts:
                 stack.enter_context(part.no_sync())
             yield
+
+    def finish_grad_sync(self) -> None:
+        """Complete this step's reduction (a no-op when the last backward already did): afterwards
+        :meth:`master_grads` hold the reduced gradient shards."""
+        for part in self._parts:
+            part.finish()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
-from pstate import Shard
+from pstate import Shard, comm
 
 from .errors import DataParallelError
 
@@ -197,7 +196,7 @@ def _replicated_scalars(opt: ShardedOptimizer) -> dict[tuple[Any, str], Any]:
                         sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
         values = torch.tensor(sums, dtype=torch.float64, device=opt._device).reshape(-1, 2)
         if slots:
-            dist.all_reduce(values, group=part.group)
+            comm.all_reduce(values, group=part.group)
         for (key, name, kind), (total, count) in zip(slots, values.tolist()):
             value = total / count if count else 0.0
             if kind.is_tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pstate import comm
+
 
 class _AttachLoss(torch.autograd.Function):
     @staticmethod
@@ -76,7 +78,7 @@ def sequence_aux_losses(
     tokens = score_sums.new_full((1,), float(logits.size(0)))
     stats = torch.cat([routing_map.sum(0).float(), score_sums.detach(), tokens, lse2.detach().sum().reshape(1)])
     if group is not None:
-        dist.all_reduce(stats, group=group)
+        comm.all_reduce(stats, group=group)
     counts, all_score_sums = stats[:experts], stats[experts : 2 * experts]
     tokens = stats[-2].clamp(min=1.0)
     out = {}

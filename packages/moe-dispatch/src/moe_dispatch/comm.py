@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pstate import Group, as_group
-from pstate.collectives import all_gather_single
+from pstate import Group, as_group, comm
 from tp_layers import gather_from_sequence_region, reduce_scatter_to_sequence_region
 
 GroupOrNone = Group | None
@@ -31,7 +30,7 @@ def gather_counts(counts: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     if size_of(group) == 1:
         return counts.unsqueeze(0)
     out = counts.new_empty(size_of(group) * counts.numel())
-    all_gather_single(out, counts.contiguous().view(-1), group=as_group(group))
+    comm.all_gather(out, counts.contiguous().view(-1), group=group)
     return out.view(size_of(group), *counts.shape)
 
 
@@ -40,15 +39,13 @@ def all_gather_plain(x: torch.Tensor, group: GroupOrNone) -> torch.Tensor:
     if size_of(group) == 1:
         return x
     out = x.new_empty((x.size(0) * size_of(group), *x.shape[1:]))
-    all_gather_single(out, x.contiguous(), group=as_group(group))
+    comm.all_gather(out, x.contiguous(), group=group)
     return out
 
 
 def _all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group: GroupOrNone) -> torch.Tensor:
     out = x.new_empty((sum(out_rows), *x.shape[1:]))
-    dist.all_to_all_single(
-        out, x.contiguous(), output_split_sizes=out_rows, input_split_sizes=in_rows, group=as_group(group)
-    )
+    comm.all_to_all_single(out, x.contiguous(), out_rows, in_rows, group=group)
     return out
 
 

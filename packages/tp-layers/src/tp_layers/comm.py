@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pstate import Group, as_group
-from pstate.collectives import all_gather_single, reduce_scatter_single
+from pstate import Group, as_group, comm
 
 from .errors import TensorParallelError
 
@@ -47,7 +46,7 @@ def all_reduce(
     x: torch.Tensor, group: Group, *, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False
 ) -> dist.Work | None:
     """Reduce ``x`` in place over ``group`` (a sum unless ``op`` says otherwise)."""
-    return dist.all_reduce(x, op=op, group=as_group(group), async_op=async_op)
+    return comm.all_reduce(x, op=op, group=group, async_op=async_op)
 
 
 def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -75,7 +74,7 @@ def all_gather_async(x: torch.Tensor, group: Group) -> tuple[torch.Tensor, dist.
     """Start gathering every rank's ``x`` along dimension 0; returns the output and the handle to wait on."""
     parts = size_of(group)
     out = x.new_empty((x.size(0) * parts, *x.shape[1:]))
-    work = all_gather_single(out, x.contiguous(), group=as_group(group), async_op=True)
+    work = comm.all_gather(out, x.contiguous(), group=group, async_op=True)
     return out, work
 
 
@@ -90,7 +89,7 @@ def reduce_scatter_async(x: torch.Tensor, group: Group, what: str) -> tuple[torc
     """Start summing ``x`` over ``group`` keeping this rank's slice of dimension 0; output and handle."""
     chunk = check_divisible(x, 0, size_of(group), what)
     out = x.new_empty((chunk, *x.shape[1:]))
-    work = reduce_scatter_single(out, x.contiguous(), group=as_group(group), async_op=True)
+    work = comm.reduce_scatter(out, x.contiguous(), group=group, async_op=True)
     return out, work
 
 

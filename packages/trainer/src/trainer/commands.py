@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import tomllib
@@ -36,6 +37,7 @@ FLAGS = {
     "recompute": ("train", "recompute"),
     "save": ("train", "save"),
     "load": ("train", "load"),
+    "init_from_hf": ("train", "init_from_hf"),
     "save_every": ("train", "save_every"),
     "eval_every": ("train", "eval_every"),
     "metrics_file": ("train", "metrics_file"),
@@ -45,7 +47,7 @@ FLAGS = {
     "tokenizer": ("data", "tokenizer"),
 }
 FLOATS = {"lr"}
-SWITCHES = {"sequence_parallel": ("train", "sequence_parallel")}
+SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
         "save_every", "eval_every", "warmup_steps"}  # fmt: skip
 
@@ -182,9 +184,14 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .convert import with_checkpoint_model
     from .launch import run_ranks, world_size
 
-    cfg = load_run_config(args.config, overrides_from(args))
+    overrides = overrides_from(args)
+    cfg = load_run_config(args.config, overrides)
+    in_file = args.config is not None and "model" in tomllib.loads(Path(args.config).read_text())
+    explicit = "model" in overrides or in_file
+    cfg = with_checkpoint_model(cfg, explicit_model=explicit)
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0

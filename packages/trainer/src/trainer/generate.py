@@ -49,6 +49,11 @@ def generate(
         model = cfg.model
         if model.vocab_size is None:
             model = model.with_overrides(vocab_size=tokenizer.vocab_size)
+        elif tokenizer.vocab_size > model.vocab_size:
+            raise TrainerError(
+                f"{cfg.data.tokenizer}: the tokenizer's {tokenizer.vocab_size} ids exceed the model's "
+                f"vocab_size={model.vocab_size}"
+            )
         (chunk,) = build_chunks(model, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=cfg.train.seed)
         ckpt.load({"model": model_shards([chunk])}, found)
         chunk = chunk.to(device).eval()
@@ -58,7 +63,7 @@ def generate(
         generator = torch.Generator(device).manual_seed(seed)
         new = decode(
             chunk, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-            eos_id=tokenizer.eos_id, use_cache=use_cache,
+            eos_id=tokenizer.eos_id, use_cache=use_cache, vocab_limit=tokenizer.vocab_size,
         )  # fmt: skip
         return prompt + tokenizer.decode(new)
 
@@ -73,10 +78,14 @@ def decode(
     generator: torch.Generator,
     eos_id: int | None = None,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> list[int]:
     """Up to ``max_new_tokens`` token ids sampled after ``ids`` from the whole model ``chunk`` (TP=PP=1),
-    stopping before ``eos_id``; the context is the last ``model.max_seq_len`` tokens."""
+    stopping before ``eos_id``; the context is the last ``model.max_seq_len`` tokens. ``vocab_limit``:
+    only ids below it are sampled (a tokenizer smaller than the model's vocabulary, whose extra rows
+    are padding the tokenizer cannot decode)."""
     cfg, limit = chunk.cfg, chunk.cfg.max_seq_len
+    vocab = min(cfg.vocab_size, vocab_limit or cfg.vocab_size)
     device = next(chunk.parameters()).device
     caches = chunk.kv_caches(1, min(limit, len(ids) + max_new_tokens)) if use_cache and max_new_tokens else None
     context = list(ids)
@@ -85,7 +94,7 @@ def decode(
             if caches is not None and len(context) > limit:
                 caches = None  # the window slides from here on: its cached keys are at the wrong positions
             step = context[-limit:] if caches is None else context[caches[0].length :]
-            logits = chunk(torch.tensor([step], device=device), caches)[-1, 0, : cfg.vocab_size].float()
+            logits = chunk(torch.tensor([step], device=device), caches)[-1, 0, :vocab].float()
             token = _sample(logits, temperature, top_k, generator)
             if token == eos_id:
                 break

@@ -44,7 +44,8 @@ class TrainConfig:
     """The loop: ``steps`` is the total (a resumed run continues to it); global batch =
     ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded.
     ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
-    ``steps``; a later run with ``load`` continues)."""
+    ``steps``; a later run with ``load`` continues). ``init_from_hf``: a Hugging Face folder whose
+    weights the model starts from (each rank reads only its pieces)."""
 
     steps: int = 100
     seed: int = 1234
@@ -62,6 +63,7 @@ class TrainConfig:
     save_every: int = 0
     save: str | None = None
     load: str | None = None
+    init_from_hf: str | None = None
     keep: int = 3
     async_save: bool = True
     metrics_file: str | None = None
@@ -70,6 +72,7 @@ class TrainConfig:
     on_nan: str = "stop"
     exit_interval: int | None = None
     deterministic: bool = False
+    comm_report: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch", "eval_steps", "log_every", "keep"):

@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import cp_ring
-from tp_layers import ColumnParallelLinear, RowParallelLinear, recompute
+from tp_layers import ColumnParallelLinear, RowParallelLinear, copy_to_region, recompute
 
 from ..errors import TrainerError
 from . import init
 from .config import ModelConfig
 from .groups import ModelGroups
 from .kv_cache import KVCache
-from .rotary import apply_rotary, rotary_angles
+from .rotary import apply_rotary, inverse_frequencies, rotary_angles
 
 
 class Attention(nn.Module):
@@ -22,7 +22,9 @@ class Attention(nn.Module):
 
     The fused ``qkv`` weight holds, on each TP rank, that rank's query heads, then its key heads, then
     its value heads (so ``tp`` must divide ``kv_heads``). ``selective_recompute`` recomputes the core
-    attention (the softmax part) in backward instead of keeping it.
+    attention (the softmax part) in backward instead of keeping it. With ``cfg.qk_norm`` every query and
+    key head is RMS-normalised (weights ``q_norm``, ``k_norm`` of ``head_dim``, replicated over TP: their
+    gradients are summed over TP in backward, as each rank's heads give a part of it).
     """
 
     def __init__(
@@ -41,17 +43,22 @@ class Attention(nn.Module):
             init.normal((cfg.num_kv_heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "v")),
         ]
         full = init.interleave_for_tp(parts, tp)
-        zeros = torch.zeros(full.size(0)) if cfg.bias else None
+        qkv_bias, proj_bias = cfg.has_bias("qkv"), cfg.has_bias("proj")
+        zeros = torch.zeros(full.size(0)) if qkv_bias else None
         self.qkv = ColumnParallelLinear(
-            cfg.hidden, full.size(0), group=groups.tp, bias=cfg.bias, sequence_parallel=sp,
+            cfg.hidden, full.size(0), group=groups.tp, bias=qkv_bias, sequence_parallel=sp,
             full_weight=full, full_bias=zeros,
         )  # fmt: skip
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps), nn.RMSNorm(d, eps=cfg.norm_eps)
+
         proj = init.normal(
             (cfg.hidden, cfg.heads * d), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "proj")
         )
         self.proj = RowParallelLinear(
-            cfg.heads * d, cfg.hidden, group=groups.tp, bias=cfg.bias, input_is_parallel=True,
-            sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if cfg.bias else None,
+            cfg.heads * d, cfg.hidden, group=groups.tp, bias=proj_bias, input_is_parallel=True,
+            sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if proj_bias else None,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -60,9 +67,11 @@ class Attention(nn.Module):
         seq, batch, d = qkv.size(0), qkv.size(1), self.cfg.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = (t.reshape(seq, batch, -1, d).permute(1, 2, 0, 3) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
         if self.cfg.position == "rotary":
             positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
-            cos, sin = rotary_angles(positions, d, self.cfg.rope_theta)
+            cos, sin = rotary_angles(positions, inverse_frequencies(self.cfg, qkv.device))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             out = cache.attend(q, k, v)
@@ -71,6 +80,9 @@ class Attention(nn.Module):
         else:
             out = self.core(q, k, v)
         return self.proj(out.permute(2, 0, 1, 3).reshape(seq, batch, -1))
+
+    def _norm(self, norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), copy_to_region(norm.weight, group=self.groups.tp), norm.eps)
 
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """The global positions of this CP rank's ``local_len`` tokens (zigzag placement)."""

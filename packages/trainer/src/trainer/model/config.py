@@ -12,6 +12,7 @@ CHOICES = {
     "position": ("learned", "rotary"),
     "mlp": ("gelu", "swiglu"),
     "moe_dispatcher": ("alltoall", "allgather"),
+    "rope_type": ("default", "linear", "llama3"),
 }
 
 
@@ -22,7 +23,19 @@ class ModelConfig:
 
     ``vocab_size=None`` takes the tokenizer's size when the model is built for training.
     ``ffn_hidden=None`` is ``4*hidden`` for GELU and ``8/3*hidden`` rounded up to a multiple of 64 for
-    SwiGLU (the same parameter count).
+    SwiGLU (the same parameter count). ``kv_channels``: the width of one attention head when it is not
+    ``hidden/heads``.
+
+    ``bias`` puts biases on every linear layer and LayerNorm (GPT-2); ``qkv_bias``, ``proj_bias`` and
+    ``mlp_bias`` override it for the query/key/value projection, the attention output projection and the
+    MLP (``None``: follow ``bias``). ``qk_norm``: RMSNorm over each query and key head before the rotary
+    embedding (Qwen3). ``rope_type``: ``"default"``, ``"linear"`` (positions divided by ``rope_factor``) or
+    ``"llama3"`` (Llama 3.1's frequency-dependent scaling with ``rope_factor``, ``rope_low_freq_factor``,
+    ``rope_high_freq_factor`` and ``rope_original_max_len``).
+
+    Mixture of experts: ``moe_norm_topk`` renormalises the chosen experts' probabilities to sum to one
+    (else they are the softmax over all experts); ``moe_shared_ffn_hidden`` adds a shared expert every
+    token goes through, scaled by a sigmoid gate with ``moe_shared_gate``.
     """
 
     hidden: int
@@ -36,8 +49,18 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: str = "rotary"
     rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int | None = None
+    kv_channels: int | None = None
     mlp: str = "swiglu"
     bias: bool = False
+    qkv_bias: bool | None = None
+    proj_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: bool = False
     tied_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -48,17 +71,23 @@ class ModelConfig:
     moe_ffn_hidden: int | None = None
     moe_aux_loss_coeff: float = 0.0
     moe_dispatcher: str = "alltoall"
+    moe_norm_topk: bool = True
+    moe_shared_ffn_hidden: int | None = None
+    moe_shared_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
             _positive(name, getattr(self, name))
-        for name in ("kv_heads", "ffn_hidden", "vocab_size", "moe_ffn_hidden"):
+        for name in (
+            "kv_heads", "ffn_hidden", "vocab_size", "moe_ffn_hidden", "kv_channels", "rope_original_max_len",
+            "moe_shared_ffn_hidden",
+        ):  # fmt: skip
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise TrainerError(f"model.{name}={getattr(self, name)!r}: must be one of {allowed}")
-        if self.hidden % self.heads:
+        if self.kv_channels is None and self.hidden % self.heads:
             raise TrainerError(f"model.hidden={self.hidden}: must be divisible by heads={self.heads}")
         if self.heads % self.num_kv_heads:
             raise TrainerError(f"model.kv_heads={self.kv_heads}: must divide heads={self.heads}")
@@ -68,6 +97,17 @@ class ModelConfig:
             raise TrainerError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.num_experts < 0:
             raise TrainerError(f"model.num_experts={self.num_experts}: must be >= 0 (0 = dense)")
+        if self.rope_factor <= 0:
+            raise TrainerError(f"model.rope_factor={self.rope_factor}: must be > 0")
+        if self.rope_type != "default" and self.position != "rotary":
+            raise TrainerError(f"model.rope_type={self.rope_type!r}: needs position='rotary'")
+        if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise TrainerError(
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor}: must be below "
+                f"rope_high_freq_factor={self.rope_high_freq_factor}"
+            )
+        if self.moe_shared_gate and self.moe_shared_ffn_hidden is None:
+            raise TrainerError("model.moe_shared_gate=True: needs a shared expert (model.moe_shared_ffn_hidden)")
         if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
             raise TrainerError(f"model.moe_topk={self.moe_topk}: must be in [1, num_experts={self.num_experts}]")
 
@@ -77,7 +117,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.kv_channels or self.hidden // self.heads
+
+    def has_bias(self, part: str) -> bool:
+        """Whether ``part`` (``"qkv"``, ``"proj"`` or ``"mlp"``) has biases."""
+        value = {"qkv": self.qkv_bias, "proj": self.proj_bias, "mlp": self.mlp_bias}[part]
+        return self.bias if value is None else value
 
     @property
     def ffn(self) -> int:

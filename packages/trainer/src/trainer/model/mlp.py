@@ -26,15 +26,15 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         roles = ("gate", "up") if self.swiglu else ("fc1",)
         parts = [init.normal((f, cfg.hidden), std, init.tensor_seed(seed, layer, role)) for role in roles]
-        full = init.interleave_for_tp(parts, tp)
+        full, bias = init.interleave_for_tp(parts, tp), cfg.has_bias("mlp")
         self.fc1 = ColumnParallelLinear(
-            cfg.hidden, full.size(0), group=groups.tp, bias=cfg.bias, sequence_parallel=sp,
-            full_weight=full, full_bias=torch.zeros(full.size(0)) if cfg.bias else None,
+            cfg.hidden, full.size(0), group=groups.tp, bias=bias, sequence_parallel=sp,
+            full_weight=full, full_bias=torch.zeros(full.size(0)) if bias else None,
         )  # fmt: skip
         fc2 = init.normal((cfg.hidden, f), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "fc2"))
         self.fc2 = RowParallelLinear(
-            f, cfg.hidden, group=groups.tp, bias=cfg.bias, input_is_parallel=True, sequence_parallel=sp,
-            full_weight=fc2, full_bias=torch.zeros(cfg.hidden) if cfg.bias else None,
+            f, cfg.hidden, group=groups.tp, bias=bias, input_is_parallel=True, sequence_parallel=sp,
+            full_weight=fc2, full_bias=torch.zeros(cfg.hidden) if bias else None,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,4 +64,8 @@ def moe_layer(cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> M
         aux_loss_coeff=cfg.moe_aux_loss_coeff,
         aux_loss_group=groups.sequence_group,  # balance over whole sequences, as one process does
         sequence_parallel=groups.sequence_parallel,
+        pre_softmax=not cfg.moe_norm_topk,
+        shared_ffn_hidden=cfg.moe_shared_ffn_hidden,
+        shared_gate=cfg.moe_shared_gate,
+        tp_group=groups.tp if cfg.moe_shared_ffn_hidden is not None else None,
     )

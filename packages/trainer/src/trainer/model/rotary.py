@@ -1,14 +1,41 @@
-"""Rotary position embedding (the rotate-half form used by GPT-NeoX and Llama)."""
+"""Rotary position embedding (the rotate-half form used by GPT-NeoX and Llama), with the frequency
+scalings of Hugging Face's ``rope_type`` ``"linear"`` and ``"llama3"``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .config import ModelConfig
 
-def rotary_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` of shape ``[len(positions), dim]`` in float32 for integer ``positions``."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
-    angles = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
+
+def inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The ``head_dim/2`` rotation frequencies (float32) of ``cfg``'s rotary embedding.
+
+    ``"linear"`` divides every frequency by ``rope_factor``. ``"llama3"`` divides the low frequencies
+    (wavelength above ``rope_original_max_len / rope_low_freq_factor``) by ``rope_factor``, keeps the
+    high ones (wavelength below ``rope_original_max_len / rope_high_freq_factor``) and blends the ones
+    between linearly in ``rope_original_max_len / wavelength``.
+    """
+    dim = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    if cfg.rope_type == "linear":
+        return inv / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        original = cfg.rope_original_max_len or cfg.max_seq_len
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv
+        scaled = torch.where(wavelength > original / low, inv / cfg.rope_factor, inv)
+        blend = (original / wavelength - low) / (high - low)
+        middle = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(middle, (1 - blend) * scaled / cfg.rope_factor + blend * scaled, scaled)
+    return inv
+
+
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of shape ``[len(positions), head_dim]`` in float32 for integer ``positions``."""
+    angles = positions.float().unsqueeze(1) * inv_freq.to(positions.device).unsqueeze(0)
     angles = torch.cat([angles, angles], dim=1)
     return angles.cos(), angles.sin()
 

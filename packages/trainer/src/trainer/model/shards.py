@@ -73,8 +73,18 @@ def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
             out += _fused(f"{prefix}.attn", attn.qkv, parts, rank, tp) + _row(
                 f"{prefix}.attn.proj", attn.proj, rank, tp
             )
+            if attn.q_norm is not None:
+                out += _module(f"{prefix}.attn.q_norm", attn.q_norm) + _module(f"{prefix}.attn.k_norm", attn.k_norm)
             if layer.is_moe:
                 out += _moe(f"{prefix}.mlp", layer.mlp, cfg.mlp == "swiglu")
+                shared = layer.mlp.shared_expert
+                if shared is not None:
+                    f = cfg.moe_shared_ffn_hidden // tp
+                    parts = {"gate": f, "up": f} if cfg.mlp == "swiglu" else {"fc1": f}
+                    out += _fused(f"{prefix}.mlp.shared", shared.fc1, parts, rank, tp)
+                    out += _row(f"{prefix}.mlp.shared.fc2", shared.fc2, rank, tp)
+                    if shared.gate_weight is not None:
+                        out.append(_whole(f"{prefix}.mlp.shared.gate_weight", shared.gate_weight))
             else:
                 f = cfg.ffn // tp
                 parts = {"gate": f, "up": f} if cfg.mlp == "swiglu" else {"fc1": f}

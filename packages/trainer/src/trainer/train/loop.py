@@ -1,9 +1,11 @@
 """``train(cfg)``: the training loop on every rank of a run (started by torchrun or ``--nproc``).
 
-Each step: the learning rate of the step, this rank's micro-batches (the same global samples at any DP
-size), forwards and backwards through the pipeline executor, the data-parallel reduction, the model-
-parallel gradient completion, clipping by the global norm, the optimizer step (skipped, or the run
-stopped, on a non-finite loss or norm), then metrics, evaluation and checkpoints as configured.
+Each step (:func:`train_step`): the learning rate of the step, this rank's micro-batches (the same global
+samples at any DP size), forwards and backwards through the pipeline executor (accumulating without
+communication until each chunk's last backward), the data-parallel reduction (once per step), the
+model-parallel gradient completion, then the engine's step protocol (unscale with an overflow check,
+clipping by the global norm, the optimizer step: skipped, or the run stopped, on a non-finite loss or
+norm), then metrics, evaluation and checkpoints as configured.
 Resumes from the newest complete checkpoint under ``--load`` (or ``--save``); SIGTERM and SIGINT
 finish the current step, save, and return.
 """
@@ -14,7 +16,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,7 +26,9 @@ import torch.distributed as dist
 
 import ckpt
 import pstate
-from dp_shard import clip_grad_norm_
+from dp_shard import ClipGroups
+from pstate import comm
+from pstate.comm import CommRecorder
 
 from ..config import RunConfig, check_run, to_toml
 from ..data import DataIterator, build_datasets
@@ -33,7 +37,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, scale_router_losses, sync_model_parallel_grads, sync_tied_embedding_grads
+from .pipeline import local_batch, scale_router_losses, sync_sequence_parallel_grads, sync_tied_embedding_grads
 from .setup import Run, setup
 
 
@@ -63,12 +67,20 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
         try:
-            return _loop(run, data, datasets, metrics, global_batch)
+            recorder = CommRecorder.for_state(ps) if t.comm_report else None
+            return _loop(run, data, datasets, metrics, global_batch, recorder)
         finally:
             metrics.close()
 
 
-def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_batch: int) -> list[dict[str, Any]]:
+def _loop(
+    run: Run,
+    data: DataIterator,
+    datasets: Any,
+    metrics: Metrics,
+    global_batch: int,
+    recorder: CommRecorder | None = None,
+) -> list[dict[str, Any]]:
     cfg, t = run.cfg, run.cfg.train
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
@@ -83,7 +95,8 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
             lr = lr_at(step, cfg.optim, t.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss, norm, skipped = _train_step(run, next(data))
+            with recorder if recorder is not None else nullcontext():
+                loss, norm, skipped = train_step(run, next(data))
             if not skipped and not math.isfinite(loss):
                 skipped = True
             if skipped and t.on_nan == "stop":
@@ -99,7 +112,12 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
                 "memory_mb": _memory_mb(),
                 "skipped": skipped,
             }
+            if recorder is not None:
+                record.update(comm_fields(recorder))
+                recorder.clear()
             records.append(record)
+            if step == start:  # the optimizer's state exists now
+                metrics.note(_memory_note(run))
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 metrics.step(record, t.steps)
             if t.eval_every and (step + 1) % t.eval_every == 0:
@@ -117,61 +135,46 @@ def _loop(run: Run, data: DataIterator, datasets: Any, metrics: Metrics, global_
     return records
 
 
-def _train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
+def _memory_note(run: Run) -> str:
+    """This rank's bytes per parameter: the stored parameters, their gradients and the optimizer's share."""
+    per = run.engine.bytes_per_param()
+    return (
+        f"bytes per parameter (rank 0, zero={run.cfg.train.zero}, dp_cp={run.ps.dp_cp.size}): params "
+        f"{per['params']:.2f} + grads {per['grads']:.2f} + optimizer {per['optimizer']:.2f} = {per['total']:.2f}"
+    )
+
+
+def comm_fields(recorder: CommRecorder) -> dict[str, float]:
+    """This rank's bytes and seconds of communication per axis since the recorder was last cleared, as
+    flat ``comm_<axis>_bytes`` / ``comm_<axis>_s`` fields (one step's, in the loop)."""
+    out: dict[str, float] = {}
+    for axis, total in sorted(recorder.by_axis().items()):
+        out[f"comm_{axis}_bytes"] = int(total["bytes"])
+        out[f"comm_{axis}_s"] = total["seconds"]
+    return out
+
+
+def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
-    and whether the step was skipped for a non-finite gradient."""
-    ps = run.ps
+    and whether the step was skipped for a non-finite gradient. The same code for every ZeRO stage: the
+    engine accumulates over the micro-batches, reduces once, and runs the one step protocol."""
+    ps, engine = run.ps, run.engine
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
-    if run.sharded or run.fsdp:
-        run.optimizer.zero_grad()
-    else:
-        for module in run.modules:
-            module.zero_grad_buffer()
+    engine.zero_grad()
     scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
-    grads = _complete_grads(run)
-    # one loss-scaling protocol for every mode: unscale (overflow checked over the world), clip, update
-    found_inf = run.scaler is not None and run.scaler.unscale_(grads)
-    norm = _clip(run)
-    skipped = found_inf or not math.isfinite(norm)
-    if run.scaler is not None:
-        run.scaler.update(found_inf)
-    if not skipped:
-        run.optimizer.step()
+    engine.finish_grad_sync()
+    # what the model's split leaves partial, on the reduced gradients: SP sums over TP, tied copies
+    if run.cfg.train.sequence_parallel:
+        sync_sequence_parallel_grads(run.chunks, ps, engine.grad_of)
+    sync_tied_embedding_grads(run.chunks, ps, engine.grad_of)
+    experts = run.model.num_experts > 0
+    clip = ClipGroups(tp=ps.tp, pp=ps.pp, ep=ps.ep if experts else None, etp=ps.etp if experts else None)
+    norm, skipped = engine.step(_clip_threshold(run), clip, run.scaler)
     return _global_loss(run, result.losses) / scale, norm, skipped
-
-
-def _complete_grads(run: Run) -> list[torch.Tensor]:
-    """Finish what the model's split and the data-parallel reduction leave partial; return the gradients
-    the optimizer steps on."""
-    ps = run.ps
-    if run.sharded:  # reduced into shards during backward (SP completed there too)
-        sync_tied_embedding_grads(run.chunks, ps, run.optimizer.grad_shard)
-        return run.optimizer.master_grads()
-    if not run.fsdp:
-        for module in run.modules:
-            module.finish_grad_sync()
-    # FSDP: the reduce-scattered pieces line up across TP ranks (and a tied embedding's two copies)
-    sync_model_parallel_grads(run.chunks, ps, sequence_parallel=run.cfg.train.sequence_parallel)
-    params = [p for c in run.chunks for p in c.parameters()]
-    return [p.grad for p in params] if run.fsdp else [p.main_grad for p in params]
-
-
-def _clip(run: Run) -> float:
-    """Clip by the global norm; return the norm."""
-    ps, threshold = run.ps, _clip_threshold(run)
-    experts = dict(ep_group=ps.ep, etp_group=ps.etp) if run.model.num_experts else {}
-    if run.sharded:
-        return float(run.optimizer.clip_grad_norm_(threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
-    params = [p for c in run.chunks for p in c.parameters()]
-    if run.fsdp:  # each rank holds other elements of the gradients over dp_cp
-        return float(
-            clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, model_parallel_groups=[ps.dp_cp])
-        )
-    return float(clip_grad_norm_(params, threshold, tp_group=ps.tp, pp_group=ps.pp, **experts))
 
 
 def _clip_threshold(run: Run) -> float:
@@ -182,11 +185,12 @@ def _clip_threshold(run: Run) -> float:
 def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
-    counts = ps.is_last_stage() and ps.tp.rank == 0
-    total = torch.tensor(
-        [float(sum(x.item() for x in losses)) if counts else 0.0, len(losses) if counts else 0.0], device=run.device
-    )
-    dist.all_reduce(total)
+    counts = ps.is_last_stage() and ps.tp.rank == 0 and len(losses) > 0
+    total = torch.zeros(2, device=run.device)
+    if counts:  # summed on the device: the .item() below is the step's one host sync for the loss
+        total[0] = torch.stack([x.detach().float().reshape(()) for x in losses]).sum()
+        total[1] = len(losses)
+    comm.all_reduce(total)
     return (total[0] / total[1]).item()
 
 

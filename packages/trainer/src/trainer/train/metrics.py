@@ -42,6 +42,11 @@ class Metrics:
         )
         if record.get("skipped"):
             line += "  (skipped: non-finite)"
+        axes = [k.removeprefix("comm_").removesuffix("_bytes") for k in record if k.endswith("_bytes")]
+        if axes:  # --comm-report: this rank's bytes and seconds per axis
+            mb = {a: record[f"comm_{a}_bytes"] / 2**20 for a in axes}
+            parts = [f"{a} {mb[a]:.3f} MB {1e3 * record[f'comm_{a}_s']:.1f} ms" for a in axes]
+            line += "\n  comm (rank 0): " + ", ".join(parts)
         print(line, file=self.stream, flush=True)
 
     def evaluation(self, record: dict[str, Any]) -> None:

@@ -13,14 +13,13 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import cp_ring
 from moe_dispatch import TopKRouter
 from pp_sched import PipelineExecutor, build
-from pstate import ParallelState
-from tp_layers import allreduce_sequence_parallel_grads
+from pstate import ParallelState, comm
+from tp_layers import allreduce_sequence_parallel_grads, sequence_parallel_params
 
 from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
 from ..model.shards import gradient
@@ -68,6 +67,30 @@ def sync_model_parallel_grads(chunks: Sequence[GPTChunk], ps: ParallelState, *, 
     sync_tied_embedding_grads(chunks, ps)
 
 
+def sync_sequence_parallel_grads(
+    chunks: Sequence[GPTChunk],
+    ps: ParallelState,
+    grad_of: Callable[[nn.Parameter], torch.Tensor | None] = gradient,
+) -> None:
+    """Sum the sequence-parallel parameters' gradients over TP, once per step, in one all-reduce per
+    dtype. ``grad_of``: where a parameter's gradient is (ZeRO-1/2: this rank's reduced shard of it, or
+    ``None``; every TP rank lays its parameters out alike, so they own the same elements: summing over
+    TP after the data-parallel reduction equals summing before it)."""
+    if ps.tp.size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for chunk in chunks:
+        for p in sequence_parallel_params(chunk):
+            grad = grad_of(p)
+            if grad is not None and grad.numel():
+                by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        comm.all_reduce(flat, group=ps.tp)
+        for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(piece.view_as(grad))
+
+
 def sync_tied_embedding_grads(
     chunks: Sequence[GPTChunk],
     ps: ParallelState,
@@ -80,7 +103,7 @@ def sync_tied_embedding_grads(
         return
     for p in tied_embedding_params(list(chunks)):
         if (grad := grad_of(p)) is not None:
-            dist.all_reduce(grad, group=ps.embedding.group)
+            comm.all_reduce(grad, group=ps.embedding)
 
 
 def scale_router_losses(chunks: Sequence[nn.Module], scale: float) -> None:

@@ -1,11 +1,11 @@
 """From a checked :class:`RunConfig` and a ``ParallelState`` to the parts of a run: the model chunks, their
-data-parallel wrapping, the optimizer and the pipeline executor.
+data-parallel engine (with the optimizer) and the pipeline executor.
 
-``zero=0``: each chunk in :class:`dp_shard.DataParallel` (bucketed all-reduce over ``dp_cp``, experts
-over ``edp``) and ``torch.optim.AdamW``. ``zero=1/2``: :class:`dp_shard.ShardedOptimizer` owns the
-gradient reduction (dense parameters sharded over ``dp_cp``, experts over ``edp``). Mixed precision
-(``bf16``/``fp16``) is autocast compute over fp32 parameters, which are the master weights; ``fp16``
-adds a dynamic :class:`dp_shard.LossScaler`.
+The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
+all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
+chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) is autocast
+compute over fp32 parameters, which are the master weights; ``fp16`` adds a dynamic
+:class:`dp_shard.LossScaler`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dp_shard import DataParallel, LossScaler, ShardedOptimizer, fully_shard
+from dp_shard import DataParallelEngine, LossScaler, ZeroEngine, make_engine
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
-from tp_layers import reduce_sequence_parallel_grads_in_backward
 
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
@@ -34,8 +33,9 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Run:
     """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
-    the executor calls: wrapped or bare), the optimizer, the executor, the loss scaler (fp16) and the
-    ``device`` the model and its batches are on."""
+    the executor calls: the engine's, under autocast for bf16/fp16), the data-parallel ``engine`` (one
+    interface whatever the ZeRO stage), the executor, the loss scaler (fp16) and the ``device`` the model
+    and its batches are on."""
 
     cfg: RunConfig
     model: ModelConfig
@@ -43,17 +43,25 @@ class Run:
     groups: ModelGroups
     chunks: list[GPTChunk]
     modules: list[nn.Module]
-    optimizer: torch.optim.Optimizer
+    engine: DataParallelEngine
     executor: PipelineExecutor
     microbatches: int
     scaler: LossScaler | None = None
-    named: dict[str, nn.Parameter] = field(default_factory=dict)
     fsdp_pieces: list[dict[str, list[Piece]]] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def named(self) -> dict[str, nn.Parameter]:
+        return self.engine.named
+
+    @property
     def sharded(self) -> bool:
-        return isinstance(self.optimizer, ShardedOptimizer)
+        """Whether optimizer state is sharded by ZeRO-1/2 (checkpoints take it from its state dict)."""
+        return isinstance(self.engine, ZeroEngine)
 
     @property
     def fsdp(self) -> bool:
@@ -101,6 +109,10 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     chunks = build_chunks(
         model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
     )
+    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+        from ..hf.stream import load_hf_pieces
+
+        load_hf_pieces(chunks, t.init_from_hf)
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
     for chunk in chunks:
         chunk.to(device)
@@ -108,51 +120,28 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     # an overflow on any rank skips the step on every rank
     scaler = LossScaler(groups=[ps.world]) if t.precision == "fp16" else None
-    if t.zero == 0:
-        has_experts = model.num_experts > 0
-        modules: list[nn.Module] = [
-            DataParallel(c, group=ps.dp_cp, expert_group=ps.edp if has_experts else None) for c in chunks
-        ]
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay)], **adam
-        )
-        no_sync = lambda chunk: modules[chunk].no_sync()  # noqa: E731
-    elif t.zero in (1, 2):
-        if t.sequence_parallel:  # the sharded reduction takes gradients during backward: complete them first
-            for chunk in chunks:
-                reduce_sequence_parallel_grads_in_backward(chunk, group=ps.tp)
-        modules = list(chunks)
-        optimizer = ShardedOptimizer(
-            param_groups(named, o.weight_decay),
-            torch.optim.AdamW,
-            group=ps.dp_cp,
-            stage=t.zero,
-            aligned=tied_embedding_params(chunks),  # both stages then own the same elements of the copies
-            expert_group=ps.edp if model.num_experts > 0 else None,  # experts sharded over edp
-            **adam,
-        )
-        no_sync = None
-    else:
-        decayed = {n for n, p in named.items() if p.dim() >= 2}
-        fsdp_pieces = [_pieces_by_name(c) for c in chunks]
-        for c in chunks:
-            fully_shard(c, group=ps.dp_cp, units=_fsdp_units(c))  # the pieces keep the parameters' tags
-        named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
-        optimizer = torch.optim.AdamW(
-            [{**g, "params": [p for _, p in g["params"]]} for g in param_groups(named, o.weight_decay, decayed)], **adam
-        )
-        modules, no_sync = list(chunks), None
+    decayed = {n for n, p in named.items() if p.dim() >= 2}  # by name: FSDP's pieces are 1-D
+    fsdp_pieces = [_pieces_by_name(c) for c in chunks] if t.zero == 3 else None  # taken before sharding
+    engine = make_engine(
+        t.zero,
+        chunks,
+        group=ps.dp_cp,
+        expert_group=ps.edp if model.num_experts > 0 else None,  # experts reduced (and sharded) over edp
+        param_groups=lambda named: param_groups(named, o.weight_decay, decayed),
+        optimizer_cls=torch.optim.AdamW,
+        aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
+        units=_fsdp_units,
+        **adam,
+    )
+    modules = engine.modules
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
     executor = make_executor(
-        modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=no_sync,
+        modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
         loss_scale=scale,
     )  # fmt: skip
-    run = Run(cfg, model, ps, groups, chunks, modules, optimizer, executor, microbatches, scaler, named)
-    run.fsdp_pieces = fsdp_pieces if t.zero == 3 else None
-    run.device = device
-    return run
+    return Run(cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device)
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:

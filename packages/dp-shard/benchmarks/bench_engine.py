@@ -1,0 +1,168 @@
+"""Every data-parallel mode through ``dp_shard.make_engine`` in one run: bytes per step on the DP axis
+against the analytic minimum, step time against the PyTorch-native equivalent, and bytes per parameter.
+
+    python packages/dp-shard/benchmarks/bench_engine.py [--world 8 --layers 4 --hidden 256 --micro 2]
+
+Each mode trains the same MLP (``--layers`` x ``Linear(hidden, hidden)`` + ReLU, fp32, AdamW) for steps of
+``--micro`` micro-batches (all but the last inside ``engine.no_sync``) on ``--world`` ranks over gloo, one
+thread per rank. Bytes: what ``pstate.comm`` records on the DP axis in one step, as ring wire bytes (nccl-
+tests' factors), divided by the minimum for the mode: DDP one all-reduce of the 4P gradient bytes (``2(n-1)/n
+* 4P``), ZeRO-1/2 a reduce-scatter of 4P and an all-gather of 4P (the same), ZeRO-3 a reduce-scatter of 4P and
+an all-gather of 4P for each micro-batch's forward and for its backward: ``(1 + 2m)(n-1)/n * 4P``. ZeRO-1/2
+are measured with both collective choices: ``reduce_scatter`` (the minimum) and ``auto`` (over gloo: all-
+reduce and broadcasts, faster there but more bytes). Step time: the slowest rank's, the median of alternating
+rounds, against ``DistributedDataParallel`` (with ``no_sync``), ``ZeroRedundancyOptimizer`` over DDP, and
+FSDP2 ``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last micro-batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from bench_common import alternate_rounds, inputs
+from torch import nn
+
+from dp_shard import ClipGroups, make_engine
+from pstate.comm import CommRecorder
+from pstate.testing import Harness
+
+LR = 1e-3
+
+
+def mlp(layers: int, hidden: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(layers)])
+
+
+def groups(named):
+    return [{"params": list(named.items())}]
+
+
+def ours(mode: str, layers: int, hidden: int):
+    zero = {"ddp": 0, "zero1": 1, "zero1-auto": 1, "zero2": 2, "zero3": 3}[mode]
+    extra = {"collectives": "reduce_scatter"} if mode in ("zero1", "zero2") else {}
+    engine = make_engine(
+        zero,
+        [mlp(layers, hidden)],
+        group=dist.group.WORLD,
+        param_groups=groups,
+        optimizer_cls=torch.optim.AdamW,
+        units=lambda chunk: list(chunk),
+        lr=LR,
+        **extra,
+    )
+    return engine
+
+
+def engine_step(engine, xs: list[torch.Tensor]) -> None:
+    engine.zero_grad()
+    for i, x in enumerate(xs):
+        with engine.no_sync(0) if i < len(xs) - 1 else contextlib.nullcontext():
+            engine.modules[0](x).square().mean().backward()
+    engine.finish_grad_sync()
+    engine.step(float("inf"), ClipGroups())
+
+
+def torch_native(mode: str, layers: int, hidden: int):
+    """(step function) of the PyTorch-native equivalent of ``mode``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = mlp(layers, hidden)
+    if mode == "zero3":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+
+        def step(xs):
+            for i, x in enumerate(xs):
+                model.set_requires_gradient_sync(i == len(xs) - 1)
+                model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return step
+    ddp = DistributedDataParallel(model)
+    if mode == "ddp":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    else:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=LR)
+
+    def step(xs):
+        for i, x in enumerate(xs):
+            with ddp.no_sync() if i < len(xs) - 1 else contextlib.nullcontext():
+                ddp(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+TORCH = {"ddp": "ddp", "zero1": "zero", "zero1-auto": "zero", "zero2": "zero", "zero3": "zero3"}
+
+
+def measure(modes: list[str], layers: int, hidden: int, batch: int, micro: int, iters: int, rounds: int):
+    torch.set_num_threads(1)
+    xs = [inputs(hidden, batch) + i for i in range(micro)]
+    n = dist.get_world_size()
+    numel = layers * (hidden + 1) * hidden
+    minimum = {"ddp": 2 * (n - 1) / n * 4 * numel}
+    minimum["zero1"] = minimum["zero2"] = minimum["zero1-auto"] = minimum["ddp"]
+    minimum["zero3"] = (1 + 2 * micro) * (n - 1) / n * 4 * numel  # no gather after the step: the next forward's
+    out = {}
+    natives = {kind: torch_native(kind, layers, hidden) for kind in sorted(set(TORCH[m] for m in modes))}
+    for mode in modes:
+        engine = ours(mode, layers, hidden)
+        engine_step(engine, xs)
+        recorder = CommRecorder({dist.group.WORLD: "dp"})
+        with recorder:
+            engine_step(engine, xs)
+        wire = sum(r.wire_bytes for r in recorder.records if r.axis == "dp" and r.size > 1)
+        native = natives[TORCH[mode]]
+        times = alternate_rounds(
+            {"ours": lambda e=engine: engine_step(e, xs), "torch": lambda f=native: f(xs)}, iters, rounds
+        )
+        out[mode] = (wire / minimum[mode], times["ours"], times["torch"], engine.bytes_per_param())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["ddp", "zero1", "zero1-auto", "zero2", "zero3"])
+    args = parser.parse_args()
+    numel = args.layers * (args.hidden + 1) * args.hidden
+    print(f"torch {torch.__version__}, cores: {os.cpu_count()}, world {args.world} over gloo, one thread per rank")
+    print(f"{args.layers} x Linear({args.hidden}) (P = {numel:,}), {args.micro} micro-batches of {args.batch} per rank")
+    shape = (args.modes, args.layers, args.hidden, args.batch, args.micro, args.iters, args.rounds)
+    with Harness(timeout_s=1800) as harness:
+        results = harness.run(args.world, measure, *shape)[0]
+    native = {"ddp": "torch DDP", "zero": "ZeroRedundancyOpt", "zero3": "FSDP2"}
+    header = f"{'mode':<11} {'bytes/min':>9} {'ours ms':>9} {'torch ms':>9} {'ratio':>6}  {'vs':<18} bytes/param"
+    print(header)
+    for mode, (ratio, ours_s, torch_s, per) in results.items():
+        table = f"{per['params']:.2f}+{per['grads']:.2f}+{per['optimizer']:.2f}={per['total']:.2f}"
+        print(
+            f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>9.1f} {torch_s * 1e3:>9.1f} {ours_s / torch_s:>6.2f}  "
+            f"{native[TORCH[mode]]:<18} {table}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""One data-parallel interface over DDP, ZeRO-1/2 and ZeRO-3: the object a training loop holds.
+
+A loop drives every mode the same way, once per optimizer step::
+
+    engine.zero_grad()
+    for each micro-batch and chunk:  # all but each chunk's last backward inside engine.no_sync(chunk)
+        forward, backward
+    engine.finish_grad_sync()  # each gradient element reduced once per step
+    ...                        # model-parallel completion over engine.grad_of(param), if the model needs it
+    norm, skipped = engine.step(max_norm, clip_groups, scaler)
+
+:meth:`DataParallelEngine.step` is the one step protocol: unscale the gradients the optimizer steps on
+with a world-wide overflow check (the scaler's groups), clip by the global norm over the mode's groups
+(the model-parallel ones given, plus the data-parallel group where gradients are sharded), update the
+loss scale, then the optimizer step (skipped on overflow or a non-finite norm) and, for ZeRO-1/2, the
+parameter gathers.
+
+The implementations differ only in where gradients live and which collectives reduce them:
+:class:`DDPEngine` (each chunk in :class:`~dp_shard.DataParallel`, any ``torch.optim`` optimizer),
+:class:`ZeroEngine` (:class:`~dp_shard.ShardedOptimizer`, stages 1 and 2) and :class:`FSDPEngine`
+(:func:`~dp_shard.fully_shard` per chunk). :func:`make_engine` builds the one a ``zero`` stage names.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import pstate
+
+from .clip import clip_grad_norm_
+from .data_parallel import DataParallel
+from .errors import DataParallelError
+from .fully_shard import fully_shard, sharded_state
+from .loss_scaler import LossScaler
+from .sharded_optimizer import ShardedOptimizer
+
+GroupsFn = Callable[[dict[str, nn.Parameter]], list[dict[str, Any]]]
+"""Param groups (dicts whose ``params`` are ``(name, parameter)`` pairs) from the named trainable
+parameters the optimizer will see (for ZeRO-3: the pieces, under the original names)."""
+
+
+@dataclass(frozen=True)
+class ClipGroups:
+    """The model-parallel groups the gradient norm is reduced over (``None``: not split there)."""
+
+    tp: pstate.Group | None = None
+    pp: pstate.Group | None = None
+    ep: pstate.Group | None = None
+    etp: pstate.Group | None = None
+
+
+class DataParallelEngine(ABC):
+    """What every data-parallel mode provides (see the module notes). ``modules`` are what the forward and
+    backward run (wrapped or bare chunks); ``chunks`` the bare ones; ``named`` the optimizer's named
+    parameters; ``optimizer`` holds the param groups (the learning rate is set there)."""
+
+    zero: int
+    chunks: list[nn.Module]
+    modules: list[nn.Module]
+    named: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
+        """Backward passes inside accumulate ``chunk``'s gradients without communicating."""
+
+    @abstractmethod
+    def finish_grad_sync(self) -> None:
+        """Complete the step's gradient reduction (once per step, after the last backward)."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Zero the gradients before a step."""
+
+    @abstractmethod
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        """Where the reduced gradient of chunk parameter ``param`` is on this rank (its shard under ZeRO-1/2:
+        ``None`` when this rank owns none of it)."""
+
+    @abstractmethod
+    def main_grads(self) -> list[torch.Tensor | None]:
+        """The gradients the optimizer steps on (what the loss scaler unscales)."""
+
+    @abstractmethod
+    def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
+        """Clip by the global norm over ``groups`` and the mode's own; return the norm."""
+
+    def optimizer_step(self) -> None:
+        """The optimizer's step (ZeRO-1/2: then the parameter gathers)."""
+        self.optimizer.step()
+
+    @abstractmethod
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the model's parameters (``params``: the stored parameters, ZeRO-3's
+        shards), their gradients (``grads``: buffers, shards, staging) and the optimizer (``optimizer``:
+        its state and master copies), and ``numel``: the parameters' elements this rank's chunks hold
+        unsharded (what bytes per parameter divide by). Optimizer state exists after the first step."""
+
+    def bytes_per_param(self) -> dict[str, float]:
+        """:meth:`memory_bytes` per parameter element (``total`` too)."""
+        held = self.memory_bytes()
+        out = {k: held[k] / held["numel"] for k in ("params", "grads", "optimizer")}
+        return out | {"total": sum(out.values())}
+
+    def step(self, max_norm: float, groups: ClipGroups, scaler: LossScaler | None = None) -> tuple[float, bool]:
+        """The step protocol (module notes); returns the global gradient norm and whether it was skipped."""
+        found_inf = scaler is not None and scaler.unscale_(self.main_grads())
+        norm = float(self.clip_grad_norm_(max_norm, groups))
+        skipped = found_inf or not math.isfinite(norm)
+        if scaler is not None:
+            scaler.update(found_inf)
+        if not skipped:
+            self.optimizer_step()
+        return norm, skipped
+
+
+def _bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer counted once)."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+
+
+def _named(chunks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    return {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters() if p.requires_grad}
+
+
+def _plain(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+
+
+class DDPEngine(DataParallelEngine):
+    """ZeRO-0: each chunk in :class:`~dp_shard.DataParallel` over ``group`` (experts over ``expert_group``),
+    ``optimizer_cls`` on the full parameters."""
+
+    zero = 0
+
+    def __init__(
+        self,
+        chunks: Sequence[nn.Module],
+        *,
+        group: pstate.Group,
+        expert_group: pstate.Group | None,
+        param_groups: GroupsFn,
+        optimizer_cls: type[torch.optim.Optimizer],
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.chunks = list(chunks)
+        self.modules = [DataParallel(c, group=group, expert_group=expert_group) for c in self.chunks]
+        self.named = _named(self.chunks)
+        self.optimizer = optimizer_cls(_plain(param_groups(self.named)), **optimizer_kwargs)
+        self._params = list(self.named.values())
+
+    def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
+        return self.modules[chunk].no_sync()
+
+    def finish_grad_sync(self) -> None:
+        for module in self.modules:
+            module.finish_grad_sync()
+
+    def zero_grad(self) -> None:
+        for module in self.modules:
+            module.zero_grad_buffer()
+
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        return param.main_grad
+
+    def main_grads(self) -> list[torch.Tensor | None]:
+        return [p.main_grad for p in self._params]
+
+    def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
+        experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
+        return clip_grad_norm_(self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
+
+    def memory_bytes(self) -> dict[str, int]:
+        grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)
+        params = sum(p.numel() * p.element_size() for p in self._params)
+        numel = sum(p.numel() for p in self._params)
+        return {"params": params, "grads": grads, "optimizer": _state_bytes(self.optimizer), "numel": numel}
+
+
+class ZeroEngine(DataParallelEngine):
+    """ZeRO-1/2: a :class:`~dp_shard.ShardedOptimizer` over ``group`` (experts over ``expert_group``) owns
+    the reduction; the chunks run bare. ``aligned``: parameters laid out alone (tied copies)."""
+
+    def __init__(
+        self,
+        chunks: Sequence[nn.Module],
+        *,
+        stage: int,
+        group: pstate.Group,
+        expert_group: pstate.Group | None,
+        param_groups: GroupsFn,
+        optimizer_cls: type[torch.optim.Optimizer],
+        aligned: Sequence[nn.Parameter] = (),
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.zero = stage
+        self.chunks = list(chunks)
+        self.modules = list(self.chunks)
+        self.named = _named(self.chunks)
+        self.optimizer = ShardedOptimizer(
+            param_groups(self.named),
+            optimizer_cls,
+            group=group,
+            stage=stage,
+            aligned=aligned,
+            expert_group=expert_group,
+            finish_in_backward=False,  # finish_grad_sync reduces once, after every chunk's backward
+            **optimizer_kwargs,
+        )
+
+    def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
+        return self.optimizer.no_sync()
+
+    def finish_grad_sync(self) -> None:
+        self.optimizer.finish_grad_sync()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        return self.optimizer.grad_shard(param)
+
+    def main_grads(self) -> list[torch.Tensor | None]:
+        return self.optimizer.master_grads()
+
+    def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
+        experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
+        return self.optimizer.clip_grad_norm_(max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
+
+    def memory_bytes(self) -> dict[str, int]:
+        held = self.optimizer.memory_bytes()
+        params = list(self.named.values())
+        numel = sum(p.numel() for p in params)
+        optimizer = _state_bytes(self.optimizer.optimizer) + held["master"]  # per-element state and masters
+        return {"params": _bytes(p.data for p in params), "grads": held["grad"], "optimizer": optimizer, "numel": numel}
+
+
+class FSDPEngine(DataParallelEngine):
+    """ZeRO-3: each chunk passed to :func:`~dp_shard.fully_shard` over ``group`` with ``units(chunk)``;
+    ``optimizer_cls`` steps this rank's pieces."""
+
+    zero = 3
+
+    def __init__(
+        self,
+        chunks: Sequence[nn.Module],
+        *,
+        group: pstate.Group,
+        units: Callable[[nn.Module], list[nn.Module]],
+        param_groups: GroupsFn,
+        optimizer_cls: type[torch.optim.Optimizer],
+        **optimizer_kwargs: Any,
+    ) -> None:
+        self.chunks = list(chunks)
+        for chunk in self.chunks:
+            fully_shard(chunk, group=group, units=units(chunk))  # the pieces keep the parameters' tags
+        self.modules = list(self.chunks)
+        self.group = group
+        self.named = _named(self.chunks)
+        self.optimizer = optimizer_cls(_plain(param_groups(self.named)), **optimizer_kwargs)
+        self._params = list(self.named.values())
+
+    def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
+        return sharded_state(self.chunks[chunk]).no_sync()
+
+    def finish_grad_sync(self) -> None:
+        for chunk in self.chunks:  # what no_sync kept and the last passes did not reduce
+            sharded_state(chunk).finish_grad_sync()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        return param.grad
+
+    def main_grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self._params]
+
+    def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
+        if groups.ep is not None:
+            raise DataParallelError("ZeRO-3 does not shard expert parameters yet: use zero=1 or 2 with experts")
+        return clip_grad_norm_(  # each rank holds other elements of the gradients over the group
+            self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, model_parallel_groups=[self.group]
+        )
+
+    def memory_bytes(self) -> dict[str, int]:
+        units = [u for c in self.chunks for u in sharded_state(c).units]
+        numel = sum(s.numel for u in units for s in u.slots)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self._params if p.grad is not None)
+        params = sum(u.flat.numel() * u.flat.element_size() for u in units)
+        return {"params": params, "grads": grads, "optimizer": _state_bytes(self.optimizer), "numel": numel}
+
+
+def make_engine(
+    zero: int,
+    chunks: Sequence[nn.Module],
+    *,
+    group: pstate.Group,
+    expert_group: pstate.Group | None = None,
+    param_groups: GroupsFn,
+    optimizer_cls: type[torch.optim.Optimizer],
+    aligned: Sequence[nn.Parameter] = (),
+    units: Callable[[nn.Module], list[nn.Module]] | None = None,
+    **optimizer_kwargs: Any,
+) -> DataParallelEngine:
+    """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded)."""
+    common = dict(group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, **optimizer_kwargs)
+    if zero == 0:
+        return DDPEngine(chunks, expert_group=expert_group, **common)
+    if zero in (1, 2):
+        return ZeroEngine(chunks, stage=zero, expert_group=expert_group, aligned=aligned, **common)
+    if zero == 3:
+        if expert_group is not None:
+            raise DataParallelError("ZeRO-3 does not shard expert parameters yet: use zero=1 or 2 with experts")
+        return FSDPEngine(chunks, units=units or (lambda chunk: []), **common)
+    raise DataParallelError(f"zero={zero!r}: expected 0, 1, 2 or 3")

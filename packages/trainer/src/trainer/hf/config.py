@@ -1,0 +1,286 @@
+"""Hugging Face ``config.json`` to :class:`ModelConfig` and back, for the families we convert exactly.
+
+Every key of a ``config.json`` is either read (it sets a field), checked (only values that do not change
+the model's math are accepted: ``attention_dropout=0``, no real sliding window, ...) or known to have
+no effect on the model (token ids, ``use_cache``, ``dtype``, ...). Anything else is refused by name, so
+a key that changes the math is never dropped silently. Both ways of writing the rotary settings are
+read: ``transformers`` 5's ``rope_parameters`` and the older top-level ``rope_theta`` / ``rope_scaling``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TrainerError
+from ..model import ModelConfig
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+LLAMA_LIKE = FAMILIES[1:]
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+NO_EFFECT = frozenset(
+    {
+        "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+        "use_cache", "initializer_range", "output_attentions", "output_hidden_states", "return_dict",
+        "output_router_logits", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+        "is_encoder_decoder", "tokenizer_class", "torchscript", "pretraining_tp", "use_return_dict",
+        "tie_encoder_decoder", "prefix", "task_specific_params", "finetuning_task",
+    }
+)  # fmt: skip
+"""Keys that do not change the model's function (``pretraining_tp`` only reorders a matmul's sums)."""
+
+ROPE_KEYS = frozenset(
+    {
+        "rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings", "partial_rotary_factor",
+    }
+)  # fmt: skip
+
+
+def _refuse(key: str, value: Any, rule: str) -> TrainerError:
+    return TrainerError(f"config.json {key}={value!r}: {rule}")
+
+
+def _expect(config: dict[str, Any], key: str, allowed: tuple, rule: str) -> None:
+    if key in config and config[key] not in allowed:
+        raise _refuse(key, config[key], rule)
+
+
+def model_from_hf(config: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face ``config.json`` (as a dict), or an error naming the key
+    we cannot honour."""
+    kind = config.get("model_type")
+    if kind not in FAMILIES:
+        raise _refuse("model_type", kind, f"only {list(FAMILIES)} convert")
+    reader = _Reader(config)
+    fields = _gpt2(reader) if kind == "gpt2" else _llama_like(reader, kind)
+    reader.check_all_read()
+    try:
+        return ModelConfig(**fields)
+    except TrainerError as error:
+        raise TrainerError(f"config.json: {error}") from None
+
+
+class _Reader:
+    """Reads keys of ``config`` and remembers which it has seen."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config, self.seen = config, set(NO_EFFECT)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        value = self.config.get(key)
+        return default if value is None else value
+
+    def need(self, key: str) -> Any:
+        self.seen.add(key)
+        if self.config.get(key) is None:
+            raise TrainerError(f"config.json: {key} is missing")
+        return self.config[key]
+
+    def only(self, key: str, allowed: tuple, rule: str) -> None:
+        self.seen.add(key)
+        _expect(self.config, key, allowed, rule)
+
+    def check_all_read(self) -> None:
+        unknown = sorted(set(self.config) - self.seen)
+        if unknown:
+            raise _refuse(
+                unknown[0],
+                self.config[unknown[0]],
+                "not understood (it may change the model; refusing rather than dropping it)",
+            )
+
+
+def _gpt2(r: _Reader) -> dict[str, Any]:
+    for key in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"):
+        r.get(key)  # dropout: training only, not part of the converted model
+    for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "n_ctx"):
+        r.get(key)  # the double-heads model's classifier, not used by the language model
+    r.only("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "only the tanh GELU is supported")
+    r.only("scale_attn_weights", (True,), "attention scores must be scaled by 1/sqrt(head_dim)")
+    r.only("scale_attn_by_inverse_layer_idx", (False,), "per-layer score scaling is not supported")
+    r.only("add_cross_attention", (False,), "cross-attention is not supported")
+    r.only("reorder_and_upcast_attn", (False, True), "")
+    r.only("tie_word_embeddings", (True,), "GPT-2's output layer is the embedding table")
+    hidden = r.need("n_embd")
+    return dict(
+        hidden=hidden, layers=r.need("n_layer"), heads=r.need("n_head"), ffn_hidden=r.get("n_inner", 4 * hidden),
+        vocab_size=r.need("vocab_size"), max_seq_len=r.need("n_positions"), norm_eps=r.get("layer_norm_epsilon", 1e-5),
+        norm="layernorm", position="learned", mlp="gelu", bias=True, tied_embeddings=True,
+    )  # fmt: skip
+
+
+def _llama_like(r: _Reader, kind: str) -> dict[str, Any]:
+    hidden, heads = r.need("hidden_size"), r.need("num_attention_heads")
+    r.only("hidden_act", ("silu",), "only SiLU (SwiGLU) MLPs are supported")
+    r.only("attention_dropout", (0, 0.0), "attention dropout is not supported")
+    max_len = r.need("max_position_embeddings")
+    _no_sliding_window(r, kind, max_len)
+    head_dim = r.get("head_dim")
+    fields: dict[str, Any] = dict(
+        hidden=hidden, layers=r.need("num_hidden_layers"), heads=heads, kv_heads=r.get("num_key_value_heads"),
+        ffn_hidden=r.need("intermediate_size"), vocab_size=r.need("vocab_size"), max_seq_len=max_len,
+        norm_eps=r.get("rms_norm_eps", 1e-6), tied_embeddings=bool(r.get("tie_word_embeddings", False)),
+        kv_channels=None if head_dim in (None, hidden // heads) and hidden % heads == 0 else head_dim,
+        norm="rmsnorm", position="rotary", mlp="swiglu", bias=False,
+    )  # fmt: skip
+    fields.update(_rope(r, max_len))
+    if kind in ("llama", "qwen3", "qwen3_moe"):
+        attention_bias = bool(r.get("attention_bias", False))
+        fields.update(qkv_bias=attention_bias, proj_bias=attention_bias)
+    if kind == "llama":
+        fields["mlp_bias"] = bool(r.get("mlp_bias", False))
+    if kind in ("qwen2", "qwen2_moe"):
+        r.only("qkv_bias", (True,), "Qwen2's query/key/value projections always have biases")
+        fields.update(qkv_bias=True, proj_bias=False)
+    fields["qk_norm"] = kind in ("qwen3", "qwen3_moe")
+    if kind in MOE:
+        fields.update(_moe(r, kind))
+    return fields
+
+
+def _no_sliding_window(r: _Reader, kind: str, max_len: int) -> None:
+    """A sliding window is refused unless it is switched off or no shorter than the longest sequence."""
+    use = r.get("use_sliding_window", kind in ("mistral", "mixtral"))
+    window = r.get("sliding_window")
+    r.get("max_window_layers")  # only used with use_sliding_window
+    if use and window is not None and 0 < window < max_len:
+        raise _refuse(
+            "sliding_window", window, f"sliding-window attention (window < {max_len} positions) is not supported"
+        )
+    layer_types = r.get("layer_types")
+    if layer_types is not None and (set(layer_types) - {"full_attention"}) and use:
+        raise _refuse("layer_types", layer_types, "only full attention layers are supported")
+
+
+def _rope(r: _Reader, max_len: int) -> dict[str, Any]:
+    """Rotary settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
+    params = dict(r.get("rope_scaling") or {})
+    params.update(r.get("rope_parameters") or {})
+    if r.get("rope_theta") is not None:
+        params.setdefault("rope_theta", r.config["rope_theta"])
+    unknown = sorted(set(params) - ROPE_KEYS)
+    if unknown:
+        raise _refuse(f"rope_parameters.{unknown[0]}", params[unknown[0]], "not understood")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise _refuse("rope_parameters.rope_type", kind, "only 'default', 'linear' and 'llama3' are supported")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse("partial_rotary_factor", params["partial_rotary_factor"], "only full rotary is supported")
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0)), "rope_type": kind}
+    if kind != "default":
+        out["rope_factor"] = float(params.get("factor", 1.0))
+    if kind == "llama3":
+        out.update(
+            rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            rope_original_max_len=int(params.get("original_max_position_embeddings", max_len)),
+        )
+    return out
+
+
+def _moe(r: _Reader, kind: str) -> dict[str, Any]:
+    experts = r.get("num_local_experts") or r.get("num_experts")
+    if not experts:
+        raise TrainerError("config.json: num_local_experts / num_experts is missing")
+    r.only("router_jitter_noise", (0, 0.0), "router jitter is not supported")
+    r.only("decoder_sparse_step", (1,), "only models whose every layer is a mixture of experts are supported")
+    r.only("mlp_only_layers", ([],), "only models whose every layer is a mixture of experts are supported")
+    out = dict(
+        num_experts=experts, moe_topk=r.need("num_experts_per_tok"), moe_every=1,
+        moe_aux_loss_coeff=float(r.get("router_aux_loss_coef", 0.0)),
+        moe_norm_topk=True if kind == "mixtral" else bool(r.get("norm_topk_prob", False)),
+    )  # fmt: skip
+    if kind != "mixtral":
+        out["moe_ffn_hidden"] = r.need("moe_intermediate_size")
+    if kind == "qwen2_moe":
+        out.update(moe_shared_ffn_hidden=r.need("shared_expert_intermediate_size"), moe_shared_gate=True)
+    return out
+
+
+def family(model: ModelConfig) -> str:
+    """The Hugging Face ``model_type`` our model's choices match exactly, else an error naming the choice."""
+    if (model.norm, model.position, model.mlp) == ("layernorm", "learned", "gelu"):
+        if not (model.bias and model.tied_embeddings and model.kv_channels is None and not model.qk_norm):
+            raise TrainerError("model: a GPT-2-shaped model converts only with bias=True and tied_embeddings=True")
+        if model.num_experts or model.kv_heads not in (None, model.heads):
+            raise TrainerError("model: GPT-2 has neither experts nor grouped-query attention")
+        return "gpt2"
+    if (model.norm, model.position, model.mlp) != ("rmsnorm", "rotary", "swiglu"):
+        raise TrainerError("model: only GPT-2-shaped and Llama-shaped (rmsnorm, rotary, swiglu) models convert")
+    qkv, proj, mlp = model.has_bias("qkv"), model.has_bias("proj"), model.has_bias("mlp")
+    if model.num_experts:
+        if model.moe_every != 1:
+            raise TrainerError(
+                f"model.moe_every={model.moe_every}: Hugging Face MoE models convert with every layer MoE"
+            )
+        if mlp:
+            raise TrainerError("model.mlp_bias: no Hugging Face MoE family has MLP biases")
+        if model.moe_shared_ffn_hidden is not None:
+            if not (model.moe_shared_gate and qkv and not proj and not model.qk_norm):
+                raise TrainerError("model: a shared expert converts only as Qwen2-MoE (gated, QKV bias, no QK-norm)")
+            return "qwen2_moe"
+        if model.qk_norm:
+            return "qwen3_moe" if qkv == proj else _mismatch("qwen3_moe")
+        if qkv or proj or not model.moe_norm_topk:
+            raise TrainerError("model: an MoE model without QK-norm converts as Mixtral (no biases, moe_norm_topk)")
+        return "mixtral"
+    if model.qk_norm:
+        return "qwen3" if qkv == proj and not mlp else _mismatch("qwen3")
+    if qkv and not proj and not mlp:
+        return "qwen2"
+    if qkv == proj:
+        return "llama"
+    return _mismatch("llama")
+
+
+def _mismatch(kind: str) -> str:
+    raise TrainerError(f"model: its biases (qkv_bias, proj_bias, mlp_bias) have no {kind} equivalent")
+
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    """``config.json`` for our model, in the family :func:`family` names."""
+    kind = family(model)
+    architecture = {"gpt2": "GPT2LMHeadModel", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+    name = architecture.get(kind, kind.capitalize() + "ForCausalLM")
+    common = {"architectures": [name], "model_type": kind, "vocab_size": model.vocab_size}
+    if kind == "gpt2":
+        return {
+            **common, "n_embd": model.hidden, "n_layer": model.layers, "n_head": model.heads,
+            "n_positions": model.max_seq_len, "n_inner": model.ffn, "layer_norm_epsilon": model.norm_eps,
+            "activation_function": "gelu_new", "tie_word_embeddings": True,
+            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+        }  # fmt: skip
+    rope: dict[str, Any] = {"rope_type": model.rope_type, "rope_theta": model.rope_theta}
+    if model.rope_type != "default":
+        rope["factor"] = model.rope_factor
+    if model.rope_type == "llama3":
+        rope.update(
+            low_freq_factor=model.rope_low_freq_factor, high_freq_factor=model.rope_high_freq_factor,
+            original_max_position_embeddings=model.rope_original_max_len or model.max_seq_len,
+        )  # fmt: skip
+    out = {
+        **common, "hidden_size": model.hidden, "num_hidden_layers": model.layers,
+        "num_attention_heads": model.heads, "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim, "intermediate_size": model.ffn, "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps, "hidden_act": "silu", "tie_word_embeddings": model.tied_embeddings,
+        "rope_parameters": rope, "attention_dropout": 0.0,
+    }  # fmt: skip
+    if kind in ("llama", "qwen3", "qwen3_moe"):
+        out["attention_bias"] = model.has_bias("qkv")
+    if kind == "llama":
+        out["mlp_bias"] = model.has_bias("mlp")
+    if kind in ("mistral", "mixtral"):
+        out["sliding_window"] = None
+    if kind in MOE:
+        out.update(num_experts_per_tok=model.moe_topk, router_aux_loss_coef=model.moe_aux_loss_coeff)
+        out["num_local_experts" if kind == "mixtral" else "num_experts"] = model.num_experts
+        if kind == "mixtral":
+            out["intermediate_size"] = model.moe_ffn
+        else:
+            out.update(moe_intermediate_size=model.moe_ffn, norm_topk_prob=model.moe_norm_topk, decoder_sparse_step=1)
+    if kind == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = model.moe_shared_ffn_hidden
+    return out

@@ -1,0 +1,114 @@
+"""Our layout-free tensor names (``trainer.model.shards``) against each family's Hugging Face names.
+
+The mapping is a ``ckpt.Adapter`` of invertible rules built from the model's choices (which biases,
+QK-norm, experts, a shared expert, tied embeddings), so a tensor the model has and the rules do not
+name is an error rather than a dropped weight. GPT-2's fused, transposed ``c_attn`` is handled by
+:func:`fuse_qkv` / :func:`split_qkv` around its adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ckpt import Adapter, Rename, Stack, Transpose
+
+from ..model import ModelConfig
+from .config import MOE, family
+
+IGNORED_HF = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+"""Buffers some older files store beside the weights (causal masks, rotary frequencies): not weights."""
+
+
+def adapter(model: ModelConfig) -> Adapter:
+    """The name mapping of ``model``'s family (see :func:`trainer.hf.config.family`)."""
+    kind = family(model)
+    return _gpt2() if kind == "gpt2" else _llama_like(model, kind)
+
+
+def _gpt2() -> Adapter:
+    return Adapter(
+        (
+            Rename("embedding.weight", "transformer.wte.weight"),
+            Rename("position.weight", "transformer.wpe.weight"),
+            *(
+                Rename(f"layers.{{i}}.norm{n}.{w}", f"transformer.h.{{i}}.ln_{n}.{w}")
+                for n in (1, 2)
+                for w in ("weight", "bias")
+            ),
+            Transpose("layers.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight"),
+            Rename("layers.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias"),
+            Transpose("layers.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight"),
+            Rename("layers.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias"),
+            Transpose("layers.{i}.mlp.fc1.weight", "transformer.h.{i}.mlp.c_fc.weight"),
+            Rename("layers.{i}.mlp.fc1.bias", "transformer.h.{i}.mlp.c_fc.bias"),
+            Transpose("layers.{i}.mlp.fc2.weight", "transformer.h.{i}.mlp.c_proj.weight"),
+            Rename("layers.{i}.mlp.fc2.bias", "transformer.h.{i}.mlp.c_proj.bias"),
+            Rename("final_norm.weight", "transformer.ln_f.weight"),
+            Rename("final_norm.bias", "transformer.ln_f.bias"),
+        )
+    )
+
+
+def _llama_like(model: ModelConfig, kind: str) -> Adapter:
+    layer = "model.layers.{i}"
+    rules = [
+        Rename("embedding.weight", "model.embed_tokens.weight"),
+        Rename("final_norm.weight", "model.norm.weight"),
+        Rename("layers.{i}.norm1.weight", f"{layer}.input_layernorm.weight"),
+        Rename("layers.{i}.norm2.weight", f"{layer}.post_attention_layernorm.weight"),
+        Rename("layers.{i}.attn.proj.weight", f"{layer}.self_attn.o_proj.weight"),
+    ]
+    if not model.tied_embeddings:
+        rules.append(Rename("head.weight", "lm_head.weight"))
+    suffixes = ("weight", "bias") if model.has_bias("qkv") else ("weight",)
+    rules += [Rename(f"layers.{{i}}.attn.{p}.{w}", f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in suffixes]
+    if model.has_bias("proj"):
+        rules.append(Rename("layers.{i}.attn.proj.bias", f"{layer}.self_attn.o_proj.bias"))
+    if model.qk_norm:
+        rules += [Rename(f"layers.{{i}}.attn.{p}_norm.weight", f"{layer}.self_attn.{p}_norm.weight") for p in "qk"]
+    if kind not in MOE:
+        suffixes = ("weight", "bias") if model.has_bias("mlp") else ("weight",)
+        pairs = (("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj"))
+        rules += [Rename(f"layers.{{i}}.mlp.{a}.{w}", f"{layer}.mlp.{b}.{w}") for a, b in pairs for w in suffixes]
+        return Adapter(tuple(rules))
+    if kind == "mixtral":
+        moe, pairs = f"{layer}.block_sparse_moe", (("gate", "w1"), ("up", "w3"), ("fc2", "w2"))
+    else:
+        moe, pairs = f"{layer}.mlp", (("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj"))
+    rules.append(Rename("layers.{i}.mlp.router.weight", f"{moe}.gate.weight"))
+    rules += [Stack(f"layers.{{i}}.mlp.experts.{a}", f"{moe}.experts.{{e}}.{b}.weight") for a, b in pairs]
+    if model.moe_shared_ffn_hidden is not None:
+        shared = (("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj"))
+        rules += [Rename(f"layers.{{i}}.mlp.shared.{a}.weight", f"{moe}.shared_expert.{b}.weight") for a, b in shared]
+        rules.append(Rename("layers.{i}.mlp.shared.gate_weight", f"{moe}.shared_expert_gate.weight"))
+    return Adapter(tuple(rules))
+
+
+def drop_ignored(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """``state`` (Hugging Face names) without stored buffers, and without ``lm_head.weight`` when the
+    embeddings are tied (some files store the tied copy; the model uses the embedding table)."""
+    out = {k: t for k, t in state.items() if not k.endswith(IGNORED_HF)}
+    if model.tied_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def fuse_qkv(state: dict[str, torch.Tensor], layers: int) -> None:
+    """GPT-2: our separate ``q``, ``k``, ``v`` into the fused ``qkv`` its adapter maps."""
+    for i in range(layers):
+        for w in ("weight", "bias"):
+            parts = [state.pop(f"layers.{i}.attn.{p}.{w}", None) for p in "qkv"]
+            if all(p is not None for p in parts):
+                state[f"layers.{i}.attn.qkv.{w}"] = torch.cat(parts)
+
+
+def split_qkv(state: dict[str, torch.Tensor], model: ModelConfig) -> None:
+    """GPT-2: the fused ``qkv`` back into our ``q``, ``k``, ``v``."""
+    d = model.head_dim
+    sizes = [model.heads * d, model.num_kv_heads * d, model.num_kv_heads * d]
+    for i in range(model.layers):
+        for w in ("weight", "bias"):
+            fused = state.pop(f"layers.{i}.attn.qkv.{w}", None)
+            if fused is not None:
+                for p, piece in zip("qkv", fused.split(sizes)):
+                    state[f"layers.{i}.attn.{p}.{w}"] = piece.contiguous()

@@ -1,0 +1,113 @@
+"""Streaming load: fill a rank's model pieces straight from a Hugging Face folder, reading only the slices
+that rank holds (``safetensors``' ``safe_open(...).get_slice``), so no process holds the whole model.
+
+Each named piece (:func:`trainer.model.shards.model_pieces`: layout-free name, global shape, this
+rank's offsets) is looked up through the family's name mapping: a renamed tensor is sliced directly, a
+transposed one (GPT-2) with its indices swapped, an expert of a stacked tensor one per expert, and
+GPT-2's fused ``c_attn`` at the part's column offset. Shapes are checked against the file before any
+data is read; a missing tensor or file is named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ckpt import Rename, Stack, Transpose
+from ckpt.convert import HF_INDEX, HF_SINGLE, Template
+
+from ..errors import TrainerError
+from ..model import GPTChunk, ModelConfig
+from ..model.shards import model_pieces
+from .names import adapter
+
+
+class _Files:
+    """The folder's tensors by name, opened lazily (one handle per file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.handles = root, {}
+        if (root / HF_INDEX).is_file():
+            self.where = json.loads((root / HF_INDEX).read_text())["weight_map"]
+        elif (root / HF_SINGLE).is_file():
+            with safe_open(str(root / HF_SINGLE), "pt") as f:
+                self.where = {k: HF_SINGLE for k in f.keys()}  # noqa: SIM118 (a handle, not a dict)
+        else:
+            raise TrainerError(f"{root}: neither {HF_INDEX} nor {HF_SINGLE} is there")
+
+    def slice(self, name: str):
+        if name not in self.where:
+            raise TrainerError(f"{self.root}: tensor {name!r} is missing")
+        file = self.where[name]
+        if file not in self.handles:
+            path = self.root / file
+            if not path.is_file():
+                raise TrainerError(f"{path}: data file is missing (named by {HF_INDEX})")
+            try:
+                self.handles[file] = safe_open(str(path), "pt")
+            except Exception as error:  # safetensors raises its own error types for a damaged header
+                raise TrainerError(f"{path}: not a readable safetensors file ({error})") from None
+        return self.handles[file].get_slice(name)
+
+
+def hf_tensor_names(hf_dir: str | Path) -> list[str]:
+    """The names of the tensors stored in a Hugging Face folder (read from the headers only)."""
+    return list(_Files(Path(hf_dir)).where)
+
+
+def _read(files: _Files, name: str, global_shape: tuple[int, ...], index: tuple[slice, ...]) -> torch.Tensor:
+    part = files.slice(name)
+    shape = tuple(part.get_shape())
+    if shape != tuple(global_shape):
+        raise TrainerError(f"{files.root}: {name} has shape {shape}, expected {tuple(global_shape)}")
+    return part[index]
+
+
+def _source(files: _Files, rules, name: str, shape: tuple, offsets: tuple, size: tuple) -> torch.Tensor:
+    """The block ``offsets``/``size`` of our full tensor ``name`` (global ``shape``), read from the files."""
+    index = tuple(slice(o, o + n) for o, n in zip(offsets, size))
+    for rule in rules:
+        fields = Template(rule.ours).match(name)
+        if fields is None:
+            continue
+        if isinstance(rule, Stack):
+            theirs = Template(rule.theirs)
+            parts = [
+                _read(files, theirs.format({**fields, "e": str(e)}), shape[1:], index[1:])
+                for e in range(offsets[0], offsets[0] + size[0])
+            ]
+            return torch.stack(parts)
+        theirs = Template(rule.theirs).format(fields)
+        if isinstance(rule, Transpose):
+            return _read(files, theirs, shape[::-1], index[::-1]).t()
+        if isinstance(rule, Rename):
+            return _read(files, theirs, shape, index)
+    raise TrainerError(f"no Hugging Face tensor holds {name!r}")
+
+
+def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
+    """Copy into ``chunks``' parameters their pieces of the model in ``hf_dir`` (its family's names),
+    reading only those slices."""
+    if not chunks:
+        return
+    model: ModelConfig = chunks[0].cfg
+    files, rules = _Files(Path(hf_dir)), adapter(model).rules
+    sizes = {"q": model.heads * model.head_dim, "k": model.num_kv_heads * model.head_dim}
+    with torch.no_grad():
+        for piece in model_pieces(chunks):
+            target = piece.of(piece.param.data)
+            name, shape, offsets = piece.name, piece.global_shape, piece.offsets
+            head, _, tail = name.rpartition(".")
+            layer, _, part = head.rpartition(".")
+            if (
+                model.position == "learned" and layer.endswith(".attn") and part in ("q", "k", "v")
+            ):  # GPT-2's fused c_attn
+                first = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[part]
+                width = sizes["q"] + 2 * sizes["k"]
+                name, shape = f"{layer}.qkv.{tail}", (width, *shape[1:])
+                offsets = (offsets[0] + first, *offsets[1:])
+            data = _source(files, rules, name, shape, offsets, tuple(target.shape))
+            target.copy_(data.to(target.dtype))

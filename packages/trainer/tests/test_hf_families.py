@@ -1,0 +1,236 @@
+"""Hugging Face families imported exactly: a random tiny model made by ``transformers`` itself (never
+downloaded), fuzzed over each family's options (GQA ratio, head_dim, rope type and scaling, tied or
+untied, biases, QK-norm, experts and top-k, shared expert, norm_topk_prob), saved, imported with
+``trainer convert``'s API, and run by our model at TP1, TP2 and PP2 (EP2 for the experts): the logits
+equal ``transformers``' on the same tokens. Exporting the import gives back every original tensor
+bit for bit, and ``transformers`` loads the export.
+
+Tolerance: rtol/atol 1e-4 on fp32 logits (as test_convert): the two implementations order their sums
+differently (fused projections, SDPA, TP partial sums), which moves the last bits; a dropped config
+key (theta, scaling, head_dim, a bias) moves logits by O(1).
+"""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 101, 24
+
+
+def _rope(rng: random.Random) -> dict:
+    theta = rng.choice([10000.0, 500000.0])
+    kind = rng.choice(["default", "linear", "llama3"])
+    if kind == "default":
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": rng.choice([2.0, 4.0])}
+    return {
+        "rope_type": "llama3", "rope_theta": theta, "factor": rng.choice([8.0, 32.0]),
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+    }  # fmt: skip
+
+
+def _attention(rng: random.Random) -> dict:
+    heads = rng.choice([4, 8])
+    kv = rng.choice([h for h in (2, 4, 8) if heads % h == 0])
+    head_dim = rng.choice([8, 16, 24])
+    return dict(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+
+
+def family_config(kind: str, seed: int) -> "transformers.PretrainedConfig":
+    rng = random.Random(f"{kind}-{seed}")
+    common = dict(
+        hidden_size=48, num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64,
+        rms_norm_eps=1e-6, initializer_range=0.25, intermediate_size=rng.choice([32, 64]),
+        tie_word_embeddings=rng.random() < 0.5,
+        rope_parameters=_rope(rng), **_attention(rng),
+    )  # fmt: skip
+    if kind == "llama":
+        return transformers.LlamaConfig(attention_bias=rng.random() < 0.5, mlp_bias=rng.random() < 0.5, **common)
+    if kind == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **common)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(attention_bias=rng.random() < 0.5, **common)
+    moe = dict(num_experts_per_tok=rng.choice([1, 2]), router_aux_loss_coef=0.0)
+    if kind == "mixtral":
+        return transformers.MixtralConfig(num_local_experts=4, **moe, **common)
+    moe.update(num_experts=4, moe_intermediate_size=rng.choice([16, 32]), norm_topk_prob=rng.random() < 0.5)
+    if kind == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(shared_expert_intermediate_size=24, **moe, **common)
+    return transformers.Qwen3MoeConfig(**moe, **common)
+
+
+def hf_model(kind: str, seed: int, path):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(kind, seed)).eval()
+    with torch.no_grad():  # biases and norms start at 0 / 1: draw them so a lost one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(path)
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def import_dir(hf: str, save: str) -> str:
+    from trainer.convert import import_from_hf
+
+    return str(import_from_hf(hf, save))
+
+
+def our_logits(save: str, parallel: dict, sequence_parallel: bool = False, hf: str | None = None):
+    """The imported model's logits at ``parallel`` (gathered on the last stage's TP rank 0); with ``hf``
+    each rank reads its pieces straight from the Hugging Face folder instead (streaming load)."""
+    import ckpt
+    import pstate
+    from tp_layers import gather_from_region
+    from trainer.config import parse_run_config
+    from trainer.hf.stream import load_hf_pieces
+    from trainer.model import ModelGroups, build_chunks, model_shards
+
+    found = ckpt.latest(save)
+    cfg = parse_run_config(ckpt.load({"config": ""}, found)["config"])
+    with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
+        groups = ModelGroups.from_state(ps, sequence_parallel=sequence_parallel)
+        (chunk,) = build_chunks(cfg.model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=0)
+        if hf is None:
+            ckpt.load({"model": model_shards([chunk])}, found)
+        else:
+            load_hf_pieces([chunk], hf)
+        ids = tokens()
+        with torch.no_grad():
+            if ps.pp.rank == 0:
+                x = chunk(ids)
+            else:
+                x = torch.empty(SEQ // ps.tp.size if sequence_parallel else SEQ, 2, cfg.model.hidden)
+                dist.recv(x, group=ps.pp.group, group_src=0)
+                x = chunk(x)
+            if ps.pp.rank < ps.pp.size - 1:
+                dist.send(x, group=ps.pp.group, group_dst=ps.pp.rank + 1)
+                return None
+            logits = gather_from_region(x, group=ps.tp.group)
+        return logits[:, :, :VOCAB].transpose(0, 1)
+
+
+def export_dir(save: str, out: str) -> str:
+    from trainer.convert import export_to_hf
+
+    return str(export_to_hf(save, out))
+
+
+DENSE = ["llama", "mistral", "qwen2", "qwen3"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+LAYOUTS = {
+    "tp1": (1, {}, {}),
+    "tp2": (2, dict(tp=2), {}),
+    "pp2": (2, dict(pp=2), {}),
+    "tp2-streamed": (2, dict(tp=2), dict(stream=True)),
+}
+MOE_LAYOUTS = {
+    "tp1": (1, {}, {}),
+    "ep2": (2, dict(ep=2), {}),
+    "pp2": (2, dict(pp=2), {}),
+    "ep2-pp2-streamed": (4, dict(ep=2, pp=2), dict(stream=True)),
+}
+
+
+def check_family(run_ranks, tmp_path, kind, seed, layouts):
+    hf, save = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    model = hf_model(kind, seed, hf)
+    with torch.no_grad():
+        expected = model(tokens()).logits
+    run_ranks(1, import_dir, hf, save)
+    for name, (world, parallel, options) in layouts.items():
+        options = {"hf": hf} if options.get("stream") else {}
+        results = [r for r in run_ranks(world, our_logits, save, parallel, **options) if r is not None]
+        for ours in results:
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    # import then export gives back every original tensor exactly; transformers reads the export
+    out = str(tmp_path / "out")
+    run_ranks(1, export_dir, save, out)
+    first, second = load_file(f"{hf}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    if model.config.tie_word_embeddings:
+        first.pop("lm_head.weight", None)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens()).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", DENSE)
+def test_dense_family_logits_equal_transformers(run_ranks, tmp_path, kind, seed):
+    check_family(run_ranks, tmp_path, kind, seed, LAYOUTS)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", MOE)
+def test_moe_family_logits_equal_transformers(run_ranks, tmp_path, kind, seed):
+    check_family(run_ranks, tmp_path, kind, seed, MOE_LAYOUTS)
+
+
+def test_llama3_rope_and_head_dim_from_transformers_5_config(tmp_path, run_ranks):
+    """The issue's case: theta and llama3 scaling inside ``rope_parameters``, head_dim != hidden/heads."""
+    config = transformers.LlamaConfig(
+        hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 500000.0
+    from trainer.hf import model_from_hf
+
+    model = model_from_hf(saved)
+    assert (model.rope_theta, model.rope_type, model.rope_factor, model.head_dim) == (500000.0, "llama3", 8.0, 16)
+    assert model.tied_embeddings
+
+
+def test_legacy_rope_scaling_keys_are_read():
+    from trainer.hf import model_from_hf
+
+    legacy = dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=128, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    )  # fmt: skip
+    model = model_from_hf(legacy)
+    assert (model.rope_theta, model.rope_type, model.rope_original_max_len) == (500000.0, "llama3", 64)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
+        ({"sliding_window": 16}, "sliding_window=16"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
+        ({"attn_logit_softcapping": 30.0}, "attn_logit_softcapping=30.0: not understood"),
+        ({"model_type": "gemma"}, "model_type='gemma'"),
+    ],
+)
+def test_config_keys_that_change_the_math_are_refused_by_name(change, message):
+    from trainer.errors import TrainerError
+    from trainer.hf import model_from_hf
+
+    config = dict(
+        model_type="mistral", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=128, sliding_window=None,
+    )  # fmt: skip
+    with pytest.raises(TrainerError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        model_from_hf({**config, **change})
