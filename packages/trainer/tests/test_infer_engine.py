@@ -71,8 +71,7 @@ def batched_against_solo(name: str):
         ids = prompts(LENGTHS)
         reference = [decode(chunk, p, max_new_tokens=12, temperature=0, top_k=None, generator=None) for p in ids]
         recompute = [
-            decode(chunk, p, max_new_tokens=12, temperature=0, top_k=None, generator=None, use_cache=False)
-            for p in ids
+            decode(chunk, p, max_new_tokens=12, temperature=0, top_k=None, generator=None, use_cache=False) for p in ids
         ]
         params = [GREEDY] * len(ids) + [SAMPLED[i % len(SAMPLED)] for i in range(len(ids))]
         requests = [Request(p, q) for p, q in zip(ids + ids, params)]

@@ -155,7 +155,7 @@ def test_malformed_json_models_and_health(server, client):
     status, answer = post(f"{url}/v1/completions", b'{"prompt": "x",')
     assert status == 400 and "JSON" in answer["error"]["message"]
     assert [m.id for m in client.models.list()] == [NAME]
-    assert get(f"{url}/health") [1]["status"] == "ok"
+    assert get(f"{url}/health")[1]["status"] == "ok"
 
 
 def test_a_bad_request_beside_a_good_one(client):
