@@ -1,5 +1,6 @@
-"""Sessions: ``tests`` (everything, one environment), one per package (that package and its declared
-dependencies only), ``lint`` (ruff and the import contracts), ``integration`` and ``docs``.
+"""Sessions: ``tests`` (everything, one environment), one per package (that package, its declared
+dependencies and its own extras only), ``oldest-python`` (pstate on the oldest Python the packages
+declare), ``lint`` (ruff and the import contracts), ``integration`` and ``docs``.
 
 Every install is held to ``constraints.txt`` (torch==2.13.0). Set ``TORCH_INDEX_URL`` (as the GitHub
 workflow does) to take the CPU build of torch from that index first.
@@ -18,6 +19,7 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PACKAGES = {p.name: p for p in sorted((ROOT / "packages").iterdir()) if (p / "pyproject.toml").is_file()}
 TEST_TOOLS = ("pytest", "pytest-xdist", "hypothesis")
+OLDEST_PYTHON = "3.10"
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.default_venv_backend = "venv"
@@ -42,9 +44,10 @@ def dependencies(dist: str) -> list[str]:
 
 
 def test_extra(dist: str) -> str:
-    """``"[test]"`` when ``dist`` declares a ``test`` extra, else ``""``."""
+    """``[a,b]``: every extra ``dist`` declares (its tests use them: ``test`` references, ``plot``), else ``""``."""
     project = tomllib.loads((PACKAGES[dist] / "pyproject.toml").read_text())["project"]
-    return "[test]" if "test" in project.get("optional-dependencies", {}) else ""
+    names = sorted(project.get("optional-dependencies", {}))
+    return f"[{','.join(names)}]" if names else ""
 
 
 def install(session: nox.Session, *args: str) -> None:
@@ -65,7 +68,7 @@ def package_session(dist: str) -> None:
     def run(session: nox.Session) -> None:
         # Non-editable: proves the built wheel is complete. pstate[testing] brings the rank harness.
         local = [str(PACKAGES[name]) for name in dependencies(dist)]
-        local[-1] += test_extra(dist)  # the package's own test-only references (trainer: transformers)
+        local[-1] += test_extra(dist)  # its extras: test-only references (trainer: transformers), plots (pp-sched)
         install(session, *local, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS)
         session.run("pytest", "-n", "auto", str(PACKAGES[dist] / "tests"), *session.posargs)
 
@@ -74,6 +77,17 @@ def package_session(dist: str) -> None:
 
 for _dist in PACKAGES:
     package_session(_dist)
+
+
+@nox.session(name="oldest-python", python=OLDEST_PYTHON)
+def oldest_python(session: nox.Session) -> None:
+    """pstate's tests on the oldest Python the packages declare. Only torch is held to its pin: the other
+    pins (numpy's newest) may have dropped that Python."""
+    torch_pin = next(line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch=="))
+    if os.environ.get("TORCH_INDEX_URL"):
+        session.install(torch_pin, "--index-url", os.environ["TORCH_INDEX_URL"])
+    session.install(torch_pin, f"{PACKAGES['pstate']}[testing]", *TEST_TOOLS)
+    session.run("pytest", "-n", "auto", str(PACKAGES["pstate"] / "tests"), *session.posargs)
 
 
 @nox.session
@@ -90,12 +104,13 @@ def lint(session: nox.Session) -> None:
 def integration(session: nox.Session) -> None:
     """Tests that cross packages."""
     editable = [f"-e{p}[testing]" if name == "pstate" else f"-e{p}" for name, p in PACKAGES.items()]
-    install(session, *editable, *TEST_TOOLS, "import-linter", "megatron-core")
+    install(session, *editable, *TEST_TOOLS, "import-linter", "megatron-core", "mkdocs")
     session.run("pytest", "-n", "auto", "integration_tests", *session.posargs)
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the docs site with warnings as errors."""
-    session.install(*CONSTRAINTS, "mkdocs")
+    """Build the docs site with warnings as errors (its hook generates the CLI reference from trainer's parsers
+    and fails on lists that render as text)."""
+    install(session, *(f"-e{p}" for p in PACKAGES.values()), "mkdocs")
     session.run("mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml")

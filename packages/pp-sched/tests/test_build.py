@@ -144,7 +144,7 @@ def test_errors_are_value_errors():
 def test_divisible_layer_counts_and_other_group_sizes_are_accepted():
     build("1f1b", pp=4, microbatches=4, num_layers=8)
     build("interleaved-1f1b", pp=2, microbatches=5, vpp=2, group_size=5, num_layers=8)
-    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"}
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zb-v", "dualpipe-v"}
 
 
 def test_schedule_is_frozen_data_with_looped_placement():

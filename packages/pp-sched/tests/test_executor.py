@@ -30,6 +30,10 @@ CASES = [
     ("interleaved-1f1b", 4, 2),
     ("zero-bubble", 2, 1),
     ("zero-bubble", 4, 1),
+    ("zb-v", 2, 2),
+    ("zb-v", 4, 2),
+    ("dualpipe-v", 2, 2),
+    ("dualpipe-v", 4, 2),
 ]
 
 
@@ -38,21 +42,22 @@ def all_layers():
     return [nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)]
 
 
-def chunks_of(rank, pp, vpp):
-    """This rank's chunk modules (chunk ``c`` holds stage ``c*pp + rank``) and its layers by global index."""
+def chunks_of(rank, pp, vpp, layout="looped"):
+    """This rank's chunk modules (chunk ``c`` holds stage ``schedule.stage_of(rank, c)``) and its layers by
+    global index."""
     layers = all_layers()
     chunks, owned = [], {}
-    for stage in split_layers(LAYERS, pp=pp, vpp=vpp):
+    for stage in split_layers(LAYERS, pp=pp, vpp=vpp, layout=layout):
         if stage.rank == rank:
             chunks.append(nn.Sequential(*[m for i in stage.layers for m in (layers[i], nn.Tanh())]))
             owned.update({i: layers[i] for i in stage.layers})
     return chunks, owned
 
 
-def data():
+def data(microbatches=MICROBATCHES):
     """Inputs and targets, ``[microbatch, batch, hidden]``."""
     generator = torch.Generator().manual_seed(7)
-    shape = (MICROBATCHES, BATCH, HIDDEN)
+    shape = (microbatches, BATCH, HIDDEN)
     return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
 
 
@@ -60,21 +65,22 @@ def loss_fn(output, target):
     return nn.functional.mse_loss(output, target)
 
 
-def reference():
+def reference(microbatches=MICROBATCHES):
     """Per-microbatch losses and outputs, and every layer's (weight, bias) gradient of the full-batch mean loss."""
     layers = all_layers()
     model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())])
-    x, y = data()
+    x, y = data(microbatches)
     out = model(x.reshape(-1, HIDDEN)).reshape(x.shape)
     loss_fn(out, y).backward()
-    losses = [loss_fn(out[i], y[i]).detach() for i in range(MICROBATCHES)]
+    losses = [loss_fn(out[i], y[i]).detach() for i in range(microbatches)]
     return losses, out.detach(), {i: (layer.weight.grad, layer.bias.grad) for i, layer in enumerate(layers)}
 
 
-def train(name, pp, vpp):
+def train(name, pp, vpp, microbatches=MICROBATCHES):
     rank = dist.get_rank()
-    schedule = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)
-    chunks, owned = chunks_of(rank, pp, vpp)
+    schedule = build(name, pp=pp, microbatches=microbatches, vpp=vpp)
+    chunks, owned = chunks_of(rank, pp, vpp, schedule.layout)
+    last = schedule.rank_of(schedule.num_stages - 1)
     entered, ready, exited_late = Counter(), [], []
 
     @contextmanager
@@ -96,12 +102,12 @@ def train(name, pp, vpp):
     executor = PipelineExecutor(
         schedule, chunks, dist.group.WORLD, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_ready
     )
-    x, y = data()
+    x, y = data(microbatches)
     results = []
     for _ in range(2):
         ready.clear()
         inputs = list(x) if rank == 0 else None
-        targets = iter(y) if rank == pp - 1 else None  # an iterator works as well as a list
+        targets = iter(y) if rank == last else None  # an iterator works as well as a list
         results.append(executor.step(inputs, targets))
     grads = {i: (layer.weight.grad, layer.bias.grad) for i, layer in owned.items()}
     unchanged = all(
@@ -120,12 +126,11 @@ def train(name, pp, vpp):
     return [r.losses for r in results], grads, peaks, hooks
 
 
-@pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
-def test_losses_and_gradients_equal_the_single_process_model(run_ranks, name, pp, vpp):
-    ref_losses, _, ref_grads = reference()
-    results = run_ranks(pp, train, name, pp, vpp)
+def check_parity(results, name, pp, vpp, microbatches):
+    ref_losses, _, ref_grads = reference(microbatches)
+    last = build(name, pp=pp, microbatches=microbatches, vpp=vpp).rank_of(pp * vpp - 1)
     for rank, (losses, _, _, _) in enumerate(results):
-        if rank == pp - 1:
+        if rank == last:
             for step_losses in losses:
                 torch.testing.assert_close(torch.stack(step_losses), torch.stack(ref_losses))
         else:
@@ -135,6 +140,19 @@ def test_losses_and_gradients_equal_the_single_process_model(run_ranks, name, pp
     for i, (weight_grad, bias_grad) in grads.items():  # two steps accumulate: twice the reference
         torch.testing.assert_close(weight_grad, 2 * ref_grads[i][0])
         torch.testing.assert_close(bias_grad, 2 * ref_grads[i][1])
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
+def test_losses_and_gradients_equal_the_single_process_model(run_ranks, name, pp, vpp):
+    check_parity(run_ranks(pp, train, name, pp, vpp), name, pp, vpp, MICROBATCHES)
+
+
+@pytest.mark.parametrize(
+    ("name", "pp", "microbatches"),
+    [("zb-v", 2, 1), ("zb-v", 2, 3), ("zb-v", 4, 5), ("dualpipe-v", 2, 5), ("dualpipe-v", 4, 3), ("dualpipe-v", 4, 12)],
+)
+def test_v_schedules_equal_the_single_process_model_for_other_microbatch_counts(run_ranks, name, pp, microbatches):
+    check_parity(run_ranks(pp, train, name, pp, 2, microbatches), name, pp, 2, microbatches)
 
 
 @pytest.mark.parametrize(("name", "pp", "vpp"), CASES)
@@ -153,25 +171,29 @@ def test_peak_activations_and_hooks(run_ranks, name, pp, vpp):
 
 def evaluate(name, pp, vpp):
     rank = dist.get_rank()
-    chunks, owned = chunks_of(rank, pp, vpp)
-    executor = PipelineExecutor(
-        build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp), chunks, dist.group.WORLD, loss_fn
-    )
+    schedule = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)
+    chunks, owned = chunks_of(rank, pp, vpp, schedule.layout)
+    executor = PipelineExecutor(schedule, chunks, dist.group.WORLD, loss_fn)
     x, y = data()
-    result = executor.evaluate(x if rank == 0 else None, y if rank == pp - 1 else None)  # a tensor iterates too
+    last = schedule.rank_of(schedule.num_stages - 1)
+    result = executor.evaluate(x if rank == 0 else None, y if rank == last else None)  # a tensor iterates too
     no_grads = all(layer.weight.grad is None and layer.bias.grad is None for layer in owned.values())
     return result.losses, result.outputs, no_grads
 
 
-@pytest.mark.parametrize(("name", "pp", "vpp"), [("1f1b", 4, 1), ("interleaved-1f1b", 2, 2), ("zero-bubble", 2, 1)])
+@pytest.mark.parametrize(
+    ("name", "pp", "vpp"),
+    [("1f1b", 4, 1), ("interleaved-1f1b", 2, 2), ("zero-bubble", 2, 1), ("zb-v", 4, 2), ("dualpipe-v", 2, 2)],
+)
 def test_forward_only_gives_the_losses_and_outputs_without_gradients(run_ranks, name, pp, vpp):
     ref_losses, ref_out, _ = reference()
     results = run_ranks(pp, evaluate, name, pp, vpp)
-    losses, outputs, _ = results[-1]
+    last = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp).rank_of(pp * vpp - 1)
+    losses, outputs, _ = results[last]
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
     torch.testing.assert_close(torch.stack(outputs), ref_out)
     assert all(no_grads for _, _, no_grads in results)
-    assert all(losses == [] and outputs == [] for losses, outputs, _ in results[:-1])
+    assert all(losses == [] and outputs == [] for r, (losses, outputs, _) in enumerate(results) if r != last)
 
 
 def deadlocking_schedule():
@@ -196,12 +218,45 @@ def test_a_deadlocking_schedule_is_refused_before_any_communication(run_ranks):
     schedule = deadlocking_schedule()
     with pytest.raises(PipelineScheduleError, match="deadlock"):
         validate(schedule)
-    messages = run_ranks(2, construct, schedule, timeout_s=30)
+    messages = run_ranks(2, construct, schedule)
     assert all(m is not None and "deadlock" in m and "rank 1 is stuck at action 0" in m for m in messages)
 
 
 def test_an_incomplete_schedule_is_refused(run_ranks):
     good = build("zero-bubble", pp=2, microbatches=2)
     broken = good.with_actions([good.actions[0], [a for a in good.actions[1] if a != Action("W", 1)]])
-    messages = run_ranks(2, construct, broken, timeout_s=30)
+    messages = run_ranks(2, construct, broken)
     assert all("has I but no W for microbatch 1" in m for m in messages)
+
+
+def plans_derived(name, pp, vpp):
+    """Three training steps and two evaluations; how often each rank derived a posting plan."""
+    import pp_sched.executor as executor_module
+
+    calls = []
+    original = executor_module.posting_orders
+
+    def counting(schedule, **kwargs):
+        calls.append(kwargs["train"])
+        return original(schedule, **kwargs)
+
+    executor_module.posting_orders = counting
+    try:
+        rank = dist.get_rank()
+        schedule = build(name, pp=pp, microbatches=MICROBATCHES, vpp=vpp)
+        chunks, _ = chunks_of(rank, pp, vpp, schedule.layout)
+        executor = PipelineExecutor(schedule, chunks, dist.group.WORLD, loss_fn)
+        x, y = data()
+        last = schedule.rank_of(schedule.num_stages - 1)
+        for _ in range(3):
+            executor.step(list(x) if rank == 0 else None, list(y) if rank == last else None)
+        for _ in range(2):
+            executor.evaluate(list(x) if rank == 0 else None, list(y) if rank == last else None)
+    finally:
+        executor_module.posting_orders = original
+    return calls
+
+
+@pytest.mark.parametrize(("name", "pp", "vpp"), [("interleaved-1f1b", 2, 2), ("dualpipe-v", 2, 2)])
+def test_the_posting_plan_is_derived_once_per_mode_not_per_step(run_ranks, name, pp, vpp):
+    assert run_ranks(pp, plans_derived, name, pp, vpp) == [[True, False]] * pp

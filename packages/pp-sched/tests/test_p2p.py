@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pp_sched import PipelineScheduleError, StageP2P, TensorSpec
+from pp_sched.plan import Message
 
 SPECS = [
     TensorSpec((2, 3), torch.float32),
@@ -30,6 +31,15 @@ def message(stage, microbatch, kind):
     return tuple(out)
 
 
+def addressed(direction, stage, microbatch, pp, sending):
+    """The message ``stage`` sends (``sending``) or receives in ``direction``, on a looped pipeline."""
+    towards_next = (direction == "forward") == sending
+    boundary = stage if towards_next else stage - 1
+    earlier, later = boundary % pp, (boundary + 1) % pp
+    src, dst = (later, earlier) if direction == "backward" else (earlier, later)
+    return Message(direction, boundary, microbatch, src, dst)
+
+
 def pipeline_round_trip(vpp, declared, odd_first):
     """Every stage sends activations of 3 microbatches forward, then gradients back. With ``odd_first``,
     odd ranks post their receives before their sends, in separate exchanges, while even ranks send first."""
@@ -39,13 +49,14 @@ def pipeline_round_trip(vpp, declared, odd_first):
     last = pp * vpp - 1
     received = {}
     for direction, kind in (("forward", 0), ("backward", 1)):
-        sends, recvs = [], []
+        sends, recvs, keys = [], [], []
         for stage in stages:
             for mb in range(3):
                 if (stage < last) if kind == 0 else (stage > 0):
-                    sends.append((direction, stage, mb, message(stage, mb, kind)))
+                    sends.append((addressed(direction, stage, mb, pp, True), message(stage, mb, kind)))
                 if (stage > 0) if kind == 0 else (stage < last):
-                    recvs.append((direction, stage, mb))
+                    recvs.append(addressed(direction, stage, mb, pp, False))
+                    keys.append((direction, stage, mb))
         if odd_first and rank % 2:
             got = p2p.exchange(recvs=recvs).wait()
             p2p.exchange(sends=sends)
@@ -54,7 +65,7 @@ def pipeline_round_trip(vpp, declared, odd_first):
             got = p2p.exchange(recvs=recvs).wait()
         else:  # all in one batch: the symmetric case that blocking sends would deadlock
             got = p2p.exchange(sends, recvs).wait()
-        received.update({(direction, stage, mb): t for (direction, stage, mb), t in zip(recvs, got)})
+        received.update({(direction, stage, mb): t for (direction, stage, mb), t in zip(keys, got)})
     p2p.wait_sends()
     return received
 
@@ -63,7 +74,7 @@ def pipeline_round_trip(vpp, declared, odd_first):
 @pytest.mark.parametrize("odd_first", [False, True])
 @pytest.mark.parametrize(("pp", "vpp"), [(2, 1), (4, 1), (2, 2), (4, 2)])
 def test_messages_cross_every_boundary_both_ways(run_ranks, pp, vpp, odd_first, declared):
-    results = run_ranks(pp, pipeline_round_trip, vpp, declared, odd_first, timeout_s=60)
+    results = run_ranks(pp, pipeline_round_trip, vpp, declared, odd_first)
     last = pp * vpp - 1
     for rank, received in enumerate(results):
         expected = {}
@@ -86,10 +97,10 @@ def wrong_shapes(declared):
     try:
         if rank == 0:
             if not declared:
-                p2p.exchange(sends=[("forward", 0, 0, (torch.zeros(2, 3),))])
-            p2p.exchange(sends=[("forward", 0, 1, (torch.zeros(3, 2),))])
+                p2p.exchange(sends=[(Message("forward", 0, 0, 0, 1), (torch.zeros(2, 3),))])
+            p2p.exchange(sends=[(Message("forward", 0, 1, 0, 1), (torch.zeros(3, 2),))])
         elif not declared:
-            p2p.exchange(recvs=[("forward", 1, 0)]).wait()
+            p2p.exchange(recvs=[Message("forward", 0, 0, 0, 1)]).wait()
     except PipelineScheduleError as error:
         return str(error)
     finally:
@@ -99,7 +110,7 @@ def wrong_shapes(declared):
 
 @pytest.mark.parametrize("declared", [False, True])
 def test_a_message_whose_shapes_change_is_refused(run_ranks, declared):
-    message0, message1 = run_ranks(2, wrong_shapes, declared, timeout_s=30)
+    message0, message1 = run_ranks(2, wrong_shapes, declared)
     assert "has tensors (TensorSpec(shape=(3, 2)" in message0
     assert "carries (TensorSpec(shape=(2, 3)" in message0
     assert message1 is None
@@ -107,11 +118,12 @@ def test_a_message_whose_shapes_change_is_refused(run_ranks, declared):
 
 def misaddressed():
     p2p = StageP2P(dist.group.WORLD, pp=2)
+    rank = dist.get_rank()
     errors = []
     for call in (
-        lambda: p2p.exchange(recvs=[("forward", 0, 0)]),  # stage 0 has no previous stage
-        lambda: p2p.exchange(recvs=[("backward", 1 - dist.get_rank(), 0)]),  # not this rank's stage
-        lambda: p2p.exchange(recvs=[("sideways", dist.get_rank(), 0)]),
+        lambda: p2p.exchange(recvs=[Message("forward", 1, 0, 0, 1)]),  # 2 stages: one boundary
+        lambda: p2p.exchange(recvs=[Message("backward", 0, 0, 1 - rank, 1 - rank)]),  # not to this rank
+        lambda: p2p.exchange(recvs=[Message("sideways", 0, 0, 1 - rank, rank)]),
     ):
         try:
             call()
@@ -121,7 +133,7 @@ def misaddressed():
 
 
 def test_misaddressed_messages_are_refused_without_communicating(run_ranks):
-    errors = run_ranks(2, misaddressed, timeout_s=30)[0]
-    assert "stage 0 has no previous stage" in errors[0]
-    assert "stage 1 is not held by pipeline rank 0" in errors[1]
-    assert "direction='sideways'" in errors[2]
+    errors = run_ranks(2, misaddressed)[0]
+    assert "boundary 1 is outside 0..0" in errors[0]
+    assert "names rank 1 as its receiver, not pipeline rank 0" in errors[1]
+    assert "kind='sideways'" in errors[2]

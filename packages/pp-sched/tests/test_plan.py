@@ -32,7 +32,7 @@ def test_swapped_receives_are_caught():
     schedule = build("interleaved-1f1b", pp=2, microbatches=4, vpp=2)
     plans = [list(p) for p in posting_orders(schedule, declared=True)]
     k = next(k for k, s in enumerate(plans[1]) if len(s.recvs) == 1 and s.recvs[0].kind == "forward" and k > 1)
-    j = next(j for j in range(k + 1, len(plans[1])) if plans[1][j].recvs and plans[1][j].recvs[0].source(2) == 0)
+    j = next(j for j in range(k + 1, len(plans[1])) if plans[1][j].recvs and plans[1][j].recvs[0].src == 0)
     a, b = plans[1][k], plans[1][j]
     plans[1][k], plans[1][j] = (
         a.__class__(a.action, b.recvs, a.needs, a.sends),

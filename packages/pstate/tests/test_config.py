@@ -79,3 +79,14 @@ def test_rank_outside_world():
     for rank in (-1, 4):
         with pytest.raises(ParallelConfigError, match=f"rank={rank} is outside world_size=4"):
             lay.coords(rank)
+
+
+def test_pipeline_layout_names_the_layers_of_every_virtual_stage():
+    assert ParallelConfig(pp=2, vpp=2, pipeline_layout=[0, 3, 3, 2]).pipeline_layout == (0, 3, 3, 2)
+    assert ParallelConfig(pp=2).pipeline_layout is None
+    with pytest.raises(ParallelConfigError, match=r"names 3 stages but pp\*vpp=2"):
+        ParallelConfig(pp=2, pipeline_layout=[1, 1, 1])
+    with pytest.raises(ParallelConfigError, match=r"pipeline_layout\[0\]=-1 must be an integer >= 0"):
+        ParallelConfig(pp=2, pipeline_layout=[-1, 3])
+    with pytest.raises(ParallelConfigError, match="must be a list"):
+        ParallelConfig(pp=2, pipeline_layout="3,1")

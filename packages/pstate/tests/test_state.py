@@ -164,7 +164,7 @@ def test_initialize_from_torchrun_environment(tmp_path):
         str(script),
         str(tmp_path),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(4)]
     assert lines == [
@@ -204,4 +204,4 @@ def test_an_error_inside_the_block_surfaces_instead_of_hanging_in_the_exit_barri
     from pstate.testing import RankError
 
     with pytest.raises(RankError, match="rank 1 broke inside the block"):
-        run_ranks(2, fail_on_one_rank, timeout_s=30)
+        run_ranks(2, fail_on_one_rank)

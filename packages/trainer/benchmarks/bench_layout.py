@@ -71,7 +71,7 @@ import pstate
 from pstate.testing import Harness
 from trainer.config import OptimConfig, RunConfig, TrainConfig
 from trainer.model import preset
-from trainer.model.rotary import apply_rotary, rotary_angles
+from trainer.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
 from trainer.train.loop import train_step
 from trainer.train.setup import param_groups, setup
 
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         b, s, d = x.size(0), x.size(1), self.cfg.head_dim
         q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
         q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rotary_angles(torch.arange(s), d, self.cfg.rope_theta)
+        cos, sin = rotary_angles(torch.arange(s), inverse_frequencies(self.cfg))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return self.proj(a.transpose(1, 2).reshape(b, s, -1))

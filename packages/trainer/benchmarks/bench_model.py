@@ -22,7 +22,7 @@ from torch import nn
 
 import pstate
 from trainer.model import ModelGroups, build_chunks, lm_loss, preset
-from trainer.model.rotary import apply_rotary, rotary_angles
+from trainer.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
 from trainer.train.flops import flops_per_token, measured_matmul_flops
 
 
@@ -50,7 +50,7 @@ class Plain(nn.Module):
         cfg, d = self.cfg, self.cfg.head_dim
         x = self.embedding(ids)  # [batch, seq, hidden]
         b, s, _ = x.shape
-        cos, sin = rotary_angles(torch.arange(s), d, cfg.rope_theta)
+        cos, sin = rotary_angles(torch.arange(s), inverse_frequencies(cfg))
         for layer in self.layers:
             q, k, v = layer.qkv(layer.norm1(x)).split([cfg.heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d], -1)
             q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))

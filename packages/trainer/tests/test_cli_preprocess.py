@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import pytest
 
@@ -23,7 +23,7 @@ def _cli(*args, background=False):
     command = [sys.executable, "-m", "trainer", *map(str, args)]
     if background:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
 def test_preprocess_text_and_jsonl_with_a_tokenizer_file(tmp_path):
@@ -74,28 +74,46 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, message):
     assert not (tmp_path / "out").exists()
 
 
+# The CLI in a child process whose progress saves pause (until a signal comes) once the first input is done: the
+# test stops it at that point, however slow the machine, instead of racing a run that may finish first.
+PAUSING_CLI = textwrap.dedent(
+    """
+    import importlib, signal, sys
+    from trainer.cli import main
+
+    pre = importlib.import_module("trainer.data.preprocess")
+
+    save = pre._save_state
+
+    def save_then_pause(paths, settings, state):
+        save(paths, settings, state)
+        if state["done_files"] >= 1:
+            print("paused", flush=True)
+            signal.pause()
+
+    pre._save_state = save_then_pause
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
 def test_a_stopped_run_resumes_on_rerun(tmp_path, stop):
     inputs = [
-        write_jsonl(tmp_path / f"{i}.jsonl", [f"{i}.{j} " + SENTENCES[j % 5] * (j % 7 + 1) for j in range(1500)])
+        write_jsonl(tmp_path / f"{i}.jsonl", [f"{i}.{j} " + SENTENCES[j % 5] * (j % 7 + 1) for j in range(300)])
         for i in range(6)
     ]
     reference = preprocess(inputs, tmp_path / "ref", append_eos=True, progress=False)
     out = tmp_path / "ds"
     args = ["preprocess", "--input", *inputs, "--output", out, "--append-eos", "--chunk-bytes", "20000", "--quiet"]
     sidecar = work_paths(out)["sidecar"]
-    process = _cli(*args, background=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if json.loads(sidecar.read_text())["state"]["done_files"] >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.005)
-    assert process.poll() is None, "the run finished before it could be stopped; make the inputs bigger"
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    line = process.stdout.readline()
+    assert line == "paused\n", line + process.stderr.read()
     os.kill(process.pid, stop)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=600)
     if stop == signal.SIGINT:
         assert process.returncode == 130 and "interrupted; rerun the same command" in err
     else:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 
-def trainer(*args: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+def trainer(*args: str, cwd, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRAINER_CACHE": str(cwd / "cache")}
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -28,8 +28,19 @@ def test_readme_command_trains_on_eight_ranks_and_the_loss_goes_down(tmp_path):
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "data_time_s", "tokens"} <= set(
+        records[0]
+    )
+    assert {"memory_mb", "memory_reserved_mb"} <= set(records[0]) and records[-1]["tokens"] == 12 * 16 * 64
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    # rank 0 alone says what runs (banner) and how it ended (one summary), not each of the 8 ranks
+    err = done.stderr
+    assert err.count("model: ") == 1 and err.count("trained steps 1..12: loss") == 1, err
+    assert "layout: 8 ranks = tp 2 x pp 2 x dp 2 x cp 1; sequence parallel, DDP, 1f1b over 4 micro-batches" in err
+    assert "data: embedded corpus" in err and f"cached in {tmp_path / 'cache'}" in err
+    assert "batch: 16 samples x 64 tokens = 1,024 tokens per step; 12 steps (12,288 tokens)" in err
+    assert "checkpoints: none saved" in err and f"metrics: JSON lines in {metrics}" in err
+    assert err.index("model: ") < err.index("step      1/12") < err.index("trained steps")
 
 
 def test_print_config_shows_the_resolved_run(tmp_path):
@@ -53,10 +64,17 @@ def test_print_config_shows_the_resolved_run(tmp_path):
         (["--set", "train.stepz=3"], "unknown field"),
     ],
 )
-def test_bad_configurations_are_refused_before_any_process_starts(tmp_path, args, message):
-    done = trainer("train", *args, cwd=tmp_path, timeout=60)
-    assert done.returncode == 2
-    assert message in done.stderr
+def test_bad_configurations_are_refused_before_any_process_starts(capsys, args, message):
+    from trainer.cli import main
+
+    assert main(["train", *args]) == 2  # the command's own code path, without a new interpreter per case
+    err = capsys.readouterr().err
+    assert err.startswith("trainer train: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_bad_configuration_exits_2_from_the_command_line(tmp_path):
+    done = trainer("train", "--nproc", "4", "--pp", "3", cwd=tmp_path)
+    assert done.returncode == 2 and "world_size=4" in done.stderr and "starting" not in done.stderr
 
 
 def test_preprocess_then_train_on_the_dataset(tmp_path):
@@ -102,11 +120,13 @@ def test_sigterm_saves_then_exits_and_a_rerun_resumes(tmp_path):
         [sys.executable, "-m", "trainer", *args, "--metrics-file", str(metrics)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    deadline = time.monotonic() + 600  # an outer bound on the wait for the event: three steps logged
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no three steps within 600 s"
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 3 <= steps[-1] < 10000, err
     assert (save / f"step_{steps[-1]:08d}" / "index.json").exists(), err
@@ -115,3 +135,4 @@ def test_sigterm_saves_then_exits_and_a_rerun_resumes(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert f"resumed from {save / f'step_{steps[-1]:08d}'} at step {steps[-1]}" in done.stderr
+    assert done.stderr.count(f"saved checkpoint step {steps[-1] + 2} to {save / f'step_{steps[-1] + 2:08d}'}") == 1

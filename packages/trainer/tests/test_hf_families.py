@@ -234,3 +234,41 @@ def test_config_keys_that_change_the_math_are_refused_by_name(change, message):
     )  # fmt: skip
     with pytest.raises(TrainerError, match=message.replace("(", r"\(").replace("[", r"\[")):
         model_from_hf({**config, **change})
+
+
+def import_at(hf: str, save: str, parallel: dict) -> str:
+    from trainer.convert import import_from_hf
+
+    return str(import_from_hf(hf, save, parallel=parallel))
+
+
+def saved_tensors(save: str) -> dict:
+    import ckpt
+    import pstate
+    from trainer.config import parse_run_config
+    from trainer.model import ModelGroups, build_chunks, model_shards
+
+    found = ckpt.latest(save)
+    cfg = parse_run_config(ckpt.load({"config": ""}, found)["config"])
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        shards = model_shards(build_chunks(cfg.model, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=0))
+        ckpt.load({"model": shards}, found)
+        return {name: s.data.clone() for name, s in shards.items()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "world", "parallel"), [("llama", 4, dict(tp=2, pp=2)), ("qwen2_moe", 4, dict(ep=2, pp=2))]
+)
+def test_import_at_a_layout_saves_what_the_one_process_import_saves(run_ranks, tmp_path, kind, world, parallel):
+    """``trainer convert --from-hf --tp/--pp/--ep`` under torchrun: each rank reads its slices."""
+    hf = str(tmp_path / "hf")
+    hf_model(kind, 0, hf)
+    run_ranks(1, import_at, hf, str(tmp_path / "one"), {})
+    run_ranks(world, import_at, hf, str(tmp_path / "layout"), parallel)
+    one, layout = (
+        run_ranks(1, saved_tensors, str(tmp_path / "one"))[0],
+        run_ranks(1, saved_tensors, str(tmp_path / "layout"))[0],
+    )
+    assert one.keys() == layout.keys()
+    for name in one:
+        assert torch.equal(one[name], layout[name]), name

@@ -43,18 +43,19 @@ def import_dir(hf: str, save: str) -> None:
     import_from_hf(hf, save)
 
 
-def train_from(load: str, save: str, cache: str) -> list[int]:
+def train_from(start: dict, save: str | None, cache: str) -> list[tuple[int, float]]:
+    """``start``: ``{"load": CKPT}`` or ``{"init_from_hf": DIR}``."""
     from trainer.config import load_run_config
     from trainer.convert import with_checkpoint_model
     from trainer.train.loop import train
 
     overrides = {
         "parallel": {"tp": 2},
-        "train": {"steps": 3, "seq_len": 16, "micro_batch": 2, "global_batch": 4, "load": load, "save": save},
+        "train": {"steps": 3, "seq_len": 16, "micro_batch": 2, "global_batch": 4, "save": save, **start},
         "data": {"cache_dir": cache},  # the embedded corpus, in the imported tokenizer's ids
     }
     cfg = with_checkpoint_model(load_run_config(overrides=overrides), explicit_model=False)
-    return [r["step"] for r in train(cfg)]
+    return [(r["step"], r["loss"]) for r in train(cfg)]
 
 
 def export_and_generate(save: str, out: str, prompt: list[int], max_shard_bytes: int) -> list[int]:
@@ -96,7 +97,10 @@ def test_convert_train_export_serve(run_ranks, tmp_path):
     with pytest.raises(TrainerError, match=r"checkpoint's model differs .*hidden=48 vs 64"):
         with_checkpoint_model(given, explicit_model=True)
 
-    assert run_ranks(2, train_from, imported, trained, str(tmp_path / "cache"))[0] == [1, 2, 3]
+    records = run_ranks(2, train_from, {"load": imported}, trained, str(tmp_path / "cache"))[0]
+    assert [step for step, _ in records] == [1, 2, 3]
+    # starting from the Hugging Face folder directly (each rank reads its slices) trains identically
+    assert run_ranks(2, train_from, {"init_from_hf": hf}, None, str(tmp_path / "cache"))[0] == records
     prompt = [5, 7, 9, 4]
     (ours,) = run_ranks(1, export_and_generate, trained, out, prompt, 40_000)
 

@@ -75,12 +75,31 @@ def test_missing_and_invalid_files_are_named(tmp_path):
             "--zero 3 with --pipeline-schedule zero-bubble",
         ),
         ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
+        ({"parallel": {"pp": 2, "pipeline_layout": [3, 2]}}, 2, "sums to 5 layers, but the model has layers=4"),
+        ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zb-v"}}, 2, "vpp must be 2, got vpp=1"),
+        (
+            {
+                "parallel": {"pp": 2, "vpp": 2},
+                "train": {"zero": 3, "pipeline_schedule": "dualpipe-v", "global_batch": 8},
+            },
+            4,
+            "--zero 3 with --pipeline-schedule dualpipe-v",
+        ),
     ],
 )
 def test_impossible_runs_are_refused_with_the_rule(overrides, world, match):
     cfg = load_run_config(overrides=overrides)
     with pytest.raises(TrainerError, match=match):
         check_run(cfg, world)
+
+
+def test_a_pipeline_layout_names_every_virtual_stage():
+    with pytest.raises(TrainerError, match=r"pipeline_layout=\[4\] names 1 stages but pp\*vpp=2"):
+        load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [4]}})
+    with pytest.raises(TrainerError, match=r"pipeline_layout\[1\]=-1 must be an integer >= 0"):
+        load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [5, -1]}})
+    cfg = load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [4, 0]}})
+    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2) >= 1
 
 
 @pytest.mark.parametrize(

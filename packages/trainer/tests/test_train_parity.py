@@ -61,6 +61,23 @@ LAYOUTS = {
     "tp2-sp-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"sequence_parallel": True}}),
     "pp2-vpp2-interleaved": (2, {"parallel": {"pp": 2, "vpp": 2}, "train": {"pipeline_schedule": "interleaved-1f1b"}}),
     "pp2-zero-bubble-dp2": (4, {"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zero-bubble"}}),
+    "pp2-pipeline-layout-3-1-dp2": (4, {"parallel": {"pp": 2, "pipeline_layout": [3, 1]}}),
+    "zero1-pp2-vpp2-zb-v-tied-dp2": (
+        4,
+        {
+            "model": {"preset": "tiny-gpt2"},
+            "parallel": {"pp": 2, "vpp": 2},
+            "train": {"zero": 1, "pipeline_schedule": "zb-v"},
+        },
+    ),
+    "pp2-vpp2-zb-v-dp2": (4, {"parallel": {"pp": 2, "vpp": 2}, "train": {"pipeline_schedule": "zb-v"}}),
+    "tp2-sp-pp2-vpp2-dualpipe-v": (
+        4,
+        {
+            "parallel": {"tp": 2, "pp": 2, "vpp": 2},
+            "train": {"pipeline_schedule": "dualpipe-v", "sequence_parallel": True},
+        },
+    ),
     "cp2-tp2-sp": (4, {"parallel": {"cp": 2, "tp": 2}, "train": {"sequence_parallel": True}}),
     "tp2-recompute-full": (2, {"parallel": {"tp": 2}, "train": {"recompute": "full"}}),
     "pp2-recompute-selective": (2, {"parallel": {"pp": 2}, "train": {"recompute": "selective"}}),

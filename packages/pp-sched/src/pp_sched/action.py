@@ -9,6 +9,9 @@ from .errors import PipelineScheduleError
 
 #: Action kinds: forward, full backward, input-gradient backward, weight-gradient backward.
 KINDS = ("F", "B", "I", "W")
+#: Stage layouts: ``looped`` (chunk ``c`` of rank ``r`` holds stage ``c * pp + r``) and ``v`` (two chunks:
+#: chunk 0 of rank ``r`` holds stage ``r``, chunk 1 holds stage ``2 * pp - 1 - r``).
+LAYOUTS = ("looped", "v")
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,14 @@ class Action:
 class Schedule:
     """Every pipeline rank's ordered actions; the executor runs exactly these.
 
-    ``actions[rank]`` is a tuple of :class:`Action`. Chunk ``c`` of rank ``r`` holds pipeline stage
-    ``c * pp + r`` (looped placement), so there are ``pp * vpp`` stages. Constructing a schedule checks only
-    its shape; :func:`pp_sched.validate` checks that it is complete, ordered and cannot deadlock.
+    ``actions[rank]`` is a tuple of :class:`Action`. With ``layout="looped"`` chunk ``c`` of rank ``r``
+    holds pipeline stage ``c * pp + r``; with ``"v"`` (``vpp=2``) chunk 0 holds stage ``r`` and chunk 1
+    stage ``2 * pp - 1 - r``, so the first and the last stage share rank 0 and the middle boundary stays on
+    rank ``pp - 1``. Either way there are ``pp * vpp`` stages. ``pairs[rank]`` lists the indices ``k`` where
+    action ``k`` (a forward) and action ``k + 1`` (a backward of another microbatch) run as one overlapped
+    pair (DualPipe-V): the executor posts the pair's communication together so that one's hides behind the
+    other's compute. Constructing a schedule checks only its shape; :func:`pp_sched.validate` checks that it
+    is complete, ordered and cannot deadlock.
     """
 
     name: str
@@ -54,6 +62,8 @@ class Schedule:
     vpp: int
     microbatches: int
     actions: tuple[tuple[Action, ...], ...] = field(repr=False)
+    layout: str = "looped"
+    pairs: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for name in ("pp", "vpp", "microbatches"):
@@ -68,6 +78,24 @@ class Schedule:
                 if not isinstance(action, Action):
                     raise PipelineScheduleError(f"rank {rank} action {i} is {action!r}, not an Action")
         object.__setattr__(self, "actions", actions)
+        if self.layout not in LAYOUTS:
+            raise PipelineScheduleError(f"Schedule layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.layout == "v" and self.vpp != 2:
+            raise PipelineScheduleError(f"a V layout holds two chunks per rank, so vpp must be 2, got vpp={self.vpp}")
+        pairs = tuple(tuple(p) for p in self.pairs) or ((),) * self.pp
+        if len(pairs) != self.pp:
+            raise PipelineScheduleError(f"Schedule has pair lists for {len(pairs)} ranks but pp={self.pp}")
+        for rank, (rank_pairs, rank_actions) in enumerate(zip(pairs, actions)):
+            for k in rank_pairs:
+                if not 0 <= k < len(rank_actions) - 1:
+                    raise PipelineScheduleError(f"rank {rank} pair at action {k} is outside its actions")
+                first, second = rank_actions[k], rank_actions[k + 1]
+                if first.kind != "F" or second.kind not in "BI" or first.microbatch == second.microbatch:
+                    raise PipelineScheduleError(
+                        f"rank {rank} pair at action {k} is {first}, {second}: a pair is a forward and then a "
+                        "backward (B or I) of another microbatch"
+                    )
+        object.__setattr__(self, "pairs", pairs)
 
     @property
     def num_stages(self) -> int:
@@ -80,19 +108,46 @@ class Schedule:
         return any(a.kind in "IW" for rank_actions in self.actions for a in rank_actions)
 
     def stage_of(self, rank: int, chunk: int) -> int:
-        """The pipeline stage that ``chunk`` of ``rank`` holds: ``chunk * pp + rank``."""
+        """The pipeline stage that ``chunk`` of ``rank`` holds: ``chunk * pp + rank`` (looped placement), or
+        ``rank`` and ``2 * pp - 1 - rank`` for chunks 0 and 1 (V placement)."""
         if not 0 <= rank < self.pp:
             raise PipelineScheduleError(f"rank={rank} is outside 0..{self.pp - 1} (pp={self.pp})")
         if not 0 <= chunk < self.vpp:
             raise PipelineScheduleError(f"chunk={chunk} is outside 0..{self.vpp - 1} (vpp={self.vpp})")
-        return chunk * self.pp + rank
+        return stage_of(self.layout, self.pp, rank, chunk)
 
     def placement(self, stage: int) -> tuple[int, int]:
         """The ``(rank, chunk)`` that holds ``stage``; the inverse of :meth:`stage_of`."""
         if not 0 <= stage < self.num_stages:
             raise PipelineScheduleError(f"stage={stage} is outside 0..{self.num_stages - 1}")
-        return stage % self.pp, stage // self.pp
+        return place(self.layout, self.pp, stage)
 
-    def with_actions(self, actions: Iterable[Iterable[Action]]) -> Schedule:
+    def rank_of(self, stage: int) -> int:
+        """The pipeline rank that holds ``stage``."""
+        return self.placement(stage)[0]
+
+    def with_actions(self, actions: Iterable[Iterable[Action]], pairs: Iterable[Iterable[int]] = ()) -> Schedule:
         """A copy with other actions (for hand-edited schedules); check it with :func:`pp_sched.validate`."""
-        return Schedule(self.name, self.pp, self.vpp, self.microbatches, tuple(tuple(a) for a in actions))
+        return Schedule(
+            self.name,
+            self.pp,
+            self.vpp,
+            self.microbatches,
+            tuple(tuple(a) for a in actions),
+            self.layout,
+            tuple(tuple(p) for p in pairs),
+        )
+
+
+def stage_of(placement: str, pp: int, rank: int, chunk: int) -> int:
+    """The stage chunk ``chunk`` of pipeline rank ``rank`` holds under ``placement`` (see :class:`Schedule`)."""
+    if placement == "v":
+        return rank if chunk == 0 else 2 * pp - 1 - rank
+    return chunk * pp + rank
+
+
+def place(placement: str, pp: int, stage: int) -> tuple[int, int]:
+    """The ``(rank, chunk)`` holding ``stage`` under ``placement``; the inverse of :func:`stage_of`."""
+    if placement == "v":
+        return (stage, 0) if stage < pp else (2 * pp - 1 - stage, 1)
+    return stage % pp, stage // pp

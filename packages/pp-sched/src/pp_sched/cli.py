@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--schedule", required=True, choices=SCHEDULES)
     show.add_argument("--pp", type=int, required=True, help="pipeline ranks")
     show.add_argument("--microbatches", type=int, required=True)
-    show.add_argument("--vpp", type=int, default=1, help="model chunks per rank (interleaved-1f1b)")
+    show.add_argument("--vpp", type=int, help="model chunks per rank (interleaved-1f1b; 2 for zb-v, dualpipe-v)")
     show.add_argument("--group-size", type=int, help="interleaved microbatch group size (default: pp)")
     show.add_argument("--forward", type=_number, default=1, help="time of one forward (default 1)")
     show.add_argument("--backward", type=_number, default=2, help="time of one backward (default 2)")

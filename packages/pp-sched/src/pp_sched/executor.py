@@ -11,10 +11,15 @@ Per action, in the schedule's order:
 
 After action ``k`` one batch sends its outputs and posts the receives action ``k + 1`` needs (like
 Megatron's ``send_forward_recv_backward``); on CPU (gloo) those receives are posted before action ``k``
-runs when their shapes are known, so the data arrives during the compute. Sends are never waited for
-before the end of the step, so a rank waits only for data it needs: any schedule that
+runs when their shapes are known, so the data arrives during the compute. A DualPipe-V pair (a forward
+and a backward of another microbatch, ``Schedule.pairs``) thus sends the forward's output and receives
+the backward's gradient in one batch, and the gradient arrives while the forward computes. Sends are
+never waited for before the end of the step, so a rank waits only for data it needs: any schedule that
 :func:`~pp_sched.validate` accepts runs without deadlock, and a schedule it refuses is refused before
-any communication.
+any communication. A message whose two stages share a rank (the turn of a V) is handed over in memory.
+
+The posting plan (:mod:`pp_sched.plan`) is derived once per mode (training, evaluation) and kept; a
+step's Python work is a walk over this rank's actions.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from pstate import Group
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
-from .p2p import BACKWARD, FORWARD, Pending, StageP2P, TensorSpec
-from .plan import SHAPE, Message, posting_order
+from .p2p import Pending, StageP2P, TensorSpec
+from .plan import SHAPE, Message, Step, posting_orders
 from .simulate import validate
 from .split_backward import SavedTensors, WeightGradient, input_backward
 
@@ -103,13 +108,44 @@ def _floats(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(t for t in tensors if t.is_floating_point())
 
 
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One step of this rank's plan with what the executor needs to know about it, computed once."""
+
+    step: Step
+    stage: int
+    first: bool  # the stage is stage 0 (its input is the microbatch)
+    last: bool  # the stage is the last one (its output goes to the loss)
+    final: bool  # the chunk's last backward (B or W) of the step: its gradients are complete after it
+
+
+@dataclass
+class _StepState:
+    """Everything one :meth:`PipelineExecutor.step` or ``evaluate`` changes while it runs."""
+
+    train: bool
+    inputs: _Feed
+    targets: _Feed
+    result: StepResult = field(default_factory=StepResult)
+    held: dict[tuple[int, int], _Held] = field(default_factory=dict)  # (microbatch, chunk) -> activations
+    pending_w: dict[tuple[int, int], WeightGradient] = field(default_factory=dict)
+    posted: dict[Message, tuple[Pending, int]] = field(default_factory=dict)  # receive -> its batch, index
+    local: dict[Message, Tensors] = field(default_factory=dict)  # handed over on this rank (V turn)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, Any] = field(default_factory=dict)
+
+
 class PipelineExecutor:
     """Runs exactly ``schedule.actions[rank]`` for this pipeline rank on its model chunks.
 
     Args:
         schedule: checked with :func:`~pp_sched.validate` here, before any communication.
-        chunks: one module per virtual chunk; chunk ``c`` holds stage ``c * pp + rank``. A chunk is called
-            with the stage's input tensors as positional arguments and returns a tensor or a tuple.
+        chunks: one module per virtual chunk; chunk ``c`` holds stage ``schedule.stage_of(rank, c)``. A
+            chunk is called with the stage's input tensors as positional arguments and returns a tensor
+            or a tuple.
         group: the pipeline group (a ``pstate`` axis or a process group) of ``schedule.pp`` ranks.
         loss_fn: ``loss_fn(output, target)`` (or ``loss_fn(output)`` without targets) on the last stage;
             a scalar, the mean over the microbatch. Required by :meth:`step`.
@@ -148,8 +184,14 @@ class PipelineExecutor:
         self.p2p = StageP2P(group, pp=schedule.pp, vpp=schedule.vpp, specs=specs, device=device)
         self.rank = self.p2p.rank
         self.actions: tuple[Action, ...] = schedule.actions[self.rank]
-        self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind in "BW"}
         self._declared = specs is not None
+        self._programs: dict[bool, tuple[_Op, ...]] = {}  # train -> this rank's plan, derived once
+        self._run: dict[str, Callable[[_StepState, _Op, Tensors], Tensors | None]] = {
+            "F": self._forward,
+            "B": self._backward,
+            "I": self._input_grad,
+            "W": self._weight_grad,
+        }
 
     def step(self, inputs: Iterable[Any] | None = None, targets: Iterable[Any] | None = None) -> StepResult:
         """Run the schedule once: forwards and backwards of every microbatch, gradients accumulated into
@@ -160,159 +202,174 @@ class PipelineExecutor:
             raise PipelineScheduleError("step() needs a loss_fn; use evaluate() for forward-only runs")
         if not torch.is_grad_enabled():
             raise PipelineScheduleError("step() runs backwards and needs grad mode; use evaluate() under no_grad")
-        return self._execute(self.actions, inputs, targets, train=True)
+        return self._execute(inputs, targets, train=True)
 
     def evaluate(self, inputs: Iterable[Any] | None = None, targets: Iterable[Any] | None = None) -> StepResult:
         """Forward only, without autograd: the schedule's ``F`` actions in their order. Returns the last
         stage's outputs, and its losses when a ``loss_fn`` was given."""
         with torch.no_grad():
-            return self._execute(tuple(a for a in self.actions if a.kind == "F"), inputs, targets, train=False)
+            return self._execute(inputs, targets, train=False)
+
+    def program(self, train: bool = True) -> tuple[_Op, ...]:
+        """This rank's steps for training or evaluation, derived from the schedule on first use and kept."""
+        if train not in self._programs:
+            plan = posting_orders(self.schedule, train=train, declared=self._declared)[self.rank]
+            expected = [a for a in self.actions if train or a.kind == "F"]
+            if [step.action for step in plan] != expected:  # derived from the same actions; a guard
+                raise PipelineScheduleError("the posting order does not follow this rank's actions")
+            last_backward = {a.chunk: k for k, a in enumerate(expected) if a.kind in "BW"}
+            ops = []
+            for k, step in enumerate(plan):
+                stage = self.schedule.stage_of(self.rank, step.action.chunk)
+                ops.append(
+                    _Op(
+                        step,
+                        stage,
+                        first=stage == 0,
+                        last=stage == self.schedule.num_stages - 1,
+                        final=last_backward.get(step.action.chunk) == k,
+                    )
+                )
+            self._programs[train] = tuple(ops)
+        return self._programs[train]
 
     # -- the loop --
 
-    def _execute(
-        self, actions: Sequence[Action], inputs: Iterable[Any] | None, targets: Iterable[Any] | None, train: bool
-    ) -> StepResult:
+    def _execute(self, inputs: Iterable[Any] | None, targets: Iterable[Any] | None, train: bool) -> StepResult:
         start = time.perf_counter()
         m = self.schedule.microbatches
-        feeds = (_Feed(inputs, "inputs", m), _Feed(targets, "targets", m))
-        result = StepResult()
-        losses: dict[int, torch.Tensor] = {}
-        outputs: dict[int, Any] = {}
-        held: dict[tuple[int, int], _Held] = {}
-        pending_w: dict[tuple[int, int], WeightGradient] = {}
-        plan = posting_order(self.schedule, self.rank, train=train, declared=self._declared)
-        if [step.action for step in plan] != list(actions):  # posting_order is derived from the same actions
-            raise PipelineScheduleError("the posting order does not follow this rank's actions")
-        posted: dict[Message, tuple[Pending, int]] = {}
+        ops = self.program(train)
+        state = _StepState(train, _Feed(inputs, "inputs", m), _Feed(targets, "targets", m))
+        result = state.result
         # On CPU (gloo: one request per operation) the receives of the next action are posted before the
         # compute they wait behind, when their shapes are known, so their data arrives meanwhile; elsewhere
         # (NCCL, which runs a rank's batches in order) they go with the sends, in the batches that
         # pp_sched.plan checks cannot hang.
         early = self.p2p.device.type == "cpu"
-        self._post(plan[0].recvs if plan else (), [], posted)
-        for k, step in enumerate(plan):
-            action = step.action
-            received: list[tuple[torch.Tensor, ...]] = []
-            if step.needs is not None:
-                pending, index = posted.pop(step.needs)
-                received = [pending.wait()[index]]
-            following = plan[k + 1].recvs if k + 1 < len(plan) else ()
-            ahead = early and all(m.kind != SHAPE and self.p2p.knows_shapes(*self._receive(m)[:2]) for m in following)
+        if ops:
+            self._post(state, ops[0].step.recvs, ())
+        for k, op in enumerate(ops):
+            step = op.step
+            received = self._take(state, step.needs)
+            following = ops[k + 1].step.recvs if k + 1 < len(ops) else ()
+            ahead = early and all(m.kind != SHAPE and self.p2p.knows_shapes(m) for m in following)
             if ahead:
-                self._post(following, [], posted)
+                self._post(state, following, ())
             begin = time.perf_counter()
-            if action.kind == "F":
-                sends = self._forward(action, received, feeds, held, losses, outputs, train)
-            else:
-                sends = self._backward(k, action, received, held, pending_w)
-            result.peak_activations = max(result.peak_activations, len(held))
-            result.peak_pending_w = max(result.peak_pending_w, len(pending_w))
+            produced = self._run[step.action.kind](state, op, received)
             result.compute_s += time.perf_counter() - begin
-            self._post(() if ahead else following, sends, posted)
+            result.peak_activations = max(result.peak_activations, len(state.held))
+            result.peak_pending_w = max(result.peak_pending_w, len(state.pending_w))
+            sends: tuple[tuple[Message, Tensors], ...] = ()
+            if produced is not None and step.out is not None:
+                if step.out.local:
+                    state.local[step.out] = produced
+                else:
+                    sends = ((step.out, produced),)
+            self._post(state, () if ahead else following, sends)
         self.p2p.wait_sends()
-        if held or pending_w:  # validate() makes this impossible; a guard against a changed schedule
-            raise PipelineScheduleError(f"activations of {sorted(held) + sorted(pending_w)} were never freed")
-        result.losses = [losses[mb] for mb in sorted(losses)]
-        result.outputs = [outputs[mb] for mb in sorted(outputs)]
+        if state.held or state.pending_w:  # validate() makes this impossible; a guard against a changed schedule
+            raise PipelineScheduleError(
+                f"activations of {sorted(state.held) + sorted(state.pending_w)} were never freed"
+            )
+        result.losses = [state.losses[mb] for mb in sorted(state.losses)]
+        result.outputs = [state.outputs[mb] for mb in sorted(state.outputs)]
         result.wall_s = time.perf_counter() - start
         return result
 
-    def _receive(self, message: Message) -> tuple[str, int, int]:
-        """``message`` as a receive of :meth:`StageP2P.exchange`: direction, this rank's stage, microbatch."""
-        stage = message.boundary + 1 if message.kind == FORWARD else message.boundary
-        return (message.kind, stage, message.microbatch)
-
-    def _post(
-        self,
-        recvs: Sequence[Message],
-        sends: list[tuple[str, int, int, tuple[torch.Tensor, ...]]],
-        posted: dict[Message, tuple[Pending, int]],
-    ) -> None:
+    def _post(self, state: _StepState, recvs: Sequence[Message], sends: Sequence[tuple[Message, Tensors]]) -> None:
         """One batch: ``sends`` and the receives of ``recvs`` in their order (a shape message is posted by
         :class:`StageP2P` itself, right before the first activation of its boundary)."""
         data = [m for m in recvs if m.kind != SHAPE]
         if not data and not sends:
             return
-        pending = self.p2p.exchange(sends, [self._receive(m) for m in data])
+        pending = self.p2p.exchange(sends, data)
         for index, message in enumerate(data):
-            posted[message] = (pending, index)
+            state.posted[message] = (pending, index)
 
-    def _stage(self, action: Action) -> int:
-        return self.schedule.stage_of(self.rank, action.chunk)
+    @staticmethod
+    def _take(state: _StepState, need: Message | None) -> Tensors:
+        """The tensors of the message an action waits for (empty when it needs none)."""
+        if need is None:
+            return ()
+        if need.local:
+            return state.local.pop(need)
+        pending, index = state.posted.pop(need)
+        return pending.wait()[index]
 
-    def _forward(
-        self,
-        action: Action,
-        received: list[tuple[torch.Tensor, ...]],
-        feeds: tuple[_Feed, _Feed],
-        held: dict[tuple[int, int], _Held],
-        losses: dict[int, torch.Tensor],
-        outputs: dict[int, Any],
-        train: bool,
-    ) -> list[tuple[str, int, int, tuple[torch.Tensor, ...]]]:
-        mb, stage = action.microbatch, self._stage(action)
-        if stage == 0:
-            args, leaves = _as_tuple(feeds[0].take(mb)), ()
+    # -- the actions: each returns what it sends (its output or input gradient), or None --
+
+    def _forward(self, state: _StepState, op: _Op, received: Tensors) -> Tensors | None:
+        action, train = op.step.action, state.train
+        mb = action.microbatch
+        if op.first:
+            args, leaves = _as_tuple(state.inputs.take(mb)), ()
         else:
-            args = received[0]
+            args = received if not op.step.needs.local else tuple(t.detach() for t in received)
             leaves = tuple(t.requires_grad_() for t in _floats(args)) if train else ()
         saved = SavedTensors() if train and self.schedule.split_backward else None
         with saved.recording() if saved is not None else contextlib.nullcontext():
             output = self.chunks[action.chunk](*args)
-            if stage < self.schedule.num_stages - 1:
+            if not op.last:
                 sent = _as_tuple(output)
                 if train:
-                    held[(mb, action.chunk)] = _Held(leaves, _floats(sent), saved)
-                return [(FORWARD, stage, mb, sent)]
+                    state.held[(mb, action.chunk)] = _Held(leaves, _floats(sent), saved)
+                return sent
             if not train:
-                outputs[mb] = output
+                state.outputs[mb] = output
             if self.loss_fn is not None:
-                target = feeds[1].take(mb) if feeds[1].given else None
+                target = state.targets.take(mb) if state.targets.given else None
                 loss = self.loss_fn(output) if target is None else self.loss_fn(output, target)
-                losses[mb] = loss.detach()
+                state.losses[mb] = loss.detach()
                 if train:
-                    held[(mb, action.chunk)] = _Held(leaves, (loss / self.schedule.microbatches,), saved)
-        return []
+                    state.held[(mb, action.chunk)] = _Held(leaves, (loss / self.schedule.microbatches,), saved)
+        return None
 
-    def _backward(
-        self,
-        k: int,
-        action: Action,
-        received: list[tuple[torch.Tensor, ...]],
-        held: dict[tuple[int, int], _Held],
-        pending_w: dict[tuple[int, int], WeightGradient],
-    ) -> list[tuple[str, int, int, tuple[torch.Tensor, ...]]]:
-        mb, chunk, stage = action.microbatch, action.chunk, self._stage(action)
-        key = (mb, chunk)
-        if action.kind in "BI":
-            entry = held.pop(key)
-            last = stage == self.schedule.num_stages - 1
-            grads = (None,) * len(entry.outputs) if last else received[0]
-            pairs = [(o, g) for o, g in zip(entry.outputs, grads) if o.requires_grad]
-            outs, out_grads = [o for o, _ in pairs], [g for _, g in pairs]
-        if action.kind == "I":  # the input gradient only; W later runs what it captured
-            input_grads, pending_w[key] = input_backward(outs, out_grads, entry.inputs, entry.saved)
-            return self._send_back(stage, mb, entry.inputs, input_grads)
-        final = self._last_backward[chunk] == k
-        sync = self.no_sync(chunk) if self.no_sync is not None and not final else contextlib.nullcontext()
-        with sync:
-            if action.kind == "W":
-                pending_w.pop(key).run()
-            elif outs:
+    def _gradients(self, state: _StepState, op: _Op, received: Tensors) -> tuple[_Held, list, list]:
+        """The activation set a backward starts from, its outputs that need a gradient, and those gradients."""
+        entry = state.held.pop((op.step.action.microbatch, op.step.action.chunk))
+        grads = (None,) * len(entry.outputs) if op.last else received
+        pairs = [(o, g) for o, g in zip(entry.outputs, grads) if o.requires_grad]
+        return entry, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _backward(self, state: _StepState, op: _Op, received: Tensors) -> Tensors | None:
+        """``B``: the whole backward into ``.grad`` and the stage input."""
+        entry, outs, out_grads = self._gradients(state, op, received)
+        with self._sync(op):
+            if outs:
                 torch.autograd.backward(outs, out_grads)
-        if final and self.on_chunk_grads_ready is not None:
-            self.on_chunk_grads_ready(chunk)
-        if action.kind == "W":
-            return []
-        return self._send_back(stage, mb, entry.inputs, [x.grad for x in entry.inputs])
+        self._grads_ready(op)
+        return self._input_grads(op, entry.inputs, [x.grad for x in entry.inputs])
+
+    def _input_grad(self, state: _StepState, op: _Op, received: Tensors) -> Tensors | None:
+        """``I``: the input gradient only; ``W`` later runs what it captured."""
+        entry, outs, out_grads = self._gradients(state, op, received)
+        key = (op.step.action.microbatch, op.step.action.chunk)
+        grads, state.pending_w[key] = input_backward(outs, out_grads, entry.inputs, entry.saved)
+        return self._input_grads(op, entry.inputs, grads)
+
+    def _weight_grad(self, state: _StepState, op: _Op, received: Tensors) -> Tensors | None:
+        """``W``: the parameter gradients of a microbatch whose ``I`` ran, into ``.grad``."""
+        weight = state.pending_w.pop((op.step.action.microbatch, op.step.action.chunk))
+        with self._sync(op):
+            weight.run()
+        self._grads_ready(op)
+        return None
+
+    def _sync(self, op: _Op) -> AbstractContextManager[Any]:
+        """``no_sync`` around every backward of a chunk but its last of the step."""
+        if self.no_sync is None or op.final:
+            return contextlib.nullcontext()
+        return self.no_sync(op.step.action.chunk)
+
+    def _grads_ready(self, op: _Op) -> None:
+        if op.final and self.on_chunk_grads_ready is not None:
+            self.on_chunk_grads_ready(op.step.action.chunk)
 
     @staticmethod
-    def _send_back(
-        stage: int, mb: int, inputs: tuple[torch.Tensor, ...], grads: Sequence[torch.Tensor | None]
-    ) -> list[tuple[str, int, int, tuple[torch.Tensor, ...]]]:
+    def _input_grads(op: _Op, inputs: Tensors, grads: Sequence[torch.Tensor | None]) -> Tensors | None:
         """The input-gradient message to the previous stage (zeros where an input got no gradient)."""
-        if stage == 0:
-            return []
+        if op.first:
+            return None
         grads = list(grads) or [None] * len(inputs)
-        return [(BACKWARD, stage, mb, tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)))]
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))

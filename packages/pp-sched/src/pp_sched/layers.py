@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .action import LAYOUTS, place
 from .errors import PipelineScheduleError
 
 #: ``uneven`` value that counts the embedding and the head as one layer each when splitting.
@@ -57,27 +58,38 @@ def _counts(num_layers: int, stages: int, uneven: str | Sequence[int] | None) ->
 
 
 def split_layers(
-    num_layers: int, *, pp: int, vpp: int = 1, uneven: str | Sequence[int] | None = None
+    num_layers: int,
+    *,
+    pp: int,
+    vpp: int = 1,
+    uneven: str | Sequence[int] | None = None,
+    layout: str = "looped",
 ) -> tuple[StageLayers, ...]:
     """Split ``num_layers`` consecutive layers over the ``pp * vpp`` stages, in stage order.
 
     By default every stage gets the same number (it must divide). ``uneven="embedding-head"`` counts the
     embedding and the head as one layer each, so the first and last stage get one layer fewer (Megatron's
     ``account_for_embedding_in_pipeline_split`` and ``..._loss_...``); a list gives each stage's count.
-    Returns one :class:`StageLayers` per stage; raises :class:`PipelineScheduleError` naming the rule.
+    ``layout`` places the stages on ranks as the schedule does (``schedule.layout``: ``"looped"`` or
+    ``"v"``). Returns one :class:`StageLayers` per stage; raises :class:`PipelineScheduleError` naming the rule.
     """
     for name, value in (("num_layers", num_layers), ("pp", pp), ("vpp", vpp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PipelineScheduleError(f"{name}={value!r} must be an integer >= 1")
+    if layout not in LAYOUTS:
+        raise PipelineScheduleError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "v" and vpp != 2:
+        raise PipelineScheduleError(f"layout='v' holds two chunks per rank, so vpp must be 2, got vpp={vpp}")
     stages = pp * vpp
     counts = _counts(num_layers, stages, uneven)
     result, first = [], 0
     for stage, count in enumerate(counts):
+        rank, chunk = place(layout, pp, stage)
         result.append(
             StageLayers(
                 stage=stage,
-                rank=stage % pp,
-                chunk=stage // pp,
+                rank=rank,
+                chunk=chunk,
                 layers=range(first, first + count),
                 embedding=stage == 0,
                 head=stage == stages - 1,
@@ -85,3 +97,16 @@ def split_layers(
         )
         first += count
     return tuple(result)
+
+
+def stage_costs(stages: Sequence[StageLayers], *, embedding: float = 1.0, head: float = 1.0) -> list[float]:
+    """Each stage's relative compute for :func:`pp_sched.simulate`: its transformer layers, plus
+    ``embedding`` and ``head`` (in layers' worth) where it holds them. A stage must cost something: one
+    with no transformer layers needs the embedding or the head."""
+    costs = []
+    for s in stages:
+        cost = len(s.layers) + (embedding if s.embedding else 0.0) + (head if s.head else 0.0)
+        if not cost > 0:
+            raise PipelineScheduleError(f"stage {s.stage} holds no layer, embedding or head; every stage needs work")
+        costs.append(float(cost))
+    return costs

@@ -1,8 +1,10 @@
 """Point-to-point messages between adjacent pipeline stages over the pipeline group.
 
-A message is a tuple of tensors of any shapes and dtypes. Activations travel forward (stage ``s`` to
-``s + 1``), gradients backward (``s + 1`` to ``s``); with looped placement stage ``s`` lives on pipeline
-rank ``s % pp``, so the last rank's chunk ``c`` feeds rank 0's chunk ``c + 1``. The shapes of a boundary
+A message (:class:`~pp_sched.plan.Message`, the plan's own) carries a tuple of tensors of any shapes and
+dtypes. Activations travel forward (stage ``s`` to ``s + 1``), gradients backward (``s + 1`` to ``s``);
+the message names the pipeline ranks at both ends, as the schedule's placement puts the stages (looped:
+the last rank's chunk ``c`` feeds rank 0's chunk ``c + 1``; V: the turn stays on one rank and is never
+sent). The shapes of a boundary
 are sent once, with its first activation message (or declared up front); a gradient message carries
 one tensor for each floating-point tensor of the activation message it answers, with the same spec.
 
@@ -26,6 +28,7 @@ from pstate import Group, as_group
 from pstate.device import device_for_backend
 
 from .errors import PipelineScheduleError
+from .plan import BACKWARD, FORWARD, Message
 
 #: Most tensors in one message and most dimensions of one tensor when shapes are exchanged.
 MAX_TENSORS = 8
@@ -46,7 +49,6 @@ _DTYPES = (
 )
 _FIELDS = 2 + MAX_DIMS  # dtype code, ndim, dims
 _META_LEN = 1 + MAX_TENSORS * _FIELDS
-FORWARD, BACKWARD = "forward", "backward"
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,13 @@ class Pending:
 
 
 class StageP2P:
-    """Sends and receives stage-boundary messages for one pipeline rank.
+    """Sends and receives stage-boundary messages (:class:`~pp_sched.plan.Message`) for one pipeline rank.
 
     ``group`` is the pipeline group (a ``pstate`` axis or a process group) of ``pp`` ranks; ``vpp`` is
     the number of chunks per rank. ``specs``, when given, declares the tensors of every activation
     message (same on every boundary) and skips the shape exchange. ``device`` holds received tensors
-    (default: the device of the group's backend).
+    (default: the device of the group's backend). A message names its boundary, microbatch and the
+    pipeline ranks that send and receive it, so any stage placement (looped, V) is addressed alike.
     """
 
     def __init__(
@@ -132,25 +135,25 @@ class StageP2P:
         self._declared = None if specs is None else tuple(specs)
         self._specs: dict[int, tuple[TensorSpec, ...]] = {}  # boundary -> specs of its activation message
         self._sending: list[tuple[dist.Work, object]] = []  # a send request and the tensors it reads
+        self._prune_at = 64
 
     # -- addressing: boundary b joins stage b and stage b + 1 --
 
-    def _boundary(self, direction: str, stage: int, sending: bool) -> int:
-        if direction not in (FORWARD, BACKWARD):
-            raise PipelineScheduleError(f"direction={direction!r} is not {FORWARD!r} or {BACKWARD!r}")
-        if not 0 <= stage < self.num_stages or stage % self.pp != self.rank:
-            raise PipelineScheduleError(f"stage {stage} is not held by pipeline rank {self.rank}")
-        towards_next = (direction == FORWARD) == sending
-        boundary = stage if towards_next else stage - 1
-        if not 0 <= boundary < self.num_stages - 1:
+    def _address(self, message: Message, sending: bool) -> int:
+        """The global rank of ``message``'s other end, after checking it is this rank's to send or receive."""
+        if message.kind not in (FORWARD, BACKWARD):
+            raise PipelineScheduleError(f"message kind={message.kind!r} is not {FORWARD!r} or {BACKWARD!r}")
+        if not 0 <= message.boundary < self.num_stages - 1:
             raise PipelineScheduleError(
-                f"stage {stage} has no {'next' if towards_next else 'previous'} stage to exchange {direction} messages"
+                f"boundary {message.boundary} is outside 0..{self.num_stages - 2} ({self.num_stages} stages)"
             )
-        return boundary
-
-    def _peer(self, boundary: int, sending: bool, direction: str) -> int:
-        other = boundary + 1 if (direction == FORWARD) == sending else boundary
-        return self._peers[other % self.pp]
+        mine, other = (message.src, message.dst) if sending else (message.dst, message.src)
+        if mine != self.rank:
+            role = "sender" if sending else "receiver"
+            raise PipelineScheduleError(f"{message} names rank {mine} as its {role}, not pipeline rank {self.rank}")
+        if not 0 <= other < self.pp or other == self.rank:
+            raise PipelineScheduleError(f"{message} has no other pipeline rank to exchange with (pp={self.pp})")
+        return self._peers[other]
 
     def _tag(self, direction: str, boundary: int, microbatch: int, index: int) -> int:
         slot = (microbatch * self.num_stages + boundary) * 2 + (direction == BACKWARD)
@@ -162,8 +165,9 @@ class StageP2P:
             return tuple(s for s in specs if s.has_grad)
         return specs
 
-    def _check(self, direction: str, boundary: int, tensors: Sequence[torch.Tensor]) -> list[dist.P2POp]:
+    def _check(self, message: Message, peer: int, tensors: Sequence[torch.Tensor]) -> list[dist.P2POp]:
         """Check an outgoing message against its boundary's specs; the shape message when it is the first."""
+        direction, boundary = message.kind, message.boundary
         got = tuple(TensorSpec.of(t) for t in tensors)
         expected = self._message_specs(direction, boundary)
         if expected is None and direction == BACKWARD:
@@ -171,7 +175,7 @@ class StageP2P:
         if expected is None:  # first activation over this boundary: its shapes go first
             meta = _encode(got, self.device)
             self._specs[boundary] = got
-            return [dist.P2POp(dist.isend, meta, self._peer(boundary, True, direction), self.group, tag=boundary)]
+            return [dist.P2POp(dist.isend, meta, peer, self.group, tag=boundary)]
         if got != expected:
             raise PipelineScheduleError(
                 f"{direction} message over stage boundary {boundary}->{boundary + 1} has tensors {got}, "
@@ -179,38 +183,35 @@ class StageP2P:
             )
         return []
 
-    def knows_shapes(self, direction: str, stage: int) -> bool:
-        """Whether a receive ``(direction, stage, ...)`` can be posted without waiting for a shape message."""
-        return self._message_specs(direction, self._boundary(direction, stage, sending=False)) is not None
+    def knows_shapes(self, message: Message) -> bool:
+        """Whether the receive of ``message`` can be posted without waiting for a shape message."""
+        return self._message_specs(message.kind, message.boundary) is not None
 
     # -- the exchange --
 
     def exchange(
         self,
-        sends: Sequence[tuple[str, int, int, Sequence[torch.Tensor]]] = (),
-        recvs: Sequence[tuple[str, int, int]] = (),
+        sends: Sequence[tuple[Message, Sequence[torch.Tensor]]] = (),
+        recvs: Sequence[Message] = (),
     ) -> Pending:
-        """Post ``sends`` and ``recvs`` as one batch and return the pending receives.
-
-        A send is ``(direction, stage, microbatch, tensors)`` from this rank's ``stage``: ``"forward"``
-        sends activations to ``stage + 1``, ``"backward"`` sends gradients to ``stage - 1``. A receive is
-        ``(direction, stage, microbatch)`` into this rank's ``stage``: ``"forward"`` from ``stage - 1``,
-        ``"backward"`` from ``stage + 1``. The first receive over a boundary waits for its shapes here.
-        """
+        """Post ``sends`` (each a message this rank sends and its tensors) and the receives of ``recvs``
+        (messages this rank receives) as one batch, and return the pending receives. ``"forward"``
+        messages carry activations to the later stage, ``"backward"`` ones gradients to the earlier stage.
+        The first receive over a boundary waits for its shapes here."""
         ops: list[dist.P2POp] = []
-        for direction, stage, microbatch, tensors in sends:
-            boundary = self._boundary(direction, stage, sending=True)
+        for message, tensors in sends:
+            peer = self._address(message, sending=True)
             tensors = tuple(t.detach().contiguous() for t in tensors)
-            ops += self._check(direction, boundary, tensors)
-            peer = self._peer(boundary, True, direction)
+            ops += self._check(message, peer, tensors)
             for i, tensor in enumerate(tensors):
-                tag = self._tag(direction, boundary, microbatch, i)
+                tag = self._tag(message.kind, message.boundary, message.microbatch, i)
                 ops.append(dist.P2POp(dist.isend, tensor, peer, self.group, tag))
         num_sends = len(ops)
         buffers: list[tuple[torch.Tensor, ...]] = []
         recv_works: list[dist.Work] = []
-        for direction, stage, microbatch in recvs:
-            boundary = self._boundary(direction, stage, sending=False)
+        for message in recvs:
+            peer = self._address(message, sending=False)
+            direction, boundary = message.kind, message.boundary
             specs = self._message_specs(direction, boundary)
             if specs is None and direction == BACKWARD:
                 raise PipelineScheduleError(
@@ -218,7 +219,7 @@ class StageP2P:
                 )
             if specs is None:  # the boundary's shapes come first: post what is gathered, wait for them
                 meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, meta, self._peer(boundary, False, direction), self.group, boundary))
+                ops.append(dist.P2POp(dist.irecv, meta, peer, self.group, boundary))
                 works = dist.batch_isend_irecv(ops)
                 works = self._keep_sends(works, ops[:num_sends], len(ops))
                 works[-1].wait()  # the shape message (on NCCL, the one coalesced request)
@@ -226,25 +227,22 @@ class StageP2P:
                 ops, num_sends = [], 0
                 self._specs[boundary] = _decode(meta)
                 specs = self._message_specs(direction, boundary)
-            buffers.append(self._recv_ops(ops, direction, boundary, microbatch, specs))
+            tensors = tuple(torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs)
+            for i, tensor in enumerate(tensors):
+                tag = self._tag(direction, boundary, message.microbatch, i)
+                ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group, tag))
+            buffers.append(tensors)
         if ops:
             works = dist.batch_isend_irecv(ops)
             recv_works += self._keep_sends(works, ops[:num_sends], len(ops))
         return Pending(recv_works, buffers)
 
-    def _recv_ops(
-        self, ops: list[dist.P2POp], direction: str, boundary: int, microbatch: int, specs: Sequence[TensorSpec]
-    ) -> tuple[torch.Tensor, ...]:
-        peer = self._peer(boundary, False, direction)
-        tensors = tuple(torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs)
-        for i, tensor in enumerate(tensors):
-            ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group, self._tag(direction, boundary, microbatch, i)))
-        return tensors
-
     def _keep_sends(self, works: list[dist.Work], sends: list[dist.P2POp], num_ops: int) -> list[dist.Work]:
         """Remember send requests with their tensors (waited for later) and return the receive requests to
         wait for now. A backend that coalesces the batch into fewer requests (NCCL) has all of them waited for."""
-        self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+        if len(self._sending) >= self._prune_at:  # amortized: a step's cost stays linear in its messages
+            self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+            self._prune_at = max(64, 2 * len(self._sending))
         if len(works) != num_ops:
             self._sending += [(w, tuple(op.tensor for op in sends)) for w in works]
             return list(works)

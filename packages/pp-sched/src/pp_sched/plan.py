@@ -27,34 +27,44 @@ FORWARD, BACKWARD, SHAPE = "forward", "backward", "shape"
 
 @dataclass(frozen=True)
 class Message:
-    """One message over stage boundary ``boundary`` (between stages ``boundary`` and ``boundary + 1``).
+    """One message over stage boundary ``boundary`` (between stages ``boundary`` and ``boundary + 1``),
+    from pipeline rank ``src`` to pipeline rank ``dst``.
 
     ``kind`` is ``"forward"`` (an activation, to the later stage), ``"backward"`` (a gradient, to the
-    earlier stage) or ``"shape"`` (the shapes of a boundary, sent before its first activation).
+    earlier stage) or ``"shape"`` (the shapes of a boundary, sent before its first activation). A message
+    with ``src == dst`` (the turn of a V placement) stays on its rank and is never posted.
     """
 
     kind: str
     boundary: int
-    microbatch: int = 0
+    microbatch: int
+    src: int
+    dst: int
 
-    def source(self, pp: int) -> int:
-        """The pipeline rank that sends it."""
-        return (self.boundary + (self.kind == BACKWARD)) % pp
+    @property
+    def local(self) -> bool:
+        """Whether sender and receiver are the same rank (handed over without communication)."""
+        return self.src == self.dst
 
-    def destination(self, pp: int) -> int:
-        """The pipeline rank that receives it."""
-        return (self.boundary + (self.kind != BACKWARD)) % pp
+
+def message(schedule: Schedule, kind: str, boundary: int, microbatch: int = 0) -> Message:
+    """The :class:`Message` ``kind`` over ``boundary`` of ``schedule``, addressed by its placement."""
+    later, earlier = schedule.rank_of(boundary + 1), schedule.rank_of(boundary)
+    src, dst = (later, earlier) if kind == BACKWARD else (earlier, later)
+    return Message(kind, boundary, microbatch, src, dst)
 
 
 @dataclass(frozen=True)
 class Step:
     """One action of a rank and its messages: ``recvs`` are posted (in order) before the action runs,
-    ``needs`` is the received message it waits for, ``sends`` are posted after it ran."""
+    ``needs`` is the message it waits for (posted, or local), ``sends`` are posted after it ran, and
+    ``out`` is the data message it produces (the last of ``sends``, or a local one, or ``None``)."""
 
     action: Action
     recvs: tuple[Message, ...]
     needs: Message | None
     sends: tuple[Message, ...]
+    out: Message | None = None
 
 
 def received(schedule: Schedule, rank: int, action: Action, train: bool = True) -> Message | None:
@@ -62,9 +72,9 @@ def received(schedule: Schedule, rank: int, action: Action, train: bool = True) 
     before the last stage (training only)."""
     stage = schedule.stage_of(rank, action.chunk)
     if action.kind == "F" and stage > 0:
-        return Message(FORWARD, stage - 1, action.microbatch)
+        return message(schedule, FORWARD, stage - 1, action.microbatch)
     if train and action.kind in "BI" and stage < schedule.num_stages - 1:
-        return Message(BACKWARD, stage, action.microbatch)
+        return message(schedule, BACKWARD, stage, action.microbatch)
     return None
 
 
@@ -73,9 +83,9 @@ def sent(schedule: Schedule, rank: int, action: Action, train: bool = True) -> M
     ``B``/``I`` after stage 0 (training only)."""
     stage = schedule.stage_of(rank, action.chunk)
     if action.kind == "F" and stage < schedule.num_stages - 1:
-        return Message(FORWARD, stage, action.microbatch)
+        return message(schedule, FORWARD, stage, action.microbatch)
     if train and action.kind in "BI" and stage > 0:
-        return Message(BACKWARD, stage - 1, action.microbatch)
+        return message(schedule, BACKWARD, stage - 1, action.microbatch)
     return None
 
 
@@ -84,42 +94,45 @@ def _actions(schedule: Schedule, rank: int, train: bool) -> tuple[Action, ...]:
 
 
 def _sends(schedule: Schedule, rank: int, train: bool, declared: bool) -> list[tuple[Message, ...]]:
-    """Per action of ``rank``, what it sends: a shape message precedes a boundary's first activation."""
+    """Per action of ``rank``, what it posts: a shape message precedes a boundary's first activation; a
+    local message is not posted."""
     announced: set[int] = set()
     out = []
     for action in _actions(schedule, rank, train):
-        message = sent(schedule, rank, action, train)
-        group: tuple[Message, ...] = () if message is None else (message,)
-        if message is not None and message.kind == FORWARD and not declared and message.boundary not in announced:
-            announced.add(message.boundary)
-            group = (Message(SHAPE, message.boundary), message)
+        data = sent(schedule, rank, action, train)
+        group: tuple[Message, ...] = () if data is None or data.local else (data,)
+        if group and data.kind == FORWARD and not declared and data.boundary not in announced:
+            announced.add(data.boundary)
+            group = (message(schedule, SHAPE, data.boundary), data)
         out.append(group)
     return out
 
 
-def _needs_driven(schedule: Schedule, rank: int, train: bool, declared: bool) -> list[list[Message]]:
+def _needs_driven(
+    schedule: Schedule, rank: int, train: bool, sends: list[list[tuple[Message, ...]]]
+) -> list[list[Message]]:
     """Per action of ``rank``, the receives posted before it: from the sender of what it needs, every
-    message up to that one in the sender's order."""
+    message up to that one in the sender's order (``sends``: every rank's :func:`_sends`)."""
     pp = schedule.pp
     channels: dict[int, list[Message]] = {}  # sender -> what it sends to this rank, in its order
     for src in range(pp):
-        sends = [m for group in _sends(schedule, src, train, declared) for m in group]
-        channels[src] = [m for m in sends if m.destination(pp) == rank]
+        channels[src] = [m for group in sends[src] for m in group if m.dst == rank]
+    position = {m: i for channel in channels.values() for i, m in enumerate(channel)}
     taken = dict.fromkeys(range(pp), 0)
     posted: set[Message] = set()
     out = []
     for action in _actions(schedule, rank, train):
         need = received(schedule, rank, action, train)
         recvs: list[Message] = []
-        if need is not None and need not in posted:
-            src = need.source(pp)
-            if need not in channels[src][taken[src] :]:
+        if need is not None and not need.local and need not in posted:
+            src = need.src
+            if position.get(need, -1) < taken[src]:
                 raise PipelineScheduleError(f"rank {rank} {action} needs {need}, which rank {src} never sends")
             while need not in posted:
-                message = channels[src][taken[src]]
+                earlier = channels[src][taken[src]]
                 taken[src] += 1
-                posted.add(message)
-                recvs.append(message)
+                posted.add(earlier)
+                recvs.append(earlier)
         out.append(recvs)
     return out
 
@@ -136,25 +149,11 @@ def posting_orders(schedule: Schedule, *, train: bool = True, declared: bool = F
     pp = schedule.pp
     actions = [_actions(schedule, r, train) for r in range(pp)]
     sends = [_sends(schedule, r, train, declared) for r in range(pp)]
-    recvs = [_needs_driven(schedule, r, train, declared) for r in range(pp)]
-
-    def steps() -> tuple[tuple[Step, ...], ...]:
-        return tuple(
-            tuple(
-                Step(a, tuple(rv), received(schedule, r, a, train), sd)
-                for a, rv, sd in zip(actions[r], recvs[r], sends[r])
-            )
-            for r in range(pp)
-        )
-
-    while True:
-        plans = steps()
-        posts = [batches(plan) for plan in plans]
-        stuck = _replay(pp, posts)
-        if stuck is None:
-            return plans
-        if not _pull_receives(pp, posts, stuck, recvs):
-            raise PipelineScheduleError(_stuck_message(posts, stuck))
+    recvs = [_needs_driven(schedule, r, train, sends) for r in range(pp)]
+    needs = [[received(schedule, r, a, train) for a in actions[r]] for r in range(pp)]
+    outs = [[sent(schedule, r, a, train) for a in actions[r]] for r in range(pp)]
+    _Puller(pp, sends, recvs).run()
+    return tuple(tuple(map(Step, actions[r], map(tuple, recvs[r]), needs[r], sends[r], outs[r])) for r in range(pp))
 
 
 def posting_order(schedule: Schedule, rank: int, *, train: bool = True, declared: bool = False) -> tuple[Step, ...]:
@@ -162,34 +161,89 @@ def posting_order(schedule: Schedule, rank: int, *, train: bool = True, declared
     return posting_orders(schedule, train=train, declared=declared)[rank]
 
 
-def _pull_receives(pp: int, posts: list[list[_Batch]], current: list[int], recvs: list[list[list[Message]]]) -> bool:
-    """Where a stuck batch sends to a rank that posts the receive only later, move that receive into
-    the receiver's current batch (a stuck batch waits only for batches that have started: this breaks
-    every cycle of ranks sending to each other). Returns whether anything moved."""
-    where = _where(posts)
-    moved = False
-    for sender in range(pp):
-        if current[sender] >= len(posts[sender]):
-            continue
-        for op, message in posts[sender][current[sender]].ops:
-            rank = message.destination(pp)
-            if op == "send" and current[rank] < len(posts[rank]) and where[("recv", message)] > current[rank]:
-                moved |= _move(recvs[rank], posts[rank][current[rank]].step, message, sender, pp)
-    return moved
+class _Puller:
+    """Replays the posts under NCCL's semantics and, where they are stuck, pulls receives earlier.
+
+    Where a stuck batch sends to a rank that posts the receive only later, that receive (and what the
+    same sender sent before it) moves into the receiver's current batch: a stuck batch waits only for
+    batches that have started, so this breaks every cycle of ranks sending to each other. The replay
+    then continues from where it stopped: a pulled receive only moves into a batch that has not
+    completed, and earlier posts only let more complete, so continuing reaches the same end as replaying
+    from the start. Batches are edited in place (one left empty completes at once), so the whole costs
+    one replay plus the moves.
+    """
+
+    def __init__(self, pp: int, sends: list[list[tuple[Message, ...]]], recvs: list[list[list[Message]]]):
+        self.pp, self.recvs = pp, recvs
+        self.posts = [batches(list(map(_Stub, sends[r], map(tuple, recvs[r])))) for r in range(pp)]
+        self.where = _where(self.posts)
+        # each receiver's channel from each sender, in the sender's order; receives follow it
+        self.channel: dict[tuple[int, int], list[Message]] = {}
+        self.position: dict[Message, int] = {}
+        self.step_of: dict[Message, int] = {}
+        for r in range(pp):
+            for k, rv in enumerate(recvs[r]):
+                for m in rv:
+                    self.position[m] = len(self.channel.setdefault((m.src, r), []))
+                    self.channel[(m.src, r)].append(m)
+                    self.step_of[m] = k
+
+    def run(self) -> None:
+        current = [0] * self.pp
+        while True:
+            stuck = _advance(self.pp, self.posts, self.where, current)
+            if stuck is None:
+                return
+            if not self._pull(stuck):
+                raise PipelineScheduleError(_stuck_message(self.posts, stuck))
+
+    def _pull(self, current: list[int]) -> bool:
+        moved = False
+        for sender in range(self.pp):
+            if current[sender] >= len(self.posts[sender]):
+                continue
+            for op, m in list(self.posts[sender][current[sender]].ops):
+                rank = m.dst
+                later = (
+                    op == "send" and current[rank] < len(self.posts[rank]) and self.where[("recv", m)] > current[rank]
+                )
+                if later:
+                    moved |= self._move(rank, current[rank], m)
+        return moved
+
+    def _move(self, rank: int, batch: int, message: Message) -> bool:
+        """Post ``message`` (and what its sender sent to ``rank`` before it) in ``rank``'s batch ``batch``'s step."""
+        posts = self.posts[rank]
+        step = posts[batch].step
+        channel = self.channel[(message.src, rank)]
+        first = self.position[message]
+        if self.step_of[message] <= step:
+            return False
+        while first and self.step_of[channel[first - 1]] > step:
+            first -= 1
+        pulled = channel[first : self.position[message] + 1]
+        if any(m.kind == SHAPE for m in pulled):  # a shape receive splits a batch: not moved in place
+            return False
+        target = batch  # the step's last batch (a shape receive of the step ends the ones before it)
+        while target + 1 < len(posts) and posts[target + 1].step == step:
+            target += 1
+        for m in pulled:
+            old = self.step_of[m]
+            self.recvs[rank][old].remove(m)
+            self.recvs[rank][step].append(m)
+            self.step_of[m] = step
+            posts[self.where[("recv", m)]].ops.remove(("recv", m))
+            posts[target].ops.append(("recv", m))
+            self.where[("recv", m)] = target
+        return True
 
 
-def _move(recvs: list[list[Message]], step: int, message: Message, src: int, pp: int) -> bool:
-    """Post ``message`` (and what ``src`` sent before it) at ``step`` instead of later."""
-    if step >= len(recvs):
-        return False
-    later = [m for rv in recvs[step + 1 :] for m in rv if m.source(pp) == src]
-    if message not in later:
-        return False
-    pulled = later[: later.index(message) + 1]
-    for rv in recvs[step + 1 :]:
-        rv[:] = [m for m in rv if m not in pulled]
-    recvs[step] += pulled
-    return True
+@dataclass(frozen=True)
+class _Stub:
+    """What :func:`batches` reads of a step."""
+
+    sends: tuple[Message, ...]
+    recvs: tuple[Message, ...]
 
 
 @dataclass
@@ -200,7 +254,7 @@ class _Batch:
     step: int
 
 
-def batches(steps: Sequence[Step]) -> list[_Batch]:
+def batches(steps: Sequence[Step | _Stub]) -> list[_Batch]:
     """The batches a rank posts, as the executor posts them: the receives of step 0, then after each
     action its sends with the next step's receives; a batch ends after a shape receive (the rank waits
     for the shapes before it can post the data receive)."""
@@ -231,8 +285,8 @@ def check_posting_order(
         plans = posting_orders(schedule, train=train, declared=declared)
     for src in range(pp):
         for dst in range(pp):
-            out = [m for step in plans[src] for m in step.sends if m.destination(pp) == dst]
-            into = [m for step in plans[dst] for m in step.recvs if m.source(pp) == src]
+            out = [m for step in plans[src] for m in step.sends if m.dst == dst]
+            into = [m for step in plans[dst] for m in step.recvs if m.src == src]
             if out != into:
                 i = next((i for i, (a, b) in enumerate(zip(out, into)) if a != b), min(len(out), len(into)))
                 mine = out[i] if i < len(out) else "nothing"
@@ -244,10 +298,10 @@ def check_posting_order(
         seen: set[Message] = set()
         for step in plan:
             seen.update(step.recvs)
-            if step.needs is not None and step.needs not in seen:
+            if step.needs is not None and not step.needs.local and step.needs not in seen:
                 raise PipelineScheduleError(f"rank {rank} {step.action} waits for {step.needs} before posting it")
     posts = [batches(plan) for plan in plans]
-    stuck = _replay(pp, posts)
+    stuck = _advance(pp, posts, _where(posts), [0] * pp)
     if stuck is not None:
         raise PipelineScheduleError(_stuck_message(posts, stuck))
 
@@ -257,26 +311,31 @@ def _where(posts: list[list[_Batch]]) -> dict[tuple[str, Message], int]:
     return {(op, m): i for rank_posts in posts for i, batch in enumerate(rank_posts) for op, m in batch.ops}
 
 
-def _replay(pp: int, posts: list[list[_Batch]]) -> list[int] | None:
-    """Run every rank's batches in order; a batch completes once each of its messages' other end is in
-    a batch that has started. Returns ``None`` when all complete, else each rank's stuck batch index."""
-    where = _where(posts)
-    current = [0] * pp
-    progress = True
-    while progress:
-        progress = False
-        for rank in range(pp):
-            while current[rank] < len(posts[rank]):
-                for op, message in posts[rank][current[rank]].ops:
-                    other = "recv" if op == "send" else "send"
-                    peer = message.destination(pp) if op == "send" else message.source(pp)
-                    if current[peer] < where[(other, message)]:
-                        break
+def _advance(
+    pp: int, posts: list[list[_Batch]], where: dict[tuple[str, Message], int], current: list[int]
+) -> list[int] | None:
+    """Run every rank's batches in order from ``current`` (updated in place); a batch completes once each
+    of its messages' other end is in a batch that has started. Returns ``None`` when all complete, else
+    ``current``, each rank's stuck batch index. A rank is looked at again only when a peer advanced."""
+    todo = set(range(pp))
+    while todo:
+        rank = todo.pop()
+        rank_posts = posts[rank]
+        while current[rank] < len(rank_posts):
+            for op, message in rank_posts[current[rank]].ops:
+                if op == "send":
+                    peer, other = message.dst, "recv"
                 else:
-                    current[rank] += 1
-                    progress = True
-                    continue
-                break
+                    peer, other = message.src, "send"
+                if current[peer] < where[(other, message)]:
+                    break
+            else:
+                current[rank] += 1
+                todo.update(m.dst if op == "send" else m.src for op, m in rank_posts[current[rank] - 1].ops)
+                if current[rank] < len(rank_posts):
+                    todo.update(m.dst if op == "send" else m.src for op, m in rank_posts[current[rank]].ops)
+                continue
+            break
     return None if all(current[r] == len(posts[r]) for r in range(pp)) else current
 
 

@@ -66,13 +66,16 @@ def render(
         return round(_exact(t) / step)
 
     rows = []
+    pairs = sim.schedule.pairs
     for rank, line in enumerate(sim.timelines):
         cells = [".".ljust(width)] * columns
-        for slot in line:
+        paired = {k + i for k in pairs[rank] for i in (0, 1)}
+        for index, slot in enumerate(line):
             first, last = column(slot.start), max(column(slot.end), column(slot.start) + 1)
             span = (last - first) * width
             label = slot.action.label[: span - 1]
-            text = (label + "-" * (span - len(label) - 1) + " ") if span > len(label) + 1 else label.ljust(span)
+            fill = "=" if index in paired else "-"
+            text = (label + fill * (span - len(label) - 1) + " ") if span > len(label) + 1 else label.ljust(span)
             for k in range(first, min(last, columns)):
                 cells[k] = text[(k - first) * width : (k - first + 1) * width]
         rows.append(f"rank {rank}".ljust(prefix) + "".join(cells).rstrip())
@@ -84,6 +87,8 @@ def render(
     kinds = sorted({slot.action.kind for line in sim.timelines for slot in line}, key="FBIW".index)
     legend = ", ".join(f"{k} {_NAMES[k]}" for k in kinds)
     chunks = "; cN = chunk N" if sim.schedule.vpp > 1 else ""
+    if any(pairs):
+        chunks += "; == an overlapped pair (a forward and a backward of another microbatch)"
     exact = step * columns == _exact(sim.makespan) and all(
         (_exact(slot.start) / step).denominator == 1 for line in sim.timelines for slot in line
     )

@@ -14,6 +14,7 @@ buffered: a rank never waits for its receiver.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -88,7 +89,9 @@ def _describe(schedule: Schedule, need: tuple[str, int, int], position: list[int
     return f"{what} on stage {stage} (rank {rank}{blocked})"
 
 
-def _run(schedule: Schedule, costs: dict[str, Real], comm: Real) -> list[list[Slot]]:
+def _run(
+    schedule: Schedule, costs: dict[str, Real], comm: Real, scale: Sequence[Real] | None = None
+) -> list[list[Slot]]:
     """Execute every rank in order; raise :class:`PipelineScheduleError` naming the stuck actions."""
     done: dict[tuple[str, int, int], tuple[Real, int]] = {}  # result -> (finish time, producing rank)
     position = [0] * schedule.pp
@@ -107,9 +110,9 @@ def _run(schedule: Schedule, costs: dict[str, Real], comm: Real) -> list[list[Sl
                 for need in needs:
                     end, producer = done[need]
                     start = max(start, end + (comm if producer != rank else 0))
-                end = start + costs[action.kind]
-                timelines[rank].append(Slot(action, start, end))
                 stage = schedule.stage_of(rank, action.chunk)
+                end = start + (costs[action.kind] if scale is None else costs[action.kind] * scale[stage])
+                timelines[rank].append(Slot(action, start, end))
                 result = "G" if action.kind in "BI" else action.kind
                 done[(result, action.microbatch, stage)] = (end, rank)
                 free[rank] = end
@@ -158,6 +161,7 @@ def simulate(
     weight: Real | None = None,
     *,
     comm: Real = 0,
+    stage_costs: Sequence[Real] | None = None,
 ) -> Simulation:
     """Simulate ``schedule``: checks it (:class:`PipelineScheduleError` names what is wrong or stuck) and
     returns its :class:`Simulation`.
@@ -165,13 +169,27 @@ def simulate(
     ``forward`` and ``backward`` are the times of one microbatch through all of a rank's layers, so one
     action on one of ``vpp`` chunks takes ``1 / vpp`` of them. A split backward costs ``W = weight``
     (default ``backward / 2``) and ``I = backward - weight``. ``comm`` is added to every dependency
-    between ranks.
+    between ranks. ``stage_costs``, one number per stage (for an uneven split, e.g. its layers plus
+    the embedding's and the head's share), scales each stage's actions by its cost over the mean cost, so
+    ``forward`` and ``backward`` stay the times of an average rank.
     """
     check_structure(schedule)
     costs = action_costs(schedule.vpp, forward, backward, weight)
     if not isinstance(comm, Real) or comm < 0:
         raise PipelineScheduleError(f"comm={comm!r} must be a number >= 0")
-    timelines = _run(schedule, costs, comm)
+    scale = None
+    if stage_costs is not None:
+        stage_costs = list(stage_costs)
+        if len(stage_costs) != schedule.num_stages:
+            raise PipelineScheduleError(
+                f"stage_costs has {len(stage_costs)} entries but the schedule has {schedule.num_stages} stages"
+            )
+        for stage, cost in enumerate(stage_costs):
+            if not isinstance(cost, Real) or not cost > 0:
+                raise PipelineScheduleError(f"stage_costs[{stage}]={cost!r} must be a number > 0")
+        mean = sum(stage_costs) / len(stage_costs)
+        scale = [cost / mean for cost in stage_costs]
+    timelines = _run(schedule, costs, comm, scale)
     makespan = max((line[-1].end for line in timelines if line), default=0)
     busy = [sum(slot.end - slot.start for slot in line) for line in timelines]
     idle = tuple(1 - b / makespan for b in busy)

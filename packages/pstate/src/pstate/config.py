@@ -17,19 +17,31 @@ class ParallelConfig:
 
     ``tp`` tensor, ``pp`` pipeline, ``vpp`` virtual pipeline chunks per pipeline rank, ``cp`` context,
     ``ep`` expert, ``etp`` expert tensor (defaults to ``tp``), ``dp`` data parallel. ``order`` is the
-    rank order of the axes, Megatron-LM style: the first axis varies fastest.
+    rank order of the axes, Megatron-LM style: the first axis varies fastest. ``pipeline_layout``, when
+    given, names how many transformer layers each of the ``pp * vpp`` virtual stages holds (uneven
+    pipelines: the stages with the embedding and the head may hold fewer, even none).
 
     Rules that need the world size are checked by :func:`pstate.layout`.
     """
 
     tp: int = 1
+    """tensor-parallel size."""
     pp: int = 1
+    """pipeline-parallel size (stages)."""
     vpp: int = 1
+    """virtual pipeline chunks per pipeline rank (interleaved schedules)."""
     cp: int = 1
+    """context-parallel size (the sequence split over ranks)."""
     ep: int = 1
+    """expert-parallel size."""
     etp: int | None = None
+    """expert tensor-parallel size (default: tp)."""
     dp: int | None = None
+    """data-parallel size (default: what the world size leaves)."""
     order: str = DEFAULT_ORDER
+    """rank order of the axes; the first varies fastest."""
+    pipeline_layout: tuple[int, ...] | None = None
+    """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):
@@ -60,6 +72,18 @@ class ParallelConfig:
             self.require_in_order("dp", self.dp)
         if self.vpp > 1 and self.pp == 1:
             raise ParallelConfigError(f"vpp={self.vpp} needs pipeline parallelism, but pp=1")
+        if self.pipeline_layout is not None:
+            layout = self.pipeline_layout
+            if not isinstance(layout, (list, tuple)):
+                raise ParallelConfigError(f"pipeline_layout={layout!r} must be a list of layers per virtual stage")
+            if len(layout) != self.pp * self.vpp:
+                raise ParallelConfigError(
+                    f"pipeline_layout={list(layout)} names {len(layout)} stages but pp*vpp={self.pp * self.vpp}"
+                )
+            for stage, count in enumerate(layout):
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    raise ParallelConfigError(f"pipeline_layout[{stage}]={count!r} must be an integer >= 0")
+            object.__setattr__(self, "pipeline_layout", tuple(layout))
 
     def require_in_order(self, axis: str, size: int) -> None:
         """Raise if ``axis`` has ``size > 1`` but ``order`` does not place it."""

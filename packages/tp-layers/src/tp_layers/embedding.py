@@ -66,9 +66,10 @@ class VocabParallelEmbedding(nn.Module):
         else:
             fill = init_method or init.normal_init(1.0)
             table = init.draw((num_embeddings, embedding_dim), fill, init.generator_for(seed))
-        padded = torch.zeros(self.padded_num_embeddings, embedding_dim)
-        padded[:num_embeddings] = table
-        weight = padded[self.vocab_start : self.vocab_end].clone()
+        weight = torch.zeros(self.vocab_end - self.vocab_start, embedding_dim)  # padding rows stay zero
+        stop = min(self.vocab_end, num_embeddings)
+        if stop > self.vocab_start:
+            weight[: stop - self.vocab_start] = table[self.vocab_start : stop]
         self.weight = nn.Parameter(weight.to(device=device, dtype=dtype or torch.get_default_dtype()))
         mark_tensor_parallel(self.weight, 0)
 

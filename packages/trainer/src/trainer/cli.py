@@ -29,6 +29,10 @@ def add_preprocess(commands: argparse._SubParsersAction) -> None:
             "blank-line-separated paragraph (--text-unit). An interrupted run continues where it stopped when "
             "rerun with the same arguments."
         ),
+        epilog=(
+            "examples:\n  trainer preprocess --input notes.txt --output data/notes\n"
+            "  trainer preprocess --input part-*.jsonl --output data/web --tokenizer tokenizer.json --append-eos"
+        ),
     )
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSONL files")
     p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
@@ -70,15 +74,49 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """\
+examples:
+  trainer train --nproc 2 --steps 20 --save ckpt     # train a tiny GPT on 2 local ranks, save at the end
+  trainer generate --load ckpt --prompt "import "   # continue a prompt with the trained model
+  trainer serve --load ckpt --port 8000             # an OpenAI-compatible completions server
+  trainer convert --to-hf hf-model --load ckpt      # write it as a Hugging Face model
+  trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512
+"""
+
 SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout, add_serve)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Text with line breaks (the examples of an epilog) keeps its lines, one-line text is wrapped; an
+    option's help ends with its default unless it says it already."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        value = action.default
+        shown = value is not None and value is not argparse.SUPPRESS and not isinstance(value, bool) and value != []
+        if shown and action.option_strings and not action.required and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``trainer`` command, with every subcommand in ``SUBCOMMANDS``."""
-    top = argparse.ArgumentParser(prog="trainer", description="Train GPT models with any mix of parallelisms.")
+    top = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train GPT models with any mix of parallelisms; each command has its own --help.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(commands)
+    for parser in commands.choices.values():
+        parser.formatter_class = HelpFormatter
     return top
 
 

@@ -7,7 +7,9 @@ the common ones have their own flags. The run is checked (``check_run``) before 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,16 @@ import tomllib
 
 from .config import check_run, load_run_config, to_toml
 from .errors import TrainerError
+
+TRAIN_EXAMPLES = """\
+examples:
+  trainer train --nproc 8 --tp 2 --pp 2 --sequence-parallel --steps 20 --seq-len 64 --global-batch 16 \\
+      --micro-batch 2 --lr 3e-3                      # 8 local CPU ranks, TP2 x PP2 x DP2
+  trainer train --nproc 2 --save ckpt --save-every 50 --metrics-file metrics.jsonl
+  trainer train --config run.toml --set optim.weight_decay=0.05 --print-config
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m trainer train --model gpt2 --tp 8 --precision bf16 --save /shared/ckpt
+"""
 
 # flag -> (section, field); flags with a ``store_true`` action are listed in SWITCHES
 FLAGS = {
@@ -47,42 +59,78 @@ FLAGS = {
     "tokenizer": ("data", "tokenizer"),
 }
 FLOATS = {"lr"}
+METAVARS = {
+    "save": "DIR",
+    "load": "DIR",
+    "init_from_hf": "DIR",
+    "tensorboard": "DIR",
+    "metrics_file": "FILE",
+    "tokenizer": "NAME",
+}
 SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
-        "save_every", "eval_every", "warmup_steps"}  # fmt: skip
+        "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
     """``trainer train``: train a GPT model on any layout (``--nproc N`` local ranks, or under torchrun)."""
-    p = commands.add_parser("train", help="train a GPT model", description=__doc__)
+    p = commands.add_parser(
+        "train",
+        help="train a GPT model",
+        description=(
+            "Train a GPT model on any mix of tensor, sequence, pipeline, data, context and expert parallelism. "
+            "Start N local ranks with --nproc N, or run under torchrun (one process per GPU, any number of nodes). "
+            "Settings come from the defaults, then --config FILE.toml, then the flags, then --set; --print-config "
+            "shows the result. Bad settings are refused before any rank starts (exit status 2)."
+        ),
+        epilog=TRAIN_EXAMPLES,
+    )
     _run_options(p)
     p.add_argument(
         "--data", nargs="+", metavar="PREFIX", help="datasets from trainer preprocess (default: the embedded corpus)"
     )
-    p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (not under torchrun)")
+    p.add_argument("--nproc", type=int, metavar="N", help="start N local ranks (default: 1; under torchrun: its world)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here; report it")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the job's world size (required there)")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: the rank to build")
     p.set_defaults(run=run_train)
 
 
 def add_layout(commands: argparse._SubParsersAction) -> None:
     """``trainer layout``: the rank layout of a configuration (every rank's coordinates and groups)."""
-    p = commands.add_parser("layout", help="print the rank layout of a configuration")
+    p = commands.add_parser(
+        "layout",
+        help="print the rank layout of a configuration",
+        description="Print where each rank of a run sits: its coordinates on every axis and its process groups.",
+        epilog="example:\n  trainer layout --world-size 16 --tp 2 --pp 2 --cp 2",
+    )
     _run_options(p)
-    p.add_argument("--world-size", type=int, required=True, metavar="N")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--world-size", type=int, required=True, metavar="N", help="number of ranks of the run")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_layout)
 
 
 def add_generate(commands: argparse._SubParsersAction) -> None:
     """``trainer generate``: continue a prompt with a trained checkpoint (any layout saved it)."""
-    p = commands.add_parser("generate", help="sample text from a checkpoint")
+    p = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description=(
+            "Continue a prompt with a trained model, in one process, whatever layout saved the checkpoint. "
+            "The tokenizer and model shape come from the checkpoint's recorded configuration."
+        ),
+        epilog='example:\n  trainer generate --load ckpt --prompt "def main(" --max-new-tokens 100 --temperature 0',
+    )
     p.add_argument("--load", required=True, metavar="DIR", help="a checkpoint, or a directory of them (the newest)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="no KV cache: rerun all per token")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40, metavar="K", help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument(
+        "--no-cache", dest="use_cache", action="store_false", help="no KV cache: rerun the whole sequence per token"
+    )
     p.set_defaults(run=run_generate)
 
 
@@ -99,12 +147,32 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def add_convert(commands: argparse._SubParsersAction) -> None:
     """``trainer convert``: a checkpoint to Hugging Face's format, or a Hugging Face model to a checkpoint."""
-    p = commands.add_parser("convert", help="convert checkpoints to and from Hugging Face's format")
+    p = commands.add_parser(
+        "convert",
+        help="convert checkpoints to and from Hugging Face's format",
+        description=(
+            "Write a checkpoint (any layout) as a Hugging Face model directory (GPT-2 or Llama architecture, "
+            "safetensors), or read one into a weights-only checkpoint that trainer train --load starts from."
+        ),
+        epilog=(
+            "examples:\n  trainer convert --to-hf hf-model --load ckpt\n"
+            "  trainer convert --from-hf hf-model --save ckpt-from-hf"
+        ),
+    )
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to-hf", metavar="OUT", help="write the checkpoint at --load as a Hugging Face directory OUT")
     way.add_argument("--from-hf", metavar="DIR", help="read a Hugging Face directory into a checkpoint under --save")
-    p.add_argument("--load", metavar="DIR", help="with --to-hf: a checkpoint, or a directory of them (the newest)")
-    p.add_argument("--save", metavar="DIR", help="with --from-hf: where the weights-only checkpoint goes")
+    p.add_argument(
+        "--load", metavar="DIR", help="a checkpoint, or a directory of them (the newest); required with --to-hf"
+    )
+    p.add_argument("--save", metavar="DIR", help="where the weights-only checkpoint goes; required with --from-hf")
+    for axis in ("tp", "pp", "ep", "etp"):  # --from-hf under torchrun: each rank reads only its slices
+        p.add_argument(
+            f"--{axis}",
+            type=int,
+            metavar="N",
+            help=f"with --from-hf under torchrun: the {axis} size of the reading ranks (default: 1)",
+        )
     p.set_defaults(run=run_convert)
 
 
@@ -118,22 +186,35 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         if not args.save:
             raise TrainerError("convert --from-hf needs --save DIR")
-        print(import_from_hf(args.from_hf, args.save))
+        parallel = {a: getattr(args, a) for a in ("tp", "pp", "ep", "etp") if getattr(args, a) is not None}
+        print(import_from_hf(args.from_hf, args.save, parallel=parallel))
     return 0
 
 
 def add_plan(commands: argparse._SubParsersAction) -> None:
     """``trainer plan``: the layouts that fit a model on a cluster, fastest first (estimated)."""
-    p = commands.add_parser("plan", help="suggest parallel layouts for a model on a cluster")
-    p.add_argument("--model", required=True, metavar="PRESET")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, in the training dtype")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--global-batch", type=int, required=True)
-    p.add_argument("--vocab-size", type=int, help="for presets without one")
-    p.add_argument("--top", type=int, default=5)
+    from .model.config import PRESETS
+
+    p = commands.add_parser(
+        "plan",
+        help="suggest parallel layouts for a model on a cluster",
+        description=(
+            "Rank the layouts (tp, pp, vpp, cp, dp, ZeRO stage, recomputation) that fit a model on a cluster by "
+            "estimated step time, from a memory and compute model; nothing is run."
+        ),
+        epilog="example:\n  trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512",
+    )
+    p.add_argument("--model", required=True, choices=tuple(PRESETS), metavar="PRESET", help="model preset: %(choices)s")
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs in the cluster")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per node (the fast TP domain)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per GPU, in the training dtype")
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per sample")
+    p.add_argument("--global-batch", type=int, required=True, metavar="N", help="samples per optimizer step")
+    p.add_argument(
+        "--vocab-size", type=int, metavar="N", help="vocabulary size, for presets without one (default: the preset's)"
+    )
+    p.add_argument("--top", type=int, default=5, metavar="N", help="how many layouts to show")
     p.set_defaults(run=run_plan)
 
 
@@ -151,14 +232,31 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model] [parallel] [train] [optim] [data]")
-    for flag in FLAGS:
+    from .config.docs import choices, field_help
+
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="a TOML file with [model] [parallel] [train] [optim] [data]; the flags win (default: none)",
+    )
+    for flag, (section, field) in FLAGS.items():
         kind = int if flag in INTS else float if flag in FLOATS else str
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+        allowed = choices(section, field)
+        p.add_argument(
+            "--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, choices=allowed,
+            metavar=None if allowed else METAVARS.get(flag, "N" if kind is int else "X" if kind is float else "VALUE"),
+            help=field_help(section, field),
+        )  # fmt: skip
     p.add_argument("--zero-stage", dest="zero", type=int, choices=(0, 1, 2, 3), help=argparse.SUPPRESS)
-    for flag in SWITCHES:
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="any other field")
+    for flag, (section, field) in SWITCHES.items():
+        p.add_argument(
+            "--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None, help=field_help(section, field)
+        )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="set any configuration field (TOML value syntax; repeatable; wins over the flags); "
+        "the fields are listed in the CLI reference (default: none)",
+    )  # fmt: skip
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -185,7 +283,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def run_train(args: argparse.Namespace) -> int:
     from .convert import with_checkpoint_model
-    from .launch import run_ranks, world_size
+    from .launch import global_rank, run_ranks, under_torchrun, world_size
 
     overrides = overrides_from(args)
     cfg = load_run_config(args.config, overrides)
@@ -195,20 +293,40 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
-    check_run(cfg, world_size(args.nproc))
+    if args.dry_run:
+        from .train.dry_run import dry_run
+
+        if args.world_size is None:
+            raise TrainerError("--dry-run needs --world-size N")
+        print(json.dumps(dry_run(cfg, args.world_size, args.rank), indent=2))
+        return 0
+    world = world_size(args.nproc)
+    check_run(cfg, world)
+    first_rank = global_rank() == 0
+    if first_rank and not under_torchrun():
+        print(f"trainer train: starting {world} rank{'s' if world > 1 else ''}", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     records = run_ranks(cfg, args.nproc)
-    if records:
-        first, last = records[0], records[-1]
-        print(
-            f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}",
-            file=sys.stderr,
-        )
+    if records and first_rank:  # under torchrun every rank returns here; one summary is enough
+        print(summary(cfg, records, time.perf_counter() - began), file=sys.stderr)
     return 0
 
 
-def run_layout(args: argparse.Namespace) -> int:
-    import json
+def summary(cfg: Any, records: list[dict[str, Any]], seconds: float) -> str:
+    """The closing line of a training run."""
+    first, last = records[0], records[-1]
+    text = (
+        f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f} "
+        f"in {seconds:.1f} s ({last.get('tokens', 0):,} tokens seen)"
+    )
+    if cfg.train.save:
+        text += f"; checkpoints in {cfg.train.save}"
+    if cfg.train.metrics_file:
+        text += f"; metrics in {cfg.train.metrics_file}"
+    return text
 
+
+def run_layout(args: argparse.Namespace) -> int:
     from pstate import layout
     from pstate.cli import describe, render
 

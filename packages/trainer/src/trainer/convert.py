@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import ckpt
 import pstate
@@ -73,35 +74,50 @@ def _generation_config(eos_id: int | None) -> bytes:
     return json.dumps({"eos_token_id": eos_id, "do_sample": False}, indent=2).encode()
 
 
-def import_from_hf(hf_dir: str | Path, save: str | Path, *, overrides: dict | None = None) -> Path:
+def import_from_hf(
+    hf_dir: str | Path, save: str | Path, *, overrides: dict | None = None, parallel: dict | None = None
+) -> Path:
     """A Hugging Face directory as a weights-only checkpoint ``save/step_00000000`` that ``trainer
     train --load`` starts from; the run config saved with it takes the model from ``config.json`` and
-    the tokenizer from a ``tokenizer.json`` beside it. Tensors are read one slice at a time
-    (:func:`trainer.hf.stream.load_hf_pieces`); a tensor in the files that the model has no place for
-    is refused by name, before anything is written."""
+    the tokenizer from a ``tokenizer.json`` beside it. Every rank of the default group (one process
+    when there is none) builds its part of the model at ``parallel`` (``pstate.ParallelConfig`` fields)
+    and reads only its slices (:func:`trainer.hf.stream.load_hf_pieces`); a tensor in the files that the
+    model has no place for is refused by name, before anything is written."""
     base = _hf_run(hf_dir)
     model = base.model
     if str(base.data.tokenizer) != "byte":
         size = load_tokenizer(base.data.tokenizer).vocab_size
         if size > model.vocab_size:
-            raise TrainerError(
-                f"{base.data.tokenizer}: its {size} ids exceed config.json vocab_size={model.vocab_size}"
-            )
+            rule = f"its {size} ids exceed config.json vocab_size={model.vocab_size}"
+            raise TrainerError(f"{base.data.tokenizer}: {rule}")
     cfg = parse_run_config(to_toml(base), overrides or {})
-    with default_group(default_device()), pstate.initialize(pstate.ParallelConfig()) as ps:
-        chunk = _one_process_model(cfg, model, ps)
-        shards = model_shards([chunk])
+    with default_group(default_device()), pstate.initialize(pstate.ParallelConfig(**(parallel or {}))) as ps:
+        groups = ModelGroups.from_state(ps, sequence_parallel=ps.tp.size > 1 and model.num_experts > 0)
+        chunks = build_chunks(model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=cfg.train.seed, draw=False)
+        shards = model_shards(chunks)
         _refuse_extra_tensors(hf_dir, model, shards)
-        load_hf_pieces([chunk], hf_dir)
-        return ckpt.save({"model": shards, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout={"hf": str(hf_dir)})
+        try:
+            load_hf_pieces(chunks, hf_dir)
+            failed = None
+        except TrainerError as error:  # a rank's own slice: every rank stops with it, none saves
+            failed = str(error)
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, failed)
+        if any(errors):
+            raise TrainerError(next(e for e in errors if e))
+        layout = {"hf": str(hf_dir)}
+        return ckpt.save({"model": shards, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout=layout)
 
 
 def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict) -> None:
-    """Every tensor in the folder's files must be one the model holds (a dropped weight is an error)."""
+    """Every tensor in the folder's files must be one the model holds (a dropped weight is an error);
+    the names every rank holds are gathered, so the check is the same at any layout."""
     state = {name: torch.empty(s.global_shape, device="meta") for name, s in shards.items()}
     if family(model) == "gpt2":
         fuse_qkv(state, model.layers)
-    expected = set(adapter(model).to_hf(state))
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, sorted(adapter(model).to_hf(state)))
+    expected = set().union(*names)
     stored = set(drop_ignored(dict.fromkeys(hf_tensor_names(hf_dir)), model))
     extra = sorted(stored - expected)
     if extra:

@@ -26,6 +26,11 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def global_rank() -> int:
+    """This process's rank in the run (0 for the local launcher, which starts the ranks itself)."""
+    return int(os.environ.get("RANK", "0")) if under_torchrun() else 0
+
+
 def world_size(nproc: int | None) -> int:
     """The number of ranks the run will have."""
     if under_torchrun():

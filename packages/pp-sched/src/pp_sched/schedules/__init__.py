@@ -7,10 +7,13 @@ from ..errors import PipelineScheduleError
 from .basic import gpipe, one_f_one_b
 from .interleaved import check as check_interleaved
 from .interleaved import interleaved_1f1b
+from .v_shape import dualpipe_v, zb_v
 from .zero_bubble import zero_bubble_h1
 
 #: The schedule names :func:`build` accepts.
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zb-v", "dualpipe-v")
+#: The schedules with two chunks per rank in a V (``Schedule.layout == "v"``).
+V_SCHEDULES = ("zb-v", "dualpipe-v")
 
 
 def _positive(name: str, value: object) -> int:
@@ -24,11 +27,13 @@ def build(
     *,
     pp: int,
     microbatches: int,
-    vpp: int = 1,
+    vpp: int | None = None,
     num_layers: int | None = None,
     group_size: int | None = None,
 ) -> Schedule:
     """The schedule ``name`` (one of :data:`SCHEDULES`) for ``pp`` ranks, ``microbatches`` and ``vpp`` chunks.
+
+    ``vpp`` defaults to 1, and to 2 for the V schedules (``"zb-v"``, ``"dualpipe-v"``), which need it.
 
     ``num_layers``, when given, must split evenly over the ``pp * vpp`` stages (use
     :func:`pp_sched.split_layers` for uneven splits). ``group_size`` is the number of consecutive
@@ -39,8 +44,17 @@ def build(
         raise PipelineScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     pp = _positive("pp", pp)
     microbatches = _positive("microbatches", microbatches)
-    vpp = _positive("vpp", vpp)
-    if name != "interleaved-1f1b":
+    vpp = _positive("vpp", (2 if name in V_SCHEDULES else 1) if vpp is None else vpp)
+    if name in V_SCHEDULES:
+        if vpp != 2:
+            raise PipelineScheduleError(
+                f"{name!r} places two model chunks per rank in a V, so vpp must be 2, got vpp={vpp}"
+            )
+        if pp < 2:
+            raise PipelineScheduleError(f"{name!r} needs pp >= 2 to form a V, got pp={pp}; use '1f1b'")
+        if group_size is not None:
+            raise PipelineScheduleError(f"group_size applies only to 'interleaved-1f1b', not {name!r}")
+    elif name != "interleaved-1f1b":
         if vpp != 1:
             raise PipelineScheduleError(
                 f"{name!r} runs one model chunk per rank, so vpp must be 1, got vpp={vpp}; use 'interleaved-1f1b'"
@@ -54,6 +68,11 @@ def build(
                 f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp} stages (pp={pp}, vpp={vpp}); "
                 "use split_layers(..., uneven=...) for an uneven split"
             )
+    if name == "zb-v":
+        return Schedule(name, pp, vpp, microbatches, tuple(map(tuple, zb_v(pp, microbatches))), "v")
+    if name == "dualpipe-v":
+        actions, pairs = dualpipe_v(pp, microbatches)
+        return Schedule(name, pp, vpp, microbatches, tuple(map(tuple, actions)), "v", tuple(map(tuple, pairs)))
     if name == "gpipe":
         actions = gpipe(pp, microbatches)
     elif name == "1f1b":

@@ -18,7 +18,7 @@ class Harness:
     At most ``max_warm_ranks`` processes stay warm; the least recently used pools are closed first.
     """
 
-    def __init__(self, *, timeout_s: float = 120.0, threads: int = 1, max_warm_ranks: int = 16):
+    def __init__(self, *, timeout_s: float = 300.0, threads: int = 1, max_warm_ranks: int = 16):
         self.timeout_s = timeout_s
         self.threads = threads
         self.max_warm_ranks = max_warm_ranks

@@ -21,6 +21,8 @@ from .errors import RankError, RankTimeout
 FAILURE_GRACE_S = 1.0
 #: Outer bound on the wait for stuck ranks' stack dumps; the wait ends as soon as every dump is there.
 STACK_DUMP_TIMEOUT_S = 60.0
+#: Outer bound on the wait for a rank whose connection closed to exit (its exit code names the failure).
+EXIT_WAIT_S = 60.0
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -48,7 +50,7 @@ def describe(fn: Callable[..., Any]) -> tuple[str, str | None, str]:
 class WorkerPool:
     """``world_size`` processes, each a rank of one default group, serving calls until closed."""
 
-    def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1, start_timeout_s: float = 120.0):
+    def __init__(self, world_size: int, *, backend: str = "gloo", threads: int = 1, start_timeout_s: float = 300.0):
         self.world_size = world_size
         self.backend = backend
         self.broken = False
@@ -116,7 +118,7 @@ class WorkerPool:
                 try:
                     reply = pickle.loads(conn.recv_bytes())
                 except (EOFError, OSError):
-                    self._procs[rank].join(1.0)
+                    self._procs[rank].join(EXIT_WAIT_S)
                     code = self._procs[rank].exitcode
                     failures.append((rank, f"rank {rank} exited (exit code {code}) during {what}", None))
                     continue

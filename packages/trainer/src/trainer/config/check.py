@@ -22,7 +22,15 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
         (t.sequence_parallel and p.tp == 1, "--sequence-parallel needs --tp > 1"),
         (m.num_kv_heads % p.tp != 0, f"tp={p.tp} must divide the model's {m.num_kv_heads} key/value heads"),
         (m.ffn % p.tp != 0, f"tp={p.tp} must divide the model's FFN size {m.ffn}"),
-        (m.layers % (p.pp * p.vpp) != 0, f"layers={m.layers} must be divisible by pp*vpp={p.pp * p.vpp}"),
+        (
+            p.pipeline_layout is None and m.layers % (p.pp * p.vpp) != 0,
+            f"layers={m.layers} must be divisible by pp*vpp={p.pp * p.vpp} (or set parallel.pipeline_layout)",
+        ),
+        (
+            p.pipeline_layout is not None and sum(p.pipeline_layout) != m.layers,
+            f"parallel.pipeline_layout={list(p.pipeline_layout or ())} sums to {sum(p.pipeline_layout or ())} "
+            f"layers, but the model has layers={m.layers}",
+        ),
         (p.cp > 1 and t.seq_len % (2 * p.cp) != 0, f"seq_len={t.seq_len} must be divisible by 2*cp={2 * p.cp}"),
         (
             p.cp > 1 and t.cp_attention == "ulysses" and (m.heads % p.cp or m.num_kv_heads % p.cp),

@@ -21,14 +21,23 @@ class OptimConfig:
     warmup to ``lr`` then ``decay`` to ``min_lr`` at the last step, and clipping by the global norm."""
 
     lr: float = 3e-4
+    """peak learning rate, reached at the end of the warmup."""
     min_lr: float = 3e-5
+    """learning rate at the last step, where the decay ends (0 <= min_lr <= lr)."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay (not applied to biases and norms)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     warmup_steps: int = 0
+    """steps of linear warmup from 0 to lr."""
     decay: str = "cosine"
+    """how the learning rate falls from lr to min_lr after the warmup."""
     clip_grad: float = 1.0
+    """clip gradients to this global norm (0: measure the norm, never clip)."""
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -48,31 +57,57 @@ class TrainConfig:
     weights the model starts from (each rank reads only its pieces)."""
 
     steps: int = 100
+    """total optimizer steps of the run (a resumed run continues to it)."""
     seed: int = 1234
+    """seed of the initialization, the data order and dropout."""
     seq_len: int = 128
+    """tokens per sample."""
     micro_batch: int = 4
+    """samples per micro-batch on each data-parallel rank."""
     global_batch: int | None = None
+    """samples per optimizer step over all ranks, a multiple of micro_batch*dp (default: micro_batch*dp)."""
     precision: str = "fp32"
+    """parameter and compute precision (fp16 adds dynamic loss scaling)."""
     zero: int = 0
+    """data-parallel sharding: 0 DDP, 1 optimizer states, 2 and gradients, 3 and parameters (FSDP)."""
     sequence_parallel: bool = False
+    """split activations outside the TP regions along the sequence over TP ranks (needs tp > 1)."""
     cp_attention: str = "ring"
+    """context-parallel attention: ring (zigzag) or ulysses (all-to-all over heads)."""
     pipeline_schedule: str = "1f1b"
+    """pipeline schedule when pp > 1 (interleaved ones need vpp > 1)."""
     recompute: str | None = None
+    """activation recomputation: full (whole layers) or selective (attention core); default: none."""
     eval_every: int = 0
+    """evaluate on the validation set every N steps (0: never)."""
     eval_steps: int = 4
+    """global batches per evaluation."""
     save_every: int = 0
+    """save a checkpoint every N steps (0: only at the end); needs save."""
     save: str | None = None
+    """directory for checkpoints (step_NNNNNNNN/ inside); a run resumes from its newest (default: nothing saved)."""
     load: str | None = None
+    """checkpoint, or directory of them (the newest), to start from; any layout may have saved it (default: save's)."""
     init_from_hf: str | None = None
+    """a Hugging Face model folder whose weights the model starts from, each rank reading its pieces (default: none)."""
     keep: int = 3
+    """checkpoints kept under save (older ones are removed)."""
     async_save: bool = True
+    """write checkpoints in the background while training goes on."""
     metrics_file: str | None = None
+    """append one JSON line per logged step and evaluation to this file (default: none)."""
     tensorboard: str | None = None
+    """write TensorBoard scalars to this directory (needs the tensorboard package; default: none)."""
     log_every: int = 1
+    """log a step line (and metrics) every N steps."""
     on_nan: str = "stop"
+    """on a non-finite loss or gradient norm: stop the run, or skip the step."""
     exit_interval: int | None = None
+    """save and stop when the step is a multiple of N; a later run with load continues (default: never)."""
     deterministic: bool = False
+    """use only deterministic kernels (torch.use_deterministic_algorithms)."""
     comm_report: bool = False
+    """record every collective of the run and print the bytes per step on each parallel axis."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch", "eval_steps", "log_every", "keep"):

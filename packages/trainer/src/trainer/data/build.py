@@ -28,11 +28,17 @@ class DataConfig:
     """
 
     paths: tuple[str, ...] = ()
+    """indexed dataset prefixes from trainer preprocess (default: the embedded corpus)."""
     weights: tuple[float, ...] | None = None
+    """blending weights, one per path (default: equal)."""
     tokenizer: str = "byte"
+    """'byte' or the path of a tokenizer.json; the one the datasets were made with."""
     valid_fraction: float = 0.05
+    """share of each dataset's documents held out for evaluation."""
     split_seed: int = 0
+    """seed of the train/validation split (independent of the training seed)."""
     cache_dir: str | None = None
+    """where the embedded corpus is built (default: $TRAINER_CACHE or ~/.cache/trainer)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))

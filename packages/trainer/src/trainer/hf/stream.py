@@ -24,6 +24,9 @@ from ..model import GPTChunk, ModelConfig
 from ..model.shards import model_pieces
 from .names import adapter
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""The safetensors dtypes a weight may have (converted to the model's dtype on load)."""
+
 
 class _Files:
     """The folder's tensors by name, opened lazily (one handle per file)."""
@@ -33,8 +36,8 @@ class _Files:
         if (root / HF_INDEX).is_file():
             self.where = json.loads((root / HF_INDEX).read_text())["weight_map"]
         elif (root / HF_SINGLE).is_file():
-            with safe_open(str(root / HF_SINGLE), "pt") as f:
-                self.where = {k: HF_SINGLE for k in f.keys()}  # noqa: SIM118 (a handle, not a dict)
+            self.handles[HF_SINGLE] = _open(root / HF_SINGLE)
+            self.where = dict.fromkeys(self.handles[HF_SINGLE].keys(), HF_SINGLE)
         else:
             raise TrainerError(f"{root}: neither {HF_INDEX} nor {HF_SINGLE} is there")
 
@@ -46,11 +49,15 @@ class _Files:
             path = self.root / file
             if not path.is_file():
                 raise TrainerError(f"{path}: data file is missing (named by {HF_INDEX})")
-            try:
-                self.handles[file] = safe_open(str(path), "pt")
-            except Exception as error:  # safetensors raises its own error types for a damaged header
-                raise TrainerError(f"{path}: not a readable safetensors file ({error})") from None
+            self.handles[file] = _open(path)
         return self.handles[file].get_slice(name)
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise TrainerError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def hf_tensor_names(hf_dir: str | Path) -> list[str]:
@@ -63,6 +70,8 @@ def _read(files: _Files, name: str, global_shape: tuple[int, ...], index: tuple[
     shape = tuple(part.get_shape())
     if shape != tuple(global_shape):
         raise TrainerError(f"{files.root}: {name} has shape {shape}, expected {tuple(global_shape)}")
+    if part.get_dtype() not in FLOAT_DTYPES:
+        raise TrainerError(f"{files.root}: {name} has dtype {part.get_dtype()}, expected one of {FLOAT_DTYPES}")
     return part[index]
 
 

@@ -36,13 +36,8 @@ class Attention(nn.Module):
             raise TrainerError(f"tp={tp} must divide the key/value heads ({cfg.num_kv_heads}) of the model")
         self.cfg, self.groups, self.selective_recompute = cfg, groups, selective_recompute
         self.heads, self.kv_heads, d = cfg.heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
-        std, sp = cfg.init_std, groups.sequence_parallel
-        parts = [
-            init.normal((cfg.heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "q")),
-            init.normal((cfg.num_kv_heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "k")),
-            init.normal((cfg.num_kv_heads * d, cfg.hidden), std, init.tensor_seed(seed, layer, "v")),
-        ]
-        full = init.interleave_for_tp(parts, tp)
+        sp, rows = groups.sequence_parallel, (cfg.heads + 2 * cfg.num_kv_heads) * d
+        full = init.placeholder((rows, cfg.hidden))  # values drawn per piece (trainer.model.seeded)
         qkv_bias, proj_bias = cfg.has_bias("qkv"), cfg.has_bias("proj")
         zeros = torch.zeros(full.size(0)) if qkv_bias else None
         self.qkv = ColumnParallelLinear(
@@ -53,9 +48,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps), nn.RMSNorm(d, eps=cfg.norm_eps)
 
-        proj = init.normal(
-            (cfg.hidden, cfg.heads * d), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "proj")
-        )
+        proj = init.placeholder((cfg.hidden, cfg.heads * d))
         self.proj = RowParallelLinear(
             cfg.heads * d, cfg.hidden, group=groups.tp, bias=proj_bias, input_is_parallel=True,
             sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if proj_bias else None,

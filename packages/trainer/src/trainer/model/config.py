@@ -39,41 +39,77 @@ class ModelConfig:
     """
 
     hidden: int
+    """model width."""
     layers: int
+    """transformer layers."""
     heads: int
+    """attention heads."""
     kv_heads: int | None = None
+    """key/value heads, fewer than heads for grouped-query attention (default: heads)."""
     ffn_hidden: int | None = None
+    """MLP width (default: 4*hidden for gelu, 8/3*hidden rounded up to 64 for swiglu)."""
     vocab_size: int | None = None
+    """vocabulary size (default: the tokenizer's)."""
     max_seq_len: int = 1024
+    """longest sequence (the size of learned position embeddings)."""
     norm: str = "rmsnorm"
+    """normalization layer."""
     norm_eps: float = 1e-5
+    """normalization epsilon."""
     position: str = "rotary"
+    """position encoding."""
     rope_theta: float = 10000.0
+    """rotary base frequency."""
     rope_type: str = "default"
+    """rotary scaling: default (none), linear (positions divided by rope_factor) or llama3 (Llama 3.1's)."""
     rope_factor: float = 1.0
+    """rotary scaling factor (linear and llama3)."""
     rope_low_freq_factor: float = 1.0
+    """llama3 scaling's low-frequency factor."""
     rope_high_freq_factor: float = 4.0
+    """llama3 scaling's high-frequency factor."""
     rope_original_max_len: int | None = None
+    """llama3 scaling's original context length (default: max_seq_len)."""
     kv_channels: int | None = None
+    """width of one attention head (default: hidden/heads)."""
     mlp: str = "swiglu"
+    """MLP kind."""
     bias: bool = False
+    """biases on every linear layer and LayerNorm (GPT-2)."""
     qkv_bias: bool | None = None
+    """biases on the query/key/value projection (default: bias)."""
     proj_bias: bool | None = None
+    """biases on the attention output projection (default: bias)."""
     mlp_bias: bool | None = None
+    """biases in the MLP (default: bias)."""
     qk_norm: bool = False
+    """RMSNorm over each query and key head before the rotary embedding (Qwen3)."""
     tied_embeddings: bool = False
+    """the output layer shares the input embedding's weights."""
     dropout: float = 0.0
+    """dropout probability."""
     init_std: float = 0.02
+    """standard deviation of the weights' normal initialization."""
     vocab_pad_multiple: int = 1
+    """pad the vocabulary to a multiple of this (times tp)."""
     num_experts: int = 0
+    """experts per MoE layer (0: a dense model)."""
     moe_topk: int = 2
+    """experts each token is routed to."""
     moe_every: int = 1
+    """every k-th layer is a mixture of experts (layers 0, k, 2k, ...)."""
     moe_ffn_hidden: int | None = None
+    """expert MLP width (default: ffn_hidden)."""
     moe_aux_loss_coeff: float = 0.0
+    """weight of the router's load-balancing loss."""
     moe_dispatcher: str = "alltoall"
+    """how tokens reach their experts."""
     moe_norm_topk: bool = True
+    """renormalize the chosen experts' probabilities to sum to one (else: the softmax over all experts)."""
     moe_shared_ffn_hidden: int | None = None
+    """width of a shared expert every token goes through (default: none)."""
     moe_shared_gate: bool = False
+    """scale the shared expert's output by a sigmoid gate."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):

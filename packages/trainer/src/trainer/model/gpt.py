@@ -64,13 +64,7 @@ class GPTChunk(nn.Module):
             if not stage.embedding:  # the last stage's copy: clipping counts the tensor once, at the first
                 mark_tied_copy(self.embedding.weight)
         if stage.embedding and cfg.position == "learned":
-            self.position = nn.Parameter(
-                init.normal(
-                    (cfg.max_seq_len, cfg.hidden),
-                    cfg.init_std,
-                    init.tensor_seed(seed, init.EMBEDDING_LAYER, "position"),
-                )
-            )
+            self.position = nn.Parameter(torch.zeros(cfg.max_seq_len, cfg.hidden))  # drawn by build_chunks
             if groups.sequence_parallel:
                 mark_sequence_parallel(self.position)
         if stage.head:
@@ -127,9 +121,7 @@ class GPTChunk(nn.Module):
 
 def embedding_table(cfg: ModelConfig, groups: ModelGroups, seed: int) -> VocabParallelEmbedding:
     """The token embedding, split by vocabulary rows over TP (padding rows zero)."""
-    full = init.normal(
-        (cfg.vocab_size, cfg.hidden), cfg.init_std, init.tensor_seed(seed, init.EMBEDDING_LAYER, "embedding")
-    )
+    full = init.placeholder((cfg.vocab_size, cfg.hidden))  # values drawn per piece by build_chunks
     return VocabParallelEmbedding(
         cfg.vocab_size, cfg.hidden, group=groups.tp, sequence_parallel=groups.sequence_parallel,
         pad_to_multiple_of=cfg.vocab_pad_multiple, full_weight=full,
@@ -139,10 +131,7 @@ def embedding_table(cfg: ModelConfig, groups: ModelGroups, seed: int) -> VocabPa
 def output_head(cfg: ModelConfig, groups: ModelGroups, seed: int) -> ColumnParallelLinear:
     """An untied output layer over the padded vocabulary; its padding rows are zero and stay zero."""
     padded = padded_vocab_size(cfg.vocab_size, groups.tp_size, cfg.vocab_pad_multiple)
-    full = torch.zeros(padded, cfg.hidden)
-    full[: cfg.vocab_size] = init.normal(
-        (cfg.vocab_size, cfg.hidden), cfg.init_std, init.tensor_seed(seed, init.EMBEDDING_LAYER, "head")
-    )
+    full = init.placeholder((padded, cfg.hidden))  # values drawn per piece by build_chunks
     return ColumnParallelLinear(
         cfg.hidden, padded, group=groups.tp, bias=False, sequence_parallel=groups.sequence_parallel, full_weight=full
     )
@@ -165,11 +154,22 @@ def build_chunks(
     vpp: int = 1,
     seed: int,
     recompute: str | None = None,
-    uneven: str | None = None,
+    uneven: str | Sequence[int] | None = None,
+    draw: bool = True,
+    layout: str = "looped",
 ) -> list[GPTChunk]:
-    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds (stage ``chunk*pp + pp_rank``), in chunk order."""
-    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven)
-    return [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in stages if s.rank == pp_rank]
+    """The ``vpp`` chunks pipeline rank ``pp_rank`` holds, in chunk order: stage ``chunk*pp + pp_rank``, or
+    with ``layout="v"`` (the V schedules) stages ``pp_rank`` and ``2*pp - 1 - pp_rank``. ``uneven``: the
+    layers per stage (see :func:`pp_sched.split_layers`). ``draw=False`` leaves the randomly initialised
+    weights at zero (they are about to be loaded)."""
+    from .seeded import draw_initial_pieces  # it reads the chunks' pieces (shards imports this module)
+
+    stages = split_layers(cfg.layers, pp=pp, vpp=vpp, uneven=uneven, layout=layout)
+    mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.chunk)
+    chunks = [GPTChunk(cfg, groups, s, seed=seed, recompute=recompute) for s in mine]
+    if draw:
+        draw_initial_pieces(chunks, seed)
+    return chunks
 
 
 def tied_embedding_params(chunks: list[GPTChunk]) -> list[nn.Parameter]:

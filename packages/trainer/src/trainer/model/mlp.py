@@ -20,18 +20,17 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> None:
         super().__init__()
-        tp, sp, std, f = groups.tp_size, groups.sequence_parallel, cfg.init_std, cfg.ffn
+        tp, sp, f = groups.tp_size, groups.sequence_parallel, cfg.ffn
         if f % tp:
             raise TrainerError(f"tp={tp} must divide the FFN size ({f}) of the model")
         self.swiglu = cfg.mlp == "swiglu"
         roles = ("gate", "up") if self.swiglu else ("fc1",)
-        parts = [init.normal((f, cfg.hidden), std, init.tensor_seed(seed, layer, role)) for role in roles]
-        full, bias = init.interleave_for_tp(parts, tp), cfg.has_bias("mlp")
+        full, bias = init.placeholder((f * len(roles), cfg.hidden)), cfg.has_bias("mlp")  # drawn per piece
         self.fc1 = ColumnParallelLinear(
             cfg.hidden, full.size(0), group=groups.tp, bias=bias, sequence_parallel=sp,
             full_weight=full, full_bias=torch.zeros(full.size(0)) if bias else None,
         )  # fmt: skip
-        fc2 = init.normal((cfg.hidden, f), init.output_std(std, cfg.layers), init.tensor_seed(seed, layer, "fc2"))
+        fc2 = init.placeholder((cfg.hidden, f))
         self.fc2 = RowParallelLinear(
             f, cfg.hidden, group=groups.tp, bias=bias, input_is_parallel=True, sequence_parallel=sp,
             full_weight=fc2, full_bias=torch.zeros(cfg.hidden) if bias else None,

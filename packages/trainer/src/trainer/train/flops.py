@@ -10,6 +10,7 @@ gradients); recomputation is not counted, as in the usual definition of MFU.
 from __future__ import annotations
 
 import time
+from functools import cache
 
 import torch
 
@@ -29,10 +30,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3.0 * (layers + head)
 
 
+@cache
 def measured_matmul_flops(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 1024
 ) -> float:
-    """FLOP/s of a square ``n x n`` matmul on ``device`` (best of a few): the stated peak for MFU."""
+    """FLOP/s of a square ``n x n`` matmul on ``device`` (best of a few): the stated peak for MFU. Measured
+    once per process and argument set: a property of the machine, not of the run (a warm test worker or a
+    resumed loop does not pay for it again)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     best = float("inf")

@@ -38,6 +38,8 @@ from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
 from .pipeline import local_batch, scale_router_losses, sync_sequence_parallel_grads, sync_tied_embedding_grads
+from .replicas import replicas
+from .report import banner, memory_mb
 from .setup import Run, setup
 
 
@@ -66,6 +68,8 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
         metrics = Metrics(
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
+        if metrics.active:
+            metrics.banner(banner(run, datasets, global_batch))
         try:
             recorder = CommRecorder.for_state(ps) if t.comm_report else None
             return _loop(run, data, datasets, metrics, global_batch, recorder)
@@ -89,14 +93,17 @@ def _loop(
     flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
     records: list[dict[str, Any]] = []
     step = start
+    metrics.start(t.steps, start)
     with _stop_on_signal() as stop:
         for step in range(start, t.steps):
             began = time.perf_counter()
             lr = lr_at(step, cfg.optim, t.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            micro = next(data)
+            data_seconds = time.perf_counter() - began
             with recorder if recorder is not None else nullcontext():
-                loss, norm, skipped = train_step(run, next(data))
+                loss, norm, skipped = train_step(run, micro)
             if not skipped and not math.isfinite(loss):
                 skipped = True
             if skipped and t.on_nan == "stop":
@@ -109,9 +116,14 @@ def _loop(
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_step / seconds,
                 "mfu": flops_per_step / seconds / peak,
-                "memory_mb": _memory_mb(),
                 "skipped": skipped,
+                "step_time_s": seconds,
+                "data_time_s": data_seconds,
+                "tokens": (step + 1) * tokens_per_step,
+                **memory_mb(run.device),
             }
+            if run.scaler is not None:
+                record["loss_scale"] = float(run.scaler.scale)
             if recorder is not None:
                 record.update(comm_fields(recorder))
                 recorder.clear()
@@ -126,12 +138,14 @@ def _loop(
                 stop.requested = stop.requested or "exit_interval"
             last = step + 1 == t.steps or stop.requested
             if t.save and ((t.save_every and (step + 1) % t.save_every == 0) or last):
-                _save(run, data, step + 1, saver)
+                metrics.checkpoints.saved(step + 1, *_save(run, data, step + 1, saver))
+            metrics.checkpoints.poll()
             if stop.requested:
                 metrics.note(f"stopping after step {step + 1} ({stop.requested})")
                 break
     if saver is not None:
         saver.close()
+    metrics.checkpoints.poll(finished=True)
     return records
 
 
@@ -185,7 +199,7 @@ def _clip_threshold(run: Run) -> float:
 def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
     """The mean loss over micro-batches and data-parallel ranks, known on every rank."""
     ps = run.ps
-    counts = ps.is_last_stage() and ps.tp.rank == 0 and len(losses) > 0
+    counts = len(losses) > 0 and ps.tp.rank == 0  # the executor gives losses where the last stage is
     total = torch.zeros(2, device=run.device)
     if counts:  # summed on the device: the .item() below is the step's one host sync for the loss
         total[0] = torch.stack([x.detach().float().reshape(()) for x in losses]).sum()
@@ -215,15 +229,17 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> None:
+def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> tuple[Path, Any]:
+    """Save the run at ``step``; return the checkpoint's path and the background save's handle (or None)."""
     t = run.cfg.train
     state = saveable(run_state(run, step, data.state_dict()))
     state["config"] = to_toml(run.cfg)
     path = ckpt.step_dir(t.save, step)
+    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)  # each rank plans alone
     if saver is None:
-        ckpt.save(state, path, layout=_layout(run), keep=t.keep)
-    else:
-        saver.save(state, path, layout=_layout(run), keep=t.keep)
+        ckpt.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
+        return path, None
+    return path, saver.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
 
 
 def _layout(run: Run) -> dict[str, int]:
@@ -259,14 +275,6 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
     step = int(state["progress"]["step"])
     metrics.note(f"resumed from {found} at step {step}")
     return step
-
-
-def _memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Stop:

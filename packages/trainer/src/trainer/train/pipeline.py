@@ -17,12 +17,18 @@ from torch import nn
 
 import cp_ring
 from moe_dispatch import TopKRouter
-from pp_sched import PipelineExecutor, build
+from pp_sched import V_SCHEDULES, PipelineExecutor, build
 from pstate import ParallelState, comm
 from tp_layers import allreduce_sequence_parallel_grads, sequence_parallel_params
 
 from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
 from ..model.shards import gradient
+
+
+def stage_layout(schedule: str, pp: int) -> str:
+    """How ``schedule`` places the model's stages on the pipeline ranks: ``"v"`` for the V schedules
+    (ZB-V, DualPipe-V: two chunks per rank, the first and last stage on rank 0), else ``"looped"``."""
+    return "v" if schedule in V_SCHEDULES and pp > 1 else "looped"
 
 
 def make_executor(
@@ -98,10 +104,20 @@ def sync_tied_embedding_grads(
 ) -> None:
     """Sum the tied embedding copies' gradients over the ``embedding`` group (first and last stage), so
     the copies stay equal. ``grad_of``: where a copy's gradient is (ZeRO: this rank's reduced shard of
-    it, or ``None`` when it owns none; the copies are laid out so both stages own the same elements)."""
+    it, or ``None`` when it owns none; the copies are laid out so both stages own the same elements).
+    Where one rank holds both copies (a V layout puts the first and last stage on rank 0) they are summed
+    in place and the other pipeline end holds none."""
+    copies = tied_embedding_params(list(chunks))
+    if len(copies) == 2:
+        grads = [grad_of(p) for p in copies]
+        if all(g is not None for g in grads):
+            total = grads[0] + grads[1]
+            for g in grads:
+                g.copy_(total)
+        return
     if ps.embedding is None or ps.embedding.size == 1:
         return
-    for p in tied_embedding_params(list(chunks)):
+    for p in copies:
         if (grad := grad_of(p)) is not None:
             comm.all_reduce(grad, group=ps.embedding)
 

@@ -25,7 +25,7 @@ from pstate.device import device_for_backend
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
-from .pipeline import make_executor
+from .pipeline import make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,7 +107,16 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     t, o = cfg.train, cfg.optim
     groups = ModelGroups.from_state(ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention)
     chunks = build_chunks(
-        model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=cfg.parallel.vpp, seed=t.seed, recompute=t.recompute
+        model,
+        groups,
+        pp_rank=ps.pp.rank,
+        pp=ps.pp.size,
+        vpp=cfg.parallel.vpp,
+        seed=t.seed,
+        recompute=t.recompute,
+        draw=t.init_from_hf is None,
+        layout=stage_layout(t.pipeline_schedule, ps.pp.size),
+        uneven=cfg.parallel.pipeline_layout,
     )
     if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces

@@ -1,0 +1,43 @@
+"""The initial values of a model's pieces, drawn where they live: each named piece of
+:func:`~trainer.model.shards.model_pieces` (global shape, this rank's offsets) is drawn with
+:func:`~trainer.model.init.normal_piece` from its tensor's seed, so a rank draws only its pieces (plus at
+most one block) and every layout holds the one-process model's values.
+
+Biases start at zero and norms at one as the modules build them; the experts, the router and the
+shared expert draw their own values in ``moe_dispatch``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import init
+from .gpt import GPTChunk
+from .shards import model_pieces
+
+_EMBEDDING_ROLES = {"embedding.weight": "embedding", "position.weight": "position", "head.weight": "head"}
+_LAYER_ROLES = {"attn": ("q", "k", "v", "proj"), "mlp": ("gate", "up", "fc1", "fc2")}
+_OUTPUT = ("proj", "fc2")  # write into the residual stream: GPT-2's smaller deviation
+
+
+def _role(name: str) -> tuple[int, str] | None:
+    """``(global layer, role)`` of a randomly initialised weight, else ``None``."""
+    if name in _EMBEDDING_ROLES:
+        return init.EMBEDDING_LAYER, _EMBEDDING_ROLES[name]
+    parts = name.split(".")
+    if len(parts) == 5 and parts[0] == "layers" and parts[4] == "weight" and parts[3] in _LAYER_ROLES.get(parts[2], ()):
+        return int(parts[1]), parts[3]
+    return None
+
+
+def draw_initial_pieces(chunks: list[GPTChunk], seed: int) -> None:
+    """Fill the randomly initialised weights of ``chunks`` (built around placeholders) with their values."""
+    with torch.no_grad():
+        for piece in model_pieces(chunks):
+            role = _role(piece.name)
+            target = piece.of(piece.param.data)
+            if role is None or target.numel() == 0:
+                continue
+            cfg = chunks[0].cfg
+            std = init.output_std(cfg.init_std, cfg.layers) if role[1] in _OUTPUT else cfg.init_std
+            init.normal_piece(piece.global_shape, std, init.tensor_seed(seed, *role), piece.offsets, target)
