@@ -5,6 +5,10 @@ Each requested piece and each saved piece is reduced to boxes of the global tens
 Everything is checked first (keys, dtypes, global shapes, coverage, the checksums of the files this
 rank reads, paths), the ranks agree on the outcome, and only then is anything written, so a bad
 checkpoint raises the same ``CheckpointError`` on every rank and leaves the state untouched.
+
+Planning costs what this rank asks for: the saved boxes of a tensor are sorted along dimension 0 once
+(:class:`ckpt.regions.BoxIndex`) and each requested box looks up only those it meets; the ranks agree
+by summing one error count, and exchange messages only when something failed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from . import files
 from .comm import comm_for
 from .errors import CheckpointError
 from .plan import dtype_name
-from .regions import Box, box_view, boxes, intersect, local_slices
+from .regions import Box, BoxIndex, box_view, boxes, covers, local_slices
 from .tree import SEP, Leaf, PerRank, flatten
 
 
@@ -59,9 +63,10 @@ def load(state: dict, path: str | os.PathLike, *, group: Group | None = None, ve
             index = files.read_index(path)
             for name in index["files"]:
                 files.resolve_member(path, name)
+            lookup: dict[str, BoxIndex] = {}
             for name, leaf in flatten(state).items():
                 try:
-                    _plan_leaf(index, name, leaf, comm.rank, copies, values)
+                    _plan_leaf(index, name, leaf, comm.rank, copies, values, lookup)
                 except CheckpointError as e:
                     errors.append(str(e))
             if verify and not errors:
@@ -71,8 +76,10 @@ def load(state: dict, path: str | os.PathLike, *, group: Group | None = None, ve
                     files.verify_file(path, name, index["files"][name])
         except CheckpointError as e:
             errors.append(str(e))
-        everyone = comm.all_gather_json(errors)
-        failed = [f"rank {r}: {e}" if comm.size > 1 else e for r, errs in enumerate(everyone) for e in errs]
+        failed: list[str] = []
+        if comm.all_reduce_sum([int(bool(errors))])[0]:
+            everyone = comm.all_gather_json(errors)
+            failed = [f"rank {r}: {e}" if comm.size > 1 else e for r, errs in enumerate(everyone) for e in errs]
         if failed:
             raise CheckpointError(f"cannot load {path}: " + "; ".join(failed))
         _run(path, copies)
@@ -81,7 +88,9 @@ def load(state: dict, path: str | os.PathLike, *, group: Group | None = None, ve
     return state
 
 
-def _plan_leaf(index: dict, name: str, leaf: Leaf, rank: int, copies: list[_Copy], values: list) -> None:
+def _plan_leaf(
+    index: dict, name: str, leaf: Leaf, rank: int, copies: list[_Copy], values: list, lookup: dict[str, BoxIndex]
+) -> None:
     if leaf.kind == "value":
         if name in index["values"]:
             values.append((leaf, index["values"][name]))
@@ -119,21 +128,20 @@ def _plan_leaf(index: dict, name: str, leaf: Leaf, rank: int, copies: list[_Copy
             raise CheckpointError(f"{name!r} is not in the checkpoint" + _elsewhere(index, name))
         shard = leaf.shard()
         _check(name, shard.data, head["dtype"], head["global_shape"], "global shape", shard.global_shape)
-        _plan_shard(name, shard, head, copies)
+        if name not in lookup:
+            lookup[name] = BoxIndex(
+                [(p, b) for p in head["pieces"] for b in boxes(p["offsets"], p["shape"], p["flat_range"])]
+            )
+        _plan_shard(name, shard, lookup[name], copies)
 
 
-def _plan_shard(name: str, shard, head: dict, copies: list[_Copy]) -> None:
-    saved = [(p, b) for p in head["pieces"] for b in boxes(p["offsets"], p["shape"], p["flat_range"])]
+def _plan_shard(name: str, shard, saved: BoxIndex, copies: list[_Copy]) -> None:
     for want in boxes(shard.offsets, shard.shape, shard.flat_range):
-        covered = torch.zeros(want.shape, dtype=torch.bool)
-        for piece, have in saved:
-            common = intersect(want, have)
-            if common is None:
-                continue
-            covered[local_slices(want, *common)] = True
+        found = saved.meeting(want)
+        for piece, have, common in found:
             copies.append(_Copy(shard.data, want, piece["file"], piece["name"], have, *common))
-        if not bool(covered.all()):
-            missing = int((~covered).sum())
+        missing = covers(want, [common for _, _, common in found])
+        if missing:
             raise CheckpointError(
                 f"{name!r}: {missing} requested elements of the box at {want.offsets} of shape {want.shape} "
                 "are not covered by any saved piece"

@@ -7,8 +7,11 @@ run of the flat data. Reducing everything to boxes makes any saved layout loadab
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,3 +89,45 @@ def box_view(data: torch.Tensor, box: Box) -> torch.Tensor:
         return data
     run = data.narrow(0, box.flat, box.numel)
     return run[0] if not box.shape else run.unflatten(0, box.shape)
+
+
+class BoxIndex:
+    """Saved boxes (each with its piece) sorted along dimension 0, to find those a box meets without
+    looking at the others: a requested box costs a bisection and the boxes it meets."""
+
+    def __init__(self, entries: Sequence[tuple[Any, Box]]):
+        order = sorted(range(len(entries)), key=lambda i: entries[i][1].offsets[:1])
+        self._entries = [(i, *entries[i]) for i in order]
+        self._starts = [b.offsets[0] if b.offsets else 0 for _, _, b in self._entries]
+        self._longest = max((b.shape[0] if b.shape else 1 for _, _, b in self._entries), default=0)
+
+    def meeting(self, want: Box) -> list[tuple[Any, Box, tuple[Shape, Shape]]]:
+        """``(piece, box, common region)`` of every saved box that meets ``want``, in the given order."""
+        if want.offsets:
+            lo = bisect.bisect_right(self._starts, want.offsets[0] - self._longest)
+            hi = bisect.bisect_left(self._starts, want.offsets[0] + want.shape[0])
+        else:
+            lo, hi = 0, len(self._entries)
+        hits = []
+        for i, piece, have in self._entries[lo:hi]:
+            common = intersect(want, have)
+            if common is not None:
+                hits.append((i, piece, have, common))
+        hits.sort(key=lambda h: h[0])
+        return [(piece, have, common) for _, piece, have, common in hits]
+
+
+def covers(want: Box, regions: Sequence[tuple[Shape, Shape]]) -> int:
+    """How many elements of ``want`` none of ``regions`` (each inside it) covers."""
+    total = sum(math.prod(shape) for _, shape in regions)
+    if total == want.numel and len(regions) <= 64 and not _overlapping(regions):
+        return 0
+    covered = torch.zeros(want.shape, dtype=torch.bool)
+    for offsets, shape in regions:
+        covered[local_slices(want, offsets, shape)] = True
+    return int((~covered).sum())
+
+
+def _overlapping(regions: Sequence[tuple[Shape, Shape]]) -> bool:
+    boxes_ = [Box(o, s) for o, s in regions]
+    return any(intersect(a, b) is not None for i, a in enumerate(boxes_) for b in boxes_[i + 1 :])

@@ -1,11 +1,15 @@
 """``save`` and ``AsyncSaver``: every rank writes its pieces; rank 0 commits the index last, atomically.
 
-A save has three steps. Plan (collective, in the calling thread): ranks exchange descriptions and
-agree on who writes what, refusing bad state before anything is written. Write: each rank writes one
-safetensors file of its pieces into the temporary directory, fsyncs it and hashes it. Commit
-(collective): the file records reach rank 0, which writes ``index.json``, renames the directory into
-place and applies retention; every rank learns the outcome. ``AsyncSaver`` runs write and commit in a
-background thread, over its own gloo group, after copying the pieces to host memory.
+A save has three steps. Plan (collective, in the calling thread): every rank decides what it writes,
+refusing bad state before anything is written. Given ``replicas`` (the ranks holding each piece, from
+the layout), each rank plans alone and the ranks only sum a short fixed-size vector to agree
+(:mod:`ckpt.agree`), so planning costs what the rank holds, not the world size; without it, or when
+that check fails, the ranks exchange descriptions (:func:`ckpt.plan.plan`). Write: each rank writes
+one safetensors file of its pieces into the temporary directory, fsyncs it and hashes it. Commit
+(collective): each rank's file record and part of the index are gathered on rank 0, which assembles
+and writes ``index.json``, renames the directory into place and applies retention, then tells every
+rank the outcome. ``AsyncSaver`` runs write and commit in a background thread, over its own gloo
+group, after copying the pieces it writes to host memory.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +30,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from pstate import Group
+from pstate import Group, Shard
 
-from . import files
+from . import agree, files
 from .comm import Comm, comm_for, cpu_comm
 from .errors import CheckpointError
-from .plan import describe, file_name, plan
-from .tree import flatten
+from .plan import Plan, assemble, describe, file_name, local_plan, plan
+from .tree import Leaf, flatten
 
 AfterWrite = Callable[[Path], None]
+Replicas = Callable[[str, Shard], Sequence[int]]
 
 
 @dataclass
@@ -42,6 +48,7 @@ class _Job:
     tmp: Path
     tensors: dict[str, torch.Tensor]
     body: dict
+    fragment: dict
     keep: int | None
 
 
@@ -53,6 +60,7 @@ def save(
     layout: Any = None,
     keep: int | None = None,
     after_write: AfterWrite | None = None,
+    replicas: Replicas | None = None,
 ) -> Path:
     """Save ``state`` (see :mod:`ckpt.tree` for its leaves) to the new directory ``path``; collective.
 
@@ -62,11 +70,16 @@ def save(
         keep: afterwards keep only the newest ``keep`` complete checkpoints next to ``path``.
         after_write: called with the data file's path once it is durable, in the writing thread
             (a hook for progress reports and for tests that stop a save half-way).
+        replicas: ``replicas(name, shard)`` gives the ranks of ``group`` holding a piece identical to
+            this rank's piece of tensor leaf ``name`` (this rank included), as the parallel layout says.
+            Each rank then plans alone (cost independent of the world size); a disagreement found by the
+            fixed-size check falls back to exchanging descriptions, with a warning.
 
     Returns the checkpoint's path once it is complete on disk.
     """
     comm = comm_for(group)
-    return _write_and_commit(_prepare(state, path, comm, layout, keep, copy=False), comm, after_write)
+    job = _prepare(state, path, comm, layout, keep, copy=False, replicas=replicas)
+    return _write_and_commit(job, comm, after_write)
 
 
 class SaveHandle:
@@ -117,10 +130,11 @@ class AsyncSaver:
         layout: Any = None,
         keep: int | None = None,
         after_write: AfterWrite | None = None,
+        replicas: Replicas | None = None,
     ) -> SaveHandle:
-        """Like :func:`ckpt.save` (collective), but the writing happens after this returns."""
+        """Like :func:`ckpt.save` (collective), but the writing and the index happen after this returns."""
         self.wait()
-        job = _prepare(state, path, self._comm, layout, keep, copy=True)
+        job = _prepare(state, path, self._comm, layout, keep, copy=True, replicas=replicas)
         self._pending = SaveHandle(self._pool.submit(_write_and_commit, job, self._comm, after_write), job.path)
         return self._pending
 
@@ -146,17 +160,27 @@ class AsyncSaver:
         self.close()
 
 
-def _prepare(state: dict, path: str | os.PathLike, comm: Comm, layout: Any, keep: int | None, copy: bool) -> _Job:
-    """Plan collectively; return this rank's pieces (host copies when ``copy``) and the index body."""
+def _prepare(
+    state: dict,
+    path: str | os.PathLike,
+    comm: Comm,
+    layout: Any,
+    keep: int | None,
+    copy: bool,
+    replicas: Replicas | None = None,
+) -> _Job:
+    """Plan (collectively); return this rank's pieces (host copies when ``copy``) and index fragment."""
     path = Path(path).absolute()
-    leaves, doc = {}, {"tensors": {}, "rank_tensors": {}, "values": {}, "rank_values": {}, "errors": []}
+    leaves: dict[str, Leaf] = {}
+    doc: dict[str, Any] = {"tensors": {}, "rank_tensors": {}, "values": {}, "rank_values": {}, "errors": []}
     try:
         leaves = flatten(state)
         doc = describe(leaves)
     except CheckpointError as e:
         doc["errors"].append(str(e))
+    token = None
     if comm.rank == 0:
-        doc["token"] = files.new_token()
+        token = files.new_token()
         if path.exists():
             doc["errors"].append(f"{path} already exists; choose a new directory for each checkpoint")
         if keep is not None and (not isinstance(keep, int) or keep < 1):
@@ -165,8 +189,7 @@ def _prepare(state: dict, path: str | os.PathLike, comm: Comm, layout: Any, keep
             layout = _json_layout(layout)
         except TypeError as e:
             doc["errors"].append(str(e))
-    docs = comm.all_gather_json(doc)
-    p = plan(docs, comm.rank)
+    p, token = _plan(doc, leaves, comm, token, replicas)
     if p.errors:
         raise CheckpointError(f"cannot save {path}: " + "; ".join(p.errors))
     tensors: dict[str, torch.Tensor] = {}
@@ -180,16 +203,41 @@ def _prepare(state: dict, path: str | os.PathLike, comm: Comm, layout: Any, keep
         "created": time.time(),
         "world_size": comm.size,
         "layout": layout if comm.rank == 0 else None,
-        "tensors": p.tensors,
-        "rank_tensors": p.rank_tensors,
-        "values": p.values,
-        "rank_values": p.rank_values,
     }
-    return _Job(path, files.temporary_dir(path, docs[0]["token"]), _unshare(tensors), body, keep)
+    return _Job(path, files.temporary_dir(path, token), _unshare(tensors), body, p.fragment, keep)
+
+
+def _plan(
+    doc: dict, leaves: dict[str, Leaf], comm: Comm, token: str | None, replicas: Replicas | None
+) -> tuple[Plan, str]:
+    """This rank's plan and the save's token: planned alone when ``replicas`` is given and every rank
+    agrees (one fixed-size sum), else from every rank's description."""
+    if replicas is not None:
+        holders: dict[str, tuple[int, ...]] = {}
+        checked: dict[int, tuple[object, tuple[int, ...]]] = {}  # by the id of a list replicas returned again
+        for name in doc["tensors"]:
+            try:
+                holders[name] = agree.holders_of(replicas, name, leaves[name].shard(), comm.rank, comm.size, checked)
+            except Exception as e:
+                doc["errors"].append(f"replicas: {type(e).__name__}: {e}")
+        local_errors = int(bool(doc["errors"]))
+        ok, token = agree.verdict(
+            comm.all_reduce_sum(agree.vector(doc, holders, comm.rank, token, local_errors)), comm.size
+        )
+        if ok:
+            return local_plan(doc, holders, comm.rank), token
+        doc["holders"] = {name: list(ranks) for name, ranks in holders.items()}
+    doc["token"] = token
+    docs = comm.all_gather_json(doc)
+    p = plan(docs, comm.rank)
+    if replicas is not None and not p.errors and comm.rank == 0:
+        where = agree.first_disagreement(docs) or "the ranks hold different values"
+        warnings.warn(f"ckpt.save: planned by exchanging descriptions: {where}", stacklevel=3)
+    return p, docs[0]["token"]
 
 
 def _write_and_commit(job: _Job, comm: Comm, after_write: AfterWrite | None) -> Path:
-    record: dict[str, Any] = {"error": None, "files": {}}
+    record: dict[str, Any] = {"error": None, "files": {}, "fragment": job.fragment}
     try:
         if comm.rank == 0 or job.tensors:
             job.tmp.mkdir(parents=True, exist_ok=True)
@@ -204,11 +252,11 @@ def _write_and_commit(job: _Job, comm: Comm, after_write: AfterWrite | None) -> 
                 after_write(target)
     except Exception as e:
         record["error"] = f"{type(e).__name__}: {e}"
-    records = comm.all_gather_json(record)
+    records = comm.gather_json(record)
     status = None
-    if comm.rank == 0:
+    if records is not None:
         status = _commit(job, records)
-    status = comm.all_gather_json(status)[0]
+    status = comm.broadcast_json(status)
     if status is not None:
         raise CheckpointError(f"cannot save {job.path}: {status}")
     return job.path
@@ -219,6 +267,10 @@ def _commit(job: _Job, records: list[dict]) -> str | None:
     failed = [f"rank {r}: {rec['error']}" for r, rec in enumerate(records) if rec["error"]]
     try:
         if not failed:
+            index, conflicts = assemble([rec["fragment"] for rec in records])
+            failed += conflicts
+        if not failed:
+            job.body.update(index)
             job.body["files"] = {n: f for rec in records for n, f in rec["files"].items()}
             files.commit(job.tmp, job.path, job.body)
     except CheckpointError as e:

@@ -77,11 +77,18 @@ class Layout:
         return self._group_array(*_parse_axes(axes)).tolist()
 
     def group_of(self, rank: int, axes: str) -> list[int]:
-        """The group of ``axes`` that holds ``rank``."""
+        """The group of ``axes`` that holds ``rank``, in rank order; costs the group's size, not the world's."""
         self._check_rank(rank)
-        array = self._group_array(*_parse_axes(axes))
-        row = np.nonzero((array == rank).any(axis=1))[0][0]
-        return array[row].tolist()
+        masked, expert = _parse_axes(axes)
+        tokens, sizes = self._grid(expert)
+        members = [rank]
+        stride = 1
+        for token, size in zip(tokens, sizes):
+            if token in masked:
+                base = [m - ((m // stride) % size) * stride for m in members]
+                members = [b + k * stride for k in range(size) for b in base]
+            stride *= size
+        return sorted(members)
 
     def coords(self, rank: int) -> dict[str, int]:
         """``rank``'s index on every axis (``tp, cp, dp, pp, etp, ep, edp``); it is also the rank's

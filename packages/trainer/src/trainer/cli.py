@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from trainer import exits
 from trainer.commands import add_convert, add_generate, add_layout, add_plan, add_train
+from trainer.serve_command import add_serve
 
 USER_ERRORS = exits.USER_ERRORS
 
@@ -80,11 +81,12 @@ EXAMPLES = """\
 examples:
   trainer train --nproc 2 --steps 20 --save ckpt     # train a tiny GPT on 2 local ranks, save at the end
   trainer generate --load ckpt --prompt "import "   # continue a prompt with the trained model
+  trainer serve --load ckpt --port 8000             # an OpenAI-compatible completions server
   trainer convert --to-hf hf-model --load ckpt      # write it as a Hugging Face model
   trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512
 """
 
-SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout)
+SUBCOMMANDS = (add_train, add_generate, add_convert, add_plan, add_preprocess, add_layout, add_serve)
 
 
 class HelpFormatter(argparse.HelpFormatter):

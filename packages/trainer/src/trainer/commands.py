@@ -7,6 +7,7 @@ the common ones have their own flags. The run is checked (``check_run``) before 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         "checkpoint under --save (under torchrun, use torchrun's own --max-restarts)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here; report it")
+    p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the job's world size (required there)")
+    p.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: the rank to build")
     p.set_defaults(run=run_train)
 
 
@@ -196,43 +200,28 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def add_plan(commands: argparse._SubParsersAction) -> None:
-    """``trainer plan``: the layouts that fit a model on a cluster, fastest first (estimated)."""
-    from .model.config import PRESETS
+    """``trainer plan``: the layouts that fit a model on a cluster, fastest first, or one layout explained."""
+    from .plan.cli import add_plan_options
 
     p = commands.add_parser(
         "plan",
-        help="suggest parallel layouts for a model on a cluster",
-        description=(
-            "Rank the layouts (tp, pp, vpp, cp, dp, ZeRO stage, recomputation) that fit a model on a cluster by "
-            "estimated step time, from a memory and compute model; nothing is run."
-        ),
-        epilog="example:\n  trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512",
+        help="suggest parallel layouts for a model on a cluster, or explain one",
+        description="Search the layouts (--top K; layout flags pin the search) or evaluate the one the layout "
+        "flags (those of trainer train) give, from a memory and time model; nothing is run. --model takes a "
+        "preset or a Hugging Face config.json.",
+        epilog="examples:\n  trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512 --top 5\n"
+        "  trainer plan --model llama3-8b --gpus 64 --seq-len 8192 --global-batch 512 --tp 8 --pp 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, choices=tuple(PRESETS), metavar="PRESET", help="model preset: %(choices)s")
-    p.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs in the cluster")
-    p.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per node (the fast TP domain)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per GPU, in the training dtype")
-    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per sample")
-    p.add_argument("--global-batch", type=int, required=True, metavar="N", help="samples per optimizer step")
-    p.add_argument(
-        "--vocab-size", type=int, metavar="N", help="vocabulary size, for presets without one (default: the preset's)"
-    )
-    p.add_argument("--top", type=int, default=5, metavar="N", help="how many layouts to show")
+    _run_options(p)
+    add_plan_options(p)
     p.set_defaults(run=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .model import preset
-    from .plan import Cluster, plan, render
+    from .plan.cli import run_plan
 
-    model = preset(args.model)
-    if args.vocab_size:
-        model = model.with_overrides(vocab_size=args.vocab_size)
-    cluster = Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.peak_tflops)
-    plans = plan(model, cluster, seq_len=args.seq_len, global_batch=args.global_batch, top=args.top)
-    print(render(plans, args.model, args.seq_len, args.global_batch))
-    return 0 if plans else 1
+    return run_plan(args, overrides_from(args))
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -301,6 +290,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
+    if args.dry_run:
+        from .train.dry_run import dry_run
+
+        if args.world_size is None:
+            raise TrainerError("--dry-run needs --world-size N")
+        print(json.dumps(dry_run(cfg, args.world_size, args.rank), indent=2))
+        return 0
     world = world_size(args.nproc)
     check_run(cfg, world)
     check_inputs(cfg)
@@ -332,8 +328,6 @@ def summary(cfg: Any, records: list[dict[str, Any]], seconds: float) -> str:
 
 
 def run_layout(args: argparse.Namespace) -> int:
-    import json
-
     from pstate import layout
     from pstate.cli import describe, render
 

@@ -229,6 +229,31 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
         **_LLAMA,
     ),
+    "llama3-70b": ModelConfig(
+        hidden=8192,
+        layers=80,
+        heads=64,
+        kv_heads=8,
+        ffn_hidden=28672,
+        vocab_size=128256,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        **_LLAMA,
+    ),
+    "mixtral-8x7b": ModelConfig(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        ffn_hidden=14336,
+        vocab_size=32000,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        num_experts=8,
+        moe_topk=2,
+        moe_ffn_hidden=14336,
+        **_LLAMA,
+    ),
 }
 
 

@@ -38,6 +38,7 @@ from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
 from .pipeline import local_batch, scale_router_losses, sync_sequence_parallel_grads, sync_tied_embedding_grads
+from .replicas import replicas
 from .report import banner, memory_mb
 from .resume import checkpoints_to_try
 from .setup import Run, setup
@@ -236,10 +237,11 @@ def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None
     state = saveable(run_state(run, step, data.state_dict()))
     state["config"] = to_toml(run.cfg)
     path = ckpt.step_dir(t.save, step)
+    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)  # each rank plans alone
     if saver is None:
-        ckpt.save(state, path, layout=_layout(run), keep=t.keep)
+        ckpt.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
         return path, None
-    return path, saver.save(state, path, layout=_layout(run), keep=t.keep)
+    return path, saver.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
 
 
 def _layout(run: Run) -> dict[str, int]:
