@@ -78,9 +78,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, setup, message):
 # test stops it at that point, however slow the machine, instead of racing a run that may finish first.
 PAUSING_CLI = textwrap.dedent(
     """
-    import importlib, signal, sys
+    import importlib, signal, sys, time
     from trainer.cli import main
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist workers ignore it)
     pre = importlib.import_module("trainer.data.preprocess")
 
     save = pre._save_state
@@ -89,7 +90,8 @@ PAUSING_CLI = textwrap.dedent(
         save(paths, settings, state)
         if state["done_files"] >= 1:
             print("paused", flush=True)
-            signal.pause()
+            while True:  # not signal.pause(): a signal that lands before it is called would be missed
+                time.sleep(0.05)
 
     pre._save_state = save_then_pause
     sys.exit(main(sys.argv[1:]))
