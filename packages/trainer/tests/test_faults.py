@@ -1,5 +1,6 @@
 """The fault-handling parts of the trainer, one at a time: which non-finite steps stop a run, the stall
-watchdog's verdict, and an fp16 run whose loss scale overflows under ``on_nan="stop"``.
+watchdog's verdict, an fp16 run whose loss scale overflows under ``on_nan="stop"``, and a signal that lands
+on one rank between two steps.
 
 The end-to-end faults (killed, stalled and interrupted ranks, corrupt checkpoints) are in
 ``integration_tests/test_faults.py``.
@@ -9,18 +10,22 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import signal
 import threading
 from unittest import mock
 
 import pytest
 import torch.distributed as dist
 
+import ckpt
 import trainer.train.loop as loop
 import trainer.train.setup as run_setup
 from dp_shard import LossScaler
 from trainer.config import load_run_config
 from trainer.data import DataError, preprocess
-from trainer.exits import NotFinite
+from trainer.exits import Interrupted, NotFinite
+from trainer.train.signals import StopRequest
 from trainer.train.skips import SkipCounter
 from trainer.train.watchdog import Watchdog
 
@@ -131,3 +136,35 @@ def test_a_changed_input_not_read_yet_does_not_block_resuming(tmp_path):
     ds = preprocess([first, second], tmp_path / "out", progress=False, log=notes.append)
     assert [bytes(ds[i].astype("u1")).decode() for i in range(len(ds))] == ["one", "two"]
     assert any("inputs not read yet" in n for n in notes)
+
+
+def train_signalled_after_agreeing(tmp: str) -> tuple[int, int]:
+    """SIGTERM to rank 0 only, right after the ranks agreed at the end of step 2 (the moment where a
+    rank that acted on its own signal would stop and save while the others start step 3)."""
+    agree, calls = StopRequest.agree, []
+
+    def agree_then_signal(self, device):
+        agree(self, device)
+        calls.append(1)
+        if dist.get_rank() == 0 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    overrides = {
+        "model": {"preset": "tiny"},
+        "train": {"steps": 8, "seq_len": 32, "micro_batch": 2, "global_batch": 4, "save": f"{tmp}/ckpt"},
+        "data": {"cache_dir": tmp},
+    }
+    with mock.patch.object(StopRequest, "agree", agree_then_signal):
+        try:
+            loop.train(load_run_config(overrides=overrides))
+        except Interrupted as stop:
+            return stop.exit_code, len(calls)
+    raise AssertionError("the signal did not stop the run")
+
+
+def test_a_signal_after_the_steps_agreement_stops_every_rank_after_the_same_step(run_ranks, tmp_path):
+    """Rank 0 sees its signal only at the next agreement: both ranks stop and save after step 3 together
+    (a rank that stopped alone would leave the other waiting in step 4's collectives)."""
+    outcomes = run_ranks(2, train_signalled_after_agreeing, str(tmp_path))
+    assert outcomes == [(128 + signal.SIGTERM, 3)] * 2
+    assert ckpt.latest(tmp_path / "ckpt") == ckpt.step_dir(tmp_path / "ckpt", 3)

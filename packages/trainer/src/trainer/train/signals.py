@@ -20,17 +20,20 @@ from ..exits import Interrupted
 
 
 class StopRequest:
-    """``requested``: why the loop should stop after this step (a signal number, or a reason string)."""
+    """A stop the ranks agree on. ``received``: a signal this rank got (set by the handler at any moment);
+    ``requested``: why every rank stops after this step (a signal number or a reason string), changed
+    only by :meth:`agree` and by the loop, so a signal landing mid-step cannot make one rank stop alone."""
 
     def __init__(self) -> None:
+        self.received: int | None = None
         self.requested: int | str | None = None
 
     def agree(self, device: torch.device) -> None:
-        """Make every rank see a signal any rank received (collective over the world, once a step), so
-        that all stop after the same step and save together."""
-        flag = torch.tensor([self.requested if isinstance(self.requested, int) else 0], device=device)
+        """Make every rank see a signal any rank had received by now (collective over the world, once a
+        step), so that all stop after the same step and save together."""
+        flag = torch.tensor([self.received or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not isinstance(self.requested, int):
+        if flag.item():
             self.requested = int(flag.item())
 
     def raise_if_signalled(self) -> None:
@@ -46,9 +49,9 @@ def stop_on_signal() -> Iterator[StopRequest]:
     previous = {}
 
     def handler(signum: int, frame: Any) -> None:
-        if isinstance(stop.requested, int):
+        if stop.received is not None:
             os._exit(128 + signum)
-        stop.requested = signum
+        stop.received = signum
 
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
