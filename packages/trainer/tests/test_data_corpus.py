@@ -51,6 +51,18 @@ def test_default_corpus_is_cached_deterministic_and_keyed_by_content(tmp_path):
         default_corpus(tmp_path / "a", tok, stdlib=fake)
 
 
+def test_building_the_cache_is_announced_once(tmp_path):
+    """The first use says what it builds and where, and how long it took; a cached corpus says nothing."""
+    heard: list[str] = []
+    data = build_datasets(DataConfig(cache_dir=str(tmp_path)), seq_len=64, seed=0, log=heard.append)
+    prefix = data.sources[0].prefix
+    assert len(heard) == 2
+    assert heard[0].startswith(f"data: building the default corpus cache {prefix} ({len(MODULES)} files, ")
+    assert heard[1].startswith(f"data: built {data.sources[0].num_tokens:,} tokens in ")
+    build_datasets(DataConfig(cache_dir=str(tmp_path)), seq_len=64, seed=0, log=heard.append)
+    assert len(heard) == 2
+
+
 def test_concurrent_builders_agree(tmp_path):
     results = [None] * 4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,25 @@ def _derived_seed(*entropy: int) -> int:
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
-def build_datasets(config: DataConfig, *, seq_len: int, seed: int, tokenizer: Tokenizer | None = None) -> Datasets:
-    """Open (or build, for the default corpus) the datasets, split them by document and blend them.
+def build_datasets(
+    config: DataConfig,
+    *,
+    seq_len: int,
+    seed: int,
+    tokenizer: Tokenizer | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Datasets:
+    """Open (or build, for the default corpus, telling ``log``) the datasets, split them by document and blend
+    them.
 
     Dataset ``i`` of the blend is shuffled with a seed derived from ``(seed, i)``; the valid samples with one
     derived from ``split_seed`` only.
     """
     tok = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
-    sources = [IndexedDataset(p) for p in config.paths] if config.paths else [default_corpus(config.cache_dir, tok)]
+    if config.paths:
+        sources = [IndexedDataset(p) for p in config.paths]
+    else:
+        sources = [default_corpus(config.cache_dir, tok, log=log)]
     for ds in sources:
         if ds.tokenizer is not None and ds.tokenizer != tok.name:
             raise DataError(f"dataset {ds.prefix} was made with tokenizer {ds.tokenizer}, this run uses {tok.name}")

@@ -16,6 +16,8 @@ import hashlib
 import os
 import sys
 import sysconfig
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import DataError
@@ -58,9 +60,13 @@ def corpus_files(stdlib: str | Path | None = None) -> list[Path]:
 
 
 def default_corpus(
-    cache_dir: str | Path | None, tokenizer: Tokenizer, stdlib: str | Path | None = None
+    cache_dir: str | Path | None,
+    tokenizer: Tokenizer,
+    stdlib: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> IndexedDataset:
-    """The default corpus tokenized by ``tokenizer``, from the cache or built into it (see the module docstring)."""
+    """The default corpus tokenized by ``tokenizer``, from the cache or built into it (see the module docstring).
+    ``log`` hears when a build starts and how long it took (nothing when the cache already has it)."""
     root = Path(stdlib) if stdlib is not None else stdlib_root()
     files = corpus_files(root)
     if len(files) < len(MODULES) // 2:
@@ -80,6 +86,10 @@ def default_corpus(
     with _locked(cache / f".{prefix.name}.lock"):
         with contextlib.suppress(DataError):
             return IndexedDataset(prefix)
+        began = time.perf_counter()
+        if log is not None:
+            size = sum(len(t) for t in texts) / 2**20
+            log(f"data: building the default corpus cache {prefix} ({len(files)} files, {size:.1f} MB; first use)")
         eos = tokenizer.eos_id is not None
         docs = encode_documents(
             tokenizer, [t.decode("utf-8") for t in texts], eos, dtype_for_vocab(tokenizer.vocab_size)
@@ -91,7 +101,10 @@ def default_corpus(
             "sources": [f.relative_to(root).as_posix() for f in files],
             "corpus": f"python {sys.version.split()[0]} standard library",
         }
-        return write_dataset(prefix, docs, tokenizer.vocab_size, meta)
+        built = write_dataset(prefix, docs, tokenizer.vocab_size, meta)
+        if log is not None:
+            log(f"data: built {built.num_tokens:,} tokens in {time.perf_counter() - began:.1f} s")
+        return built
 
 
 @contextlib.contextmanager

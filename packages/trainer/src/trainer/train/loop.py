@@ -12,6 +12,7 @@ finish the current step, save, and return.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -57,7 +58,9 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(t.seed)
     with pstate.initialize(cfg.parallel, timeout=collective_timeout(t)) as ps:
-        datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed)
+        # whichever rank builds the default corpus cache (the others wait on its lock) says so
+        say = functools.partial(print, file=stream, flush=True)
+        datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed, log=say)
         model = model_vocab(cfg.model, datasets.tokenizer, list(datasets.sources))
         run = setup(cfg, ps, model, microbatches)
         global_batch = t.global_batch or t.micro_batch * ps.dp.size
