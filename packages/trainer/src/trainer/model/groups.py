@@ -18,6 +18,7 @@ class ModelGroups:
     ``sequence_parallel`` splits the activations between the TP regions along the sequence.
     ``cp_attention`` is ``"ring"`` (p2p, any head count) or ``"ulysses"`` (all-to-all over heads).
     ``tp_cp``: the TP x CP group (needed by :attr:`sequence_group` with both SP and CP).
+    ``cp_kernel``: ring attention's block kernel by name (``cp_ring.make_kernel``).
     """
 
     tp: Group
@@ -27,6 +28,7 @@ class ModelGroups:
     sequence_parallel: bool = False
     cp_attention: str = "ring"
     tp_cp: Group | None = None
+    cp_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cp_attention not in ("ring", "ulysses"):
@@ -36,9 +38,9 @@ class ModelGroups:
 
     @classmethod
     def from_state(
-        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring"
+        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring", cp_kernel: str = "auto"
     ) -> ModelGroups:
-        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp)
+        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel)
 
     @property
     def tp_size(self) -> int:
