@@ -18,8 +18,8 @@ back for its backward. Every backward op recomputes ``P = exp(scale * q k^T - ls
 block-wise with the global ``lse`` and ``out``.
 
 Grouped-query attention: key/value heads are repeated to the query heads and their gradients summed back
-(the CUDA efficient op has no GQA). On CUDA, inputs whose last dimension is not contiguous are copied, and
-head dims that are not a multiple of 8 (which the CUDA ops do not take unpadded) go to :class:`MathKernel`.
+(the CUDA efficient op has no GQA). On CUDA, non-contiguous inputs are copied, and head dims that are not
+a multiple of 8 (which the CUDA ops do not take unpadded) go to :class:`MathKernel`.
 """
 
 from __future__ import annotations
@@ -106,13 +106,15 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+def _dense(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous copies where needed: the CUDA ops want a unit last stride and aligned row strides, and
+    a copy of one block's inputs costs little next to the attention over it."""
+    return [t.contiguous() for t in tensors]
 
 
 def flash_forward(q, k, v, causal, scale):
     """``aten._scaled_dot_product_flash_attention`` (dropout 0): ``(out, lse [b, h, sq])``."""
-    q, k, v = _last_dim_contiguous(q, k, v)
+    q, k, v = _dense(q, k, v)
     result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return result[0], result[1]
 
@@ -120,7 +122,7 @@ def flash_forward(q, k, v, causal, scale):
 def flash_backward(dout, q, k, v, out, lse, causal, scale):
     """Its backward. Dense (not variable-length) inputs: no cumulative lengths; the philox seed and offset
     are read only when dropout > 0, so empty tensors stand in for the forward's RNG state."""
-    q, k, v = _last_dim_contiguous(q, k, v)
+    dout, q, k, v, out, lse = _dense(dout, q, k, v, out, lse)  # the ring passes row slices of lse
     unused = torch.empty(0, dtype=torch.int64, device=q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, unused, unused, scale=scale
@@ -130,14 +132,14 @@ def flash_backward(dout, q, k, v, out, lse, causal, scale):
 def efficient_forward(q, k, v, causal, scale):
     """``aten._scaled_dot_product_efficient_attention`` (no bias, dropout 0): ``(out, lse [b, h, sq])``
     (its log-sum-exp rows padded to a multiple of 32 are cut back to ``sq``)."""
-    q, k, v = _last_dim_contiguous(q, k, v)
+    q, k, v = _dense(q, k, v)
     result = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
     return result[0], result[1][..., : q.size(2)]
 
 
 def efficient_backward(dout, q, k, v, out, lse, causal, scale):
     """Its backward, given ``lse`` padded back to the forward's shape; no bias gradient."""
-    q, k, v = _last_dim_contiguous(q, k, v)
+    dout, q, k, v, out = _dense(dout, q, k, v, out)
     lse = F.pad(lse, (0, -q.size(2) % _LSE_ALIGN)).contiguous()
     unused = torch.empty(0, dtype=torch.int64, device=q.device)
     grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
