@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from cp_ring import KERNEL_NAMES
 from pstate import Group, ParallelState, as_group
 
 from ..errors import TrainerError
@@ -33,6 +34,8 @@ class ModelGroups:
     def __post_init__(self) -> None:
         if self.cp_attention not in ("ring", "ulysses"):
             raise TrainerError(f"cp_attention={self.cp_attention!r}: must be 'ring' or 'ulysses'")
+        if self.cp_kernel not in KERNEL_NAMES:
+            raise TrainerError(f"cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.sequence_parallel and self.tp_size == 1:
             raise TrainerError("sequence_parallel=True needs tp > 1: it splits the sequence over the TP group")
 
