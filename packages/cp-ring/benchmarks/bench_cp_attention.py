@@ -3,13 +3,14 @@ and 4 against one process doing full attention, and PyTorch's experimental ``con
 over gloo, in one run.
 
     python packages/cp-ring/benchmarks/bench_cp_attention.py [--seq 8192 --heads 8 --head-dim 64 --iters 2]
+        [--dtype fp32|bf16] [--methods ring,ring-math,ulysses,torch-cp]
 
 Rows: ``full`` is ``F.scaled_dot_product_attention`` on the whole sequence in one process (PyTorch's CPU
 flash kernel); ``ring`` is ``ring_attention`` with its default kernel on CPU, ``SDPAKernel`` (the same
 fused kernel per block); ``ring-math`` is the same ring with ``MathKernel`` plugged in through ``kernel=``
 (plain matmul + softmax, one fp32 ``[b, h, s/cp, s/cp]`` score block at a time); ``ulysses`` is
-``ulysses_attention``. Every CP row
-is checked against ``full`` (max |diff| of the output and dQ) before its times count.
+``ulysses_attention``. Every CP row is checked against ``full`` (max |diff| of the output and dQ, in the
+run's dtype) before its times count.
 
 Time: the slowest rank's seconds per step (median of ``--iters`` after one warm-up); ratio = row / full.
 Memory: each configuration runs in fresh rank processes; peak MiB = the rank's peak resident set during
@@ -58,9 +59,10 @@ def torch_context_parallel(q, k, v, do):
     return out
 
 
-def measure(method: str, seq: int, heads: int, head_dim: int, iters: int):
+def measure(method: str, seq: int, heads: int, head_dim: int, iters: int, dtype: str):
     generator = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, heads, seq, head_dim, generator=generator) for _ in range(4))
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    q, k, v, do = (torch.randn(1, heads, seq, head_dim, generator=generator).to(dt) for _ in range(4))
     if method == "torch-cp":
         try:
             torch_context_parallel(q, k, v, do)
@@ -108,10 +110,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--methods", default="ring,ring-math,ulysses,torch-cp", help="comma-separated rows to run")
     args = parser.parse_args()
-    shape = (args.seq, args.heads, args.head_dim, args.iters)
+    methods = args.methods.split(",")
+    shape = (args.seq, args.heads, args.head_dim, args.iters, args.dtype)
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, gloo, one process and one thread per rank")
-    print(f"causal attention fwd+bwd, fp32, batch 1, seq {args.seq}, heads {args.heads}, head_dim {args.head_dim}")
+    print(
+        f"causal attention fwd+bwd, {args.dtype}, batch 1, seq {args.seq}, heads {args.heads}, head_dim {args.head_dim}"
+    )
 
     def fresh(world_size: int, method: str):  # fresh processes: a clean resident-set baseline
         with Harness(timeout_s=1800) as harness:
@@ -122,15 +129,19 @@ def main() -> None:
     print("{:<11} {:>3} {:>8} {:>7} {:>14} {:>11} {:>10}".format(*header))
     print(f"{'full':<11} {1:>3} {full['time']:>8.2f} {1.0:>7.2f} {full['peak']:>14.0f} {'-':>11} {'-':>10}")
     for cp in (2, 4):
-        for method in ("ring", "ring-math", "ulysses"):
+        for method in (m for m in ("ring", "ring-math", "ulysses") if m in methods):
             results = fresh(cp, method)
-            d_out = max((r["out"] - zigzag_part(full["out"], i, cp)).abs().max().item() for i, r in enumerate(results))
-            d_dq = max((r["dq"] - zigzag_part(full["dq"], i, cp)).abs().max().item() for i, r in enumerate(results))
+            d_out, d_dq = (
+                max((r[key] - zigzag_part(full[key], i, cp)).float().abs().max().item() for i, r in enumerate(results))
+                for key in ("out", "dq")
+            )
             r = results[0]
             print(
                 f"{method:<11} {cp:>3} {r['time']:>8.2f} {r['time'] / full['time']:>7.2f} {r['peak']:>14.0f} "
                 f"{d_out:>11.1e} {d_dq:>10.1e}"
             )
+    if "torch-cp" not in methods:
+        return
     error = fresh(2, "torch-cp")[0]["error"]
     print(f"torch context_parallel (cp=2): {'runs' if error is None else 'does not run on CPU/gloo: ' + error}")
 

@@ -34,10 +34,10 @@ def data():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def run_model(model_name: str, changes: dict, parallel: dict, sp: bool = False, cp_attention: str = "ring"):
+def run_model(model_name: str, changes: dict, parallel: dict, sp: bool = False, **cp_options):
     cfg = config(model_name, **changes)
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
-        groups = ModelGroups.from_state(ps, sequence_parallel=sp, cp_attention=cp_attention)
+        groups = ModelGroups.from_state(ps, sequence_parallel=sp, **cp_options)
         (chunk,) = build_chunks(cfg, groups, pp_rank=0, pp=1, seed=SEED)
         ids, labels = data()
         ids, labels = ids.chunk(ps.dp.size)[ps.dp.rank], labels.chunk(ps.dp.size)[ps.dp.rank]
@@ -62,6 +62,7 @@ CASES = {
     "tp2-sp": ("tiny", {}, dict(tp=2), 2, dict(sp=True)),
     "tp2-gpt2-tied": ("tiny-gpt2", {}, dict(tp=2), 2, dict(sp=True)),
     "cp2-ring": ("tiny", {}, dict(cp=2), 2, {}),
+    "cp2-ring-math": ("tiny", {}, dict(cp=2), 2, dict(cp_kernel="math")),
     "cp2-ulysses": ("tiny", {}, dict(cp=2), 2, dict(cp_attention="ulysses")),
     "gpt2-cp2": ("tiny-gpt2", {}, dict(cp=2), 2, {}),
     "tp2-cp2-sp": ("tiny", {}, dict(tp=2, cp=2), 4, dict(sp=True)),

@@ -47,6 +47,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"global_batch": 0}}, "train.global_batch=0: must be >= 1"),
         ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
         ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
+        ({"train": {"cp_kernel": "flash"}}, r"train.cp_kernel='flash': must be one of \('auto', 'sdpa', 'math'\)"),
         ({"optim": {"beta1": 1.5}}, "optim.beta1=1.5: must be a finite number >= 0 and < 1"),
     ],
 )

@@ -8,18 +8,22 @@ rank's part. Every function takes its group explicitly, as a ``pstate.Axis`` (``
 
 from .all_to_all import all_to_all_hp2sp, all_to_all_sp2hp
 from .errors import ContextParallelError
-from .kernel import AttentionKernel, MathKernel, SDPAKernel
+from .kernel import AttentionKernel, MathKernel
+from .kernel_choice import KERNEL_NAMES, make_kernel
 from .ring import ring_attention
+from .sdpa_kernel import SDPAKernel
 from .sharding import shard_sequence, unshard_sequence
 from .ulysses import ulysses_attention
 
 __all__ = [
+    "KERNEL_NAMES",
     "AttentionKernel",
     "ContextParallelError",
     "MathKernel",
     "SDPAKernel",
     "all_to_all_hp2sp",
     "all_to_all_sp2hp",
+    "make_kernel",
     "ring_attention",
     "shard_sequence",
     "ulysses_attention",

@@ -3,8 +3,10 @@
 A kernel computes attention of one query block against one key/value block and returns the output
 together with the log-sum-exp of each query row's scores, so that the ring can merge blocks; its backward
 recomputes the block from saved inputs and the *final* (merged) output and log-sum-exp, as flash
-attention does. Plug in a flash-attention or Transformer Engine kernel by passing any object with these
-two methods as ``kernel=``; the ring logic does not change.
+attention does. Two kernels ship: :class:`MathKernel` here (plain PyTorch, any device) and
+:class:`~cp_ring.SDPAKernel` (PyTorch's fused SDPA ops, CPU and CUDA). Plug in another (a
+flash-attention or Transformer Engine kernel) by passing any object with these two methods as ``kernel=``;
+the ring logic does not change.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class AttentionKernel(Protocol):
 
 
 class MathKernel:
-    """The default kernel: plain PyTorch matmul + softmax in fp32, on any device.
+    """Plain PyTorch matmul + softmax in fp32, on any device: the reference the fused kernel is tested
+    against, and the fallback where no fused op runs.
 
     Grouped query heads are folded into the row dimension (``[b, hkv, g*sq, d]``), so K/V are never
     repeated and the key/value gradients come out summed over the group. Per call it holds one fp32
@@ -90,60 +93,14 @@ class MathKernel:
         return _unfold(dq, hq), dk, dv
 
 
-class SDPAKernel:
-    """PyTorch's own fused (flash) SDPA kernel for CPU tensors: it returns the log-sum-exp rows the ring
-    merges with, and its backward takes the final ``out`` and ``lse``, so it never holds a score block.
-    About twice as fast as :class:`MathKernel` on CPU and far lighter. Key/value heads are repeated for
-    grouped-query attention and their gradients summed back.
-
-    It calls ATen's ``_scaled_dot_product_flash_attention_for_cpu`` (the op behind
-    ``F.scaled_dot_product_attention`` on CPU), which has no public form that returns the log-sum-exp.
-    """
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        """Whether this PyTorch build has the op and ``device`` is a CPU."""
-        return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out.float(), lse.float()
-
-    def backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        *,
-        causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hkv = k.size(1)
-        k, v = _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1))
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.to(q.dtype), q, k, v, out.to(q.dtype), lse.float(), 0.0, causal, scale=scale
-        )
-        return dq.float(), _sum_groups(dk.float(), hkv), _sum_groups(dv.float(), hkv)
-
-
-def default_kernel(device: torch.device) -> AttentionKernel:
-    """The kernel ``ring_attention`` uses when none is given: :class:`SDPAKernel` where it runs (CPU),
-    else :class:`MathKernel` (a fused GPU kernel is a later plug-in)."""
-    return SDPAKernel() if SDPAKernel.available(device) else MathKernel()
-
-
-def _repeat_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """``[b, hkv, s, e]`` -> ``[b, hq, s, e]``: each key/value head repeated for its query heads."""
     groups = hq // x.size(1)
     return x.repeat_interleave(groups, dim=1) if groups > 1 else x
 
 
-def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
+def sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[b, hq, s, e]`` -> ``[b, hkv, s, e]``: gradients of repeated key/value heads summed back."""
     b, hq, s, e = x.shape
     return x.view(b, hkv, hq // hkv, s, e).sum(2) if hq != hkv else x
 

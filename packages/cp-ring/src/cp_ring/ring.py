@@ -20,7 +20,8 @@ from pstate import Group
 from .blocks import block_for
 from .comm import RingPeers, wait_all
 from .errors import ContextParallelError
-from .kernel import AttentionKernel, default_kernel
+from .kernel import AttentionKernel
+from .kernel_choice import make_kernel
 
 _KV, _DKV = 0, 1  # message tags
 
@@ -138,8 +139,9 @@ def ring_attention(
     (``heads`` a multiple of ``kv_heads`` for grouped-query attention), each this rank's part of the
     sequence as placed by :func:`~cp_ring.shard_sequence` with the same ``zigzag``. Returns this rank's
     part of the output, in ``q``'s dtype (fp32 accumulation inside). ``scale`` defaults to
-    ``head_dim ** -0.5``. ``kernel`` computes each block (default: :class:`~cp_ring.SDPAKernel` on CPU,
-    :class:`~cp_ring.MathKernel` elsewhere). Differentiable: the backward is a second ring pass.
+    ``head_dim ** -0.5``. ``kernel`` computes each block (default: ``make_kernel("auto", q.device)``,
+    :class:`~cp_ring.SDPAKernel` on CPU and CUDA, :class:`~cp_ring.MathKernel` elsewhere).
+    Differentiable: the backward is a second ring pass.
     """
     check_qkv(q, k, v, "ring_attention")
     peers = RingPeers(group)
@@ -148,4 +150,4 @@ def ring_attention(
             f"ring_attention: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
         )
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, peers.group, causal, scale, zigzag, kernel or default_kernel(q.device))
+    return _RingAttention.apply(q, k, v, peers.group, causal, scale, zigzag, kernel or make_kernel("auto", q.device))

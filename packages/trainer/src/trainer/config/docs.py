@@ -15,6 +15,7 @@ import textwrap
 from functools import cache
 from typing import Any
 
+from cp_ring import KERNEL_NAMES
 from pp_sched import SCHEDULES
 from pstate import ParallelConfig
 
@@ -47,6 +48,7 @@ def choices(section: str, name: str) -> tuple[Any, ...] | None:
         "train.recompute": ("full", "selective"),
         "train.on_nan": ON_NAN,
         "train.cp_attention": ("ring", "ulysses"),
+        "train.cp_kernel": KERNEL_NAMES,
         "train.pipeline_schedule": tuple(SCHEDULES),
         "optim.decay": DECAYS,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cp_ring import KERNEL_NAMES
 from pstate import ParallelConfig
 
 from ..data.build import DataConfig
@@ -91,6 +92,8 @@ class TrainConfig:
     """split activations outside the TP regions along the sequence over TP ranks (needs tp > 1)."""
     cp_attention: str = "ring"
     """context-parallel attention: ring (zigzag) or ulysses (all-to-all over heads)."""
+    cp_kernel: str = "auto"
+    """ring attention's block kernel: sdpa (PyTorch's fused ops), math (matmul + softmax), auto (sdpa where it runs)."""
     pipeline_schedule: str = "1f1b"
     """pipeline schedule when pp > 1 (interleaved ones need vpp > 1)."""
     recompute: str | None = None
@@ -144,6 +147,8 @@ class TrainConfig:
         check_number("train", "stall_timeout", self.stall_timeout, above=0)
         if self.cp_attention not in CP_ATTENTION:
             raise TrainerError(f"train.cp_attention={self.cp_attention!r}: must be one of {CP_ATTENTION}")
+        if self.cp_kernel not in KERNEL_NAMES:
+            raise TrainerError(f"train.cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.precision not in PRECISIONS:
             raise TrainerError(f"train.precision={self.precision!r}: must be one of {PRECISIONS}")
         if self.zero not in (0, 1, 2, 3):

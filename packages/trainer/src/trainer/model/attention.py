@@ -87,7 +87,8 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
         if self.groups.cp_attention == "ulysses":
             return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp)
-        return cp_ring.ring_attention(q, k, v, group=self.groups.cp)
+        kernel = cp_ring.make_kernel(self.groups.cp_kernel, q.device)
+        return cp_ring.ring_attention(q, k, v, group=self.groups.cp, kernel=kernel)
 
 
 def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:

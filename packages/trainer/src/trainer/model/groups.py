@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from cp_ring import KERNEL_NAMES
 from pstate import Group, ParallelState, as_group
 
 from ..errors import TrainerError
@@ -18,6 +19,7 @@ class ModelGroups:
     ``sequence_parallel`` splits the activations between the TP regions along the sequence.
     ``cp_attention`` is ``"ring"`` (p2p, any head count) or ``"ulysses"`` (all-to-all over heads).
     ``tp_cp``: the TP x CP group (needed by :attr:`sequence_group` with both SP and CP).
+    ``cp_kernel``: ring attention's block kernel by name (``cp_ring.make_kernel``).
     """
 
     tp: Group
@@ -27,18 +29,21 @@ class ModelGroups:
     sequence_parallel: bool = False
     cp_attention: str = "ring"
     tp_cp: Group | None = None
+    cp_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cp_attention not in ("ring", "ulysses"):
             raise TrainerError(f"cp_attention={self.cp_attention!r}: must be 'ring' or 'ulysses'")
+        if self.cp_kernel not in KERNEL_NAMES:
+            raise TrainerError(f"cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.sequence_parallel and self.tp_size == 1:
             raise TrainerError("sequence_parallel=True needs tp > 1: it splits the sequence over the TP group")
 
     @classmethod
     def from_state(
-        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring"
+        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring", cp_kernel: str = "auto"
     ) -> ModelGroups:
-        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp)
+        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel)
 
     @property
     def tp_size(self) -> int:

@@ -105,7 +105,9 @@ def param_groups(
 def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: int) -> Run:
     """Build the run's model chunks, wrappers, optimizer and executor (collective over the world)."""
     t, o = cfg.train, cfg.optim
-    groups = ModelGroups.from_state(ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention)
+    groups = ModelGroups.from_state(
+        ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention, cp_kernel=t.cp_kernel
+    )
     chunks = build_chunks(
         model,
         groups,
