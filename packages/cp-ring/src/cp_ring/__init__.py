@@ -11,7 +11,7 @@ from .errors import ContextParallelError
 from .kernel import AttentionKernel, MathKernel, SDPAKernel
 from .ring import ring_attention
 from .sharding import shard_sequence, unshard_sequence
-from .ulysses import ulysses_attention
+from .ulysses import document_mask, ulysses_attention
 
 __all__ = [
     "AttentionKernel",
@@ -20,6 +20,7 @@ __all__ = [
     "SDPAKernel",
     "all_to_all_hp2sp",
     "all_to_all_sp2hp",
+    "document_mask",
     "ring_attention",
     "shard_sequence",
     "ulysses_attention",

@@ -19,10 +19,19 @@ class AttentionKernel(Protocol):
     """Block attention in the SDPA layout. ``q``: ``[b, hq, sq, d]``; ``k``, ``v``: ``[b, hkv, sk, d]``
     with ``hq`` a multiple of ``hkv`` (query head ``i`` uses key/value head ``i // (hq // hkv)``).
     ``causal`` is only asked for square blocks (``sq == sk``, query ``i`` sees keys ``0..i``).
+    ``mask`` (packed documents): a boolean ``[b, sq, sk]``, ``True`` where the query may see the key, on top of
+    ``causal``; a query row that sees no key of the block gets ``out`` 0 and ``lse`` ``-inf``.
     Inputs may be fp32 or bf16 and need not be contiguous."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)``: ``out`` ``[b, hq, sq, d]`` and ``lse`` ``[b, hq, sq]``, both fp32."""
         ...
@@ -38,6 +47,7 @@ class AttentionKernel(Protocol):
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` in fp32 for this block, given the final ``out`` and ``lse`` of these query rows
         (probabilities are ``exp(scale * q k^T - lse)``) and the output gradient ``dout``. ``dk`` and ``dv``
@@ -54,14 +64,22 @@ class MathKernel:
     """
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, sq, _ = q.shape
         kf, vf = k.float(), v.float()
         qf = _fold(q.float(), k.size(1))
-        scores = _scores(qf, kf, sq, causal, scale)
+        scores = _scores(qf, kf, sq, causal, scale, mask)
         lse = torch.logsumexp(scores, dim=-1)
-        probs = scores.sub_(lse.unsqueeze(-1)).exp_()
+        seen = lse if mask is None else lse.masked_fill(lse == float("-inf"), 0.0)  # rows that see no key: 0
+        probs = scores.sub_(seen.unsqueeze(-1)).exp_()
         out = torch.matmul(probs, vf)
         return _unfold(out, hq), lse.reshape(b, hq, sq)
 
@@ -76,12 +94,13 @@ class MathKernel:
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hq, sq, hkv = q.size(1), q.size(2), k.size(1)
         kf, vf = k.float(), v.float()
         qf, do = _fold(q.float(), hkv), _fold(dout.float(), hkv)
         delta = (do * _fold(out.float(), hkv)).sum(-1, keepdim=True)  # rowsum(dO * O)
-        probs = _scores(qf, kf, sq, causal, scale).sub_(_fold(lse.float().unsqueeze(-1), hkv)).exp_()
+        probs = _scores(qf, kf, sq, causal, scale, mask).sub_(_fold(lse.float().unsqueeze(-1), hkv)).exp_()
         dv = torch.matmul(probs.transpose(-1, -2), do)
         dscores = torch.matmul(do, vf.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale)
         del probs
@@ -93,7 +112,8 @@ class MathKernel:
 class SDPAKernel:
     """PyTorch's own fused (flash) SDPA kernel for CPU tensors: it returns the log-sum-exp rows the ring
     merges with, and its backward takes the final ``out`` and ``lse``, so it never holds a score block.
-    About twice as fast as :class:`MathKernel` on CPU and far lighter. Key/value heads are repeated for
+    About twice as fast as :class:`MathKernel` on CPU and far lighter. The op takes no mask: a masked block
+    (packed documents) runs on :class:`MathKernel`. Key/value heads are repeated for
     grouped-query attention and their gradients summed back.
 
     It calls ATen's ``_scaled_dot_product_flash_attention_for_cpu`` (the op behind
@@ -106,8 +126,17 @@ class SDPAKernel:
         return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is not None:
+            return MathKernel().forward(q, k, v, causal=causal, scale=scale, mask=mask)
         k, v = _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out.float(), lse.float()
@@ -123,7 +152,10 @@ class SDPAKernel:
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if mask is not None:
+            return MathKernel().backward(dout, q, k, v, out, lse, causal=causal, scale=scale, mask=mask)
         hkv = k.size(1)
         k, v = _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -159,12 +191,16 @@ def _unfold(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.reshape(b, hq, rows * x.size(1) // hq, e)
 
 
-def _scores(qf: torch.Tensor, kf: torch.Tensor, sq: int, causal: bool, scale: float) -> torch.Tensor:
-    """``scale * q k^T`` as ``[b, hkv, g*sq, sk]`` fp32, with ``-inf`` above the diagonal when causal."""
+def _scores(
+    qf: torch.Tensor, kf: torch.Tensor, sq: int, causal: bool, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * q k^T`` as ``[b, hkv, g*sq, sk]`` fp32, with ``-inf`` above the diagonal when causal and
+    where ``mask`` (``[b, sq, sk]``) is ``False``."""
     scores = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+    b, hkv, rows, sk = scores.shape
     if causal:
-        sk = kf.size(2)
         above = torch.ones(sq, sk, dtype=torch.bool, device=qf.device).triu_(1)
-        b, hkv, rows, _ = scores.shape
         scores.view(b, hkv, rows // sq, sq, sk).masked_fill_(above, float("-inf"))
+    if mask is not None:
+        scores.view(b, hkv, rows // sq, sq, sk).masked_fill_(~mask[:, None, None], float("-inf"))
     return scores
