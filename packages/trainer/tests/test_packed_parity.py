@@ -23,6 +23,7 @@ import pstate
 from tp_layers import allreduce_sequence_parallel_grads, vocab_parallel_cross_entropy
 from trainer.model import ModelGroups, build_chunks, documents_tensor, model_shards, preset
 from trainer.model.shards import assemble
+from trainer.train import make_executor, split_batch, sync_model_parallel_grads
 
 SEED, SEQ, VOCAB = 7, 16, 97
 LENGTHS = ([3, 6, 7], [9, 7])  # the documents of each packed sample
@@ -76,6 +77,13 @@ def run_alone(model_name):
     return results
 
 
+def doc_ids():
+    ids = torch.zeros(len(LENGTHS), SEQ, dtype=torch.long)
+    for i, (b, start, n) in enumerate(documents()):
+        ids[b, start : start + n] = i
+    return ids
+
+
 def run_packed(model_name, parallel, sp=False, cp_attention="ring"):
     """The packed batch, split over ``parallel``: (summed loss, gradient pieces) per document."""
     cfg = config(model_name)
@@ -83,10 +91,7 @@ def run_packed(model_name, parallel, sp=False, cp_attention="ring"):
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=sp, cp_attention=cp_attention)
         (chunk,) = build_chunks(cfg, groups, pp_rank=0, pp=1, seed=SEED)
-        ids, doc_ids = tokens(), torch.zeros(len(LENGTHS), SEQ, dtype=torch.long)
-        for i, (b, start, n) in enumerate(documents()):
-            doc_ids[b, start : start + n] = i
-        docs = documents_tensor(doc_ids)
+        ids, docs = tokens(), documents_tensor(doc_ids())
         shard = (lambda t, dim: cp_ring.shard_sequence(t, group=ps.cp, dim=dim)) if ps.cp.size > 1 else None
         for b, start, n in documents():
             chunk.zero_grad(set_to_none=True)
@@ -126,3 +131,48 @@ def test_each_packed_document_equals_the_document_alone(run_ranks, case):
             torch.testing.assert_close(
                 got, full.data, rtol=1e-5, atol=1e-6, msg=lambda m, key=key, d=d: f"{case} document {d} {key}: {m}"
             )
+
+
+def run_pipeline(model_name, parallel, schedule):
+    """The packed batch as the training loop feeds it (``[batch, 3, seq]``, one sample per micro-batch,
+    :func:`split_batch`) through the pipeline executor: the step's loss and gradient pieces."""
+    cfg = config(model_name)
+    with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
+        groups = ModelGroups.from_state(ps)
+        chunks = build_chunks(cfg, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=SEED)
+        executor = make_executor(chunks, ps, cfg, groups, schedule=schedule, microbatches=len(LENGTHS))
+        ids, labels = tokens(), torch.full((len(LENGTHS), SEQ), -100)
+        for b, start, n in documents():
+            labels[b, start : start + n] = doc_labels(ids[b], start, n)
+        batch = torch.stack([ids, labels, doc_ids()], dim=1)
+        micro = [split_batch(b, ps) for b in batch.chunk(len(LENGTHS))]
+        result = executor.step([i for i, _ in micro], [lab for _, lab in micro])
+        sync_model_parallel_grads(chunks, ps, sequence_parallel=False)
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.grad /= ps.dp_cp.size
+                dist.all_reduce(p.grad, group=ps.dp_cp.group)
+        loss = torch.stack(result.losses).mean().item() if result.losses else None
+        return loss, model_shards(chunks, grads=True)
+
+
+PIPELINE_CASES = {
+    "pp2-1f1b": ("tiny", dict(pp=2), "1f1b", 2),
+    "pp2-cp2-zero-bubble": ("tiny", dict(pp=2, cp=2), "zero-bubble", 4),
+}
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES)
+def test_packed_batches_through_pipeline_stages_equal_the_documents_alone(run_ranks, case):
+    """The step's mean loss over all token positions (``-100`` targets count 0), and its gradient, equal
+    the documents' own summed losses and gradients divided by the number of positions."""
+    name, parallel, schedule, world = PIPELINE_CASES[case]
+    ((alone),) = run_ranks(1, run_alone, name)
+    positions = len(LENGTHS) * SEQ
+    results = run_ranks(world, run_pipeline, name, parallel, schedule)
+    losses = [loss for loss, _ in results if loss is not None]  # the last stage's, one per CP rank: mean them
+    assert losses and sum(losses) / len(losses) == pytest.approx(sum(loss for loss, _ in alone) / positions, rel=1e-5)
+    for key in alone[0][1]:
+        expected = sum(shards[key].data for _, shards in alone) / positions
+        got = assemble([shards[key] for _, shards in results if key in shards])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
