@@ -9,6 +9,11 @@ Backward: a second ring pass. Each rank recomputes every block from the saved ``
 ``out`` and ``lse``; ``dQ`` accumulates locally, while a ``dK/dV`` accumulator travels with its block (one
 step behind it) and, after the last step, one more hop takes it home. Per step a rank holds one
 ``[b, h, s_local, s_local]`` score block at most; out, lse and the gradient accumulators are fp32.
+
+Packed documents: with ``documents`` (each position's document id, placed like ``q``) every rank gathers the
+group's ids once per call; a block's mask is "same document" between its actual query and key positions
+(under zigzag they are not contiguous), on top of the causal shape of :mod:`cp_ring.blocks`, and a block in
+which no query shares a document with a key is skipped in both passes.
 """
 
 from __future__ import annotations
