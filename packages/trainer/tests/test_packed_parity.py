@@ -2,11 +2,12 @@
 
 The packed batch (two samples of several documents, boundaries inside and across the zigzag chunks of CP2)
 runs with its ``documents`` tensor on one process and split over CP2 (ring and Ulysses), TP2 with sequence
-parallelism and TP2+CP2; the reference runs every document alone on one process, unpacked (``[1, length]``
-token ids, no documents tensor). For each document the packed run backpropagates the summed token losses of
-that document only (the other labels are ``-100``), so its gradient must be the document's own: any
-attention across documents, a position that does not restart, or a target crossing a document boundary
-changes it. Gradients are reduced as the training loop does (summed over CP, SP-replicated ones over TP).
+parallelism, with recomputation (the documents reach the recomputed forward) and through pipeline stages.
+The reference runs every document alone on one process, unpacked (``[1, length]`` token ids, no documents
+tensor). For each document the packed run backpropagates the summed token losses of that document only (the
+other labels are ``-100``), so its gradient must be the document's own: any attention across documents, a
+position that does not restart, or a target crossing a document boundary changes it. Gradients are reduced
+as the training loop does (summed over CP, SP-replicated ones over TP).
 
 Tolerance: rtol 1e-5, atol 1e-6 on fp32, as the model parity test: masking only removes terms, and the
 splits only reorder sums; a mask leak or a shifted position is off by O(1e-2) or more.
@@ -84,13 +85,13 @@ def doc_ids():
     return ids
 
 
-def run_packed(model_name, parallel, sp=False, cp_attention="ring"):
+def run_packed(model_name, parallel, sp=False, cp_attention="ring", recompute=None):
     """The packed batch, split over ``parallel``: (summed loss, gradient pieces) per document."""
     cfg = config(model_name)
     results = []
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=sp, cp_attention=cp_attention)
-        (chunk,) = build_chunks(cfg, groups, pp_rank=0, pp=1, seed=SEED)
+        (chunk,) = build_chunks(cfg, groups, pp_rank=0, pp=1, seed=SEED, recompute=recompute)
         ids, docs = tokens(), documents_tensor(doc_ids())
         shard = (lambda t, dim: cp_ring.shard_sequence(t, group=ps.cp, dim=dim)) if ps.cp.size > 1 else None
         for b, start, n in documents():
@@ -115,6 +116,8 @@ CASES = {
     "cp2-ulysses": ("tiny", dict(cp=2), 2, dict(cp_attention="ulysses")),
     "tp2-sp": ("tiny", dict(tp=2), 2, dict(sp=True)),
     "gpt2-cp2-learned-positions": ("tiny-gpt2", dict(cp=2), 2, {}),
+    "cp2-ring-selective-recompute": ("tiny", dict(cp=2), 2, dict(recompute="selective")),
+    "tp2-sp-full-recompute": ("tiny", dict(tp=2), 2, dict(sp=True, recompute="full")),
 }
 
 
