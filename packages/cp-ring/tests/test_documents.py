@@ -3,7 +3,8 @@
 The reference attends each document of each sequence alone (plain causal SDPA on its slice), which is what
 a document mask must reproduce; the CP runs see the whole packed sequence, each rank its zigzag part, and
 must give every position the output and gradients of its document alone. The document boundaries are
-chosen to fall inside zigzag chunks and across them, and one sequence is a single document.
+chosen to fall inside zigzag chunks and across them, and so that at cp=4 some ring steps hold no key of a
+query's document (the ring skips those blocks: counted below).
 
 Tolerance: ``torch.testing``'s float32 default; the masked sums equal the per-document ones up to order.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from cp_ring import MathKernel, document_mask, ring_attention, shard_sequence, ulysses_attention
 
 SEQ, BATCH, HEADS, KV_HEADS, DIM = 32, 2, 4, 2, 8
-LENGTHS = ([5, 11, 3, 13], [32])  # documents of each sequence, in order
+LENGTHS = ([5, 11, 3, 13], [6, 10, 8, 8])  # documents of each sequence: at cp=4 some ring blocks share none
 
 
 def documents() -> torch.Tensor:
@@ -72,6 +73,32 @@ def test_document_masked_cp_attention_equals_each_document_alone(run_ranks, meth
             torch.testing.assert_close(
                 g, shard_part(e, rank, cp), msg=lambda m, n=name, r=rank: f"{method} {n} rank {r}: {m}"
             )
+
+
+class CountingKernel(MathKernel):
+    """MathKernel that counts the blocks it computes in the forward."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+def run_count():
+    group = dist.group.WORLD
+    q, k, v, _ = data()
+    local = [shard_sequence(t, group=group, dim=2) for t in (q, k, v)]
+    kernel = CountingKernel()
+    ring_attention(*local, group=group, documents=shard_sequence(documents(), group=group, dim=1), kernel=kernel)
+    return kernel.calls
+
+
+def test_ring_skips_blocks_in_which_no_query_shares_a_document_with_a_key(run_ranks):
+    """Rank 3 holds positions 12-15 and 16-19 (documents 1-2 of both sequences); rank 0's first half, the
+    part of its block rank 3 may see, is positions 0-3 (document 0 of both): that step is skipped."""
+    calls = run_ranks(4, run_count)
+    assert calls[3] == 3 and sum(calls) < 16
 
 
 def shard_part(x, rank, cp):
