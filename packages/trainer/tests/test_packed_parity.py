@@ -22,6 +22,7 @@ import torch.distributed as dist
 import cp_ring
 import pstate
 from tp_layers import allreduce_sequence_parallel_grads, vocab_parallel_cross_entropy
+from trainer.errors import TrainerError
 from trainer.model import ModelGroups, build_chunks, documents_tensor, model_shards, preset
 from trainer.model.shards import assemble
 from trainer.train import make_executor, split_batch, sync_model_parallel_grads
@@ -179,3 +180,19 @@ def test_packed_batches_through_pipeline_stages_equal_the_documents_alone(run_ra
         expected = sum(shards[key].data for _, shards in alone) / positions
         got = assemble([shards[key] for _, shards in results if key in shards])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
+
+
+def run_with_cache():
+    cfg = config("tiny")
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        (chunk,) = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=SEED)
+        try:
+            chunk(tokens(), chunk.kv_caches(len(LENGTHS)), documents_tensor(doc_ids()))
+        except TrainerError as err:
+            return str(err)
+    return None
+
+
+def test_the_kv_cache_path_refuses_packed_documents(run_ranks):
+    (message,) = run_ranks(1, run_with_cache)
+    assert message == "packed documents are for training: the KV cache path takes none"

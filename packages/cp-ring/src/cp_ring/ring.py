@@ -78,7 +78,8 @@ def _forward(q, k, v, peers: RingPeers, causal, scale, zigzag, kernel: Attention
 
 
 def _masked(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The kernel's ``mask`` keyword, only when there is one (a plug-in kernel without masks still runs)."""
+    """The kernel's ``mask`` keyword, only when there is one: a plug-in kernel without the keyword still runs
+    attention without documents."""
     return {} if mask is None else {"mask": mask}
 
 
