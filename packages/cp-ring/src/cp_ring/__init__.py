@@ -13,7 +13,7 @@ from .kernel_choice import KERNEL_NAMES, make_kernel
 from .ring import ring_attention
 from .sdpa_kernel import SDPAKernel
 from .sharding import shard_sequence, unshard_sequence
-from .ulysses import ulysses_attention
+from .ulysses import document_mask, ulysses_attention
 
 __all__ = [
     "KERNEL_NAMES",
@@ -23,6 +23,7 @@ __all__ = [
     "SDPAKernel",
     "all_to_all_hp2sp",
     "all_to_all_sp2hp",
+    "document_mask",
     "make_kernel",
     "ring_attention",
     "shard_sequence",

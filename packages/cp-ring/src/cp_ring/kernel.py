@@ -21,10 +21,19 @@ class AttentionKernel(Protocol):
     """Block attention in the SDPA layout. ``q``: ``[b, hq, sq, d]``; ``k``, ``v``: ``[b, hkv, sk, d]``
     with ``hq`` a multiple of ``hkv`` (query head ``i`` uses key/value head ``i // (hq // hkv)``).
     ``causal`` is only asked for square blocks (``sq == sk``, query ``i`` sees keys ``0..i``).
+    ``mask`` (packed documents): a boolean ``[b, sq, sk]``, ``True`` where the query may see the key, on top of
+    ``causal``; a query row that sees no key of the block gets ``out`` 0 and ``lse`` ``-inf``.
     Inputs may be fp32 or bf16 and need not be contiguous."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)``: ``out`` ``[b, hq, sq, d]`` and ``lse`` ``[b, hq, sq]``, both fp32."""
         ...
@@ -40,6 +49,7 @@ class AttentionKernel(Protocol):
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` in fp32 for this block, given the final ``out`` and ``lse`` of these query rows
         (probabilities are ``exp(scale * q k^T - lse)``) and the output gradient ``dout``. ``dk`` and ``dv``
@@ -57,14 +67,22 @@ class MathKernel:
     """
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, sq, _ = q.shape
         kf, vf = k.float(), v.float()
         qf = _fold(q.float(), k.size(1))
-        scores = _scores(qf, kf, sq, causal, scale)
+        scores = _scores(qf, kf, sq, causal, scale, mask)
         lse = torch.logsumexp(scores, dim=-1)
-        probs = scores.sub_(lse.unsqueeze(-1)).exp_()
+        seen = lse if mask is None else lse.masked_fill(lse == float("-inf"), 0.0)  # rows that see no key: 0
+        probs = scores.sub_(seen.unsqueeze(-1)).exp_()
         out = torch.matmul(probs, vf)
         return _unfold(out, hq), lse.reshape(b, hq, sq)
 
@@ -79,12 +97,13 @@ class MathKernel:
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hq, sq, hkv = q.size(1), q.size(2), k.size(1)
         kf, vf = k.float(), v.float()
         qf, do = _fold(q.float(), hkv), _fold(dout.float(), hkv)
         delta = (do * _fold(out.float(), hkv)).sum(-1, keepdim=True)  # rowsum(dO * O)
-        probs = _scores(qf, kf, sq, causal, scale).sub_(_fold(lse.float().unsqueeze(-1), hkv)).exp_()
+        probs = _scores(qf, kf, sq, causal, scale, mask).sub_(_fold(lse.float().unsqueeze(-1), hkv)).exp_()
         dv = torch.matmul(probs.transpose(-1, -2), do)
         dscores = torch.matmul(do, vf.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale)
         del probs
@@ -116,12 +135,16 @@ def _unfold(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.reshape(b, hq, rows * x.size(1) // hq, e)
 
 
-def _scores(qf: torch.Tensor, kf: torch.Tensor, sq: int, causal: bool, scale: float) -> torch.Tensor:
-    """``scale * q k^T`` as ``[b, hkv, g*sq, sk]`` fp32, with ``-inf`` above the diagonal when causal."""
+def _scores(
+    qf: torch.Tensor, kf: torch.Tensor, sq: int, causal: bool, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * q k^T`` as ``[b, hkv, g*sq, sk]`` fp32, with ``-inf`` above the diagonal when causal and
+    where ``mask`` (``[b, sq, sk]``) is ``False``."""
     scores = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+    b, hkv, rows, sk = scores.shape
     if causal:
-        sk = kf.size(2)
         above = torch.ones(sq, sk, dtype=torch.bool, device=qf.device).triu_(1)
-        b, hkv, rows, _ = scores.shape
         scores.view(b, hkv, rows // sq, sq, sk).masked_fill_(above, float("-inf"))
+    if mask is not None:
+        scores.view(b, hkv, rows // sq, sq, sk).masked_fill_(~mask[:, None, None], float("-inf"))
     return scores

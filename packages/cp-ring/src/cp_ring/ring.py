@@ -9,6 +9,11 @@ Backward: a second ring pass. Each rank recomputes every block from the saved ``
 ``out`` and ``lse``; ``dQ`` accumulates locally, while a ``dK/dV`` accumulator travels with its block (one
 step behind it) and, after the last step, one more hop takes it home. Per step a rank holds one
 ``[b, h, s_local, s_local]`` score block at most; out, lse and the gradient accumulators are fp32.
+
+Packed documents: with ``documents`` (each position's document id, placed like ``q``) every rank gathers the
+group's ids once per call; a block's mask is "same document" between its actual query and key positions
+(under zigzag they are not contiguous), on top of the causal shape of :mod:`cp_ring.blocks`, and a block in
+which no query shares a document with a key is skipped in both passes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from pstate import Group
 
 from .blocks import block_for
-from .comm import RingPeers, wait_all
+from .comm import RingPeers, all_gather, wait_all
 from .errors import ContextParallelError
 from .kernel import AttentionKernel
 from .kernel_choice import make_kernel
@@ -34,17 +39,36 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     lse.copy_(new_lse)
 
 
-def _forward(q, k, v, peers: RingPeers, causal, scale, zigzag, kernel: AttentionKernel):
+def _document_mask(docs: torch.Tensor | None, rank: int, source: int, block) -> torch.Tensor | None:
+    """``[b, q rows, kv rows]``: where a query of ``rank``'s block shares a document with a key of ``source``'s
+    (``docs``: every rank's document ids, ``[cp, b, s_local]``); ``None`` without documents."""
+    if docs is None:
+        return None
+    return docs[rank][:, block.q].unsqueeze(-1) == docs[source][:, block.kv].unsqueeze(-2)
+
+
+def _block(rank, source, cp, local_len, causal, zigzag, docs):
+    """The block to compute against ``source``'s keys and its document mask, or ``(None, None)``: skip."""
+    block = block_for(rank, source, cp, local_len, causal=causal, zigzag=zigzag)
+    mask = None if block is None else _document_mask(docs, rank, source, block)
+    if mask is not None and not bool(mask.any()):
+        return None, None
+    return block, mask
+
+
+def _forward(q, k, v, peers: RingPeers, causal, scale, zigzag, kernel: AttentionKernel, docs):
     cp, rank, local_len = peers.size, peers.rank, q.size(2)
     kv = torch.stack([k, v])
     out = lse = None
     for step in range(cp):
         received, requests = peers.shift({_KV: kv} if step + 1 < cp else {})
-        block = block_for(rank, (rank - step) % cp, cp, local_len, causal=causal, zigzag=zigzag)
+        block, mask = _block(rank, (rank - step) % cp, cp, local_len, causal, zigzag, docs)
         if block is not None:
             rows = (slice(None), slice(None), block.q)
             keys = (slice(None), slice(None), block.kv)
-            block_out, block_lse = kernel.forward(q[rows], kv[0][keys], kv[1][keys], causal=block.causal, scale=scale)
+            block_out, block_lse = kernel.forward(
+                q[rows], kv[0][keys], kv[1][keys], causal=block.causal, scale=scale, **_masked(mask)
+            )
             if out is None:  # step 0 is the diagonal block, which covers every query row
                 out, lse = block_out.float(), block_lse.float()
             else:
@@ -54,7 +78,13 @@ def _forward(q, k, v, peers: RingPeers, causal, scale, zigzag, kernel: Attention
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, peers: RingPeers, causal, scale, zigzag, kernel: AttentionKernel):
+def _masked(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The kernel's ``mask`` keyword, only when there is one: a plug-in kernel without the keyword still runs
+    attention without documents."""
+    return {} if mask is None else {"mask": mask}
+
+
+def _backward(dout, q, k, v, out, lse, peers: RingPeers, causal, scale, zigzag, kernel: AttentionKernel, docs):
     cp, rank, local_len = peers.size, peers.rank, q.size(2)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v])
@@ -65,13 +95,14 @@ def _backward(dout, q, k, v, out, lse, peers: RingPeers, causal, scale, zigzag, 
             sends[_DKV] = dkv
         received, requests = peers.shift(sends)
         local = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        block = block_for(rank, (rank - step) % cp, cp, local_len, causal=causal, zigzag=zigzag)
+        block, mask = _block(rank, (rank - step) % cp, cp, local_len, causal, zigzag, docs)
         if block is not None:
             rows = (slice(None), slice(None), block.q)
             keys = (slice(None), slice(None), block.kv)
             grads = kernel.backward(
-                dout[rows], q[rows], kv[0][keys], kv[1][keys], out[rows], lse[rows], causal=block.causal, scale=scale
-            )
+                dout[rows], q[rows], kv[0][keys], kv[1][keys], out[rows], lse[rows], causal=block.causal,
+                scale=scale, **_masked(mask),
+            )  # fmt: skip
             dq[rows] += grads[0]
             local[0][keys] += grads[1]
             local[1][keys] += grads[2]
@@ -87,19 +118,19 @@ def _backward(dout, q, k, v, out, lse, peers: RingPeers, causal, scale, zigzag, 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, zigzag, kernel):  # type: ignore[override]
+    def forward(ctx, q, k, v, group, causal, scale, zigzag, kernel, docs):  # type: ignore[override]
         peers = RingPeers(group)
-        out, lse = _forward(q, k, v, peers, causal, scale, zigzag, kernel)
+        out, lse = _forward(q, k, v, peers, causal, scale, zigzag, kernel, docs)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (peers, causal, scale, zigzag, kernel)
+        ctx.args = (peers, causal, scale, zigzag, kernel, docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> None:
@@ -132,6 +163,7 @@ def ring_attention(
     scale: float | None = None,
     zigzag: bool = True,
     kernel: AttentionKernel | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the whole sequence from this rank's part of it, by a ring of p2p transfers.
 
@@ -141,13 +173,29 @@ def ring_attention(
     part of the output, in ``q``'s dtype (fp32 accumulation inside). ``scale`` defaults to
     ``head_dim ** -0.5``. ``kernel`` computes each block (default: ``make_kernel("auto", q.device)``,
     :class:`~cp_ring.SDPAKernel` on CPU and CUDA, :class:`~cp_ring.MathKernel` elsewhere).
-    Differentiable: the backward is a second ring pass.
+    Differentiable: the backward is a second ring pass. ``documents`` (packed sequences):
+    ``[batch, seq_local]`` integer document ids of this rank's positions, sharded like ``q``; a query
+    then sees only keys of its own document.
     """
     check_qkv(q, k, v, "ring_attention")
+    check_documents(documents, q, "ring_attention")
     peers = RingPeers(group)
     if causal and zigzag and peers.size > 1 and q.size(2) % 2:
         raise ContextParallelError(
             f"ring_attention: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
         )
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, peers.group, causal, scale, zigzag, kernel or make_kernel("auto", q.device))
+    docs = None if documents is None else torch.stack(all_gather(documents, 0, peers.group))
+    kernel = kernel or make_kernel("auto", q.device)
+    return _RingAttention.apply(q, k, v, peers.group, causal, scale, zigzag, kernel, docs)
+
+
+def check_documents(documents: torch.Tensor | None, q: torch.Tensor, what: str) -> None:
+    """Raise :class:`ContextParallelError` unless ``documents`` is ``None`` or integer ``[batch, seq_local]``."""
+    if documents is None:
+        return
+    if documents.is_floating_point() or tuple(documents.shape) != (q.size(0), q.size(2)):
+        raise ContextParallelError(
+            f"{what}: documents must be integer ids of shape [batch, seq_local] = {(q.size(0), q.size(2))}; got "
+            f"{documents.dtype} {tuple(documents.shape)}"
+        )

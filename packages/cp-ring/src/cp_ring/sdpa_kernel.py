@@ -35,7 +35,8 @@ _LSE_ALIGN = 32  # the efficient op's log-sum-exp row padding
 
 class SDPAKernel:
     """PyTorch's fused SDPA kernels (flash on CPU; flash or memory-efficient on CUDA, by dtype) as an
-    :class:`~cp_ring.AttentionKernel`: no ``[sq, sk]`` score block is ever held, forward or backward."""
+    :class:`~cp_ring.AttentionKernel`: no ``[sq, sk]`` score block is ever held, forward or backward. The ops
+    take no mask: a masked block (packed documents) runs on :class:`MathKernel`."""
 
     @staticmethod
     def available(device: torch.device) -> bool:
@@ -48,11 +49,18 @@ class SDPAKernel:
         return False
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         op = _op_for(q)
-        if op == "math":
-            return MathKernel().forward(q, k, v, causal=causal, scale=scale)
+        if op == "math" or mask is not None:
+            return MathKernel().forward(q, k, v, causal=causal, scale=scale, mask=mask)
         k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
         out, lse = _ops(op)[0](q, k, v, causal, scale)
         return out.float(), lse.float()
@@ -68,10 +76,11 @@ class SDPAKernel:
         *,
         causal: bool,
         scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         op = _op_for(q)
-        if op == "math":
-            return MathKernel().backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        if op == "math" or mask is not None:
+            return MathKernel().backward(dout, q, k, v, out, lse, causal=causal, scale=scale, mask=mask)
         hkv = k.size(1)
         k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
         dout, out = dout.to(q.dtype), out.to(q.dtype)

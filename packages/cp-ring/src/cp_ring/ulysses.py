@@ -6,6 +6,10 @@ all-to-all brings the output back. The all-to-all gathers the sequence in group-
 placement that is not the global order, so for causal attention the gathered chunks are permuted into
 global order before attention and back after it (a local index_select each way). Non-causal attention
 does not depend on the order of positions and skips the permutation.
+
+Packed documents: the document ids of every rank's positions are all-gathered in the same rank order (and
+permuted the same way), so after the all-to-all the full sequence's ids are known and attention takes the
+explicit mask "same document" (and causal) instead of ``is_causal``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pstate import Group
 from . import comm
 from .all_to_all import all_to_all
 from .errors import ContextParallelError
-from .ring import check_qkv
+from .ring import check_documents, check_qkv
 
 
 def _zigzag_permutation(cp: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +44,17 @@ def ulysses_attention(
     causal: bool = True,
     scale: float | None = None,
     zigzag: bool = True,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the whole sequence from this rank's part, by all-to-all head sharding.
 
     Same layout and placement contract as :func:`~cp_ring.ring_attention` (``zigzag`` must match how the
     sequence was sharded). ``heads`` and ``kv_heads`` must both divide by the CP size. Differentiable
-    (autograd through the all-to-alls and ``scaled_dot_product_attention``).
+    (autograd through the all-to-alls and ``scaled_dot_product_attention``). ``documents``: as for
+    :func:`~cp_ring.ring_attention`.
     """
     check_qkv(q, k, v, "ulysses_attention")
+    check_documents(documents, q, "ulysses_attention")
     cp, _ = comm.size_and_rank(group)
     for name, heads in (("query", q.size(1)), ("key/value", k.size(1))):
         if heads % cp:
@@ -61,12 +68,27 @@ def ulysses_attention(
             f"ulysses_attention: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
         )
     q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=group, what="ulysses_attention") for t in (q, k, v))
+    docs = None if documents is None else torch.cat(comm.all_gather(documents, 1, group), dim=1)
     if reorder:
         to_global, to_rank_order = _zigzag_permutation(cp, q.size(2) // (2 * cp), q.device)
         q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
+        docs = None if docs is None else docs.index_select(1, to_global)
     if k.size(1) != q.size(1):
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if docs is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs, causal), scale=scale)
     if reorder:
         out = out.index_select(2, to_rank_order)
     return all_to_all(out, scatter_dim=2, gather_dim=1, group=group, what="ulysses_attention")
+
+
+def document_mask(documents: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """The boolean SDPA mask ``[batch, 1, seq, seq]`` of packed ``documents`` (``[batch, seq]`` ids in sequence
+    order): a query sees the keys of its own document (the earlier ones, when ``causal``)."""
+    mask = documents.unsqueeze(-1) == documents.unsqueeze(-2)
+    if causal:
+        seq = documents.size(-1)
+        mask &= torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril_()
+    return mask.unsqueeze(1)

@@ -73,7 +73,7 @@ class BlendedDataset:
         return self.datasets[d][i]
 
     def batch(self, indices) -> np.ndarray:
-        return np.stack([self[i] for i in indices]) if len(indices) else np.zeros((0, self.seq_len + 1), np.int64)
+        return np.stack([self[i] for i in indices]) if len(indices) else self.datasets[0].batch([])
 
     def fingerprint(self) -> str:
         return "+".join(f"{d.fingerprint()}*{c}" for d, c in zip(self.datasets, self.counts))

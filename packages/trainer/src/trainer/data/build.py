@@ -12,8 +12,11 @@ from .blending import BlendedDataset, blend_counts
 from .corpus import default_corpus
 from .errors import DataError
 from .indexed import IndexedDataset
+from .packing import PackedDataset
 from .samples import SampleDataset, split_documents
 from .tokenizer import Tokenizer, load_tokenizer
+
+PACKING = ("none", "pack")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class DataConfig:
     datasets were made with. ``valid_fraction``: share of each dataset's documents held out for evaluation,
     chosen by ``split_seed`` (independent of the training seed, so every run evaluates on the same documents).
     ``cache_dir``: where the default corpus is built (default ``$TRAINER_CACHE`` or ``~/.cache/trainer``).
+    ``packing``: ``"none"`` (:class:`SampleDataset`) or ``"pack"`` (:class:`PackedDataset`).
     """
 
     paths: tuple[str, ...] = ()
@@ -40,6 +44,9 @@ class DataConfig:
     """seed of the train/validation split (independent of the training seed)."""
     cache_dir: str | None = None
     """where the embedded corpus is built (default: $TRAINER_CACHE or ~/.cache/trainer)."""
+    packing: str = "none"
+    """'none': windows of seq_len + 1 tokens cut across documents; 'pack': whole documents packed into
+    seq_len tokens, attention and positions kept inside each document (trainer.data.packing)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.paths, (list, tuple)) or not all(isinstance(p, str) for p in self.paths):
@@ -61,6 +68,8 @@ class DataConfig:
             if len(self.weights) != len(self.paths):
                 raise DataError(f"data.weights has {len(self.weights)} entries but paths has {len(self.paths)}")
             blend_counts(self.weights)  # positive, finite, not too small
+        if self.packing not in PACKING:
+            raise DataError(f"data.packing={self.packing!r}: must be one of {', '.join(map(repr, PACKING))}")
         if not 0 <= self.valid_fraction < 1:
             raise DataError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
 
@@ -70,8 +79,8 @@ class Datasets:
     """The samples a run trains and evaluates on, the tokenizer that reads and writes their tokens, and the
     indexed datasets they come from."""
 
-    train: SampleDataset | BlendedDataset
-    valid: SampleDataset | BlendedDataset | None
+    train: SampleDataset | PackedDataset | BlendedDataset
+    valid: SampleDataset | PackedDataset | BlendedDataset | None
     tokenizer: Tokenizer
     sources: tuple[IndexedDataset, ...] = ()
 
@@ -103,16 +112,19 @@ def build_datasets(
         if ds.tokenizer is not None and ds.tokenizer != tok.name:
             raise DataError(f"dataset {ds.prefix} was made with tokenizer {ds.tokenizer}, this run uses {tok.name}")
     weights = config.weights or (1.0,) * len(sources)
+    kind = PackedDataset if config.packing == "pack" else SampleDataset
     train, valid = [], []
     for i, ds in enumerate(sources):
         train_ids, valid_ids = split_documents(len(ds), config.valid_fraction, config.split_seed)
         name = str(Path(ds.prefix).name)
-        train.append(SampleDataset(ds, seq_len, _derived_seed(seed, i), train_ids, name=f"{name} (train)"))
+        train.append(kind(ds, seq_len, _derived_seed(seed, i), train_ids, name=f"{name} (train)"))
         if len(valid_ids):
             seed_v = _derived_seed(config.split_seed, i, 1)
-            valid.append(SampleDataset(ds, seq_len, seed_v, valid_ids, name=f"{name} (valid)"))
+            valid.append(kind(ds, seq_len, seed_v, valid_ids, name=f"{name} (valid)"))
     return Datasets(_blend(train, weights), _blend(valid, weights) if valid else None, tok, tuple(sources))
 
 
-def _blend(parts: list[SampleDataset], weights: tuple[float, ...]) -> SampleDataset | BlendedDataset:
+def _blend(
+    parts: list[SampleDataset] | list[PackedDataset], weights: tuple[float, ...]
+) -> SampleDataset | PackedDataset | BlendedDataset:
     return parts[0] if len(parts) == 1 else BlendedDataset(parts, weights)

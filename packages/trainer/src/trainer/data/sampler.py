@@ -17,7 +17,7 @@ from .errors import DataError
 
 
 class Samples(Protocol):
-    """What the loader reads: a :class:`SampleDataset` or a :class:`BlendedDataset`."""
+    """What the loader reads: a :class:`SampleDataset`, a :class:`PackedDataset` or a :class:`BlendedDataset`."""
 
     seq_len: int
 
@@ -52,7 +52,8 @@ def rank_microbatches(consumed: int, global_batch: int, micro_batch: int, dp_siz
 
 class DataIterator:
     """Yields, per step, this rank's micro-batches (``[micro_batch, seq_len + 1]`` int64 arrays: inputs are
-    ``[:, :-1]``, targets ``[:, 1:]``); ``state_dict()`` is the position to save in a checkpoint."""
+    ``[:, :-1]``, targets ``[:, 1:]``; packed: ``[micro_batch, 3, seq_len]``, inputs, targets, document ids);
+    ``state_dict()`` is the position to save in a checkpoint."""
 
     def __init__(
         self,

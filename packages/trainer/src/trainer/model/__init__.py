@@ -2,6 +2,7 @@
 and the model's tensors as layout-free ``Shard`` pieces (for checkpoints and parity tests)."""
 
 from .config import PRESETS, ModelConfig, preset
+from .documents import document_positions, documents_tensor
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
 from .kv_cache import KVCache
@@ -14,6 +15,8 @@ __all__ = [
     "ModelConfig",
     "ModelGroups",
     "build_chunks",
+    "document_positions",
+    "documents_tensor",
     "lm_loss",
     "model_shards",
     "preset",

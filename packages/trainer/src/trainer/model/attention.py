@@ -54,8 +54,15 @@ class Attention(nn.Module):
             sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if proj_bias else None,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """``cache`` (inference, TP=CP=1): ``x`` holds the tokens after the cached ones (see ``kv_cache``)."""
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``cache`` (inference, TP=CP=1): ``x`` holds the tokens after the cached ones (see ``kv_cache``).
+        ``documents`` (packed training batches, see ``trainer.model.documents``): ``[2, batch, seq]`` document
+        ids and positions within the document of this CP rank's tokens; attention stays inside each document
+        and rotary positions restart at each. The KV cache path refuses them."""
+        if documents is not None and cache is not None:
+            raise TrainerError("packed documents are for training: the KV cache path takes none")
         qkv = self.qkv(x)  # [seq (whole CP-local sequence), batch, (heads + 2*kv_heads) * head_dim / tp]
         seq, batch, d = qkv.size(0), qkv.size(1), self.cfg.head_dim
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
@@ -63,15 +70,18 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
         if self.cfg.position == "rotary":
-            positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
-            cos, sin = rotary_angles(positions, inverse_frequencies(self.cfg, qkv.device))
+            if documents is not None:  # per sequence: [batch, 1, seq, head_dim] angles
+                cos, sin = (t.unsqueeze(1) for t in rotary_angles(documents[1], inverse_frequencies(self.cfg)))
+            else:
+                positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
+                cos, sin = rotary_angles(positions, inverse_frequencies(self.cfg, qkv.device))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             out = cache.attend(q, k, v)
         elif self.selective_recompute and torch.is_grad_enabled():
-            out = recompute(self.core, q, k, v)
+            out = recompute(self.core, q, k, v, None if documents is None else documents[0])
         else:
-            out = self.core(q, k, v)
+            out = self.core(q, k, v, None if documents is None else documents[0])
         return self.proj(out.permute(2, 0, 1, 3).reshape(seq, batch, -1))
 
     def _norm(self, norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -81,14 +91,20 @@ class Attention(nn.Module):
         """The global positions of this CP rank's ``local_len`` tokens (zigzag placement)."""
         return sequence_positions(local_len, self.groups, device)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over the whole sequence; ``[batch, heads, seq, head_dim]`` in and out."""
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal attention over the whole sequence; ``[batch, heads, seq, head_dim]`` in and out.
+        ``doc_ids`` (``[batch, seq]``, packed documents): a query sees only keys of its own document."""
         if self.groups.cp_size == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+            gqa = k.size(1) != q.size(1)
+            if doc_ids is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=cp_ring.document_mask(doc_ids), enable_gqa=gqa)
         if self.groups.cp_attention == "ulysses":
-            return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp)
+            return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp, documents=doc_ids)
         kernel = cp_ring.make_kernel(self.groups.cp_kernel, q.device)
-        return cp_ring.ring_attention(q, k, v, group=self.groups.cp, kernel=kernel)
+        return cp_ring.ring_attention(q, k, v, group=self.groups.cp, kernel=kernel, documents=doc_ids)
 
 
 def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:

@@ -56,11 +56,16 @@ class TransformerLayer(nn.Module):
         self.rng = DropoutRNG(seed, groups, layer) if rng is None else rng  # the chunk's, shared by its layers
         self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``documents``: packed batches' document ids and positions (see :class:`Attention`)."""
         if cache is None and self.full_recompute and torch.is_grad_enabled():
-            return recompute(self._forward, x, tracker=self.rng.tracker(x.device))
-        return self._forward(x, cache)
+            return recompute(self._forward, x, None, documents, tracker=self.rng.tracker(x.device))
+        return self._forward(x, cache, documents)
 
-    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), cache))
+    def _forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), cache, documents))
         return x + self.dropout(self.mlp(self.norm2(x)))

@@ -72,17 +72,29 @@ class GPTChunk(nn.Module):
             if not cfg.tied_embeddings:
                 self.head = output_head(cfg, groups, seed)
 
-    def forward(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        caches: Sequence[KVCache] | torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``caches`` (one per layer, TP=CP=1): ``x`` holds the tokens after the cached ones, which the caches
-        then also hold."""
+        then also hold. ``documents`` (packed batches, ``trainer.model.documents``): this CP rank's document
+        ids and positions; a stage other than the last then returns ``(hidden, documents)`` for the next. The
+        pipeline executor passes a stage's inputs positionally, so a tensor in ``caches``' place is taken as
+        ``documents``. Packed documents and KV caches do not mix (refused)."""
+        if isinstance(caches, torch.Tensor):
+            caches, documents = None, caches
+        if documents is not None and caches is not None:
+            raise TrainerError("packed documents are for training: the KV cache path takes none")
         start = None if caches is None else check_caches(caches, self.groups, len(self.layers))
         if self.stage.embedding:
-            x = self.embed(x, start)
+            x = self.embed(x, start, documents)
         for i, layer in enumerate(self.layers):
-            x = layer(x) if caches is None else layer(x, caches[i])
+            x = layer(x, None if caches is None else caches[i], documents)
         if self.stage.head:
-            x = self.logits(self.final_norm(x))
-        return x
+            return self.logits(self.final_norm(x))
+        return x if documents is None else (x, documents)
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
@@ -91,9 +103,10 @@ class GPTChunk(nn.Module):
         shape = (batch, self.cfg.num_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
         return [KVCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
 
-    def embed(self, ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, start: int | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``[batch, seq]`` (this CP rank's part) to hidden states ``[seq(/tp), batch, hidden]``;
-        ``start``: the ids are positions ``start, start+1, ...`` (with a KV cache)."""
+        ``start``: the ids are positions ``start, start+1, ...`` (with a KV cache); ``documents``: packed
+        documents, whose positions restart at each document."""
         if ids.dim() != 2:
             raise TrainerError(f"token ids must be [batch, seq], got shape {tuple(ids.shape)}")
         seq = ids.size(1)
@@ -102,13 +115,16 @@ class GPTChunk(nn.Module):
             end = (start or 0) + seq * self.groups.cp_size
             if end > self.cfg.max_seq_len:
                 raise TrainerError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-            if start is None:
+            if documents is not None:  # [seq, batch] positions of each sequence
+                positions = documents[1].t()
+            elif start is None:
                 positions = sequence_positions(seq, self.groups, ids.device)
             else:
                 positions = torch.arange(start, end, device=ids.device)
             if self.groups.sequence_parallel:
                 positions = positions.chunk(self.groups.tp_size)[self.groups.tp_rank]
-            h = h + self.position[positions].unsqueeze(1)
+            table = self.position[positions]
+            h = h + (table if documents is not None else table.unsqueeze(1))
         return self.dropout(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -140,7 +156,9 @@ def output_head(cfg: ModelConfig, groups: ModelGroups, seed: int) -> ColumnParal
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, cfg: ModelConfig, groups: ModelGroups) -> torch.Tensor:
     """Mean next-token cross entropy of this rank's tokens: ``logits`` ``[seq, batch, V/tp]``, ``labels``
     ``[batch, seq]`` (this CP rank's part). Averaging over data- and context-parallel ranks happens in
-    the gradient reduction (every rank holds as many tokens)."""
+    the gradient reduction (every rank holds as many tokens). A label of ``-100`` (packed batches: a
+    document's last token, padding) has loss 0 and no gradient and still counts in the mean's denominator,
+    so every rank's share of the average stays equal."""
     per_token = vocab_parallel_cross_entropy(logits, labels.t(), group=groups.tp, vocab_size=cfg.vocab_size)
     return per_token.mean()
 

@@ -34,14 +34,16 @@ def inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) ->
 
 
 def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` of shape ``[len(positions), head_dim]`` in float32 for integer ``positions``."""
-    angles = positions.float().unsqueeze(1) * inv_freq.to(positions.device).unsqueeze(0)
-    angles = torch.cat([angles, angles], dim=1)
+    """``cos`` and ``sin`` of shape ``[*positions.shape, head_dim]`` in float32 for integer ``positions``
+    (``[seq]``, or ``[batch, seq]`` when each sequence has its own, as packed documents do)."""
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
+    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``[batch, heads, seq, dim]`` by the angles of its ``seq`` positions."""
+    """Rotate ``x`` of shape ``[batch, heads, seq, dim]`` by the angles of its ``seq`` positions (``cos``, ``sin``:
+    ``[seq, dim]``, or ``[batch, 1, seq, dim]`` for per-sequence positions)."""
     first, second = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)

@@ -38,7 +38,7 @@ from .checkpoint import finish_load, run_state, saveable
 from .flops import flops_per_token, measured_matmul_flops
 from .lr import lr_at
 from .metrics import Metrics
-from .pipeline import local_batch, scale_router_losses, sync_sequence_parallel_grads, sync_tied_embedding_grads
+from .pipeline import scale_router_losses, split_batch, sync_sequence_parallel_grads, sync_tied_embedding_grads
 from .replicas import replicas
 from .report import banner, memory_mb
 from .resume import checkpoints_to_try
@@ -179,7 +179,7 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     engine accumulates over the micro-batches, reduces once, and runs the one step protocol."""
     ps, engine = run.ps, run.engine
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
-    pairs = [local_batch(b[:, :-1], b[:, 1:], ps) for b in batches]
+    pairs = [split_batch(b, ps) for b in batches]
     engine.zero_grad()
     scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
@@ -225,7 +225,7 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     losses = []
     for _ in range(t.eval_steps):
         pairs = [
-            local_batch(b[:, :-1], b[:, 1:], ps)
+            split_batch(b, ps)
             for b in (torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in next(data))
         ]
         result = run.executor.evaluate([i for i, _ in pairs], [lab for _, lab in pairs])

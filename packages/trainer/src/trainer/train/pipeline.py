@@ -21,7 +21,7 @@ from pp_sched import V_SCHEDULES, PipelineExecutor, build
 from pstate import ParallelState, comm
 from tp_layers import allreduce_sequence_parallel_grads, sequence_parallel_params
 
-from ..model import GPTChunk, ModelConfig, ModelGroups, lm_loss, tied_embedding_params
+from ..model import GPTChunk, ModelConfig, ModelGroups, documents_tensor, lm_loss, tied_embedding_params
 from ..model.shards import gradient
 
 
@@ -62,6 +62,19 @@ def local_batch(ids: torch.Tensor, labels: torch.Tensor, ps: ParallelState) -> t
     if ps.cp.size == 1:
         return ids, labels
     return tuple(cp_ring.shard_sequence(t, group=ps.cp, dim=1) for t in (ids, labels))
+
+
+def split_batch(batch: torch.Tensor, ps: ParallelState) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+    """``(inputs, labels)`` of one micro-batch from the data iterator, this CP rank's part: ``inputs`` are the
+    token ids, or for a packed ``[batch, 3, seq]`` micro-batch ``(ids, documents)`` (the first stage's
+    arguments; see ``trainer.model.documents``)."""
+    if batch.dim() == 2:
+        return local_batch(batch[:, :-1], batch[:, 1:], ps)
+    ids, labels = local_batch(batch[:, 0], batch[:, 1], ps)
+    documents = documents_tensor(batch[:, 2])
+    if ps.cp.size > 1:
+        documents = cp_ring.shard_sequence(documents, group=ps.cp, dim=2)
+    return (ids, documents), labels
 
 
 def sync_model_parallel_grads(chunks: Sequence[GPTChunk], ps: ParallelState, *, sequence_parallel: bool) -> None:

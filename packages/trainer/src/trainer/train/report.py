@@ -57,6 +57,9 @@ def _data(cfg: Any, datasets: Any) -> str:
     parts = getattr(datasets.train, "datasets", [datasets.train])
     tokens = sum(p.num_tokens for p in parts)
     tok = datasets.tokenizer.name
+    if cfg.data.packing == "pack":  # the share of sample tokens that are document tokens
+        fill = tokens / sum(p.samples_per_epoch * p.seq_len for p in parts)
+        tok += f"; whole documents packed, {fill:.1%} of sample tokens filled"
     if cfg.data.paths:
         where = ", ".join(cfg.data.paths)
         return f"{where}: {tokens:,} training tokens, tokenizer {tok}"
