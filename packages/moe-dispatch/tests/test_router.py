@@ -55,7 +55,7 @@ def test_scaling_factor_multiplies_the_renormalised_probabilities():
     scaled, routing_map = router_with_identity(3, 2, score="sigmoid", scaling_factor=2.5)(logits)
     torch.testing.assert_close(scaled, 2.5 * plain)
     assert routing_map.tolist() == [[True, True, False]]
-    with pytest.raises(MoEError, match="scaling_factor=0.0: must be > 0"):
+    with pytest.raises(MoEError, match=r"scaling_factor=0\.0: must be > 0"):
         TopKRouter(4, 2, 1, scaling_factor=0.0)
 
 

@@ -75,7 +75,10 @@ def check_against(reference: dict, result: dict) -> None:
 LAYOUTS = {
     "ep2-dp4": (4, {"model": BIAS, "parallel": {"ep": 2}}),
     "ep2-cp2-recompute": (4, {"model": BIAS, "parallel": {"cp": 2, "ep": 2}, "train": {"recompute": "full"}}),
-    "deepseek-ep2-tp2-sp": (4, {"model": DEEPSEEK, "parallel": {"tp": 2, "ep": 2}, "train": {"sequence_parallel": True}}),
+    "deepseek-ep2-tp2-sp": (
+        4,
+        {"model": DEEPSEEK, "parallel": {"tp": 2, "ep": 2}, "train": {"sequence_parallel": True}},
+    ),
     # layer 0 only is MoE: the second stage has no router and takes no part
     "pp2-ep2-one-moe-stage": (4, {"model": {**BIAS, "moe_every": 4}, "parallel": {"pp": 2, "ep": 2}}),
 }

@@ -29,7 +29,7 @@ def check_router(cfg: Any) -> None:
     if not isinstance(cfg.moe_expert_bias, bool):
         raise TrainerError(f"model.moe_expert_bias={cfg.moe_expert_bias!r}: must be true or false")
     if cfg.moe_score == "sigmoid" and not cfg.moe_norm_topk:
-        raise TrainerError("model.moe_norm_topk=False: not supported with moe_score='sigmoid' (its top-k is renormalized)")
+        raise TrainerError("model.moe_norm_topk=False: not supported with moe_score='sigmoid' (top-k renormalized)")
     experts = cfg.num_experts
     if not experts:
         return

@@ -6,9 +6,10 @@ same pieces) and ``step`` as a replicated scalar; the fp32 master weights are th
 once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
 step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
 generator. ``expert_bias``: the MoE routers' expert biases (aux-loss-free balancing; buffers, so
-neither model nor optimizer state), when the model has them. ``dropout``: each chunk's dropout generator states (:class:`trainer.model.dropout.DropoutRNG`),
-by device type; a run resumed at the layout that saved them restores them (at another layout the
-stages and shards draw other masks anyway, and start again from the seed).
+neither model nor optimizer state), when the model has them. ``dropout``: each chunk's dropout
+generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run resumed at the
+layout that saved them restores them (at another layout the stages and shards draw other masks
+anyway, and start again from the seed).
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
 ``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer. With
