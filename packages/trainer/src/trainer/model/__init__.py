@@ -5,7 +5,7 @@ from .config import PRESETS, ModelConfig, preset
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
 from .kv_cache import KVCache
-from .shards import model_shards
+from .shards import model_shards, weights_state
 
 __all__ = [
     "PRESETS",
@@ -18,4 +18,5 @@ __all__ = [
     "model_shards",
     "preset",
     "tied_embedding_params",
+    "weights_state",
 ]

@@ -106,6 +106,15 @@ def expert_bias_shards(chunks: list[GPTChunk]) -> dict[str, Shard]:
     return out
 
 
+def weights_state(chunks: list[GPTChunk]) -> dict[str, dict[str, Shard]]:
+    """What running the model needs from a checkpoint (generation, serving): ``model`` (its tensors) and,
+    when its routers have them, ``expert_bias``."""
+    state = {"model": model_shards(chunks)}
+    if biases := expert_bias_shards(chunks):
+        state["expert_bias"] = biases
+    return state
+
+
 def _value(p: nn.Parameter) -> torch.Tensor:
     return p.data
 
