@@ -13,10 +13,13 @@ from unittest import mock
 
 import pytest
 
+import pstate
 import trainer.train.loop as loop
 from trainer.config import load_run_config
 from trainer.errors import TrainerError
-from trainer.model import ModelConfig
+from trainer.hf.config import family
+from trainer.infer.load import load_chunk
+from trainer.model import ModelConfig, preset
 from trainer.model.shards import expert_bias_shards
 from trainer.train.expert_bias import ExpertBiasUpdater
 from trainer.train.loop import train
@@ -105,6 +108,12 @@ def test_the_expert_bias_changes_the_routing(run_ranks, tmp_path):
     assert plain["loads"] == [] and plain["biases"] == {}
 
 
+def inference_biases(save: str) -> dict:
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        chunk, _, _ = load_chunk(save, ps)
+    return {name: s.data.tolist() for name, s in expert_bias_shards([chunk]).items()}
+
+
 def test_the_expert_bias_survives_a_resume_at_another_layout(run_ranks, tmp_path):
     """Stopped after step 3 at EP2 x DP2, resumed at TP2 with SP: the same loads, biases and losses."""
     cache, save = str(tmp_path / "cache"), str(tmp_path / "ckpt")
@@ -112,7 +121,9 @@ def test_the_expert_bias_survives_a_resume_at_another_layout(run_ranks, tmp_path
     first = {"model": BIAS, "parallel": {"ep": 2}, "train": {"save": save, "exit_interval": 3}}
     second = {"model": BIAS, "parallel": {"tp": 2}, "train": {"sequence_parallel": True, "load": save}}
     head = run_ranks(2, run_training, first, cache)[0]
+    served = run_ranks(1, inference_biases, save)[0]
     tail = run_ranks(2, run_training, second, cache)[0]
+    assert served == head["biases"]  # inference loads them too
     assert head["biases"] != full["biases"]  # the bias moved after the save: a fresh one would be wrong
     assert head["losses"] + tail["losses"] == pytest.approx(full["losses"], rel=2e-5)
     assert head["loads"] + tail["loads"] == full["loads"]
@@ -141,3 +152,12 @@ def test_router_fields_are_checked_by_name(changes, message):
     base = ModelConfig(hidden=32, layers=2, heads=2, num_experts=4)
     with pytest.raises(TrainerError, match=message):
         base.with_overrides(**changes)
+
+
+def test_router_options_mixtral_and_qwen_moe_lack_are_refused_on_export():
+    plain = preset("tiny-moe").with_overrides(moe_every=1, vocab_size=64)
+    assert family(plain) == "mixtral"
+    for changes in ({"moe_score": "sigmoid"}, {"moe_num_groups": 2}, {"moe_expert_bias": True}):
+        name, value = next(iter(changes.items()))
+        with pytest.raises(TrainerError, match=f"model.{name}={value!r}: Mixtral and Qwen-MoE route without it"):
+            family(plain.with_overrides(**changes))
