@@ -6,7 +6,8 @@ summed over the ranks that routed other tokens (DP with EP inside it, CP, TP und
 loads (tokens per expert) must equal the one-process run's exactly (integers), so must the biases
 (the same sequence of +-rate steps), and the losses to rtol 2e-5 (fp32; see test_train_parity.py).
 A second router (sigmoid scores, group-limited top-k, z-loss, routed scaling, expert bias) runs at
-EP2 x TP2 with sequence parallelism, and a pipeline whose second stage has no MoE layer at PP2 x EP2.
+EP2 x TP2 with sequence parallelism, a pipeline whose second stage has no MoE layer at PP2 x EP2, and a
+capacity factor (dropping tokens every step) at EP2 x DP4.
 """
 
 from unittest import mock
@@ -83,6 +84,11 @@ LAYOUTS = {
         4,
         {"model": DEEPSEEK, "parallel": {"tp": 2, "ep": 2}, "train": {"sequence_parallel": True}},
     ),
+    # capacity is per rank's micro-batch: at EP x DP each rank routes a one-process micro-batch
+    "capacity-ep2-dp4": (
+        4,
+        {"model": {**BIAS, "moe_capacity_factor": 1.0, "moe_drop_policy": "position"}, "parallel": {"ep": 2}},
+    ),
     # layer 0 only is MoE: the second stage has no router and takes no part
     "pp2-ep2-one-moe-stage": (4, {"model": {**BIAS, "moe_every": 4}, "parallel": {"pp": 2, "ep": 2}}),
 }
@@ -93,7 +99,11 @@ def test_expert_bias_and_router_options_equal_the_one_process_run(run_ranks, tmp
     world, overrides = LAYOUTS[layout]
     reference = run_ranks(1, run_training, {"model": overrides["model"]}, str(tmp_path))[0]
     tokens = 8 * 32 * 2  # global batch * seq_len * topk: every routing slot is counted once per step
-    assert all(sum(load) == tokens for step in reference["loads"] for load in step)
+    counted = [sum(load) for step in reference["loads"] for load in step]
+    if overrides["model"].get("moe_capacity_factor") is None:
+        assert counted == [tokens] * len(counted)
+    else:  # the dropped tokens are not counted
+        assert max(counted) <= tokens and min(counted) < tokens
     assert all(any(b != 0 for b in bias) for bias in reference["biases"].values())
     for result in run_ranks(world, run_training, overrides, str(tmp_path)):
         check_against(reference, result)
