@@ -7,7 +7,7 @@ loads (tokens per expert) must equal the one-process run's exactly (integers), s
 (the same sequence of +-rate steps), and the losses to rtol 2e-5 (fp32; see test_train_parity.py).
 A second router (sigmoid scores, group-limited top-k, z-loss, routed scaling, expert bias) runs at
 EP2 x TP2 with sequence parallelism, a pipeline whose second stage has no MoE layer at PP2 x EP2, and a
-capacity factor (dropping tokens every step) at EP2 x DP4.
+capacity factor (dropping tokens, padding every expert to its capacity) at EP2 x DP4.
 """
 
 from unittest import mock
@@ -87,7 +87,10 @@ LAYOUTS = {
     # capacity is per rank's micro-batch: at EP x DP each rank routes a one-process micro-batch
     "capacity-ep2-dp4": (
         4,
-        {"model": {**BIAS, "moe_capacity_factor": 1.0, "moe_drop_policy": "position"}, "parallel": {"ep": 2}},
+        {
+            "model": {**BIAS, "moe_capacity_factor": 1.0, "moe_drop_policy": "position", "moe_pad_to_capacity": True},
+            "parallel": {"ep": 2},
+        },
     ),
     # layer 0 only is MoE: the second stage has no router and takes no part
     "pp2-ep2-one-moe-stage": (4, {"model": {**BIAS, "moe_every": 4}, "parallel": {"pp": 2, "ep": 2}}),
@@ -156,6 +159,7 @@ def test_the_expert_bias_survives_a_resume_at_another_layout(run_ranks, tmp_path
         ({"moe_capacity_factor": 0}, "model.moe_capacity_factor=0: must be a finite number > 0"),
         ({"moe_routed_scaling": float("nan")}, "model.moe_routed_scaling=nan: must be a finite number > 0"),
         ({"moe_score": "sigmoid", "moe_norm_topk": False}, "model.moe_norm_topk=False: not supported with moe_"),
+        ({"moe_pad_to_capacity": True}, "model.moe_pad_to_capacity=True: needs model.moe_capacity_factor"),
     ],
 )
 def test_router_fields_are_checked_by_name(changes, message):

@@ -135,6 +135,8 @@ class ModelConfig:
     (default: dropless)."""
     moe_drop_policy: str = "probs"
     """tokens over an expert's capacity dropped first: the lowest-probability (probs) or the latest (position)."""
+    moe_pad_to_capacity: bool = False
+    """fill every expert up to exactly its capacity with zero-weight rows: static shapes, the same results."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):

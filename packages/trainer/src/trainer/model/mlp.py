@@ -72,6 +72,7 @@ def moe_layer(cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> M
         expert_bias=cfg.moe_expert_bias,
         capacity_factor=cfg.moe_capacity_factor,
         drop_policy=cfg.moe_drop_policy,
+        pad_to_capacity=cfg.moe_pad_to_capacity,
         shared_ffn_hidden=cfg.moe_shared_ffn_hidden,
         shared_gate=cfg.moe_shared_gate,
         tp_group=groups.tp if cfg.moe_shared_ffn_hidden is not None else None,

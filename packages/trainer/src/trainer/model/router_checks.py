@@ -26,8 +26,11 @@ def check_router(cfg: Any) -> None:
         raise TrainerError(f"model.moe_num_groups={groups!r}: must be a positive integer")
     if chosen is not None and (not _integer(chosen) or not 1 <= chosen <= groups):
         raise TrainerError(f"model.moe_topk_groups={chosen!r}: must be an integer in [1, moe_num_groups={groups}]")
-    if not isinstance(cfg.moe_expert_bias, bool):
-        raise TrainerError(f"model.moe_expert_bias={cfg.moe_expert_bias!r}: must be true or false")
+    for name in ("moe_expert_bias", "moe_pad_to_capacity"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TrainerError(f"model.{name}={getattr(cfg, name)!r}: must be true or false")
+    if cfg.moe_pad_to_capacity and cfg.moe_capacity_factor is None:
+        raise TrainerError("model.moe_pad_to_capacity=True: needs model.moe_capacity_factor (dropless has no capacity)")
     if cfg.moe_score == "sigmoid" and not cfg.moe_norm_topk:
         raise TrainerError("model.moe_norm_topk=False: not supported with moe_score='sigmoid' (top-k renormalized)")
     experts = cfg.num_experts
