@@ -49,6 +49,16 @@ def test_sigmoid_scores_are_renormalised_over_the_top_k():
     torch.testing.assert_close(probs, torch.tensor([[s0 / (s0 + s1), s1 / (s0 + s1), 0.0]]))
 
 
+def test_scaling_factor_multiplies_the_renormalised_probabilities():
+    logits = torch.tensor([[0.0, 1.0, -2.0]])
+    plain, _ = router_with_identity(3, 2, score="sigmoid")(logits)
+    scaled, routing_map = router_with_identity(3, 2, score="sigmoid", scaling_factor=2.5)(logits)
+    torch.testing.assert_close(scaled, 2.5 * plain)
+    assert routing_map.tolist() == [[True, True, False]]
+    with pytest.raises(MoEError, match=r"scaling_factor=0\.0: must be > 0"):
+        TopKRouter(4, 2, 1, scaling_factor=0.0)
+
+
 def test_load_balancing_loss_value_and_gradient():
     # Both tokens pick expert 0 (top-1): f = [1, 0], so loss = coeff * E * P_0 = coeff * (sig(1) + sig(2)).
     coeff = 0.1

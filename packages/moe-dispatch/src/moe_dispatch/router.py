@@ -46,6 +46,8 @@ class TopKRouter(nn.Module):
       tokens first). ``None`` (default) is dropless. ``pad_to_capacity=True`` then fills every expert
       up to exactly the capacity (at most the number of tokens) with unrouted tokens of probability
       zero: ``routing_map`` marks them, ``probs`` is zero there, and they change no output or gradient.
+    - ``scaling_factor``: multiplies the chosen experts' probabilities (DeepSeek-V3's
+      ``routed_scaling_factor``), after any renormalisation.
     - ``expert_bias``: aux-loss-free balancing; a per-expert bias (a buffer, not trained by the optimizer)
       is added to the scores for the choice of experts only, and :meth:`update_expert_bias` moves it.
 
@@ -74,6 +76,7 @@ class TopKRouter(nn.Module):
         drop_policy: str = "probs",
         pad_to_capacity: bool = False,
         expert_bias: bool = False,
+        scaling_factor: float = 1.0,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -90,6 +93,8 @@ class TopKRouter(nn.Module):
             drop_policy=drop_policy,
             pad_to_capacity=pad_to_capacity,
         )
+        if not scaling_factor > 0:
+            raise MoEError(f"scaling_factor={scaling_factor}: must be > 0")
         if aux_loss_coeff < 0 or z_loss_coeff < 0:
             raise MoEError(f"aux_loss_coeff={aux_loss_coeff}, z_loss_coeff={z_loss_coeff}: must be >= 0")
         self.hidden, self.num_experts, self.topk = hidden, num_experts, topk
@@ -98,6 +103,7 @@ class TopKRouter(nn.Module):
         self.aux_loss_coeff, self.z_loss_coeff, self.aux_loss_scale = aux_loss_coeff, z_loss_coeff, aux_loss_scale
         self.aux_loss_group = None if aux_loss_group is None else pstate.as_group(aux_loss_group)
         self.capacity_factor, self.drop_policy, self.pad_to_capacity = capacity_factor, drop_policy, pad_to_capacity
+        self.scaling_factor = scaling_factor
         weight = tp_init.draw((num_experts, hidden), tp_init.linear_init, tp_init.generator_for(seed))
         self.weight = nn.Parameter(weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
         self.register_buffer(
@@ -146,6 +152,8 @@ class TopKRouter(nn.Module):
             if self.topk > 1:
                 picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
             scores = sig / (sig.sum(-1, keepdim=True) + 1e-20)
+        if self.scaling_factor != 1.0:
+            picked = picked * self.scaling_factor
         probs = torch.zeros_like(logits).scatter(1, index, picked)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
         return probs, routing_map, scores

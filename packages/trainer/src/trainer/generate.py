@@ -22,7 +22,7 @@ from .config import parse_run_config
 from .data import load_tokenizer
 from .errors import TrainerError
 from .launch import default_group
-from .model import GPTChunk, ModelGroups, build_chunks, model_shards
+from .model import GPTChunk, ModelGroups, build_chunks, weights_state
 
 
 def generate(
@@ -55,7 +55,7 @@ def generate(
                 f"vocab_size={model.vocab_size}"
             )
         (chunk,) = build_chunks(model, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=cfg.train.seed)
-        ckpt.load({"model": model_shards([chunk])}, found)
+        ckpt.load(weights_state([chunk]), found)
         chunk = chunk.to(device).eval()
         ids = tokenizer.encode(prompt)
         if not ids:

@@ -218,6 +218,7 @@ def family(model: ModelConfig) -> str:
             )
         if mlp:
             raise TrainerError("model.mlp_bias: no Hugging Face MoE family has MLP biases")
+        _softmax_router(model)
         if model.moe_shared_ffn_hidden is not None:
             if not (model.moe_shared_gate and qkv and not proj and not model.qk_norm):
                 raise TrainerError("model: a shared expert converts only as Qwen2-MoE (gated, QKV bias, no QK-norm)")
@@ -234,6 +235,17 @@ def family(model: ModelConfig) -> str:
     if qkv == proj:
         return "llama"
     return _mismatch("llama")
+
+
+def _softmax_router(model: ModelConfig) -> None:
+    """Mixtral and Qwen-MoE route by softmax over every expert, with no groups, bias or scaling."""
+    routing = {"moe_score": "softmax", "moe_num_groups": 1, "moe_topk_groups": None, "moe_expert_bias": False,
+               "moe_routed_scaling": 1.0}  # fmt: skip
+    for name, plain in routing.items():
+        if getattr(model, name) != plain:
+            raise TrainerError(
+                f"model.{name}={getattr(model, name)!r}: Mixtral and Qwen-MoE route without it (plain: {plain!r})"
+            )
 
 
 def _mismatch(kind: str) -> str:

@@ -18,7 +18,7 @@ import pstate
 from ..config import RunConfig, parse_run_config
 from ..data import load_tokenizer
 from ..errors import TrainerError
-from ..model import GPTChunk, ModelGroups, build_chunks, model_shards
+from ..model import GPTChunk, ModelGroups, build_chunks, weights_state
 from .engine import Engine
 from .runner import ModelRunner
 
@@ -45,7 +45,7 @@ def load_chunk(path: str | Path, ps: pstate.ParallelState) -> tuple[GPTChunk, Ru
     if model.num_kv_heads % groups.tp_size:
         raise TrainerError(f"--tp {groups.tp_size}: must divide the model's key/value heads ({model.num_kv_heads})")
     (chunk,) = build_chunks(model, groups, pp_rank=0, pp=1, seed=cfg.train.seed)
-    ckpt.load({"model": model_shards([chunk])}, found)
+    ckpt.load(weights_state([chunk]), found)
     return chunk.eval(), cfg, tokenizer
 
 

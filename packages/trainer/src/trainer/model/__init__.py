@@ -6,7 +6,7 @@ from .documents import document_positions, documents_tensor
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
 from .kv_cache import KVCache
-from .shards import model_shards
+from .shards import model_shards, weights_state
 
 __all__ = [
     "PRESETS",
@@ -21,4 +21,5 @@ __all__ = [
     "model_shards",
     "preset",
     "tied_embedding_params",
+    "weights_state",
 ]

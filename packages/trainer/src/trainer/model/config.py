@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..errors import TrainerError
+from .router_checks import check_router
 
 CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
@@ -13,6 +14,8 @@ CHOICES = {
     "mlp": ("gelu", "swiglu"),
     "moe_dispatcher": ("alltoall", "allgather"),
     "rope_type": ("default", "linear", "llama3"),
+    "moe_score": ("softmax", "sigmoid"),
+    "moe_drop_policy": ("probs", "position"),
 }
 
 
@@ -35,7 +38,9 @@ class ModelConfig:
 
     Mixture of experts: ``moe_norm_topk`` renormalises the chosen experts' probabilities to sum to one
     (else they are the softmax over all experts); ``moe_shared_ffn_hidden`` adds a shared expert every
-    token goes through, scaled by a sigmoid gate with ``moe_shared_gate``.
+    token goes through, scaled by a sigmoid gate with ``moe_shared_gate``. The router's options
+    (score function, group-limited top-k, z-loss, aux-loss-free expert bias, capacity) follow
+    DeepSeek-V3's names and meanings; :mod:`trainer.model.router_checks` validates them.
     """
 
     hidden: int
@@ -110,6 +115,28 @@ class ModelConfig:
     """width of a shared expert every token goes through (default: none)."""
     moe_shared_gate: bool = False
     """scale the shared expert's output by a sigmoid gate."""
+    moe_score: str = "softmax"
+    """router score function: softmax, or sigmoid (DeepSeek-V3's scoring_func)."""
+    moe_num_groups: int = 1
+    """expert groups of consecutive experts for group-limited routing (DeepSeek-V3's n_group; 1: no limit)."""
+    moe_topk_groups: int | None = None
+    """groups a token routes into: its best by the sum of each group's top-2 scores (topk_group; default: all)."""
+    moe_routed_scaling: float = 1.0
+    """factor on the routed experts' weights, after renormalization (DeepSeek-V3's routed_scaling_factor)."""
+    moe_z_loss_coeff: float = 0.0
+    """weight of the router's z-loss (mean squared log-sum-exp of the router logits)."""
+    moe_expert_bias: bool = False
+    """aux-loss-free balancing: a per-expert bias added to the scores to choose the experts only, moved after
+    each optimizer step toward equal load (DeepSeek-V3's e_score_correction_bias; saved in checkpoints)."""
+    moe_expert_bias_rate: float = 1e-3
+    """how far each step moves the expert bias: bias += rate * sign(mean load - expert's load)."""
+    moe_capacity_factor: float | None = None
+    """each expert takes at most ceil(tokens*topk/num_experts*factor) of a rank's micro-batch tokens
+    (default: dropless)."""
+    moe_drop_policy: str = "probs"
+    """tokens over an expert's capacity dropped first: the lowest-probability (probs) or the latest (position)."""
+    moe_pad_to_capacity: bool = False
+    """fill every expert up to exactly its capacity with zero-weight rows: static shapes, the same results."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
@@ -146,6 +173,7 @@ class ModelConfig:
             raise TrainerError("model.moe_shared_gate=True: needs a shared expert (model.moe_shared_ffn_hidden)")
         if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
             raise TrainerError(f"model.moe_topk={self.moe_topk}: must be in [1, num_experts={self.num_experts}]")
+        check_router(self)
 
     @property
     def num_kv_heads(self) -> int:

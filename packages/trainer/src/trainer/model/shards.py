@@ -94,6 +94,27 @@ def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
     return out
 
 
+def expert_bias_shards(chunks: list[GPTChunk]) -> dict[str, Shard]:
+    """The MoE routers' expert biases (buffers, not parameters: the optimizer never sees them), whole and
+    replicated on every rank of their stage, by layout-free name (``layers.0.mlp.router.expert_bias``)."""
+    out = {}
+    for chunk in chunks:
+        for layer in chunk.layers:
+            bias = layer.mlp.router.expert_bias if layer.is_moe else None
+            if bias is not None:
+                out[f"layers.{layer.layer}.mlp.router.expert_bias"] = Shard(bias, tuple(bias.shape), (0,))
+    return out
+
+
+def weights_state(chunks: list[GPTChunk]) -> dict[str, dict[str, Shard]]:
+    """What running the model needs from a checkpoint (generation, serving): ``model`` (its tensors) and,
+    when its routers have them, ``expert_bias``."""
+    state = {"model": model_shards(chunks)}
+    if biases := expert_bias_shards(chunks):
+        state["expert_bias"] = biases
+    return state
+
+
 def _value(p: nn.Parameter) -> torch.Tensor:
     return p.data
 

@@ -5,9 +5,11 @@ AdamW's moments under the same names (with ZeRO and FSDP, their flat-range shard
 same pieces) and ``step`` as a replicated scalar; the fp32 master weights are the parameters, saved
 once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
 step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
-generator. ``dropout``: each chunk's dropout generator states (:class:`trainer.model.dropout.DropoutRNG`),
-by device type; a run resumed at the layout that saved them restores them (at another layout the
-stages and shards draw other masks anyway, and start again from the seed).
+generator. ``expert_bias``: the MoE routers' expert biases (aux-loss-free balancing; buffers, so
+neither model nor optimizer state), when the model has them. ``dropout``: each chunk's dropout
+generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run resumed at the
+layout that saved them restores them (at another layout the stages and shards draw other masks
+anyway, and start again from the seed).
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
 ``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer. With
@@ -27,7 +29,7 @@ from ckpt import PerRank
 from dp_shard import optimizer_state_shards, parameter_shards
 from pstate import Shard
 
-from ..model.shards import Gathered, Piece, flat_range_shards, model_pieces
+from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards, model_pieces
 from .setup import Run
 
 ADAM = ("exp_avg", "exp_avg_sq")
@@ -41,6 +43,8 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
         "rng": PerRank(torch.get_rng_state(), required=False),
         "dropout": {run.device.type: _dropout_states(run)},
     }
+    if biases := expert_bias_shards(run.chunks):
+        state["expert_bias"] = biases
     if run.fsdp:
         state["model"], state["optimizer"] = _fsdp_state(run)
         return state

@@ -5,7 +5,7 @@ samples at any DP size), forwards and backwards through the pipeline executor (a
 communication until each chunk's last backward), the data-parallel reduction (once per step), the
 model-parallel gradient completion, then the engine's step protocol (unscale with an overflow check,
 clipping by the global norm, the optimizer step: skipped, or the run stopped, on a non-finite loss or
-norm), then metrics, evaluation and checkpoints as configured.
+norm), the MoE routers' expert-bias update, then metrics, evaluation and checkpoints as configured.
 Resumes from the newest complete checkpoint under ``--load`` (or ``--save``); SIGTERM and SIGINT
 finish the current step, save, and return.
 """
@@ -193,6 +193,8 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     experts = run.model.num_experts > 0
     clip = ClipGroups(tp=ps.tp, pp=ps.pp, ep=ps.ep if experts else None, etp=ps.etp if experts else None)
     norm, skipped = engine.step(_clip_threshold(run), clip, run.scaler)
+    if run.expert_bias is not None:  # aux-loss-free balancing, from the step's tokens per expert
+        run.expert_bias.step(skipped)
     return _global_loss(run, result.losses) / scale, norm, skipped
 
 

@@ -25,6 +25,7 @@ from pstate.device import device_for_backend
 from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
+from .expert_bias import ExpertBiasUpdater
 from .pipeline import make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,8 +35,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Run:
     """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
     the executor calls: the engine's, under autocast for bf16/fp16), the data-parallel ``engine`` (one
-    interface whatever the ZeRO stage), the executor, the loss scaler (fp16) and the ``device`` the model
-    and its batches are on."""
+    interface whatever the ZeRO stage), the executor, the loss scaler (fp16), the ``device`` the model
+    and its batches are on, and the MoE routers' expert-bias updater (``model.moe_expert_bias``)."""
 
     cfg: RunConfig
     model: ModelConfig
@@ -49,6 +50,7 @@ class Run:
     scaler: LossScaler | None = None
     fsdp_pieces: list[dict[str, list[Piece]]] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    expert_bias: ExpertBiasUpdater | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -152,7 +154,12 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
         loss_scale=scale,
     )  # fmt: skip
-    return Run(cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device)
+    # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
+    tokens_group = ps.tp_dp_cp if t.sequence_parallel else ps.dp_cp
+    bias = ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate) if model.moe_expert_bias else None
+    return Run(
+        cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device, bias
+    )
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
