@@ -41,7 +41,7 @@ def cached_against_full(name: str):
         return full, torch.cat(pieces)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe", "tiny-mla"])
 def test_cached_logits_equal_the_full_forward(run_ranks, name):
     ((full, cached),) = run_ranks(1, cached_against_full, name)
     assert full.abs().mean() > 0.3  # logits of order 1: the tolerance below is a tight one
@@ -56,7 +56,7 @@ def greedy(name: str, max_seq_len: int, prompt_len: int, new: int):
         return [decode(chunk, prompt, use_cache=use_cache, **options) for use_cache in (True, False)]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mla"])
 @pytest.mark.parametrize("max_seq_len", [64, 20], ids=["within", "past-max-seq-len"])
 def test_greedy_tokens_are_the_same_with_and_without_the_cache(run_ranks, name, max_seq_len):
     ((cached, uncached),) = run_ranks(1, greedy, name, max_seq_len, 7, 30)

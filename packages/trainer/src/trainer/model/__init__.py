@@ -5,12 +5,14 @@ from .config import PRESETS, ModelConfig, preset
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
 from .kv_cache import KVCache
+from .mla_cache import LatentCache
 from .shards import model_shards
 
 __all__ = [
     "PRESETS",
     "GPTChunk",
     "KVCache",
+    "LatentCache",
     "ModelConfig",
     "ModelGroups",
     "build_chunks",

@@ -65,7 +65,8 @@ class Attention(nn.Module):
         if self.cfg.position == "rotary":
             positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
             cos, sin = rotary_angles(positions, inverse_frequencies(self.cfg, qkv.device))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            turn = self.cfg.rope_interleave
+            q, k = apply_rotary(q, cos, sin, interleaved=turn), apply_rotary(k, cos, sin, interleaved=turn)
         if cache is not None:
             out = cache.attend(q, k, v)
         elif self.selective_recompute and torch.is_grad_enabled():
@@ -83,11 +84,18 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over the whole sequence; ``[batch, heads, seq, head_dim]`` in and out."""
-        if self.groups.cp_size == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-        if self.groups.cp_attention == "ulysses":
-            return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp)
-        return cp_ring.ring_attention(q, k, v, group=self.groups.cp)
+        return causal_attention(q, k, v, self.groups)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ModelGroups, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention over the CP-split sequence (SDPA layout), ``scale`` defaulting to ``head_dim**-0.5``."""
+    if groups.cp_size == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.size(1) != q.size(1))
+    if groups.cp_attention == "ulysses":
+        return cp_ring.ulysses_attention(q, k, v, group=groups.cp, scale=scale)
+    return cp_ring.ring_attention(q, k, v, group=groups.cp, scale=scale)
 
 
 def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .config import ModelConfig
 from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
 from .kv_cache import KVCache, check_caches
+from .mla_cache import LatentCache
 
 
 class GPTChunk(nn.Module):
@@ -84,10 +85,13 @@ class GPTChunk(nn.Module):
             x = self.logits(self.final_norm(x))
         return x
 
-    def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+    def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
-        positions, in the dtype and on the device of the weights."""
-        weight = next(self.parameters())
+        positions, in the dtype and on the device of the weights (latent caches for MLA)."""
+        weight, cfg = next(self.parameters()), self.cfg
+        if cfg.attention == "mla":
+            shape = (batch, max_len or cfg.max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+            return [LatentCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         shape = (batch, self.cfg.num_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
         return [KVCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
 

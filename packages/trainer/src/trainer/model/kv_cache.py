@@ -65,8 +65,12 @@ class KVCache:
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
         if start == 0:  # prefill: plain causal attention
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        mask = torch.ones(new, end, dtype=torch.bool, device=q.device).tril(start)  # new token i sees 0..start+i
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible(start, new, q.device), enable_gqa=gqa)
+
+
+def visible(start: int, new: int, device: torch.device) -> torch.Tensor:
+    """``[new, start + new]``: new token ``i`` (position ``start + i``) sees positions ``0..start+i``."""
+    return torch.ones(new, start + new, dtype=torch.bool, device=device).tril(start)
 
 
 def check_caches(caches: Sequence[KVCache], groups: ModelGroups, layers: int) -> int:
