@@ -73,7 +73,7 @@ CASES = {
     "mla-tp2-direct-q": ("tiny-mla", dict(q_lora_rank=None, rope_interleave=True), dict(tp=2), 2, {}),
     "mla-cp2-ring": ("tiny-mla", {}, dict(cp=2), 2, {}),
     "mla-cp2-ulysses": ("tiny-mla", {}, dict(cp=2), 2, dict(cp_attention="ulysses")),
-    "mla-tp2-cp2-sp": ("tiny-mla", dict(q_lora_rank=None), dict(tp=2, cp=2), 4, dict(sp=True)),
+    "mla-tp2-cp2-sp": ("tiny-mla", dict(q_lora_rank=None, v_head_dim=20), dict(tp=2, cp=2), 4, dict(sp=True)),
 }
 
 
