@@ -64,7 +64,9 @@ def _llama_like(model: ModelConfig, kind: str) -> Adapter:
         rules += _mla(model, layer)
     else:
         suffixes = ("weight", "bias") if model.has_bias("qkv") else ("weight",)
-        rules += [Rename(f"layers.{{i}}.attn.{p}.{w}", f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in suffixes]
+        rules += [
+            Rename(f"layers.{{i}}.attn.{p}.{w}", f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in suffixes
+        ]
     if model.has_bias("proj"):
         rules.append(Rename("layers.{i}.attn.proj.bias", f"{layer}.self_attn.o_proj.bias"))
     if model.qk_norm:

@@ -259,9 +259,19 @@ PRESETS: dict[str, ModelConfig] = {
         **_LLAMA,
     ),
     "tiny-mla": ModelConfig(
-        hidden=64, layers=4, heads=4, ffn_hidden=128, max_seq_len=256, attention="mla", q_lora_rank=24,
-        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, **_LLAMA,
-    ),  # fmt: skip
+        hidden=64,
+        layers=4,
+        heads=4,
+        ffn_hidden=128,
+        max_seq_len=256,
+        attention="mla",
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        **_LLAMA,
+    ),
     # real shapes
     "gpt2": ModelConfig(hidden=768, layers=12, heads=12, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
     "gpt2-medium": ModelConfig(hidden=1024, layers=24, heads=16, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
