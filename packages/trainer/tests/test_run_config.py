@@ -47,6 +47,13 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"global_batch": 0}}, "train.global_batch=0: must be >= 1"),
         ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
         ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
+        ({"model": {"attention": "x"}}, "model.attention='x': must be one of"),
+        ({"model": {"preset": "tiny-mla", "kv_heads": 2}}, r"model.kv_heads=2: MLA up-projects keys/values for every"),
+        (
+            {"model": {"preset": "tiny-mla", "qk_rope_head_dim": 7}},
+            "model: rotary positions need an even head_dim, got 7",
+        ),
+        ({"model": {"preset": "tiny-mla", "kv_lora_rank": 0}}, "model.kv_lora_rank=0: must be a positive integer"),
         ({"optim": {"beta1": 1.5}}, "optim.beta1=1.5: must be a finite number >= 0 and < 1"),
     ],
 )
@@ -68,6 +75,7 @@ def test_missing_and_invalid_files_are_named(tmp_path):
     [
         ({"train": {"sequence_parallel": True}}, 2, "needs --tp > 1"),
         ({"parallel": {"tp": 3}}, 3, "tp=3 must divide"),
+        ({"model": {"preset": "tiny-mla"}, "parallel": {"tp": 3}}, 3, "tp=3 must divide the model's 4 heads"),
         ({"parallel": {"pp": 3}}, 3, r"layers=4 must be divisible by pp\*vpp=3"),
         ({"parallel": {"ep": 2}}, 2, "needs a model with experts"),
         ({"model": {"preset": "tiny-moe"}, "parallel": {"ep": 3}}, 3, "ep=3 must divide the 4 experts"),

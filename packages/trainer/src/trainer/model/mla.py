@@ -43,6 +43,20 @@ def _replicated(in_features: int, out_features: int) -> nn.Linear:
     return linear
 
 
+def mla_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """The weight matrices of one MLA layer as ``(in, out, norm weights after it)`` (for counts)."""
+    h, heads, rope, rank = cfg.hidden, cfg.heads, cfg.qk_rope_head_dim, cfg.q_lora_rank
+    qk = heads * cfg.head_dim
+    q = [(h, qk, 0)] if rank is None else [(h, rank, rank), (rank, qk, 0)]
+    kv_up = heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return [
+        *q,
+        (h, cfg.kv_lora_rank + rope, cfg.kv_lora_rank),
+        (cfg.kv_lora_rank, kv_up, 0),
+        (heads * cfg.v_head_dim, h, 0),
+    ]
+
+
 class LatentAttention(nn.Module):
     """Causal multi-latent attention on ``[seq, batch, hidden]`` (``seq/tp`` with sequence parallelism)."""
 
