@@ -91,7 +91,8 @@ class LatentAttention(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
-        """``cache`` (inference, TP=CP=1): ``x`` holds the tokens after the cached ones (see ``mla_cache``)."""
+        """``cache`` (inference: a ``LatentCache`` or the engine's paged layer): ``x`` holds the tokens after
+        the cached ones (see ``mla_cache``)."""
         cfg, tp = self.cfg, self.groups.tp
         dn, dr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         if self.groups.sequence_parallel:  # every consumer below gives this rank's gradient whole
@@ -108,7 +109,7 @@ class LatentAttention(nn.Module):
         q_rot = apply_rotary(q_rot, cos, sin, interleaved=cfg.rope_interleave)
         k_rot = apply_rotary(k_rot, cos, sin, interleaved=cfg.rope_interleave)
         if cache is not None:
-            out = cache.attend(q_nope, q_rot, latent.transpose(0, 1), k_rot[:, 0], self.kv_up.weight, self.scale)
+            out = cache.attend_latent(q_nope, q_rot, latent.transpose(0, 1), k_rot[:, 0], self.kv_up.weight, self.scale)
         else:
             kv = self.kv_up(latent).reshape(seq, batch, self.heads, -1).permute(1, 2, 0, 3)
             k_nope, v = kv.split([dn, cfg.v_head_dim], dim=-1)

@@ -45,7 +45,7 @@ class LatentCache:
         """The absolute positions of ``new`` tokens that come after the cached ones."""
         return torch.arange(self.length, self.length + new, device=device)
 
-    def attend(
+    def attend_latent(
         self,
         q_nope: torch.Tensor,
         q_rot: torch.Tensor,
@@ -68,11 +68,26 @@ class LatentCache:
         self.latents[:, start:end] = latent
         self.rotary[:, start:end] = k_rot
         self.length = end
-        heads, nope = q_nope.size(1), q_nope.size(-1)
-        up = kv_up.reshape(heads, -1, kv_up.size(-1))  # [heads, nope + v, kv_lora_rank]
-        latents, rotary = self.latents[:, :end], self.rotary[:, :end]
-        q_latent = torch.einsum("bhnd,hdr->bhnr", q_nope, up[:, :nope])
-        scores = torch.einsum("bhnr,blr->bhnl", q_latent, latents) + torch.einsum("bhnd,bld->bhnl", q_rot, rotary)
-        scores = (scores * scale).masked_fill(~visible(start, new, scores.device), float("-inf"))
-        probs = scores.float().softmax(-1).to(latents.dtype)
-        return torch.einsum("bhnr,hvr->bhnv", torch.einsum("bhnl,blr->bhnr", probs, latents), up[:, nope:])
+        mask = visible(start, new, q_nope.device)
+        return absorbed_attention(q_nope, q_rot, self.latents[:, :end], self.rotary[:, :end], kv_up, scale, mask)
+
+
+def absorbed_attention(
+    q_nope: torch.Tensor,
+    q_rot: torch.Tensor,
+    latents: torch.Tensor,
+    rotary: torch.Tensor,
+    kv_up: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """MLA over cached latents: queries ``[batch, heads, new, *]``, ``latents`` ``[batch, length, rank]``
+    and ``rotary`` ``[batch, length, rope_dim]``, ``mask`` (``True``: seen) broadcast to ``[batch, heads,
+    new, length]``. Returns ``[batch, heads, new, v_head_dim]``."""
+    heads, nope = q_nope.size(1), q_nope.size(-1)
+    up = kv_up.reshape(heads, -1, kv_up.size(-1))  # [heads, nope + v, kv_lora_rank]
+    q_latent = torch.einsum("bhnd,hdr->bhnr", q_nope, up[:, :nope])
+    scores = torch.einsum("bhnr,blr->bhnl", q_latent, latents) + torch.einsum("bhnd,bld->bhnl", q_rot, rotary)
+    scores = (scores * scale).masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(-1).to(latents.dtype)
+    return torch.einsum("bhnr,hvr->bhnv", torch.einsum("bhnl,blr->bhnr", probs, latents), up[:, nope:])
