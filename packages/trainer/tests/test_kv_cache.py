@@ -90,11 +90,13 @@ def misuse(name: str, case: str):
             caches = caches[:-1]
         elif case == "lengths":
             chunk.layers[0].attn(torch.zeros(4, 2, 64), caches[0])
-        elif case == "batch":
+        elif case in ("batch", "mla-batch"):
             ids = torch.zeros(3, 4, dtype=torch.long)
         elif case == "full":
             chunk(ids, caches)
             ids = torch.zeros(2, 5, dtype=torch.long)
+        elif case == "kind":
+            caches = [KVCache(2, 4, 8, 16) for _ in chunk.layers]
         elif case == "max_seq_len":
             caches = chunk.kv_caches(2, 32)
             chunk(torch.zeros(2, 14, dtype=torch.long), caches)
@@ -111,6 +113,8 @@ MISUSE = {
     "batch": ("tiny", r"keys of shape \(3, 2, 4, 16\) given, the cache takes \(2, 2, 4, 16\)"),
     "full": ("tiny", "4 of 8 positions are used; 5 more do not fit"),
     "max_seq_len": ("tiny-gpt2", "sequence of 18 tokens exceeds model.max_seq_len=16"),
+    "kind": ("tiny-mla", r"this model's layers take LatentCaches \(GPTChunk.kv_caches makes them\), not \['KVCache'\]"),
+    "mla-batch": ("tiny-mla", r"latents of shape \(3, 4, 16\) given, the cache takes \(2, 4, 16\)"),
 }
 
 

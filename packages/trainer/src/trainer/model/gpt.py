@@ -76,7 +76,8 @@ class GPTChunk(nn.Module):
     def forward(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None) -> torch.Tensor:
         """``caches`` (one per layer, TP=CP=1): ``x`` holds the tokens after the cached ones, which the caches
         then also hold."""
-        start = None if caches is None else check_caches(caches, self.groups, len(self.layers))
+        kind = LatentCache if self.cfg.attention == "mla" else KVCache
+        start = None if caches is None else check_caches(caches, self.groups, len(self.layers), kind)
         if self.stage.embedding:
             x = self.embed(x, start)
         for i, layer in enumerate(self.layers):
