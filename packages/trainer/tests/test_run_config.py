@@ -54,7 +54,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"model": {"preset": "tiny-mla", "kv_heads": 2}}, r"model.kv_heads=2: MLA up-projects keys/values for every"),
         (
             {"model": {"preset": "tiny-mla", "qk_rope_head_dim": 7}},
-            "model: rotary positions need an even head_dim, got 7",
+            "model.qk_rope_head_dim=7: must be even",
         ),
         ({"model": {"preset": "tiny-mla", "kv_lora_rank": 0}}, "model.kv_lora_rank=0: must be a positive integer"),
         ({"optim": {"beta1": 1.5}}, "optim.beta1=1.5: must be a finite number >= 0 and < 1"),

@@ -224,6 +224,7 @@ def _check_mla(cfg: ModelConfig) -> None:
         ("kv_heads", cfg.kv_heads not in (None, cfg.heads), "MLA up-projects keys/values for every head"),
         ("kv_channels", cfg.kv_channels is not None, "MLA sets head widths by qk_*_head_dim and v_head_dim"),
         ("qk_norm", cfg.qk_norm, "MLA normalizes its latents, not its heads"),
+        ("qk_rope_head_dim", cfg.qk_rope_head_dim % 2, "must be even (rotary turns pairs of dimensions)"),
         ("qkv_bias", cfg.has_bias("qkv"), "MLA projections have no biases"),
         ("proj_bias", cfg.has_bias("proj"), "MLA projections have no biases"),
     )

@@ -73,7 +73,7 @@ class GPTChunk(nn.Module):
             if not cfg.tied_embeddings:
                 self.head = output_head(cfg, groups, seed)
 
-    def forward(self, x: torch.Tensor, caches: Sequence[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caches: Sequence[KVCache] | Sequence[LatentCache] | None = None) -> torch.Tensor:
         """``caches`` (one per layer, TP=CP=1): ``x`` holds the tokens after the cached ones, which the caches
         then also hold."""
         kind = LatentCache if self.cfg.attention == "mla" else KVCache
