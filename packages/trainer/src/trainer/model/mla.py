@@ -95,7 +95,7 @@ class LatentAttention(nn.Module):
         the cached ones (see ``mla_cache``)."""
         cfg, tp = self.cfg, self.groups.tp
         dn, dr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        if self.groups.sequence_parallel:  # every consumer below gives this rank's gradient whole
+        if self.groups.sequence_parallel:  # its consumers below give whole gradients, not TP partial sums
             x = gather_from_sequence_region(x, group=tp, reduce_grad=False)
         seq, batch = x.size(0), x.size(1)
         q = self.q(x) if self.q is not None else self.q_up(self.q_down_norm(self.q_down(x)))
