@@ -68,9 +68,24 @@ def family_config(kind: str, seed: int) -> "transformers.PretrainedConfig":
     return transformers.Qwen3MoeConfig(**moe, **common)
 
 
+def deepseek_config(seed: int) -> "transformers.PretrainedConfig":
+    """A dense DeepSeek-V3 (every layer dense: its MoE routing does not convert yet), fuzzed over MLA's
+    shapes: direct or low-rank queries, v_head_dim above or below the query/key width, rope interleave."""
+    rng = random.Random(f"deepseek_v3-{seed}")
+    return transformers.DeepseekV3Config(
+        hidden_size=48, num_hidden_layers=2, first_k_dense_replace=2, vocab_size=VOCAB, max_position_embeddings=64,
+        rms_norm_eps=1e-6, initializer_range=0.25, intermediate_size=rng.choice([32, 64]),
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=rng.choice([None, 24]),
+        kv_lora_rank=rng.choice([16, 32]), qk_nope_head_dim=rng.choice([8, 16]), qk_rope_head_dim=rng.choice([4, 8]),
+        v_head_dim=rng.choice([8, 24]), rope_interleave=rng.random() < 0.5,
+        tie_word_embeddings=rng.random() < 0.5, rope_parameters=_rope(rng),
+    )  # fmt: skip
+
+
 def hf_model(kind: str, seed: int, path):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(family_config(kind, seed)).eval()
+    config = deepseek_config(seed) if kind == "deepseek_v3" else family_config(kind, seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # biases and norms start at 0 / 1: draw them so a lost one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -180,6 +195,20 @@ def test_dense_family_logits_equal_transformers(run_ranks, tmp_path, kind, seed)
 @pytest.mark.parametrize("kind", MOE)
 def test_moe_family_logits_equal_transformers(run_ranks, tmp_path, kind, seed):
     check_family(run_ranks, tmp_path, kind, seed, MOE_LAYOUTS)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])  # low-rank/direct queries, v wider/narrower, interleaved or not
+def test_deepseek_v3_mla_logits_equal_transformers(run_ranks, tmp_path, seed):
+    check_family(run_ranks, tmp_path, "deepseek_v3", seed, LAYOUTS)
+
+
+def test_deepseek_v3_moe_layers_are_refused_by_name():
+    from trainer.errors import TrainerError
+    from trainer.hf import model_from_hf
+
+    config = deepseek_config(0).to_dict() | {"first_k_dense_replace": 1}
+    with pytest.raises(TrainerError, match="first_k_dense_replace=1: DeepSeek MoE layers do not convert yet"):
+        model_from_hf(config)
 
 
 def test_llama3_rope_and_head_dim_from_transformers_5_config(tmp_path, run_ranks):

@@ -58,7 +58,7 @@ def paged_logits(name: str):
         return torch.stack(expected), torch.cat(got)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mla"])
 def test_paged_logits_equal_the_full_forward(run_ranks, name):
     ((expected, got),) = run_ranks(1, paged_logits, name)
     assert expected.abs().mean() > 0.3
@@ -83,7 +83,7 @@ def batched_against_solo(name: str):
         return reference, recompute, solo, static, continuous, small.stats()
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mla"])
 def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(run_ranks, name):
     ((reference, recompute, solo, static, continuous, small),) = run_ranks(1, batched_against_solo, name)
     n = len(LENGTHS)

@@ -1,5 +1,6 @@
 """Tensor-parallel generation: a checkpoint saved at TP=1 or TP=2 generates at TP=2 exactly the tokens it
-generates at TP=1 (greedy and seeded sampling, mixed prompt lengths, a pool small enough to preempt)."""
+generates at TP=1 (greedy and seeded sampling, mixed prompt lengths, a pool small enough to preempt); the same
+for multi-latent attention, whose paged cache holds the whole latent on every TP rank."""
 
 import pytest
 
@@ -40,6 +41,16 @@ def checkpoints(tmp_path_factory, rank_harness):
 def test_tp2_generates_what_tp1_does(run_ranks, checkpoints, saved):
     ((one, preempted),) = run_ranks(1, generate_at, checkpoints[saved], 1)
     (two, _), follower = run_ranks(2, generate_at, checkpoints[saved], 2)
+    assert follower is None
+    assert two == one
+    assert preempted > 0 and len({tuple(t) for t in one}) == len(one)
+
+
+def test_mla_tp2_generates_what_tp1_does(run_ranks, tmp_path):
+    path = str(tmp_path / "mla")
+    run_ranks(1, save_checkpoint, path, 1, "tiny-mla")
+    ((one, preempted),) = run_ranks(1, generate_at, path, 1)
+    (two, _), follower = run_ranks(2, generate_at, path, 2)
     assert follower is None
     assert two == one
     assert preempted > 0 and len({tuple(t) for t in one}) == len(one)

@@ -41,7 +41,7 @@ def cached_against_full(name: str):
         return full, torch.cat(pieces)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe", "tiny-mla"])
 def test_cached_logits_equal_the_full_forward(run_ranks, name):
     ((full, cached),) = run_ranks(1, cached_against_full, name)
     assert full.abs().mean() > 0.3  # logits of order 1: the tolerance below is a tight one
@@ -56,7 +56,7 @@ def greedy(name: str, max_seq_len: int, prompt_len: int, new: int):
         return [decode(chunk, prompt, use_cache=use_cache, **options) for use_cache in (True, False)]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-mla"])
 @pytest.mark.parametrize("max_seq_len", [64, 20], ids=["within", "past-max-seq-len"])
 def test_greedy_tokens_are_the_same_with_and_without_the_cache(run_ranks, name, max_seq_len):
     ((cached, uncached),) = run_ranks(1, greedy, name, max_seq_len, 7, 30)
@@ -90,11 +90,13 @@ def misuse(name: str, case: str):
             caches = caches[:-1]
         elif case == "lengths":
             chunk.layers[0].attn(torch.zeros(4, 2, 64), caches[0])
-        elif case == "batch":
+        elif case in ("batch", "mla-batch"):
             ids = torch.zeros(3, 4, dtype=torch.long)
         elif case == "full":
             chunk(ids, caches)
             ids = torch.zeros(2, 5, dtype=torch.long)
+        elif case == "kind":
+            caches = [KVCache(2, 4, 8, 16) for _ in chunk.layers]
         elif case == "max_seq_len":
             caches = chunk.kv_caches(2, 32)
             chunk(torch.zeros(2, 14, dtype=torch.long), caches)
@@ -111,6 +113,8 @@ MISUSE = {
     "batch": ("tiny", r"keys of shape \(3, 2, 4, 16\) given, the cache takes \(2, 2, 4, 16\)"),
     "full": ("tiny", "4 of 8 positions are used; 5 more do not fit"),
     "max_seq_len": ("tiny-gpt2", "sequence of 18 tokens exceeds model.max_seq_len=16"),
+    "kind": ("tiny-mla", r"this model's layers take LatentCaches \(GPTChunk.kv_caches makes them\), not \['KVCache'\]"),
+    "mla-batch": ("tiny-mla", r"latents of shape \(3, 4, 16\) given, the cache takes \(2, 4, 16\)"),
 }
 
 

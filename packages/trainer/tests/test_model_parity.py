@@ -69,6 +69,12 @@ CASES = {
     "tp2-dp2-sp": ("tiny", {}, dict(tp=2), 4, dict(sp=True)),
     "ep2-dp2": ("tiny-moe", dict(moe_aux_loss_coeff=0.0), dict(ep=2), 2, {}),
     "ep2-tp2-sp": ("tiny-moe", dict(moe_aux_loss_coeff=0.0), dict(tp=2, ep=2), 4, dict(sp=True)),
+    # multi-latent attention: replicated down-projections, heads split; v_head_dim != qk width (CP pads)
+    "mla-tp2-sp": ("tiny-mla", {}, dict(tp=2), 2, dict(sp=True)),
+    "mla-tp2-direct-q": ("tiny-mla", dict(q_lora_rank=None, rope_interleave=True), dict(tp=2), 2, {}),
+    "mla-cp2-ring": ("tiny-mla", {}, dict(cp=2), 2, {}),
+    "mla-cp2-ulysses": ("tiny-mla", {}, dict(cp=2), 2, dict(cp_attention="ulysses")),
+    "mla-tp2-cp2-sp": ("tiny-mla", dict(q_lora_rank=None, v_head_dim=20), dict(tp=2, cp=2), 4, dict(sp=True)),
 }
 
 

@@ -67,6 +67,7 @@ CASES = {
     "pp2-zero-bubble": ("tiny", dict(pp=2), "zero-bubble", {}),
     "pp4-gpipe": ("tiny", dict(pp=4), "gpipe", {}),
     "tp2-sp-pp2-dp2": ("tiny-gpt2", dict(tp=2, pp=2), "1f1b", dict(sp=True)),
+    "mla-pp2-1f1b": ("tiny-mla", dict(pp=2), "1f1b", {}),
     # V layouts: the tied embedding's two copies both on rank 0 (summed there)
     "pp2-zb-v-tied": ("tiny-gpt2", dict(pp=2, vpp=2), "zb-v", {}),
     "pp4-dualpipe-v": ("tiny", dict(pp=4, vpp=2), "dualpipe-v", dict(layers=8)),

@@ -28,7 +28,7 @@ def counted(name: str) -> int:
         return sum(s.data.numel() for s in model_shards([chunk]).values())
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe", "tiny-qwen", "tiny-moe-shared"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-moe", "tiny-qwen", "tiny-moe-shared", "tiny-mla"])
 def test_parameter_count_is_the_model_s(run_ranks, name):
     assert sum(parameter_count(_model(name))) == run_ranks(1, counted, name)[0]
 

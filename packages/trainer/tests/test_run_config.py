@@ -4,10 +4,13 @@ import math
 
 import pytest
 import tomllib
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import pstate
 from trainer.config import OptimConfig, check_run, load_run_config, to_toml
 from trainer.errors import TrainerError
-from trainer.model import preset
+from trainer.model import ModelGroups, build_chunks, preset
 from trainer.train.flops import flops_per_token
 from trainer.train.lr import lr_at
 
@@ -48,6 +51,13 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
         ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
         ({"train": {"cp_kernel": "flash"}}, r"train.cp_kernel='flash': must be one of \('auto', 'sdpa', 'math'\)"),
+        ({"model": {"attention": "x"}}, "model.attention='x': must be one of"),
+        ({"model": {"preset": "tiny-mla", "kv_heads": 2}}, r"model.kv_heads=2: MLA up-projects keys/values for every"),
+        (
+            {"model": {"preset": "tiny-mla", "qk_rope_head_dim": 7}},
+            "model.qk_rope_head_dim=7: must be even",
+        ),
+        ({"model": {"preset": "tiny-mla", "kv_lora_rank": 0}}, "model.kv_lora_rank=0: must be a positive integer"),
         ({"optim": {"beta1": 1.5}}, "optim.beta1=1.5: must be a finite number >= 0 and < 1"),
     ],
 )
@@ -69,6 +79,7 @@ def test_missing_and_invalid_files_are_named(tmp_path):
     [
         ({"train": {"sequence_parallel": True}}, 2, "needs --tp > 1"),
         ({"parallel": {"tp": 3}}, 3, "tp=3 must divide"),
+        ({"model": {"preset": "tiny-mla"}, "parallel": {"tp": 3}}, 3, "tp=3 must divide the model's 4 heads"),
         ({"parallel": {"pp": 3}}, 3, r"layers=4 must be divisible by pp\*vpp=3"),
         ({"parallel": {"ep": 2}}, 2, "needs a model with experts"),
         ({"model": {"preset": "tiny-moe"}, "parallel": {"ep": 3}}, 3, "ep=3 must divide the 4 experts"),
@@ -159,3 +170,20 @@ def test_flops_per_token_matches_the_closed_form_for_gpt2():
     per_layer = 2 * 4 * h * h + 2 * 2 * s * h + 2 * 2 * h * 4 * h
     assert flops_per_token(cfg, s) == 3 * (layers * per_layer + 2 * h * v)
     assert math.isclose(flops_per_token(cfg, s) / 1e9, 0.854, rel_tol=1e-3)
+
+
+def counted_forward_flops(name: str, seq: int) -> tuple[float, float]:
+    """PyTorch's FLOP counter over one forward of ``seq`` tokens (times 3, per token), and our count."""
+    cfg = preset(name).with_overrides(vocab_size=97)
+    with pstate.initialize(pstate.ParallelConfig()) as ps, torch.no_grad():
+        (chunk,) = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=0)
+        with FlopCounterMode(display=False) as counter:
+            chunk(torch.zeros(2, seq, dtype=torch.long))
+    return 3 * counter.get_total_flops() / (2 * seq), flops_per_token(cfg, seq)
+
+
+def test_mla_flops_per_token_are_the_counted_matmuls(run_ranks):
+    """Every MLA matmul (the scores over the query/key width, the outputs over v_head_dim) is counted:
+    PyTorch's counter, which counts attention scores in full as we do, finds the same total."""
+    ((counted, ours),) = run_ranks(1, counted_forward_flops, "tiny-mla", 32)
+    assert ours == counted

@@ -97,6 +97,15 @@ LAYOUTS = {
         },
     ),
     "zero2-moe-ep2-dp4": (4, {"model": {"preset": "tiny-moe"}, "parallel": {"ep": 2}, "train": {"zero": 2}}),
+    # multi-latent attention: replicated down-projections beside head-split up-projections
+    "mla-zero3-tp2-sp-dp2-recompute-selective": (
+        4,
+        {
+            "model": {"preset": "tiny-mla"},
+            "parallel": {"tp": 2},
+            "train": {"zero": 3, "sequence_parallel": True, "recompute": "selective"},
+        },
+    ),
 }
 
 

@@ -20,7 +20,10 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
     dp = lay.sizes["dp"]
     rules = [
         (t.sequence_parallel and p.tp == 1, "--sequence-parallel needs --tp > 1"),
-        (m.num_kv_heads % p.tp != 0, f"tp={p.tp} must divide the model's {m.num_kv_heads} key/value heads"),
+        (
+            m.num_kv_heads % p.tp != 0,
+            f"tp={p.tp} must divide the model's {m.num_kv_heads} {'' if m.attention == 'mla' else 'key/value '}heads",
+        ),
         (m.ffn % p.tp != 0, f"tp={p.tp} must divide the model's FFN size {m.ffn}"),
         (
             p.pipeline_layout is None and m.layers % (p.pp * p.vpp) != 0,

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import TrainerError
 from ..model import ModelConfig
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 LLAMA_LIKE = FAMILIES[1:]
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -54,7 +54,10 @@ def model_from_hf(config: dict[str, Any]) -> ModelConfig:
     if kind not in FAMILIES:
         raise _refuse("model_type", kind, f"only {list(FAMILIES)} convert")
     reader = _Reader(config)
-    fields = _gpt2(reader) if kind == "gpt2" else _llama_like(reader, kind)
+    if kind == "gpt2":
+        fields = _gpt2(reader)
+    else:
+        fields = _deepseek_v3(reader) if kind == "deepseek_v3" else _llama_like(reader, kind)
     reader.check_all_read()
     try:
         return ModelConfig(**fields)
@@ -141,6 +144,42 @@ def _llama_like(r: _Reader, kind: str) -> dict[str, Any]:
     return fields
 
 
+DEEPSEEK_MOE_KEYS = (
+    "moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
+    "topk_group", "num_experts_per_tok", "norm_topk_prob",
+)  # fmt: skip
+"""DeepSeek-V3's MoE settings: read and unused, as only models whose every layer is dense convert."""
+
+
+def _deepseek_v3(r: _Reader) -> dict[str, Any]:
+    """DeepSeek-V3 (and V2-style) multi-latent attention with dense SwiGLU layers."""
+    heads, layers = r.need("num_attention_heads"), r.need("num_hidden_layers")
+    r.only("hidden_act", ("silu",), "only SiLU (SwiGLU) MLPs are supported")
+    r.only("attention_dropout", (0, 0.0), "attention dropout is not supported")
+    r.only("attention_bias", (False,), "MLA projections with biases are not supported")
+    r.only("num_key_value_heads", (heads,), "MLA expands keys and values for every query head")
+    dense = r.get("first_k_dense_replace", 0)
+    if dense < layers:
+        rule = f"DeepSeek MoE layers do not convert yet; only first_k_dense_replace >= num_hidden_layers={layers}"
+        raise _refuse("first_k_dense_replace", dense, rule)
+    for key in (*DEEPSEEK_MOE_KEYS, "num_nextn_predict_layers", "num_mtp_layers"):
+        r.get(key)  # MoE settings of no layer; multi-token prediction modules are not part of the causal LM
+    nope, rope_dim = r.need("qk_nope_head_dim"), r.need("qk_rope_head_dim")
+    r.only("head_dim", (rope_dim,), "DeepSeek-V3's head_dim is its qk_rope_head_dim")
+    r.only("qk_head_dim", (nope + rope_dim,), "must be qk_nope_head_dim + qk_rope_head_dim")
+    max_len = r.need("max_position_embeddings")
+    fields: dict[str, Any] = dict(
+        hidden=r.need("hidden_size"), layers=layers, heads=heads, ffn_hidden=r.need("intermediate_size"),
+        vocab_size=r.need("vocab_size"), max_seq_len=max_len, norm_eps=r.get("rms_norm_eps", 1e-6),
+        tied_embeddings=bool(r.get("tie_word_embeddings", False)), norm="rmsnorm", position="rotary",
+        mlp="swiglu", bias=False, attention="mla", q_lora_rank=r.get("q_lora_rank"),
+        kv_lora_rank=r.need("kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
+        v_head_dim=r.need("v_head_dim"), rope_interleave=bool(r.get("rope_interleave", True)),
+    )  # fmt: skip
+    fields.update(_rope(r, max_len))
+    return fields
+
+
 def _no_sliding_window(r: _Reader, kind: str, max_len: int) -> None:
     """A sliding window is refused unless it is switched off or no shorter than the longest sequence."""
     use = r.get("use_sliding_window", kind in ("mistral", "mixtral"))
@@ -202,6 +241,10 @@ def _moe(r: _Reader, kind: str) -> dict[str, Any]:
 
 def family(model: ModelConfig) -> str:
     """The Hugging Face ``model_type`` our model's choices match exactly, else an error naming the choice."""
+    if model.attention == "mla":
+        return _deepseek_family(model)
+    if model.rope_interleave:
+        raise TrainerError("model.rope_interleave=True: converts only with attention='mla' (DeepSeek-V3)")
     if (model.norm, model.position, model.mlp) == ("layernorm", "learned", "gelu"):
         if not (model.bias and model.tied_embeddings and model.kv_channels is None and not model.qk_norm):
             raise TrainerError("model: a GPT-2-shaped model converts only with bias=True and tied_embeddings=True")
@@ -248,6 +291,16 @@ def _softmax_router(model: ModelConfig) -> None:
             )
 
 
+def _deepseek_family(model: ModelConfig) -> str:
+    if (model.norm, model.position, model.mlp) != ("rmsnorm", "rotary", "swiglu") or model.has_bias("mlp"):
+        raise TrainerError("model: an MLA model converts as DeepSeek-V3 only with rmsnorm, swiglu and no biases")
+    if model.num_experts:
+        raise TrainerError(
+            f"model.num_experts={model.num_experts}: DeepSeek-V3 MoE layers do not convert yet (dense MLA models do)"
+        )
+    return "deepseek_v3"
+
+
 def _mismatch(kind: str) -> str:
     raise TrainerError(f"model: its biases (qkv_bias, proj_bias, mlp_bias) have no {kind} equivalent")
 
@@ -255,7 +308,10 @@ def _mismatch(kind: str) -> str:
 def hf_config(model: ModelConfig) -> dict[str, Any]:
     """``config.json`` for our model, in the family :func:`family` names."""
     kind = family(model)
-    architecture = {"gpt2": "GPT2LMHeadModel", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+    architecture = {
+        "gpt2": "GPT2LMHeadModel", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+    }  # fmt: skip
     name = architecture.get(kind, kind.capitalize() + "ForCausalLM")
     common = {"architectures": [name], "model_type": kind, "vocab_size": model.vocab_size}
     if kind == "gpt2":
@@ -280,6 +336,13 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": model.norm_eps, "hidden_act": "silu", "tie_word_embeddings": model.tied_embeddings,
         "rope_parameters": rope, "attention_dropout": 0.0,
     }  # fmt: skip
+    if kind == "deepseek_v3":
+        del out["head_dim"]
+        out.update(
+            q_lora_rank=model.q_lora_rank, kv_lora_rank=model.kv_lora_rank, qk_nope_head_dim=model.qk_nope_head_dim,
+            qk_rope_head_dim=model.qk_rope_head_dim, v_head_dim=model.v_head_dim, rope_interleave=model.rope_interleave,
+            first_k_dense_replace=model.layers, attention_bias=False,
+        )  # fmt: skip
     if kind in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = model.has_bias("qkv")
     if kind == "llama":

@@ -60,8 +60,13 @@ def _llama_like(model: ModelConfig, kind: str) -> Adapter:
     ]
     if not model.tied_embeddings:
         rules.append(Rename("head.weight", "lm_head.weight"))
-    suffixes = ("weight", "bias") if model.has_bias("qkv") else ("weight",)
-    rules += [Rename(f"layers.{{i}}.attn.{p}.{w}", f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in suffixes]
+    if model.attention == "mla":
+        rules += _mla(model, layer)
+    else:
+        suffixes = ("weight", "bias") if model.has_bias("qkv") else ("weight",)
+        rules += [
+            Rename(f"layers.{{i}}.attn.{p}.{w}", f"{layer}.self_attn.{p}_proj.{w}") for p in "qkv" for w in suffixes
+        ]
     if model.has_bias("proj"):
         rules.append(Rename("layers.{i}.attn.proj.bias", f"{layer}.self_attn.o_proj.bias"))
     if model.qk_norm:
@@ -82,6 +87,16 @@ def _llama_like(model: ModelConfig, kind: str) -> Adapter:
         rules += [Rename(f"layers.{{i}}.mlp.shared.{a}.weight", f"{moe}.shared_expert.{b}.weight") for a, b in shared]
         rules.append(Rename("layers.{i}.mlp.shared.gate_weight", f"{moe}.shared_expert_gate.weight"))
     return Adapter(tuple(rules))
+
+
+def _mla(model: ModelConfig, layer: str) -> list[Rename]:
+    """DeepSeek-V3's multi-latent attention projections and latent norms."""
+    pairs = [("kv_down", "kv_a_proj_with_mqa"), ("kv_down_norm", "kv_a_layernorm"), ("kv_up", "kv_b_proj")]
+    if model.q_lora_rank is None:
+        pairs.append(("q", "q_proj"))
+    else:
+        pairs += [("q_down", "q_a_proj"), ("q_down_norm", "q_a_layernorm"), ("q_up", "q_b_proj")]
+    return [Rename(f"layers.{{i}}.attn.{a}.weight", f"{layer}.self_attn.{b}.weight") for a, b in pairs]
 
 
 def drop_ignored(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:

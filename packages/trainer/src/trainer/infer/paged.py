@@ -3,7 +3,9 @@
 A sequence owns a *block table*, the list of its blocks in position order; position ``p`` lives in slot
 ``table[p // block_size] * block_size + p % block_size``, in every layer (one table serves all layers).
 The pool holds ``[num_blocks * block_size, kv_heads, head_dim]`` keys and values per layer and a free
-list; it never grows, so the scheduler queues or preempts when it is empty.
+list; it never grows, so the scheduler queues or preempts when it is empty. For multi-latent attention
+(``latent=True``) a slot holds one ``[kv_lora_rank + qk_rope_head_dim]`` latent and rotary key instead
+(``keys`` only, one "head"; TP ranks each hold it whole, as the latent is not split over heads).
 
 :class:`PagedBatch` is one model step over many sequences packed into one row of tokens (batch 1, no
 padding): each *segment* is the next ``n`` tokens of one sequence, at positions ``start .. start+n-1``.
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TrainerError
+from ..model.kv_cache import visible
+from ..model.mla_cache import absorbed_attention
 
 
 class BlockPool:
@@ -35,6 +39,7 @@ class BlockPool:
         block_size: int,
         kv_heads: int,
         head_dim: int,
+        latent: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -43,7 +48,7 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [] if latent else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @property
@@ -137,6 +142,38 @@ class PagedLayer:
         if new != self.batch.slots.numel():
             raise TrainerError(f"PagedLayer: {new} tokens given, the step packs {self.batch.slots.numel()}")
         return self.batch.positions()
+
+    def attend_latent(
+        self,
+        q_nope: torch.Tensor,
+        q_rot: torch.Tensor,
+        latent: torch.Tensor,
+        k_rot: torch.Tensor,
+        kv_up: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Multi-latent attention (``LatentCache``'s interface, batch 1): store each token's latent and
+        rotary key in its slot and attend over its own sequence's, ``[1, heads, tokens, v_head_dim]``."""
+        b, rank = self.batch, latent.size(-1)
+        pool = b.pool.keys[self.index]
+        pool[b.slots, 0] = torch.cat([latent[0], k_rot[0]], dim=-1).to(pool.dtype)
+        out = q_nope.new_empty(*q_nope.shape[:3], kv_up.size(0) // q_nope.size(1) - q_nope.size(-1))
+
+        def attend(q: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            cached = pool[slots, 0].to(q[0].dtype)  # [..., length, rank + rope]
+            return absorbed_attention(*q, cached[..., :rank], cached[..., rank:], kv_up, scale, mask)
+
+        if b.decode_keys is not None:
+            rows = b.decode_rows
+            q = tuple(t[0, :, rows].transpose(0, 1).unsqueeze(2) for t in (q_nope, q_rot))  # [n, heads, 1, d]
+            att = attend(q, b.decode_keys, b.decode_mask[:, None, None, :])
+            out[0, :, rows] = att.squeeze(2).transpose(0, 1)
+        for i, slots in zip(b.prefill, b.prefill_keys):
+            seg, lo = b.segments[i], b.offsets[i]
+            hi = lo + len(seg.ids)
+            q = (q_nope[:, :, lo:hi], q_rot[:, :, lo:hi])
+            out[:, :, lo:hi] = attend(q, slots.unsqueeze(0), visible(seg.start, hi - lo, q_nope.device))
+        return out
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store ``k``, ``v`` (``[1, kv_heads, tokens, head_dim]``) in their slots and return each token's

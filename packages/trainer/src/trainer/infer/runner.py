@@ -34,9 +34,11 @@ class ModelRunner:
         self.chunk, self.cfg, self.tp = chunk.eval(), chunk.cfg, groups.tp_size
         weight = next(chunk.parameters())
         self.device = weight.device
+        cfg, mla = self.cfg, self.cfg.attention == "mla"
         self.pool = BlockPool(
             layers=len(chunk.layers), num_blocks=num_blocks, block_size=block_size,
-            kv_heads=self.cfg.num_kv_heads // self.tp, head_dim=self.cfg.head_dim,
+            kv_heads=1 if mla else cfg.num_kv_heads // self.tp, latent=mla,
+            head_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if mla else cfg.head_dim,
             dtype=weight.dtype, device=weight.device,
         )  # fmt: skip
         self._group = as_group(groups.tp)

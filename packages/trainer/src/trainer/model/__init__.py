@@ -6,12 +6,14 @@ from .documents import document_positions, documents_tensor
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
 from .kv_cache import KVCache
+from .mla_cache import LatentCache
 from .shards import model_shards, weights_state
 
 __all__ = [
     "PRESETS",
     "GPTChunk",
     "KVCache",
+    "LatentCache",
     "ModelConfig",
     "ModelGroups",
     "build_chunks",

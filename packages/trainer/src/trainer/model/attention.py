@@ -70,12 +70,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
         if self.cfg.position == "rotary":
-            if documents is not None:  # per sequence: [batch, 1, seq, head_dim] angles
-                cos, sin = (t.unsqueeze(1) for t in rotary_angles(documents[1], inverse_frequencies(self.cfg)))
-            else:
-                positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
-                cos, sin = rotary_angles(positions, inverse_frequencies(self.cfg, qkv.device))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            positions = self.positions(seq, qkv.device) if cache is None else cache.positions(seq, qkv.device)
+            cos, sin = rotary_for(self.cfg, positions, documents)
+            turn = self.cfg.rope_interleave
+            q, k = apply_rotary(q, cos, sin, interleaved=turn), apply_rotary(k, cos, sin, interleaved=turn)
         if cache is not None:
             out = cache.attend(q, k, v)
         elif self.selective_recompute and torch.is_grad_enabled():
@@ -96,15 +94,41 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Causal attention over the whole sequence; ``[batch, heads, seq, head_dim]`` in and out.
         ``doc_ids`` (``[batch, seq]``, packed documents): a query sees only keys of its own document."""
-        if self.groups.cp_size == 1:
-            gqa = k.size(1) != q.size(1)
-            if doc_ids is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=cp_ring.document_mask(doc_ids), enable_gqa=gqa)
-        if self.groups.cp_attention == "ulysses":
-            return cp_ring.ulysses_attention(q, k, v, group=self.groups.cp, documents=doc_ids)
-        kernel = cp_ring.make_kernel(self.groups.cp_kernel, q.device)
-        return cp_ring.ring_attention(q, k, v, group=self.groups.cp, kernel=kernel, documents=doc_ids)
+        return causal_attention(q, k, v, self.groups, documents=doc_ids)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: ModelGroups,
+    scale: float | None = None,
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention over the CP-split sequence (SDPA layout), ``scale`` defaulting to ``head_dim**-0.5``;
+    ``documents`` (``[batch, seq]`` ids, packed batches) keeps each query inside its own document."""
+    if groups.cp_size == 1:
+        gqa = k.size(1) != q.size(1)
+        if documents is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        mask = cp_ring.document_mask(documents)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if groups.cp_attention == "ulysses":
+        return cp_ring.ulysses_attention(q, k, v, group=groups.cp, scale=scale, documents=documents)
+    kernel = cp_ring.make_kernel(groups.cp_kernel, q.device)
+    return cp_ring.ring_attention(q, k, v, group=groups.cp, scale=scale, kernel=kernel, documents=documents)
+
+
+def rotary_for(
+    cfg: ModelConfig, positions: torch.Tensor, documents: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary ``(cos, sin)`` of this rank's tokens: at ``positions`` (``[seq, dim]``), or per sequence at
+    packed ``documents``' positions within each document (``[batch, 1, seq, dim]``)."""
+    freqs = inverse_frequencies(cfg, positions.device)
+    if documents is not None:
+        cos, sin = rotary_angles(documents[1], freqs)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+    return rotary_angles(positions, freqs)
 
 
 def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
 from .kv_cache import KVCache
+from .mla import LatentAttention
 from .mlp import MLP, moe_layer
 
 RECOMPUTE = (None, "full", "selective")
@@ -50,7 +51,8 @@ class TransformerLayer(nn.Module):
             raise TrainerError(f"recompute={recompute!r}: must be one of {RECOMPUTE}")
         self.layer, self.full_recompute = layer, recompute == "full"
         self.norm1, self.norm2 = norm(cfg, groups), norm(cfg, groups)
-        self.attn = Attention(cfg, groups, layer, seed, selective_recompute=recompute == "selective")
+        attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.attn = attention(cfg, groups, layer, seed, selective_recompute=recompute == "selective")
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
         self.rng = DropoutRNG(seed, groups, layer) if rng is None else rng  # the chunk's, shared by its layers

@@ -16,6 +16,7 @@ CHOICES = {
     "rope_type": ("default", "linear", "llama3"),
     "moe_score": ("softmax", "sigmoid"),
     "moe_drop_policy": ("probs", "position"),
+    "attention": ("standard", "mla"),
 }
 
 
@@ -41,6 +42,11 @@ class ModelConfig:
     token goes through, scaled by a sigmoid gate with ``moe_shared_gate``. The router's options
     (score function, group-limited top-k, z-loss, aux-loss-free expert bias, capacity) follow
     DeepSeek-V3's names and meanings; :mod:`trainer.model.router_checks` validates them.
+
+    ``attention="mla"``: DeepSeek-V2/V3's multi-latent attention (``trainer.model.mla``): keys and values
+    are up-projected per head from one compressed latent of ``kv_lora_rank`` per token (the KV cache
+    stores that latent and the ``qk_rope_head_dim`` rotary key shared by all heads); ``head_dim`` is then
+    ``qk_nope_head_dim + qk_rope_head_dim``.
     """
 
     hidden: int
@@ -137,25 +143,43 @@ class ModelConfig:
     """tokens over an expert's capacity dropped first: the lowest-probability (probs) or the latest (position)."""
     moe_pad_to_capacity: bool = False
     """fill every expert up to exactly its capacity with zero-weight rows: static shapes, the same results."""
+    attention: str = "standard"
+    """attention kind: standard (multi-head or grouped-query) or mla (DeepSeek's multi-latent attention)."""
+    q_lora_rank: int | None = None
+    """MLA: width of the compressed query latent (default: none, queries projected directly from hidden)."""
+    kv_lora_rank: int = 512
+    """MLA: width of the compressed key/value latent (the KV cache stores it per token)."""
+    qk_nope_head_dim: int = 128
+    """MLA: per-head query/key width without rotary positions."""
+    qk_rope_head_dim: int = 64
+    """MLA: per-head query/key width with rotary positions (one rotary key shared by all heads)."""
+    v_head_dim: int = 128
+    """MLA: per-head value width."""
+    rope_interleave: bool = False
+    """rotary dimensions taken as interleaved pairs (DeepSeek's weights) instead of two halves."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
             _positive(name, getattr(self, name))
         for name in (
             "kv_heads", "ffn_hidden", "vocab_size", "moe_ffn_hidden", "kv_channels", "rope_original_max_len",
-            "moe_shared_ffn_hidden",
+            "moe_shared_ffn_hidden", "q_lora_rank",
         ):  # fmt: skip
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise TrainerError(f"model.{name}={getattr(self, name)!r}: must be one of {allowed}")
-        if self.kv_channels is None and self.hidden % self.heads:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive(name, getattr(self, name))
+        if self.attention == "mla":
+            _check_mla(self)
+        elif self.kv_channels is None and self.hidden % self.heads:
             raise TrainerError(f"model.hidden={self.hidden}: must be divisible by heads={self.heads}")
         if self.heads % self.num_kv_heads:
             raise TrainerError(f"model.kv_heads={self.kv_heads}: must divide heads={self.heads}")
-        if self.position == "rotary" and self.head_dim % 2:
-            raise TrainerError(f"model: rotary positions need an even head_dim, got {self.head_dim}")
+        if self.position == "rotary" and self.rotary_dim % 2:
+            raise TrainerError(f"model: rotary positions need an even head_dim, got {self.rotary_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise TrainerError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.num_experts < 0:
@@ -181,7 +205,15 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """The query/key width of one head."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.kv_channels or self.hidden // self.heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The width of each head that the rotary embedding turns (MLA: ``qk_rope_head_dim``)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def has_bias(self, part: str) -> bool:
         """Whether ``part`` (``"qkv"``, ``"proj"`` or ``"mlp"``) has biases."""
@@ -213,6 +245,22 @@ class ModelConfig:
         return replace(self, **changes)
 
 
+def _check_mla(cfg: ModelConfig) -> None:
+    """The choices multi-latent attention does not combine with, refused by field."""
+    rules = (
+        ("position", cfg.position != "rotary", "MLA needs position='rotary' (its decoupled rotary key)"),
+        ("kv_heads", cfg.kv_heads not in (None, cfg.heads), "MLA up-projects keys/values for every head"),
+        ("kv_channels", cfg.kv_channels is not None, "MLA sets head widths by qk_*_head_dim and v_head_dim"),
+        ("qk_norm", cfg.qk_norm, "MLA normalizes its latents, not its heads"),
+        ("qk_rope_head_dim", cfg.qk_rope_head_dim % 2, "must be even (rotary turns pairs of dimensions)"),
+        ("qkv_bias", cfg.has_bias("qkv"), "MLA projections have no biases"),
+        ("proj_bias", cfg.has_bias("proj"), "MLA projections have no biases"),
+    )
+    for name, broken, rule in rules:
+        if broken:
+            raise TrainerError(f"model.{name}={getattr(cfg, name)!r}: {rule} (attention='mla')")
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise TrainerError(f"model.{name}={value!r}: must be a positive integer")
@@ -237,6 +285,20 @@ PRESETS: dict[str, ModelConfig] = {
         moe_every=2,
         moe_ffn_hidden=64,
         moe_aux_loss_coeff=0.01,
+        **_LLAMA,
+    ),
+    "tiny-mla": ModelConfig(
+        hidden=64,
+        layers=4,
+        heads=4,
+        ffn_hidden=128,
+        max_seq_len=256,
+        attention="mla",
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
         **_LLAMA,
     ),
     # real shapes

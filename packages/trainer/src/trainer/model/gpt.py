@@ -33,6 +33,7 @@ from .config import ModelConfig
 from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
 from .kv_cache import KVCache, check_caches
+from .mla_cache import LatentCache
 
 
 class GPTChunk(nn.Module):
@@ -75,7 +76,7 @@ class GPTChunk(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        caches: Sequence[KVCache] | torch.Tensor | None = None,
+        caches: Sequence[KVCache] | Sequence[LatentCache] | torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``caches`` (one per layer, TP=CP=1): ``x`` holds the tokens after the cached ones, which the caches
@@ -87,7 +88,8 @@ class GPTChunk(nn.Module):
             caches, documents = None, caches
         if documents is not None and caches is not None:
             raise TrainerError("packed documents are for training: the KV cache path takes none")
-        start = None if caches is None else check_caches(caches, self.groups, len(self.layers))
+        kind = LatentCache if self.cfg.attention == "mla" else KVCache
+        start = None if caches is None else check_caches(caches, self.groups, len(self.layers), kind)
         if self.stage.embedding:
             x = self.embed(x, start, documents)
         for i, layer in enumerate(self.layers):
@@ -96,10 +98,13 @@ class GPTChunk(nn.Module):
             return self.logits(self.final_norm(x))
         return x if documents is None else (x, documents)
 
-    def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+    def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
-        positions, in the dtype and on the device of the weights."""
-        weight = next(self.parameters())
+        positions, in the dtype and on the device of the weights (latent caches for MLA)."""
+        weight, cfg = next(self.parameters()), self.cfg
+        if cfg.attention == "mla":
+            shape = (batch, max_len or cfg.max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+            return [LatentCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         shape = (batch, self.cfg.num_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
         return [KVCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
 

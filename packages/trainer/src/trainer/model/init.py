@@ -32,6 +32,10 @@ ROLES = (
     "router",
     "experts",
     "dropout",
+    "q_down",
+    "q_up",
+    "kv_down",
+    "kv_up",
 )
 
 EMBEDDING_LAYER = -1

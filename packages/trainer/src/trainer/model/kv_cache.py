@@ -65,13 +65,17 @@ class KVCache:
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
         if start == 0:  # prefill: plain causal attention
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        mask = torch.ones(new, end, dtype=torch.bool, device=q.device).tril(start)  # new token i sees 0..start+i
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible(start, new, q.device), enable_gqa=gqa)
 
 
-def check_caches(caches: Sequence[KVCache], groups: ModelGroups, layers: int) -> int:
+def visible(start: int, new: int, device: torch.device) -> torch.Tensor:
+    """``[new, start + new]``: new token ``i`` (position ``start + i``) sees positions ``0..start+i``."""
+    return torch.ones(new, start + new, dtype=torch.bool, device=device).tril(start)
+
+
+def check_caches(caches: Sequence, groups: ModelGroups, layers: int, kind: type = KVCache) -> int:
     """The common length of a chunk's ``caches`` (the position of its next token); refuses a layout or a
-    set of caches that incremental decoding does not support."""
+    set of caches that incremental decoding does not support, and caches that are not ``kind``."""
     if groups.tp_size > 1 or groups.cp_size > 1 or groups.sequence_parallel:
         raise TrainerError(
             f"a KV cache runs at tp=cp=1 without sequence parallelism (as generation does); this chunk has "
@@ -79,6 +83,9 @@ def check_caches(caches: Sequence[KVCache], groups: ModelGroups, layers: int) ->
         )
     if len(caches) != layers:
         raise TrainerError(f"{len(caches)} KV caches given for a chunk of {layers} layers (one per layer)")
+    if not all(isinstance(c, kind) for c in caches):
+        given = sorted({type(c).__name__ for c in caches})
+        raise TrainerError(f"this model's layers take {kind.__name__}s (GPTChunk.kv_caches makes them), not {given}")
     lengths = {c.length for c in caches}
     if len(lengths) > 1:
         raise TrainerError(f"the KV caches of one chunk must hold as many positions; they hold {sorted(lengths)}")

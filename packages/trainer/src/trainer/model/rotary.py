@@ -1,5 +1,7 @@
 """Rotary position embedding (the rotate-half form used by GPT-NeoX and Llama), with the frequency
-scalings of Hugging Face's ``rope_type`` ``"linear"`` and ``"llama3"``."""
+scalings of Hugging Face's ``rope_type`` ``"linear"`` and ``"llama3"``, and DeepSeek's interleaved
+pairs (``interleaved``: dimensions ``2i`` and ``2i+1`` turn together; they are moved into the two halves
+first, so the output is in the rotate-half order, the same for queries and keys)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ from .config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """The ``head_dim/2`` rotation frequencies (float32) of ``cfg``'s rotary embedding.
+    """The ``rotary_dim/2`` rotation frequencies (float32) of ``cfg``'s rotary embedding.
 
     ``"linear"`` divides every frequency by ``rope_factor``. ``"llama3"`` divides the low frequencies
     (wavelength above ``rope_original_max_len / rope_low_freq_factor``) by ``rope_factor``, keeps the
     high ones (wavelength below ``rope_original_max_len / rope_high_freq_factor``) and blends the ones
     between linearly in ``rope_original_max_len / wavelength``.
     """
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
     if cfg.rope_type == "linear":
         return inv / cfg.rope_factor
@@ -41,9 +43,12 @@ def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torc
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """Rotate ``x`` of shape ``[batch, heads, seq, dim]`` by the angles of its ``seq`` positions (``cos``, ``sin``:
-    ``[seq, dim]``, or ``[batch, 1, seq, dim]`` for per-sequence positions)."""
+    ``[seq, dim]``, or ``[batch, 1, seq, dim]`` for per-sequence positions); ``interleaved``: the rotated pairs
+    are adjacent dimensions (DeepSeek's layout) instead of the two halves."""
+    if interleaved:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
     first, second = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)

@@ -16,7 +16,10 @@ from .gpt import GPTChunk
 from .shards import model_pieces
 
 _EMBEDDING_ROLES = {"embedding.weight": "embedding", "position.weight": "position", "head.weight": "head"}
-_LAYER_ROLES = {"attn": ("q", "k", "v", "proj"), "mlp": ("gate", "up", "fc1", "fc2")}
+_LAYER_ROLES = {
+    "attn": ("q", "k", "v", "proj", "q_down", "q_up", "kv_down", "kv_up"),
+    "mlp": ("gate", "up", "fc1", "fc2"),
+}
 _OUTPUT = ("proj", "fc2")  # write into the residual stream: GPT-2's smaller deviation
 
 

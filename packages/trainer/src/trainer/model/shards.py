@@ -69,11 +69,13 @@ def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
             prefix = f"layers.{layer.layer}"
             out += _module(f"{prefix}.norm1", layer.norm1) + _module(f"{prefix}.norm2", layer.norm2)
             attn, d = layer.attn, cfg.head_dim
-            parts = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
-            out += _fused(f"{prefix}.attn", attn.qkv, parts, rank, tp) + _row(
-                f"{prefix}.attn.proj", attn.proj, rank, tp
-            )
-            if attn.q_norm is not None:
+            if cfg.attention == "mla":
+                out += _mla(f"{prefix}.attn", attn, rank, tp)
+            else:
+                parts = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
+                out += _fused(f"{prefix}.attn", attn.qkv, parts, rank, tp)
+            out += _row(f"{prefix}.attn.proj", attn.proj, rank, tp)
+            if cfg.attention != "mla" and attn.q_norm is not None:
                 out += _module(f"{prefix}.attn.q_norm", attn.q_norm) + _module(f"{prefix}.attn.k_norm", attn.k_norm)
             if layer.is_moe:
                 out += _moe(f"{prefix}.mlp", layer.mlp, cfg.mlp == "swiglu")
@@ -242,6 +244,20 @@ def _row(prefix: str, linear: nn.Module, rank: int, tp: int) -> list[Piece]:
     out = [Piece(f"{prefix}.weight", w, (w.size(0), w.size(1) * tp), (0, rank * w.size(1)))]
     if linear.bias is not None:
         out.append(_whole(f"{prefix}.bias", linear.bias))
+    return out
+
+
+def _mla(prefix: str, attn: nn.Module, rank: int, tp: int) -> list[Piece]:
+    """Multi-latent attention: ``q`` or ``q_down``, ``q_down_norm``, ``q_up``; ``kv_down``, ``kv_down_norm``,
+    ``kv_up`` (up-projections split by heads over TP, the rest replicated). ``proj`` is the caller's."""
+    out = []
+    for name in ("q", "q_up", "kv_up"):
+        linear = getattr(attn, name)
+        if linear is not None:
+            out += _fused(prefix, linear, {name: linear.weight.size(0)}, rank, tp)
+    for name in ("q_down", "q_down_norm", "kv_down", "kv_down_norm"):
+        if getattr(attn, name) is not None:
+            out += _module(f"{prefix}.{name}", getattr(attn, name))
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import TrainerError
 from ..hf import model_from_hf as model_from_hf_config
 from ..model import PRESETS, ModelConfig, preset
+from ..model.mla import mla_matrices
 
 
 def parameter_count(cfg: ModelConfig) -> tuple[int, int]:
@@ -33,6 +34,8 @@ def norm_params(cfg: ModelConfig) -> int:
 
 
 def attention_params(cfg: ModelConfig) -> int:
+    if cfg.attention == "mla":
+        return sum(i * o + norm for i, o, norm in mla_matrices(cfg))
     h, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     biases = (q + 2 * kv if cfg.has_bias("qkv") else 0) + (h if cfg.has_bias("proj") else 0)
     return h * (q + 2 * kv) + q * h + biases + (2 * cfg.head_dim if cfg.qk_norm else 0)

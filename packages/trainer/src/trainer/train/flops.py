@@ -15,6 +15,7 @@ from functools import cache
 import torch
 
 from ..model import ModelConfig
+from ..model.mla import mla_matrices
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -22,6 +23,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h, d = cfg.hidden, cfg.head_dim
     q, kv = cfg.heads * d, cfg.num_kv_heads * d
     attention = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 2 * seq_len * q
+    if cfg.attention == "mla":  # scores over the query/key width, outputs over the value width
+        attention = sum(2 * i * o for i, o, _ in mla_matrices(cfg)) + 2 * seq_len * cfg.heads * (d + cfg.v_head_dim)
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts

@@ -32,9 +32,10 @@ def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
     if t.recompute:
         modes.append(f"{t.recompute} recomputation")
     tokens_per_step = global_batch * t.seq_len
+    kv = f"MLA, latent {m.kv_lora_rank}" if m.attention == "mla" else f"{m.num_kv_heads} kv"
     lines = [
         f"model: {_count(dense + expert)} parameters{experts}; hidden {m.hidden}, {m.layers} layers, {m.heads} heads "
-        f"({m.num_kv_heads} kv), ffn {m.ffn}, vocab {m.vocab_size}, {m.mlp}/{m.norm}/{m.position}",
+        f"({kv}), ffn {m.ffn}, vocab {m.vocab_size}, {m.mlp}/{m.norm}/{m.position}",
         f"layout: {dist.get_world_size()} ranks = {sizes}; {', '.join(modes)}; {t.precision} on "
         f"{run.device.type} ({dist.get_backend()})",
         f"data: {_data(cfg, datasets)}",
