@@ -1,6 +1,7 @@
 """The GPT model: config and presets, the pipeline chunks built from the parallel packages, the loss,
 and the model's tensors as layout-free ``Shard`` pieces (for checkpoints and parity tests)."""
 
+from .backend import apply_backend
 from .config import PRESETS, ModelConfig, preset
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
 from .groups import ModelGroups
@@ -13,6 +14,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "ModelGroups",
+    "apply_backend",
     "build_chunks",
     "lm_loss",
     "model_shards",
