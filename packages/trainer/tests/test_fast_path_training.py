@@ -34,6 +34,29 @@ def losses(overrides: dict, tmp: str) -> list[float]:
     return [r["loss"] for r in train(load_run_config(overrides=base))]
 
 
+def convert_tiny_to_fp8() -> tuple[int, bool, bool]:
+    """(layers converted, names unchanged, the same parameter objects) for the tiny model in one process."""
+    import pstate
+    from trainer.model import ModelGroups, apply_backend, build_chunks, model_shards, preset
+
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        groups = ModelGroups.from_state(ps)
+        chunks = build_chunks(preset("tiny").with_overrides(vocab_size=64), groups, pp_rank=0, pp=1, seed=0)
+        before = dict(chunks[0].named_parameters())
+        names = sorted(model_shards(chunks))
+        apply_backend(chunks, groups, backend="torch", precision="fp8", fp8_recipe="current")
+        after = dict(chunks[0].named_parameters())
+        converted = sum(hasattr(m, "fp8") for m in chunks[0].modules())
+        same = all(after[n] is p for n, p in before.items()) and len(after) == len(before)
+        return converted, sorted(model_shards(chunks)) == names, same
+
+
+@needs_torchao
+def test_fp8_converts_the_four_linear_layers_of_each_block_and_keeps_the_names(run_ranks):
+    converted, names_kept, same_parameters = run_ranks(1, convert_tiny_to_fp8)[0]
+    assert converted == 4 * 4 and names_kept and same_parameters  # tiny: 4 layers x (qkv, proj, fc1, fc2)
+
+
 @needs_torchao
 def test_fp8_learns_and_tracks_bf16(run_ranks, tmp_path):
     bf16 = run_ranks(1, losses, {"train": {"precision": "bf16"}}, str(tmp_path))[0]

@@ -10,10 +10,14 @@ so an MFU from it compares runs on one machine and nothing more.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .flops import measured_matmul_flops
+
+if TYPE_CHECKING:  # plan imports train: imported where used
+    from ..plan.hardware import Hardware
 
 #: the dtype a precision's matmuls run in, for the measured fallback (fp8's fallback measures bf16).
 MATMUL_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -32,7 +36,7 @@ class Peak:
         return f"{self.flops / 1e12:,.1f} TFLOP/s per device ({self.source}: {self.detail})"
 
 
-def match_hardware(device_name: str):  # -> Hardware | None (plan imports train: imported here)
+def match_hardware(device_name: str) -> Hardware | None:
     """The packaged hardware profile whose ``device_names`` include a substring of ``device_name``
     (case-insensitive; the longest match wins), or ``None``."""
     from ..plan.hardware import known_hardware, load_hardware
