@@ -100,7 +100,7 @@ class FlexDispatcher(Dispatcher):
         k = max(int(routing_map.sum(1).max()), 1)
         order = torch.sort(routing_map.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
         chosen = routing_map.gather(1, order)
-        topk_idx = torch.where(chosen, order, -1).to(self._lib.topk_idx_t)
+        topk_idx = torch.where(chosen, order, -1).to(getattr(self._lib, "topk_idx_t", torch.int64))
         topk_weights = torch.where(chosen, probs.gather(1, order), 0).float()
         self._dtype = hidden.dtype
         x = hidden.to(torch.bfloat16).contiguous()
