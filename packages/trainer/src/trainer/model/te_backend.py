@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+import torch.distributed as dist
 import transformer_engine.pytorch as te
 from torch import nn
 from transformer_engine.common import recipe as te_recipe
@@ -30,6 +31,7 @@ from pstate import as_group
 
 from ..errors import TrainerError
 from .attention import Attention
+from .config import ModelConfig
 from .groups import ModelGroups
 from .mlp import MLP
 
@@ -71,12 +73,13 @@ class TEAttention(Attention):
         return out.view(b, s, h, d).transpose(1, 2)
 
 
-def _core(cfg, groups: ModelGroups) -> nn.Module:
-    cp = {}
+def _core(cfg: ModelConfig, groups: ModelGroups) -> nn.Module:
+    """TE's attention core for this model over the TP group (and the CP group, when there is one)."""
+    cp: dict[str, object] = {}
     if groups.cp_size > 1:
         cp = dict(
-            cp_group=as_group(groups.cp), cp_global_ranks=list(torch.distributed.get_process_group_ranks(
-                as_group(groups.cp))), cp_stream=torch.cuda.Stream(),
+            cp_group=as_group(groups.cp), cp_global_ranks=dist.get_process_group_ranks(as_group(groups.cp)),
+            cp_stream=torch.cuda.Stream(),
             cp_comm_type="a2a" if groups.cp_attention == "ulysses" else "p2p",
         )  # fmt: skip
     return te.DotProductAttention(
@@ -100,7 +103,7 @@ def to_te(chunks: list[nn.Module], groups: ModelGroups) -> int:
     return count
 
 
-def fp8_autocast(recipe: str, group: torch.distributed.ProcessGroup | None) -> Callable[[], AbstractContextManager]:
+def fp8_autocast(recipe: str, group: dist.ProcessGroup | None) -> Callable[[], AbstractContextManager]:
     """What each forward runs under for fp8: TE's autocast with ``recipe`` (amaxes reduced over ``group``)."""
     if recipe == "mxfp8" and not te.is_mxfp8_available():
         raise TrainerError("train.fp8_recipe='mxfp8': this GPU has no MXFP8 support (Blackwell or later)")
