@@ -1,6 +1,7 @@
 """Sessions: ``tests`` (everything, one environment), one per package (that package, its declared
 dependencies and its own extras only), ``oldest-python`` (pstate on the oldest Python the packages
-declare), ``lint`` (ruff and the import contracts), ``integration`` and ``docs``.
+declare), ``lint`` (ruff and the import contracts), ``integration``, ``docs`` and ``gpu`` (the GPU
+validation run; a skip, exit 77, where no CUDA GPU is visible).
 
 Every install is held to ``constraints.txt`` (torch==2.13.0). Set ``TORCH_INDEX_URL`` (as the GitHub
 workflow does) to take the CPU build of torch from that index first.
@@ -106,6 +107,16 @@ def integration(session: nox.Session) -> None:
     editable = [f"-e{p}[testing]" if name == "pstate" else f"-e{p}" for name, p in PACKAGES.items()]
     install(session, *editable, *TEST_TOOLS, "import-linter", "megatron-core", "mkdocs")
     session.run("pytest", "-n", "auto", "integration_tests", *session.posargs)
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def gpu(session: nox.Session) -> None:
+    """The GPU validation run (packages/trainer/benchmarks/gpu_validation.py): CUDA-marked tests, training in
+    bf16/fp8 on both backends, generate, a checkpoint moved GPU -> CPU -> GPU, a throughput table. It sees
+    the system's packages, so a container's Transformer Engine and DeepEP take part; exit 77 (no GPU) is a skip."""
+    install(session, "-r", "requirements-dev.txt")
+    script = str(ROOT / "packages" / "trainer" / "benchmarks" / "gpu_validation.py")
+    session.run("python", script, *session.posargs, success_codes=[0, 77])
 
 
 @nox.session

@@ -114,7 +114,7 @@ def test_replicated_pieces_are_written_once_and_spread(run_ranks, tmp_path):
     assert sorted(index["files"]) == sorted(used)
 
 
-@pytest.mark.skipif(default_device().type == "cpu", reason="needs a GPU")
+@pytest.mark.cuda
 def test_gpu_tensors_round_trip_sync_and_async(tmp_path):
     device = default_device()
     w = torch.randn(4, 6, device=device)

@@ -116,7 +116,7 @@ def test_without_restoring_the_tracker_the_recomputed_masks_differ():
     assert not torch.equal(fwd_b, re_b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_the_tracker_drives_the_device_generator():
     device = torch.device("cuda", torch.cuda.current_device())
     tracker = RNGTracker(device)

@@ -41,7 +41,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"stepz": 3}}, r"unknown field\(s\) \['stepz'\]"),
         ({"model": {"hidden_size": 3}}, "model.hidden_size: no such field"),
         ({"model": {"preset": "nope"}}, "unknown; choose one of"),
-        ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
+        ({"train": {"precision": "fp4"}}, "train.precision='fp4'"),
         ({"parallel": {"tp": 0}}, "tp=0 must be >= 1"),
         ({"optim": {"min_lr": 1.0}}, r"optim.lr=0.0003: must be >= optim.min_lr=1.0"),
         ({"optim": {"lr": float("inf")}}, "optim.lr=inf: must be a finite number > 0"),

@@ -1,4 +1,5 @@
-"""Mixture-of-experts router, token dispatchers (all-gather, all-to-all), grouped and shared experts, EP.
+"""Mixture-of-experts router, token dispatchers (all-gather, all-to-all, DeepEP's ``flex``), grouped and
+shared experts, EP.
 
 Every layer takes its expert-parallel (``ep``) and expert-tensor-parallel (``etp``) groups explicitly:
 a ``pstate`` axis, a process group, or ``None`` for a single rank. EP rank ``r`` holds experts
@@ -12,6 +13,7 @@ from .capacity import expert_capacity
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_base import Dispatcher
+from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
 from .layer import MoELayer, expert_parallel_params
@@ -22,6 +24,7 @@ __all__ = [
     "AllGatherDispatcher",
     "AllToAllDispatcher",
     "Dispatcher",
+    "FlexDispatcher",
     "GroupedExperts",
     "MoEError",
     "MoELayer",

@@ -16,12 +16,13 @@ from pstate.tags import is_expert_parallel, mark_sequence_parallel
 from .comm import GroupOrNone, size_of
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoall import AllToAllDispatcher
+from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
 from .router import TopKRouter
 from .shared_expert import SharedExpert
 
-DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}
+DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher, "flex": FlexDispatcher}
 ROUTER_OPTIONS = frozenset(inspect.signature(TopKRouter).parameters) - {
     "hidden",
     "num_experts",

@@ -46,6 +46,7 @@ FLAGS = {
     "zero": ("train", "zero"),
     "pipeline_schedule": ("train", "pipeline_schedule"),
     "precision": ("train", "precision"),
+    "peak_tflops": ("train", "peak_tflops"),
     "recompute": ("train", "recompute"),
     "save": ("train", "save"),
     "load": ("train", "load"),
@@ -58,7 +59,7 @@ FLAGS = {
     "warmup_steps": ("optim", "warmup_steps"),
     "tokenizer": ("data", "tokenizer"),
 }
-FLOATS = {"lr"}
+FLOATS = {"lr", "peak_tflops"}
 METAVARS = {
     "save": "DIR",
     "load": "DIR",
@@ -66,6 +67,7 @@ METAVARS = {
     "tensorboard": "DIR",
     "metrics_file": "FILE",
     "tokenizer": "NAME",
+    "peak_tflops": "TFLOPS",
 }
 SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",

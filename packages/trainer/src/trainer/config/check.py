@@ -6,6 +6,7 @@ from pp_sched import PipelineScheduleError, build
 from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
+from .fast_paths import check_fast_paths
 from .run import RunConfig
 
 
@@ -13,6 +14,7 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
     """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
     step (``global_batch / (micro_batch * dp)``)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    check_fast_paths(cfg)
     try:
         lay = layout(p, world_size)
     except ParallelConfigError as error:

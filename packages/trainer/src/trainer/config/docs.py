@@ -23,7 +23,7 @@ from ..data.build import DataConfig
 from ..model import ModelConfig
 from ..model.config import CHOICES as MODEL_CHOICES
 from ..model.config import PRESETS
-from .run import DECAYS, ON_NAN, PRECISIONS, OptimConfig, RunConfig, TrainConfig
+from .run import DECAYS, FP8_RECIPES, ON_NAN, PRECISIONS, OptimConfig, RunConfig, TrainConfig
 
 #: The sections of a run, in the order of the TOML file and the reference.
 SECTION_TYPES: dict[str, type] = {
@@ -44,6 +44,7 @@ def choices(section: str, name: str) -> tuple[Any, ...] | None:
         "model.preset": tuple(PRESETS),
         **{f"model.{k}": tuple(v) for k, v in MODEL_CHOICES.items()},
         "train.precision": PRECISIONS,
+        "train.fp8_recipe": FP8_RECIPES,
         "train.zero": (0, 1, 2, 3),
         "train.recompute": ("full", "selective"),
         "train.on_nan": ON_NAN,

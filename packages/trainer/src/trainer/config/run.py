@@ -12,7 +12,8 @@ from ..errors import TrainerError
 from ..model import ModelConfig, preset
 from .fields import check_number, check_types
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+FP8_RECIPES = ("current", "delayed", "mxfp8")
 DECAYS = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 CP_ATTENTION = ("ring", "ulysses")
@@ -85,7 +86,11 @@ class TrainConfig:
     global_batch: int | None = None
     """samples per optimizer step over all ranks, a multiple of micro_batch*dp (default: micro_batch*dp)."""
     precision: str = "fp32"
-    """parameter and compute precision (fp16 adds dynamic loss scaling)."""
+    """parameter and compute precision (fp16 adds dynamic loss scaling; fp8: bf16 with fp8 matmuls)."""
+    fp8_recipe: str = "current"
+    """fp8 scaling: current (per-tensor, this step's amax), delayed (amax history; te) or mxfp8 (te, Blackwell)."""
+    peak_tflops: float | None = None
+    """peak dense TFLOP/s of one device for MFU (default: the GPU's datasheet figure; measured on CPUs)."""
     zero: int = 0
     """data-parallel sharding: 0 DDP, 1 optimizer states, 2 and gradients, 3 and parameters (FSDP)."""
     sequence_parallel: bool = False
@@ -151,6 +156,10 @@ class TrainConfig:
             raise TrainerError(f"train.cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.precision not in PRECISIONS:
             raise TrainerError(f"train.precision={self.precision!r}: must be one of {PRECISIONS}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise TrainerError(f"train.fp8_recipe={self.fp8_recipe!r}: must be one of {FP8_RECIPES}")
+        if self.peak_tflops is not None:
+            check_number("train", "peak_tflops", self.peak_tflops, above=0)
         if self.zero not in (0, 1, 2, 3):
             raise TrainerError(f"train.zero={self.zero}: must be 0, 1, 2 or 3")
         if self.on_nan not in ON_NAN:

@@ -1,6 +1,7 @@
 """The GPT model: config and presets, the pipeline chunks built from the parallel packages, the loss,
 and the model's tensors as layout-free ``Shard`` pieces (for checkpoints and parity tests)."""
 
+from .backend import apply_backend
 from .config import PRESETS, ModelConfig, preset
 from .documents import document_positions, documents_tensor
 from .gpt import GPTChunk, build_chunks, lm_loss, tied_embedding_params
@@ -16,6 +17,7 @@ __all__ = [
     "LatentCache",
     "ModelConfig",
     "ModelGroups",
+    "apply_backend",
     "build_chunks",
     "document_positions",
     "documents_tensor",

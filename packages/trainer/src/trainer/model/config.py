@@ -12,11 +12,12 @@ CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "position": ("learned", "rotary"),
     "mlp": ("gelu", "swiglu"),
-    "moe_dispatcher": ("alltoall", "allgather"),
+    "moe_dispatcher": ("alltoall", "allgather", "flex"),
     "rope_type": ("default", "linear", "llama3"),
     "moe_score": ("softmax", "sigmoid"),
     "moe_drop_policy": ("probs", "position"),
     "attention": ("standard", "mla"),
+    "backend": ("torch", "te"),
 }
 
 
@@ -114,7 +115,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """weight of the router's load-balancing loss."""
     moe_dispatcher: str = "alltoall"
-    """how tokens reach their experts."""
+    """how tokens reach their experts (flex: DeepEP's fused kernels, needs the deep_ep package and GPUs)."""
     moe_norm_topk: bool = True
     """renormalize the chosen experts' probabilities to sum to one (else: the softmax over all experts)."""
     moe_shared_ffn_hidden: int | None = None
@@ -157,6 +158,8 @@ class ModelConfig:
     """MLA: per-head value width."""
     rope_interleave: bool = False
     """rotary dimensions taken as interleaved pairs (DeepSeek's weights) instead of two halves."""
+    backend: str = "torch"
+    """layer implementation: torch (plain PyTorch) or te (Transformer Engine modules; GPUs only)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):

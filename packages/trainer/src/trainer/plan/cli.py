@@ -20,7 +20,7 @@ LAYOUT_FLAGS = {
 
 def add_plan_options(p: argparse.ArgumentParser) -> None:
     """The options of ``trainer plan`` beyond the ``trainer train`` ones (whose ``--model`` here also takes
-    a Hugging Face ``config.json``)."""
+    a Hugging Face ``config.json``, and whose ``--peak-tflops`` replaces the profile's 16-bit peak)."""
     for action in p._actions:
         if action.dest == "model":
             action.choices, action.metavar = None, "PRESET|CONFIG.json"
@@ -33,7 +33,6 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: the profile's)")
     p.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU (default: the profile's)")
-    p.add_argument("--peak-tflops", type=float, help="dense 16-bit peak TFLOP/s per GPU (default: the profile's)")
     p.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size (default: the model's)")
     p.add_argument(
         "--top", type=int, metavar="K",

@@ -4,6 +4,8 @@ A profile gives datasheet numbers (dense peak FLOP/s, memory, HBM bandwidth, per
 inter-node bandwidth per direction and a latency per message step) and the planner's assumptions on top
 of them (the attainable fraction of peak per operation class, the bus efficiency of collectives, the
 memory the framework keeps for itself). The assumptions have defaults here; a file may override any.
+``device_names`` are substrings of ``torch.cuda.get_device_name()`` that identify the model: the training
+loop takes its MFU peak from the same profile (:mod:`trainer.train.peak`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Hardware:
     inter_node_gbps: float
     fp8_tflops: float = 0.0
     vendor: str = ""
+    device_names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name() naming this model
     gpus_per_node: int = 8
     intra_node_latency_us: float = 5.0
     inter_node_latency_us: float = 15.0
@@ -53,8 +56,15 @@ class Hardware:
             raise TrainerError(f"hardware {self.name!r}: gpus_per_node={self.gpus_per_node!r} must be an integer >= 1")
 
     def peak_flops(self, precision: str) -> float:
-        """Dense peak FLOP/s for the training precision (``fp32`` runs on TF32-class units)."""
-        return 1e12 * (self.fp32_tflops if precision == "fp32" else self.bf16_tflops)
+        """Dense peak FLOP/s for the training precision: ``fp32`` runs on TF32-class units, ``fp16`` at the
+        ``bf16`` rate, ``fp8`` at the ``fp8`` rate where the GPU has FP8 units (else at ``bf16``'s)."""
+        return 1e12 * getattr(self, f"{self.peak_dtype(precision)}_tflops")
+
+    def peak_dtype(self, precision: str) -> str:
+        """Which of the profile's peaks ``precision`` runs at: ``fp32`` (TF32), ``bf16`` or ``fp8``."""
+        if precision == "fp32":
+            return "fp32"
+        return "fp8" if precision == "fp8" and self.fp8_tflops > 0 else "bf16"
 
     @property
     def usable_bytes(self) -> float:
@@ -95,6 +105,10 @@ def load_hardware(name_or_path: str) -> Hardware:
     if unknown:
         raise TrainerError(f"hardware {source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
     raw.setdefault("name", path.stem if path.suffix else name_or_path)
+    names = raw.get("device_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise TrainerError(f"hardware {source}: device_names={names!r} must be a list of non-empty strings")
+    raw["device_names"] = tuple(names)
     try:
         return Hardware(**raw)
     except TypeError as error:

@@ -35,9 +35,10 @@ from ..config.inputs import model_vocab
 from ..data import DataIterator, build_datasets
 from ..errors import TrainerError
 from .checkpoint import finish_load, run_state, saveable
-from .flops import flops_per_token, measured_matmul_flops
+from .flops import flops_per_token
 from .lr import lr_at
 from .metrics import Metrics
+from .peak import device_peak
 from .pipeline import scale_router_losses, split_batch, sync_sequence_parallel_grads, sync_tied_embedding_grads
 from .replicas import replicas
 from .report import banner, memory_mb
@@ -91,8 +92,11 @@ def _loop(
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
     tokens_per_step = global_batch * t.seq_len
-    peak = measured_matmul_flops(device=run.device) * dist.get_world_size()
+    one_device = device_peak(run.device, t.precision, t.peak_tflops)
+    metrics.note(f"MFU peak: {one_device.describe()}")
+    peak = one_device.flops * dist.get_world_size()
     flops_per_step = flops_per_token(run.model, t.seq_len) * tokens_per_step
+    hardware_flops_per_step = flops_per_token(run.model, t.seq_len, t.recompute) * tokens_per_step
     records: list[dict[str, Any]] = []
     step = start
     metrics.start(t.steps, start)
@@ -116,6 +120,8 @@ def _loop(
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_step / seconds,
                 "mfu": flops_per_step / seconds / peak,
+                "hfu": hardware_flops_per_step / seconds / peak,
+                "mfu_peak": one_device.source,
                 "skipped": skipped,
                 "step_time_s": seconds,
                 "data_time_s": data_seconds,

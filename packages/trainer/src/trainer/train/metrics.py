@@ -18,7 +18,8 @@ from .report import Checkpoints, ProgressBar
 #: TensorBoard group of each record field; the JSON lines keep the bare names.
 GROUPS = {
     "loss": "train", "lr": "train", "grad_norm": "train", "loss_scale": "train", "skipped": "train",
-    "tokens": "train", "tokens_per_s": "perf", "mfu": "perf", "step_time_s": "perf", "data_time_s": "perf",
+    "tokens": "train", "tokens_per_s": "perf", "mfu": "perf", "hfu": "perf", "step_time_s": "perf",
+    "data_time_s": "perf",
     "memory_mb": "memory", "memory_reserved_mb": "memory", "eval_loss": "eval", "eval_ppl": "eval",
 }  # fmt: skip
 

@@ -5,11 +5,13 @@ The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is:
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
 chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) is autocast
 compute over fp32 parameters, which are the master weights; ``fp16`` adds a dynamic
-:class:`dp_shard.LossScaler`.
+:class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +25,12 @@ from pstate import ParallelState
 from pstate.device import device_for_backend
 
 from ..config import RunConfig
-from ..model import GPTChunk, ModelConfig, ModelGroups, build_chunks, tied_embedding_params
+from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
 from .pipeline import make_executor, stage_layout
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 @dataclass
@@ -74,15 +76,18 @@ class Run:
 
 class Autocast(nn.Module):
     """Runs ``module``'s forward under autocast to ``dtype`` (its backward then follows the same casts);
-    the parameters stay fp32 and are the master weights. Other attributes come from ``module``."""
+    the parameters stay fp32 and are the master weights; ``context`` (Transformer Engine's fp8 autocast)
+    is entered inside. Other attributes come from ``module``."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(
+        self, module: nn.Module, dtype: torch.dtype, context: Callable[[], AbstractContextManager] | None = None
+    ) -> None:
         super().__init__()
-        self.module, self.dtype = module, dtype
+        self.module, self.dtype, self.context = module, dtype, context
 
     def forward(self, *args: Any) -> Any:
         device = next(self.module.parameters()).device
-        with torch.autocast(device.type, dtype=self.dtype):
+        with torch.autocast(device.type, dtype=self.dtype), self.context() if self.context else nullcontext():
             return self.module(*args)
 
     def __getattr__(self, name: str) -> Any:
@@ -129,6 +134,10 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
     for chunk in chunks:
         chunk.to(device)
+    context = apply_backend(
+        chunks, groups, backend=model.backend, precision=t.precision, fp8_recipe=t.fp8_recipe,
+        amax_group=ps.tp_dp_cp.group,
+    )  # fmt: skip
     named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
     adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     # an overflow on any rank skips the step on every rank
@@ -148,7 +157,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     )
     modules = engine.modules
     if t.precision != "fp32":
-        modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
+        modules = [Autocast(m, AUTOCAST[t.precision], context) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
     executor = make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
