@@ -52,6 +52,18 @@ def test_fp8_choices_the_torch_backend_cannot_run_are_refused():
         load_run_config(overrides={"model": {"backend": "jax"}})
 
 
+def test_te_backend_combinations_it_cannot_run_are_refused_before_its_package_is_looked_for():
+    assert refusal({"model": {"backend": "te"}, "train": {"zero": 3}}) == (
+        "model.backend='te' with --zero 3 is not supported yet; use --zero 0, 1 or 2"
+    )
+    assert refusal({"model": {"preset": "tiny-mla", "backend": "te"}}) == (
+        "model.backend='te' with model.attention='mla' is not supported yet"
+    )
+    assert refusal({"model": {"backend": "te"}, "data": {"packing": "pack"}}).startswith(
+        "model.backend='te' with data.packing='pack' is not supported yet"
+    )
+
+
 def test_the_torch_backend_is_the_default_and_checks_clean():
     cfg = load_run_config(overrides={"train": {"precision": "bf16"}})
     assert cfg.model.backend == "torch" and preset("tiny").backend == "torch"

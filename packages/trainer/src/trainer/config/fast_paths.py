@@ -14,16 +14,23 @@ from .run import RunConfig
 
 
 def check_fast_paths(cfg: RunConfig) -> None:
-    """Raise :class:`TrainerError` for the first fast-path choice of ``cfg`` that cannot run here."""
+    """Raise :class:`TrainerError` for the first fast-path choice of ``cfg`` that cannot run here (the
+    combinations no fast path supports first, then what this machine lacks)."""
     m, t = cfg.model, cfg.train
     te, fp8, flex = m.backend == "te", t.precision == "fp8", m.moe_dispatcher == "flex"
     rules = [
+        (te and t.zero == 3, "model.backend='te' with --zero 3 is not supported yet; use --zero 0, 1 or 2"),
+        (te and m.attention == "mla", "model.backend='te' with model.attention='mla' is not supported yet"),
+        (
+            te and cfg.data.packing != "none",
+            f"model.backend='te' with data.packing={cfg.data.packing!r} is not supported yet (TE's attention "
+            "would not see the document masks)",
+        ),
         (
             te and find_spec("transformer_engine") is None,
             "model.backend='te': needs the transformer_engine package (Transformer Engine), which is not installed",
         ),
         (te and not torch.cuda.is_available(), "model.backend='te': needs a CUDA GPU, none is visible"),
-        (te and t.zero == 3, "model.backend='te' with --zero 3 is not supported yet; use --zero 0, 1 or 2"),
         (
             fp8 and not te and find_spec("torchao") is None,
             "train.precision='fp8' with model.backend='torch': needs the torchao package "
