@@ -11,7 +11,7 @@ from .errors import ContextParallelError
 from .kernel import AttentionKernel, MathKernel, SDPAKernel
 from .ring import ring_attention
 from .sharding import shard_sequence, unshard_sequence
-from .ulysses import ulysses_attention
+from .ulysses import ulysses_attention, zigzag_permutation
 
 __all__ = [
     "AttentionKernel",
@@ -24,4 +24,5 @@ __all__ = [
     "shard_sequence",
     "ulysses_attention",
     "unshard_sequence",
+    "zigzag_permutation",
 ]
