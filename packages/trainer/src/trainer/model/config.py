@@ -267,6 +267,21 @@ PRESETS: dict[str, ModelConfig] = {
         moe_aux_loss_coeff=0.01,
         **_LLAMA,
     ),
+    # Mamba-2, attention, Mamba-2, MLP (Nemotron-H style); 8 Mamba heads in 4 groups (TP x CP up to 4)
+    "tiny-hybrid": ModelConfig(
+        hidden=64,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        ffn_hidden=128,
+        max_seq_len=256,
+        layer_pattern="M*M-",
+        mamba_state=16,
+        mamba_head_dim=16,
+        mamba_groups=4,
+        mamba_chunk=16,
+        **_LLAMA,
+    ),
     # real shapes
     "gpt2": ModelConfig(hidden=768, layers=12, heads=12, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),
     "gpt2-medium": ModelConfig(hidden=1024, layers=24, heads=16, vocab_size=50257, vocab_pad_multiple=128, **_GPT2),

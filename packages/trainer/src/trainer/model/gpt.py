@@ -32,6 +32,7 @@ from .block import TransformerLayer, norm
 from .config import ModelConfig
 from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
+from .hybrid import HybridLayer
 from .kv_cache import KVCache, check_caches
 
 
@@ -54,8 +55,9 @@ class GPTChunk(nn.Module):
             raise TrainerError("model.vocab_size is not set (it comes from the tokenizer when training)")
         self.cfg, self.groups, self.stage = cfg, groups, stage
         self.rng = DropoutRNG(seed, groups, stage.stage)
+        kind = TransformerLayer if cfg.layer_pattern is None else HybridLayer
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, groups, layer, seed, recompute=recompute, rng=self.rng) for layer in stage.layers
+            kind(cfg, groups, layer, seed, recompute=recompute, rng=self.rng) for layer in stage.layers
         )
         self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
         self.embedding = self.position = self.final_norm = self.head = None
@@ -86,8 +88,12 @@ class GPTChunk(nn.Module):
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
-        positions, in the dtype and on the device of the weights."""
+        positions, in the dtype and on the device of the weights (a hybrid model's Mamba and MLP layers get
+        the caches of :mod:`.ssm_cache`)."""
         weight = next(self.parameters())
+        if self.cfg.layer_pattern is not None:
+            size = max_len or self.cfg.max_seq_len
+            return [layer.new_cache(batch, size, weight.dtype, weight.device) for layer in self.layers]
         shape = (batch, self.cfg.num_kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
         return [KVCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
 

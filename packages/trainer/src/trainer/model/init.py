@@ -32,6 +32,16 @@ ROLES = (
     "router",
     "experts",
     "dropout",
+    "z",
+    "x",
+    "B",
+    "C",
+    "dt",
+    "out_proj",
+    "conv_x",
+    "conv_B",
+    "conv_C",
+    "dt_bias",
 )
 
 EMBEDDING_LAYER = -1
