@@ -23,6 +23,10 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
         (m.num_kv_heads % p.tp != 0, f"tp={p.tp} must divide the model's {m.num_kv_heads} key/value heads"),
         (m.ffn % p.tp != 0, f"tp={p.tp} must divide the model's FFN size {m.ffn}"),
         (
+            "M" in (m.layer_pattern or "") and m.mamba_groups % (p.tp * p.cp) != 0,
+            f"tp*cp={p.tp * p.cp} must divide the model's mamba_groups ({m.mamba_groups}): TP and CP split its heads",
+        ),
+        (
             p.pipeline_layout is None and m.layers % (p.pp * p.vpp) != 0,
             f"layers={m.layers} must be divisible by pp*vpp={p.pp * p.vpp} (or set parallel.pipeline_layout)",
         ),
