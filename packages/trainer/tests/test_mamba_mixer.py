@@ -13,8 +13,9 @@ import torch
 
 import pstate
 from trainer.errors import TrainerError
-from trainer.model import ModelConfig, ModelGroups
+from trainer.model import ModelConfig, ModelGroups, build_chunks, preset
 from trainer.model.mamba import Mamba2Mixer
+from trainer.plan.models import parameter_count
 
 HIDDEN, HEADS, HEAD_DIM, GROUPS, STATE, CONV, CHUNK, BATCH, SEQ = 16, 4, 8, 2, 6, 4, 8, 2, 21
 
@@ -106,3 +107,15 @@ def test_bad_mamba_config_is_refused_by_name(changes, message):
     with pytest.raises(TrainerError) as error:
         config(**changes)
     assert str(error.value) == message
+
+
+def built_parameters() -> int:
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        cfg = preset("tiny-hybrid").with_overrides(vocab_size=97)
+        (chunk,) = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=0)
+        return sum(p.numel() for p in chunk.parameters())
+
+
+def test_the_planner_counts_the_hybrid_models_parameters(run_ranks):
+    (built,) = run_ranks(1, built_parameters)
+    assert sum(parameter_count(preset("tiny-hybrid").with_overrides(vocab_size=97))) == built
