@@ -11,7 +11,9 @@ without the caches must give the same tokens. Tolerance: atol 1e-5 on fp32 logit
 import torch
 
 import pstate
+from trainer.errors import TrainerError
 from trainer.generate import decode
+from trainer.infer import ModelRunner
 from trainer.model import ModelGroups, build_chunks, preset
 from trainer.model.ssm_cache import PositionCache, SSMCache
 
@@ -58,3 +60,20 @@ def test_greedy_tokens_are_the_same_with_and_without_the_caches(run_ranks):
     ((with_cache, without),) = run_ranks(1, greedy)
     assert len(with_cache) == 30 and len(set(with_cache)) > 5  # not stuck on one token
     assert with_cache == without
+
+
+def served():
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        try:
+            ModelRunner(model(ModelGroups.from_state(ps)), num_blocks=4, block_size=4)
+        except TrainerError as error:
+            return str(error)
+        return None
+
+
+def test_the_paged_engine_refuses_a_hybrid_model_by_name(run_ranks):
+    (message,) = run_ranks(1, served)
+    assert message == (
+        "model.layer_pattern='M*M-': the paged engine serves attention-only models; "
+        "use trainer generate for hybrid Mamba models"
+    )
