@@ -5,7 +5,8 @@ Each layout builds the model from the same seed, runs one forward and backward o
 batch and reduces gradients as the training loop does (mean over ``dp_cp``; SP-replicated norms summed
 over TP); every gradient piece, by its layout-free name, and the loss must equal the one-process model's.
 TP splits the Mamba heads and groups; CP trades the sequence split for a split of the heads by
-all-to-all (so the scan of CP rank ``c`` runs over the whole sequence for head slice ``c``). The
+all-to-all (so the scan of CP rank ``c`` runs over the whole sequence for head slice ``c``; chunks of 4
+over the 16 positions, so the state passes between chunks that came from different CP ranks). The
 pipeline case runs two stages through the 1F1B executor. Tolerance: rtol 1e-5, atol 1e-6 on fp32,
 as the dense parity tests: the layouts only reorder sums.
 """
@@ -30,7 +31,7 @@ def data():
 
 
 def run_model(parallel: dict, sp: bool = False):
-    cfg = preset("tiny-hybrid").with_overrides(vocab_size=VOCAB, init_std=0.1)
+    cfg = preset("tiny-hybrid").with_overrides(vocab_size=VOCAB, init_std=0.1, mamba_chunk=4)
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=sp)
         (chunk,) = build_chunks(cfg, groups, pp_rank=0, pp=1, seed=SEED)
