@@ -39,6 +39,9 @@ class ModelConfig:
     Mixture of experts: ``moe_norm_topk`` renormalises the chosen experts' probabilities to sum to one
     (else they are the softmax over all experts); ``moe_shared_ffn_hidden`` adds a shared expert every
     token goes through, scaled by a sigmoid gate with ``moe_shared_gate``.
+
+    Hybrid models: ``layer_pattern`` gives each layer one block, ``M`` (Mamba-2, shaped by the ``mamba_*``
+    fields), ``*`` (attention), ``-`` (MLP) or ``E`` (mixture of experts); see ``trainer.model.hybrid``.
     """
 
     hidden: int

@@ -60,7 +60,7 @@ class HybridLayer(nn.Module):
             return recompute(self._forward, x, tracker=self.rng.tracker(x.device))
         return self._forward(x, cache)
 
-    def _forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, cache: KVCache | SSMCache | PositionCache | None = None) -> torch.Tensor:
         h = self.norm1(x)
         if self.mamba is not None:
             h = self.mamba(h, cache)

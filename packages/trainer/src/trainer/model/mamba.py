@@ -114,7 +114,12 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def mix(
-        self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, part: tuple[torch.Tensor, slice, slice], cache
+        self,
+        z: torch.Tensor,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        part: tuple[torch.Tensor, slice, slice],
+        cache: SSMCache | None = None,
     ) -> torch.Tensor:
         """Convolution, scan, skip and gated norm over whole sequences ``[seq, batch, ...]`` of the heads
         ``part`` selects: (convolution channels, head slice, inner slice)."""
