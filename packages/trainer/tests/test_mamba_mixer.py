@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pstate
+from trainer.config import RunConfig, check_run
 from trainer.errors import TrainerError
 from trainer.model import ModelConfig, ModelGroups, build_chunks, preset
 from trainer.model.mamba import Mamba2Mixer
@@ -119,3 +120,11 @@ def built_parameters() -> int:
 def test_the_planner_counts_the_hybrid_models_parameters(run_ranks):
     (built,) = run_ranks(1, built_parameters)
     assert sum(parameter_count(preset("tiny-hybrid").with_overrides(vocab_size=97))) == built
+
+
+def test_a_layout_that_splits_a_mamba_group_is_refused_before_launch():
+    model = preset("tiny-hybrid").with_overrides(mamba_groups=2)
+    cfg = RunConfig(model=model, parallel=pstate.ParallelConfig(tp=2, cp=2))
+    with pytest.raises(TrainerError) as error:
+        check_run(cfg, 4)
+    assert str(error.value) == "tp*cp=4 must divide the model's mamba_groups (2): TP and CP split its heads"
