@@ -134,7 +134,8 @@ class Mamba2Mixer(nn.Module):
         B, C = (t.unflatten(-1, (bc // n, n)).repeat_interleave(heads * n // bc, dim=2) for t in (B, C))
         step = F.softplus(dt.transpose(0, 1).float() + self.dt_bias[head_part].float())
         A = -torch.exp(self.A_log[head_part].float())
-        y, state = ssd_scan(xs, step, A, B, C, cfg.mamba_chunk, None if cache is None else cache.ssm)
+        chunk = min(cfg.mamba_chunk, seq)  # a shorter call (a decoding step) needs no padding to a full chunk
+        y, state = ssd_scan(xs, step, A, B, C, chunk, None if cache is None else cache.ssm)
         y = y + xs * self.D[head_part].unsqueeze(-1).to(xs.dtype)
         y = self.norm(y.flatten(-2), z.transpose(0, 1), self.norm.weight[inner_part])
         if cache is not None:
