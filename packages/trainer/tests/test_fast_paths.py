@@ -59,6 +59,9 @@ def test_te_backend_combinations_it_cannot_run_are_refused_before_its_package_is
     assert refusal({"model": {"preset": "tiny-mla", "backend": "te"}}) == (
         "model.backend='te' with model.attention='mla' is not supported yet"
     )
+    assert refusal({"model": {"preset": "tiny-hybrid", "backend": "te"}}) == (
+        "model.backend='te' with a hybrid model.layer_pattern is not supported yet"
+    )
     assert refusal({"model": {"backend": "te"}, "data": {"packing": "pack"}}).startswith(
         "model.backend='te' with data.packing='pack' is not supported yet"
     )

@@ -45,6 +45,12 @@ def _attention(rng: random.Random) -> dict:
 
 def family_config(kind: str, seed: int) -> "transformers.PretrainedConfig":
     rng = random.Random(f"{kind}-{seed}")
+    if kind == "mamba2":  # 8 heads of 12 in 2 groups (TP2 splits both), chunks of 8 over the 24 tokens
+        return transformers.Mamba2Config(
+            hidden_size=48, num_hidden_layers=2, vocab_size=VOCAB, num_heads=8, head_dim=12, expand=2,
+            n_groups=2, state_size=rng.choice([8, 16]), conv_kernel=rng.choice([3, 4]), chunk_size=8,
+            layer_norm_epsilon=1e-5, initializer_range=0.25, tie_word_embeddings=rng.random() < 0.5,
+        )  # fmt: skip
     common = dict(
         hidden_size=48, num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64,
         rms_norm_eps=1e-6, initializer_range=0.25, intermediate_size=rng.choice([32, 64]),
@@ -88,7 +94,7 @@ def hf_model(kind: str, seed: int, path):
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # biases and norms start at 0 / 1: draw them so a lost one shows
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith(("bias", ".A_log", ".D")) or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.5)
     model.save_pretrained(path)
     return model
@@ -209,6 +215,33 @@ def test_deepseek_v3_moe_layers_are_refused_by_name():
     config = deepseek_config(0).to_dict() | {"first_k_dense_replace": 1}
     with pytest.raises(TrainerError, match="first_k_dense_replace=1: DeepSeek MoE layers do not convert yet"):
         model_from_hf(config)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mamba2_logits_equal_transformers(run_ranks, tmp_path, seed):
+    check_family(run_ranks, tmp_path, "mamba2", seed, LAYOUTS)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"time_step_limit": [0.0, 0.5]}, "time_step_limit=[0.0, 0.5]: clamping the step size is not supported"),
+        ({"use_bias": True}, "use_bias=True: projection biases are not supported"),
+        ({"num_heads": 6}, "num_heads=6: num_heads*head_dim=72 must be expand*hidden_size"),
+        ({"n_groups": 3}, "model.mamba_groups=3: must divide the 8 Mamba heads"),
+    ],
+)
+def test_mamba2_keys_that_change_the_math_are_refused_by_name(change, message):
+    from trainer.errors import TrainerError
+    from trainer.hf import family, model_from_hf
+
+    config = dict(model_type="mamba2", hidden_size=48, num_hidden_layers=2, num_heads=8, head_dim=12, vocab_size=VOCAB)
+    assert family(model_from_hf(config)) == "mamba2"
+    with pytest.raises(TrainerError, match=message.replace("(", r"\(").replace("[", r"\[").replace("*", r"\*")):
+        model_from_hf({**config, **change})
+    hybrid = model_from_hf(config).with_overrides(layer_pattern="M*")
+    with pytest.raises(TrainerError, match="only all-Mamba RMSNorm models convert"):
+        family(hybrid)
 
 
 def test_llama3_rope_and_head_dim_from_transformers_5_config(tmp_path, run_ranks):

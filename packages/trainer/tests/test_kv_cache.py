@@ -113,7 +113,7 @@ MISUSE = {
     "batch": ("tiny", r"keys of shape \(3, 2, 4, 16\) given, the cache takes \(2, 2, 4, 16\)"),
     "full": ("tiny", "4 of 8 positions are used; 5 more do not fit"),
     "max_seq_len": ("tiny-gpt2", "sequence of 18 tokens exceeds model.max_seq_len=16"),
-    "kind": ("tiny-mla", r"this model's layers take LatentCaches \(GPTChunk.kv_caches makes them\), not \['KVCache'\]"),
+    "kind": ("tiny-mla", r"this model's layers take LatentCache caches \(GPTChunk.kv_caches makes them\)"),
     "mla-batch": ("tiny-mla", r"latents of shape \(3, 4, 16\) given, the cache takes \(2, 4, 16\)"),
 }
 

@@ -79,7 +79,13 @@ CASES |= {
     "pp4-uneven-empty-last": ("tiny", dict(pp=4), "zero-bubble", dict(uneven=[2, 1, 1, 0])),
     "pp2-zb-v-uneven-empty-first": ("tiny", dict(pp=2, vpp=2), "zb-v", dict(uneven=[0, 2, 1, 1])),
 }
-WORLD = {"tp2-sp-pp2-dp2": 8, "tp2-sp-pp2-dp2-dualpipe-v-tied": 8}
+# a hybrid model (Mamba, attention, Mamba, MLP): stage 0 holds M*, stage 1 M-
+CASES |= {
+    "pp2-hybrid-1f1b": ("tiny-hybrid", dict(pp=2), "1f1b", {}),
+    "pp2-hybrid-zero-bubble": ("tiny-hybrid", dict(pp=2), "zero-bubble", {}),
+    "tp2-sp-cp2-pp2-hybrid": ("tiny-hybrid", dict(tp=2, cp=2, pp=2), "1f1b", dict(sp=True)),
+}
+WORLD = {"tp2-sp-cp2-pp2-hybrid": 8, "tp2-sp-pp2-dp2": 8, "tp2-sp-pp2-dp2-dualpipe-v-tied": 8}
 
 
 @pytest.mark.parametrize("case", CASES)

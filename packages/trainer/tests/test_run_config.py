@@ -38,6 +38,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
     "overrides, match",
     [
         ({"bogus": {}}, "unknown section"),
+        ({"model": {"preset": "tiny-hybrid", "attention": "mla", "kv_heads": 4}}, "take standard attention"),
         ({"train": {"stepz": 3}}, r"unknown field\(s\) \['stepz'\]"),
         ({"model": {"hidden_size": 3}}, "model.hidden_size: no such field"),
         ({"model": {"preset": "nope"}}, "unknown; choose one of"),
@@ -94,6 +95,7 @@ def test_missing_and_invalid_files_are_named(tmp_path):
             "--zero 3 with --pipeline-schedule zero-bubble",
         ),
         ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
+        ({"model": {"preset": "tiny-hybrid"}, "data": {"packing": "pack"}}, 1, "data.packing='pack' with a hybrid"),
         ({"parallel": {"pp": 2, "pipeline_layout": [3, 2]}}, 2, "sums to 5 layers, but the model has layers=4"),
         ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zb-v"}}, 2, "vpp must be 2, got vpp=1"),
         (

@@ -13,7 +13,7 @@ from .kernel_choice import KERNEL_NAMES, make_kernel
 from .ring import ring_attention
 from .sdpa_kernel import SDPAKernel
 from .sharding import shard_sequence, unshard_sequence
-from .ulysses import document_mask, ulysses_attention
+from .ulysses import document_mask, ulysses_attention, zigzag_permutation
 
 __all__ = [
     "KERNEL_NAMES",
@@ -29,4 +29,5 @@ __all__ = [
     "shard_sequence",
     "ulysses_attention",
     "unshard_sequence",
+    "zigzag_permutation",
 ]

@@ -25,8 +25,10 @@ from .errors import ContextParallelError
 from .ring import check_documents, check_qkv
 
 
-def _zigzag_permutation(cp: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of each global position within the rank-order sequence, and its inverse."""
+def zigzag_permutation(cp: int, chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a zigzag-placed sequence of ``2*cp`` chunks of ``chunk`` positions gathered in group-rank order
+    (as an all-to-all gathers it): the index that puts it in global order (``index_select`` with it), and
+    the inverse index that puts a globally ordered sequence back in rank order."""
     positions = torch.arange(2 * cp * chunk, device=device).view(2 * cp, chunk)
     rank_order = torch.cat([torch.stack([positions[r], positions[2 * cp - 1 - r]]) for r in range(cp)])
     to_rank_order = rank_order.reshape(-1)  # rank-order slot i holds global position to_rank_order[i]
@@ -70,7 +72,7 @@ def ulysses_attention(
     q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=group, what="ulysses_attention") for t in (q, k, v))
     docs = None if documents is None else torch.cat(comm.all_gather(documents, 1, group), dim=1)
     if reorder:
-        to_global, to_rank_order = _zigzag_permutation(cp, q.size(2) // (2 * cp), q.device)
+        to_global, to_rank_order = zigzag_permutation(cp, q.size(2) // (2 * cp), q.device)
         q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
         docs = None if docs is None else docs.index_select(1, to_global)
     if k.size(1) != q.size(1):

@@ -25,7 +25,7 @@ from .config import RunConfig, parse_run_config, to_toml
 from .data import load_tokenizer
 from .errors import TrainerError
 from .hf import adapter, family, hf_config, model_from_hf
-from .hf.names import drop_ignored, fuse_qkv
+from .hf.names import drop_ignored, fuse_mamba, fuse_qkv
 from .hf.stream import hf_tensor_names, load_hf_pieces
 from .launch import default_group
 from .model import ModelConfig, ModelGroups, build_chunks, model_shards
@@ -60,6 +60,8 @@ def export_to_hf(path: str | Path, out: str | Path, *, max_shard_bytes: int = MA
         state = {name: s.data for name, s in shards.items()}
         if kind == "gpt2":
             fuse_qkv(state, model.layers)
+        if kind == "mamba2":
+            fuse_mamba(state, model)
         extra = {"generation_config.json": _generation_config(tokenizer.eos_id)}
         if str(cfg.data.tokenizer) != "byte":
             folder = Path(tokenizer.path).parent
@@ -115,6 +117,8 @@ def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict) 
     state = {name: torch.empty(s.global_shape, device="meta") for name, s in shards.items()}
     if family(model) == "gpt2":
         fuse_qkv(state, model.layers)
+    if family(model) == "mamba2":
+        fuse_mamba(state, model)
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(adapter(model).to_hf(state)))
     expected = set().union(*names)

@@ -28,6 +28,15 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
         ),
         (m.ffn % p.tp != 0, f"tp={p.tp} must divide the model's FFN size {m.ffn}"),
         (
+            "M" in (m.layer_pattern or "") and m.mamba_groups % (p.tp * p.cp) != 0,
+            f"tp*cp={p.tp * p.cp} must divide the model's mamba_groups ({m.mamba_groups}): TP and CP split its heads",
+        ),
+        (
+            m.layer_pattern is not None and cfg.data.packing != "none",
+            f"data.packing={cfg.data.packing!r} with a hybrid model (model.layer_pattern) is not supported yet: the "
+            "Mamba scan would carry its state across documents",
+        ),
+        (
             p.pipeline_layout is None and m.layers % (p.pp * p.vpp) != 0,
             f"layers={m.layers} must be divisible by pp*vpp={p.pp * p.vpp} (or set parallel.pipeline_layout)",
         ),

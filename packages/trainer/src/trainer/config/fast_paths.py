@@ -22,6 +22,10 @@ def check_fast_paths(cfg: RunConfig) -> None:
         (te and t.zero == 3, "model.backend='te' with --zero 3 is not supported yet; use --zero 0, 1 or 2"),
         (te and m.attention == "mla", "model.backend='te' with model.attention='mla' is not supported yet"),
         (
+            te and m.layer_pattern is not None,
+            "model.backend='te' with a hybrid model.layer_pattern is not supported yet",
+        ),
+        (
             te and cfg.data.packing != "none",
             f"model.backend='te' with data.packing={cfg.data.packing!r} is not supported yet (TE's attention "
             "would not see the document masks)",

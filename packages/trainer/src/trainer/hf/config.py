@@ -14,8 +14,8 @@ from typing import Any
 from ..errors import TrainerError
 from ..model import ModelConfig
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
-LLAMA_LIKE = FAMILIES[1:]
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "mamba2")
+LLAMA_LIKE = FAMILIES[1:-1]
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 NO_EFFECT = frozenset(
@@ -54,10 +54,8 @@ def model_from_hf(config: dict[str, Any]) -> ModelConfig:
     if kind not in FAMILIES:
         raise _refuse("model_type", kind, f"only {list(FAMILIES)} convert")
     reader = _Reader(config)
-    if kind == "gpt2":
-        fields = _gpt2(reader)
-    else:
-        fields = _deepseek_v3(reader) if kind == "deepseek_v3" else _llama_like(reader, kind)
+    read = {"gpt2": _gpt2, "mamba2": _mamba2, "deepseek_v3": _deepseek_v3}.get(kind)
+    fields = read(reader) if read is not None else _llama_like(reader, kind)
     reader.check_all_read()
     try:
         return ModelConfig(**fields)
@@ -180,6 +178,40 @@ def _deepseek_v3(r: _Reader) -> dict[str, Any]:
     return fields
 
 
+def _mamba2(r: _Reader) -> dict[str, Any]:
+    """``Mamba2ForCausalLM``: every layer a Mamba-2 mixer (``layer_pattern`` of ``M``), RMSNorm, no positions."""
+    hidden, heads, head_dim = r.need("hidden_size"), r.need("num_heads"), r.need("head_dim")
+    expand = r.get("expand", 2)
+    if heads * head_dim != expand * hidden:
+        raise _refuse("num_heads", heads, f"num_heads*head_dim={heads * head_dim} must be expand*hidden_size")
+    r.only("use_bias", (False,), "projection biases are not supported")
+    r.only("use_conv_bias", (True,), "the convolution must have a bias")
+    r.only("hidden_act", ("silu",), "only SiLU is supported")
+    limit = r.get("time_step_limit", (0.0, float("inf")))
+    if tuple(_float(v) for v in limit) != (0.0, float("inf")):
+        raise _refuse("time_step_limit", limit, "clamping the step size is not supported")
+    for key in ("time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual"):
+        r.get(key)  # initialisation only
+    r.only("residual_in_fp32", (True, False), "")  # the residual stream is fp32 under autocast anyway
+    layers = r.need("num_hidden_layers")
+    r.only("layer_types", (None, ["mamba"] * layers), "only Mamba layers are supported")
+    attention_heads = heads if hidden % heads == 0 and hidden // heads % 2 == 0 else 1  # unused: no attention
+    return dict(
+        hidden=hidden, layers=layers, heads=attention_heads, vocab_size=r.need("vocab_size"),
+        norm_eps=r.get("layer_norm_epsilon", 1e-5), tied_embeddings=bool(r.get("tie_word_embeddings", False)),
+        norm="rmsnorm", bias=False, layer_pattern="M" * layers, mamba_state=r.get("state_size", 128),
+        mamba_conv=r.get("conv_kernel", 4), mamba_expand=expand, mamba_head_dim=head_dim,
+        mamba_groups=r.get("n_groups", 1), mamba_chunk=r.get("chunk_size", 256),
+    )  # fmt: skip
+
+
+def _float(value: Any) -> Any:
+    """A number of a ``config.json``: ``transformers`` 5 writes infinity as ``{"__float__": "Infinity"}``."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return float(value) if isinstance(value, str | int | float) else value
+
+
 def _no_sliding_window(r: _Reader, kind: str, max_len: int) -> None:
     """A sliding window is refused unless it is switched off or no shorter than the longest sequence."""
     use = r.get("use_sliding_window", kind in ("mistral", "mixtral"))
@@ -241,6 +273,11 @@ def _moe(r: _Reader, kind: str) -> dict[str, Any]:
 
 def family(model: ModelConfig) -> str:
     """The Hugging Face ``model_type`` our model's choices match exactly, else an error naming the choice."""
+    if model.layer_pattern is not None:
+        if set(model.layer_pattern) != {"M"} or model.norm != "rmsnorm":
+            rule = "only all-Mamba RMSNorm models convert (Mamba2ForCausalLM)"
+            raise TrainerError(f"model.layer_pattern={model.layer_pattern!r}: {rule}")
+        return "mamba2"
     if model.attention == "mla":
         return _deepseek_family(model)
     if model.rope_interleave:
@@ -314,6 +351,15 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
     }  # fmt: skip
     name = architecture.get(kind, kind.capitalize() + "ForCausalLM")
     common = {"architectures": [name], "model_type": kind, "vocab_size": model.vocab_size}
+    if kind == "mamba2":
+        return {
+            **common, "architectures": ["Mamba2ForCausalLM"], "hidden_size": model.hidden,
+            "num_hidden_layers": model.layers, "num_heads": model.mamba_heads, "head_dim": model.mamba_head_dim,
+            "expand": model.mamba_expand, "n_groups": model.mamba_groups, "state_size": model.mamba_state,
+            "conv_kernel": model.mamba_conv, "chunk_size": model.mamba_chunk, "use_bias": False,
+            "use_conv_bias": True, "hidden_act": "silu", "layer_norm_epsilon": model.norm_eps,
+            "tie_word_embeddings": model.tied_embeddings, "residual_in_fp32": True,
+        }  # fmt: skip
     if kind == "gpt2":
         return {
             **common, "n_embd": model.hidden, "n_layer": model.layers, "n_head": model.heads,

@@ -3,10 +3,13 @@
 The mapping is a ``ckpt.Adapter`` of invertible rules built from the model's choices (which biases,
 QK-norm, experts, a shared expert, tied embeddings), so a tensor the model has and the rules do not
 name is an error rather than a dropped weight. GPT-2's fused, transposed ``c_attn`` is handled by
-:func:`fuse_qkv` / :func:`split_qkv` around its adapter.
+:func:`fuse_qkv` / :func:`split_qkv` around its adapter, Mamba-2's fused ``in_proj`` and ``conv1d`` by
+:func:`fuse_mamba` (export) and :func:`mamba_source` (streaming import).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -22,7 +25,64 @@ IGNORED_HF = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 def adapter(model: ModelConfig) -> Adapter:
     """The name mapping of ``model``'s family (see :func:`trainer.hf.config.family`)."""
     kind = family(model)
+    if kind == "mamba2":
+        return _mamba2(model)
     return _gpt2() if kind == "gpt2" else _llama_like(model, kind)
+
+
+MAMBA_IN = ("z", "x", "B", "C", "dt")
+"""The parts of Mamba-2's fused ``in_proj``, in its row order (the convolution's: ``x, B, C``)."""
+
+
+def _mamba2(model: ModelConfig) -> Adapter:
+    layer, mixer = "backbone.layers.{i}", "backbone.layers.{i}.mixer"
+    own = ("A_log", "D", "dt_bias", "norm.weight", "out_proj.weight", "in_proj.weight", "conv.weight", "conv.bias")
+    rules = [
+        Rename("embedding.weight", "backbone.embeddings.weight"),
+        Rename("final_norm.weight", "backbone.norm_f.weight"),
+        Rename("layers.{i}.norm1.weight", f"{layer}.norm.weight"),
+        *(Rename(f"layers.{{i}}.mamba.{n}", f"{mixer}.{n.replace('conv.', 'conv1d.')}") for n in own),
+    ]
+    if not model.tied_embeddings:
+        rules.append(Rename("head.weight", "lm_head.weight"))
+    return Adapter(tuple(rules))
+
+
+def _mamba_rows(model: ModelConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """The first row of each part in the fused ``in_proj`` and ``conv1d``."""
+    inner, bc = model.mamba_inner, model.mamba_groups * model.mamba_state
+    inputs = dict(zip(MAMBA_IN, (0, inner, 2 * inner, 2 * inner + bc, 2 * inner + 2 * bc)))
+    return inputs, {"x": 0, "B": inner, "C": inner + bc}
+
+
+def mamba_source(name: str, model: ModelConfig) -> tuple[str, tuple[int, ...], int] | None:
+    """For a part of a Mamba-2 fused tensor (``layers.3.mamba.x.weight``, ``layers.3.mamba.conv.B.bias``):
+    the fused tensor's name, its full shape as stored (``conv1d.weight`` ``[channels, 1, width]``) and the
+    part's first row in it; ``None`` for any other name."""
+    if model.layer_pattern is None:
+        return None
+    inputs, conv = _mamba_rows(model)
+    inner, bc, heads = model.mamba_inner, model.mamba_groups * model.mamba_state, model.mamba_heads
+    if found := re.fullmatch(r"layers\.(\d+)\.mamba\.(z|x|B|C|dt)\.weight", name):
+        fused = f"layers.{found[1]}.mamba.in_proj.weight"
+        return fused, (2 * inner + 2 * bc + heads, model.hidden), inputs[found[2]]
+    if found := re.fullmatch(r"layers\.(\d+)\.mamba\.conv\.(x|B|C)\.(weight|bias)", name):
+        shape = (inner + 2 * bc, 1, model.mamba_conv) if found[3] == "weight" else (inner + 2 * bc,)
+        return f"layers.{found[1]}.mamba.conv.{found[3]}", shape, conv[found[2]]
+    return None
+
+
+def fuse_mamba(state: dict[str, torch.Tensor], model: ModelConfig) -> None:
+    """Mamba-2: our parts of ``in_proj`` and of the convolution into the fused tensors its adapter maps."""
+    for i in range(model.layers):
+        parts = [state.pop(f"layers.{i}.mamba.{p}.weight", None) for p in MAMBA_IN]
+        if all(p is not None for p in parts):
+            state[f"layers.{i}.mamba.in_proj.weight"] = torch.cat(parts)
+        for w in ("weight", "bias"):
+            parts = [state.pop(f"layers.{i}.mamba.conv.{p}.{w}", None) for p in "xBC"]
+            if all(p is not None for p in parts):
+                fused = torch.cat(parts)
+                state[f"layers.{i}.mamba.conv.{w}"] = fused.unsqueeze(1) if w == "weight" else fused
 
 
 def _gpt2() -> Adapter:

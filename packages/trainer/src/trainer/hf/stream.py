@@ -4,7 +4,8 @@ that rank holds (``safetensors``' ``safe_open(...).get_slice``), so no process h
 Each named piece (:func:`trainer.model.shards.model_pieces`: layout-free name, global shape, this
 rank's offsets) is looked up through the family's name mapping: a renamed tensor is sliced directly, a
 transposed one (GPT-2) with its indices swapped, an expert of a stacked tensor one per expert, and
-GPT-2's fused ``c_attn`` at the part's column offset. Shapes are checked against the file before any
+GPT-2's fused ``c_attn`` at the part's column offset, a part of Mamba-2's ``in_proj`` or ``conv1d`` at its
+row offset. Shapes are checked against the file before any
 data is read; a missing tensor or file is named.
 """
 
@@ -22,7 +23,7 @@ from ckpt.convert import HF_INDEX, HF_SINGLE, Template
 from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig
 from ..model.shards import model_pieces
-from .names import adapter
+from .names import adapter, mamba_source
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 """The safetensors dtypes a weight may have (converted to the model's dtype on load)."""
@@ -118,5 +119,11 @@ def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
                 width = sizes["q"] + 2 * sizes["k"]
                 name, shape = f"{layer}.qkv.{tail}", (width, *shape[1:])
                 offsets = (offsets[0] + first, *offsets[1:])
-            data = _source(files, rules, name, shape, offsets, tuple(target.shape))
+            fused = mamba_source(name, model)
+            if fused is not None:  # a part of Mamba-2's in_proj or conv1d: its rows of the fused tensor
+                name, shape, first = fused
+                offsets, size = (offsets[0] + first, *(0,) * (len(shape) - 1)), (target.size(0), *shape[1:])
+                data = _source(files, rules, name, shape, offsets, size).reshape(target.shape)
+            else:
+                data = _source(files, rules, name, shape, offsets, tuple(target.shape))
             target.copy_(data.to(target.dtype))

@@ -31,6 +31,11 @@ class ModelRunner:
             raise TrainerError("inference runs the whole model in one pipeline stage (pp=1)")
         if groups.cp_size > 1 or groups.sequence_parallel:
             raise TrainerError("inference runs at cp=1 without sequence parallelism")
+        if chunk.cfg.layer_pattern is not None:
+            raise TrainerError(
+                f"model.layer_pattern={chunk.cfg.layer_pattern!r}: the paged engine serves attention-only models; "
+                "use trainer generate for hybrid Mamba models"
+            )
         self.chunk, self.cfg, self.tp = chunk.eval(), chunk.cfg, groups.tp_size
         weight = next(chunk.parameters())
         self.device = weight.device

@@ -20,6 +20,9 @@ CHOICES = {
     "backend": ("torch", "te"),
 }
 
+LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+"""The characters of ``ModelConfig.layer_pattern`` and the block each one stands for."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -48,6 +51,9 @@ class ModelConfig:
     are up-projected per head from one compressed latent of ``kv_lora_rank`` per token (the KV cache
     stores that latent and the ``qk_rope_head_dim`` rotary key shared by all heads); ``head_dim`` is then
     ``qk_nope_head_dim + qk_rope_head_dim``.
+
+    Hybrid models: ``layer_pattern`` gives each layer one block, ``M`` (Mamba-2, shaped by the ``mamba_*``
+    fields), ``*`` (attention), ``-`` (MLP) or ``E`` (mixture of experts); see ``trainer.model.hybrid``.
     """
 
     hidden: int
@@ -160,6 +166,21 @@ class ModelConfig:
     """rotary dimensions taken as interleaved pairs (DeepSeek's weights) instead of two halves."""
     backend: str = "torch"
     """layer implementation: torch (plain PyTorch) or te (Transformer Engine modules; GPUs only)."""
+    layer_pattern: str | None = None
+    """hybrid model, one character per layer: M Mamba-2, * attention, - MLP, E mixture of experts (each layer
+    is norm, block, residual; Nemotron-H's pattern). None: every layer is attention then MLP."""
+    mamba_state: int = 128
+    """Mamba-2 state size per head (d_state)."""
+    mamba_conv: int = 4
+    """Mamba-2 causal convolution width (d_conv)."""
+    mamba_expand: int = 2
+    """Mamba-2 inner width as a multiple of hidden."""
+    mamba_head_dim: int = 64
+    """Mamba-2 head width (the inner width is split into heads of this size)."""
+    mamba_groups: int = 1
+    """Mamba-2 groups sharing one B and C (n_groups; must divide the heads)."""
+    mamba_chunk: int = 256
+    """Mamba-2 scan chunk length (the quadratic block size of the SSD scan)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
@@ -201,6 +222,34 @@ class ModelConfig:
         if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
             raise TrainerError(f"model.moe_topk={self.moe_topk}: must be in [1, num_experts={self.num_experts}]")
         check_router(self)
+        if self.layer_pattern is not None:
+            self._check_pattern()
+            if self.attention == "mla":
+                raise TrainerError(
+                    f"model.layer_pattern={self.layer_pattern!r}: hybrid models take standard attention only, "
+                    "not attention='mla'"
+                )
+
+    def _check_pattern(self) -> None:
+        pattern = self.layer_pattern
+        if not isinstance(pattern, str) or set(pattern) - set(LAYER_KINDS):
+            raise TrainerError(f"model.layer_pattern={pattern!r}: must be a string of {''.join(LAYER_KINDS)}")
+        if len(pattern) != self.layers:
+            raise TrainerError(
+                f"model.layer_pattern={pattern!r}: has {len(pattern)} layers, model.layers={self.layers}"
+            )
+        if "E" in pattern and not self.num_experts:
+            raise TrainerError(f"model.layer_pattern={pattern!r}: E layers need model.num_experts > 0")
+        for name in ("mamba_state", "mamba_conv", "mamba_expand", "mamba_head_dim", "mamba_groups", "mamba_chunk"):
+            _positive(name, getattr(self, name))
+        if self.mamba_inner % self.mamba_head_dim:
+            raise TrainerError(
+                f"model.mamba_head_dim={self.mamba_head_dim}: must divide mamba_expand*hidden={self.mamba_inner}"
+            )
+        if self.mamba_heads % self.mamba_groups:
+            raise TrainerError(
+                f"model.mamba_groups={self.mamba_groups}: must divide the {self.mamba_heads} Mamba heads"
+            )
 
     @property
     def num_kv_heads(self) -> int:
@@ -232,11 +281,26 @@ class ModelConfig:
         return -(-(8 * self.hidden) // (3 * 64)) * 64
 
     @property
+    def mamba_inner(self) -> int:
+        """The Mamba-2 inner width (``mamba_expand * hidden``)."""
+        return self.mamba_expand * self.hidden
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_inner // self.mamba_head_dim
+
+    def layer_kind(self, layer: int) -> str | None:
+        """``"mamba"``, ``"attention"``, ``"mlp"`` or ``"moe"`` for layer ``layer`` of a hybrid model, else ``None``."""
+        return None if self.layer_pattern is None else LAYER_KINDS[self.layer_pattern[layer]]
+
+    @property
     def moe_ffn(self) -> int:
         return self.moe_ffn_hidden or self.ffn
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether global layer ``layer`` is a mixture of experts."""
+        if self.layer_pattern is not None:
+            return self.layer_pattern[layer] == "E"
         return self.num_experts > 0 and layer % self.moe_every == 0
 
     def with_overrides(self, **changes: Any) -> ModelConfig:
@@ -302,6 +366,21 @@ PRESETS: dict[str, ModelConfig] = {
         qk_nope_head_dim=8,
         qk_rope_head_dim=8,
         v_head_dim=12,
+        **_LLAMA,
+    ),
+    # Mamba-2, attention, Mamba-2, MLP (Nemotron-H style); 8 Mamba heads in 4 groups (TP x CP up to 4)
+    "tiny-hybrid": ModelConfig(
+        hidden=64,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        ffn_hidden=128,
+        max_seq_len=256,
+        layer_pattern="M*M-",
+        mamba_state=16,
+        mamba_head_dim=16,
+        mamba_groups=4,
+        mamba_chunk=16,
         **_LLAMA,
     ),
     # real shapes

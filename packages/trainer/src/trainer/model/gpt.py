@@ -32,8 +32,10 @@ from .block import TransformerLayer, norm
 from .config import ModelConfig
 from .dropout import Dropout, DropoutRNG
 from .groups import ModelGroups
+from .hybrid import HybridLayer
 from .kv_cache import KVCache, check_caches
 from .mla_cache import LatentCache
+from .ssm_cache import PositionCache, SSMCache
 
 
 class GPTChunk(nn.Module):
@@ -55,8 +57,9 @@ class GPTChunk(nn.Module):
             raise TrainerError("model.vocab_size is not set (it comes from the tokenizer when training)")
         self.cfg, self.groups, self.stage = cfg, groups, stage
         self.rng = DropoutRNG(seed, groups, stage.stage)
+        kind = TransformerLayer if cfg.layer_pattern is None else HybridLayer
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, groups, layer, seed, recompute=recompute, rng=self.rng) for layer in stage.layers
+            kind(cfg, groups, layer, seed, recompute=recompute, rng=self.rng) for layer in stage.layers
         )
         self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
         self.embedding = self.position = self.final_norm = self.head = None
@@ -89,6 +92,8 @@ class GPTChunk(nn.Module):
         if documents is not None and caches is not None:
             raise TrainerError("packed documents are for training: the KV cache path takes none")
         kind = LatentCache if self.cfg.attention == "mla" else KVCache
+        if self.cfg.layer_pattern is not None:
+            kind = (KVCache, SSMCache, PositionCache)
         start = None if caches is None else check_caches(caches, self.groups, len(self.layers), kind)
         if self.stage.embedding:
             x = self.embed(x, start, documents)
@@ -100,8 +105,12 @@ class GPTChunk(nn.Module):
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
-        positions, in the dtype and on the device of the weights (latent caches for MLA)."""
+        positions, in the dtype and on the device of the weights (latent caches for MLA; a hybrid model's Mamba
+        and MLP layers get the caches of :mod:`.ssm_cache`)."""
         weight, cfg = next(self.parameters()), self.cfg
+        if cfg.layer_pattern is not None:
+            size = max_len or cfg.max_seq_len
+            return [layer.new_cache(batch, size, weight.dtype, weight.device) for layer in self.layers]
         if cfg.attention == "mla":
             shape = (batch, max_len or cfg.max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
             return [LatentCache(*shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]

@@ -36,6 +36,16 @@ ROLES = (
     "q_up",
     "kv_down",
     "kv_up",
+    "z",
+    "x",
+    "B",
+    "C",
+    "dt",
+    "out_proj",
+    "conv_x",
+    "conv_B",
+    "conv_C",
+    "dt_bias",
 )
 
 EMBEDDING_LAYER = -1

@@ -73,7 +73,7 @@ def visible(start: int, new: int, device: torch.device) -> torch.Tensor:
     return torch.ones(new, start + new, dtype=torch.bool, device=device).tril(start)
 
 
-def check_caches(caches: Sequence, groups: ModelGroups, layers: int, kind: type = KVCache) -> int:
+def check_caches(caches: Sequence, groups: ModelGroups, layers: int, kind: type | tuple[type, ...] = KVCache) -> int:
     """The common length of a chunk's ``caches`` (the position of its next token); refuses a layout or a
     set of caches that incremental decoding does not support, and caches that are not ``kind``."""
     if groups.tp_size > 1 or groups.cp_size > 1 or groups.sequence_parallel:
@@ -85,7 +85,8 @@ def check_caches(caches: Sequence, groups: ModelGroups, layers: int, kind: type 
         raise TrainerError(f"{len(caches)} KV caches given for a chunk of {layers} layers (one per layer)")
     if not all(isinstance(c, kind) for c in caches):
         given = sorted({type(c).__name__ for c in caches})
-        raise TrainerError(f"this model's layers take {kind.__name__}s (GPTChunk.kv_caches makes them), not {given}")
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TrainerError(f"this model's layers take {kinds} caches (GPTChunk.kv_caches makes them), not {given}")
     lengths = {c.length for c in caches}
     if len(lengths) > 1:
         raise TrainerError(f"the KV caches of one chunk must hold as many positions; they hold {sorted(lengths)}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from pstate import Shard, as_group
 
+from .config import ModelConfig
 from .gpt import GPTChunk
 
 
@@ -67,16 +68,15 @@ def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
             out.append(_vocab_rows("head.weight", chunk.head.weight, cfg.vocab_size, rank))
         for layer in chunk.layers:
             prefix = f"layers.{layer.layer}"
-            out += _module(f"{prefix}.norm1", layer.norm1) + _module(f"{prefix}.norm2", layer.norm2)
-            attn, d = layer.attn, cfg.head_dim
-            if cfg.attention == "mla":
-                out += _mla(f"{prefix}.attn", attn, rank, tp)
-            else:
-                parts = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
-                out += _fused(f"{prefix}.attn", attn.qkv, parts, rank, tp)
-            out += _row(f"{prefix}.attn.proj", attn.proj, rank, tp)
-            if cfg.attention != "mla" and attn.q_norm is not None:
-                out += _module(f"{prefix}.attn.q_norm", attn.q_norm) + _module(f"{prefix}.attn.k_norm", attn.k_norm)
+            out += _module(f"{prefix}.norm1", layer.norm1)
+            if hasattr(layer, "norm2"):
+                out += _module(f"{prefix}.norm2", layer.norm2)
+            if getattr(layer, "mamba", None) is not None:
+                out += _mamba(f"{prefix}.mamba", layer.mamba, rank, tp)
+            if layer.attn is not None:
+                out += _attention(f"{prefix}.attn", layer.attn, cfg, rank, tp)
+            if layer.mlp is None:
+                continue
             if layer.is_moe:
                 out += _moe(f"{prefix}.mlp", layer.mlp, cfg.mlp == "swiglu")
                 shared = layer.mlp.shared_expert
@@ -115,6 +115,30 @@ def weights_state(chunks: list[GPTChunk]) -> dict[str, dict[str, Shard]]:
     if biases := expert_bias_shards(chunks):
         state["expert_bias"] = biases
     return state
+
+
+def _attention(prefix: str, attn: nn.Module, cfg: ModelConfig, rank: int, tp: int) -> list[Piece]:
+    if cfg.attention == "mla":
+        return _mla(prefix, attn, rank, tp) + _row(f"{prefix}.proj", attn.proj, rank, tp)
+    d = cfg.head_dim
+    parts = {"q": attn.heads * d, "k": attn.kv_heads * d, "v": attn.kv_heads * d}
+    out = _fused(prefix, attn.qkv, parts, rank, tp) + _row(f"{prefix}.proj", attn.proj, rank, tp)
+    if attn.q_norm is not None:
+        out += _module(f"{prefix}.q_norm", attn.q_norm) + _module(f"{prefix}.k_norm", attn.k_norm)
+    return out
+
+
+def _mamba(prefix: str, mixer: nn.Module, rank: int, tp: int) -> list[Piece]:
+    """The Mamba-2 mixer: ``in_proj`` as its parts ``z, x, B, C, dt``, the convolution as its ``x, B, C``
+    channels, ``out_proj`` row-parallel, and this rank's heads of the per-head vectors and of the norm."""
+    out = _fused(prefix, mixer.in_proj, mixer.sizes, rank, tp)
+    out += _fused(f"{prefix}.conv", mixer.conv, {k: mixer.sizes[k] for k in ("x", "B", "C")}, rank, tp)
+    for name in ("A_log", "D", "dt_bias"):
+        p = getattr(mixer, name)
+        out.append(Piece(f"{prefix}.{name}", p, (p.size(0) * tp,), (rank * p.size(0),)))
+    w = mixer.norm.weight
+    out.append(Piece(f"{prefix}.norm.weight", w, (w.size(0) * tp,), (rank * w.size(0),)))
+    return out + _row(f"{prefix}.out_proj", mixer.out_proj, rank, tp)
 
 
 def _value(p: nn.Parameter) -> torch.Tensor:

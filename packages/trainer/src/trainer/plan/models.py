@@ -20,13 +20,31 @@ def parameter_count(cfg: ModelConfig) -> tuple[int, int]:
     dense += norm_params(cfg)
     expert = 0
     for layer in range(cfg.layers):
-        dense += attention_params(cfg) + 2 * norm_params(cfg)
+        kind = cfg.layer_kind(layer)
+        if kind is None:
+            dense += attention_params(cfg) + 2 * norm_params(cfg)
+        else:  # a hybrid layer: one norm and one block
+            dense += norm_params(cfg) + {"mamba": mamba_params, "attention": attention_params}.get(kind, _none)(cfg)
+            if kind in ("mamba", "attention"):
+                continue
         if cfg.is_moe_layer(layer):
             dense += h * cfg.num_experts + shared_expert_params(cfg)
             expert += cfg.num_experts * expert_params(cfg)
         else:
             dense += mlp_params(cfg)
     return dense, expert
+
+
+def _none(cfg: ModelConfig) -> int:
+    return 0
+
+
+def mamba_params(cfg: ModelConfig) -> int:
+    """A Mamba-2 mixer: ``in_proj`` (z, x, B, C, dt), the convolution and its bias, ``A_log``, ``D``,
+    ``dt_bias``, the gated norm and ``out_proj``."""
+    inner, heads, bc = cfg.mamba_inner, cfg.mamba_heads, 2 * cfg.mamba_groups * cfg.mamba_state
+    projections = cfg.hidden * (2 * inner + bc + heads) + inner * cfg.hidden
+    return projections + (inner + bc) * (cfg.mamba_conv + 1) + 3 * heads + inner
 
 
 def norm_params(cfg: ModelConfig) -> int:

@@ -35,9 +35,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | None = None
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
     layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in range(cfg.layers))
+    if cfg.layer_pattern is not None:
+        blocks = {"attention": attention, "mamba": mamba_flops(cfg), "mlp": dense_mlp, "moe": moe_mlp}
+        layers = sum(blocks[cfg.layer_kind(i)] for i in range(cfg.layers))
     head = 2 * h * (cfg.vocab_size or 0)
     repeated = {None: 0, "full": layers, "selective": core * cfg.layers}[recompute]
     return 3.0 * (layers + head) + repeated
+
+
+def mamba_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of a Mamba-2 mixer: its projections and the SSD scan's matmuls (within a
+    chunk: ``C B^T`` and its product with ``x``; per position: the chunk state in and out)."""
+    h, inner, heads = cfg.hidden, cfg.mamba_inner, cfg.mamba_heads
+    n, chunk, bc = cfg.mamba_state, cfg.mamba_chunk, 2 * cfg.mamba_groups * cfg.mamba_state
+    projections = 2 * h * (2 * inner + bc + heads) + 2 * inner * h
+    return projections + 2 * chunk * heads * n + 2 * chunk * inner + 2 * 2 * inner * n
 
 
 @cache
