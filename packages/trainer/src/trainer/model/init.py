@@ -36,6 +36,7 @@ ROLES = (
     "q_up",
     "kv_down",
     "kv_up",
+    "eh_proj",
 )
 
 EMBEDDING_LAYER = -1
