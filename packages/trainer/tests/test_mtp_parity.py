@@ -1,0 +1,76 @@
+"""Multi-token prediction under TP (+SP) and PP against one process.
+
+Each layout runs one step of ``MICRO`` micro-batches of a model with two MTP modules through the pipeline
+executor (the loss: main + ``mtp_loss_weight`` * MTP), completes the gradients the split leaves partial
+(SP over TP, the tied embedding's copies over the embedding group: the last stage's copy also embeds the
+MTP modules' tokens), averages over ``dp_cp`` and returns its loss parts and gradient pieces. They must
+equal the one-process model's: rtol 1e-5, atol 1e-6 as in test_pipeline_parity (fp32; only the
+summation order changes).
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pstate
+from trainer.model import ModelGroups, build_chunks, model_shards, preset
+from trainer.model.shards import assemble
+from trainer.train import local_batch, make_executor, sync_model_parallel_grads
+from trainer.train.pipeline import LossParts, stage_layout
+
+SEED, BATCH, SEQ, VOCAB, MICRO = 7, 4, 16, 97, 2
+
+
+def run_mtp(parallel: dict, schedule: str, sp: bool = False, tied: bool = False):
+    cfg = replace(preset("tiny"), vocab_size=VOCAB, tied_embeddings=tied, mtp_depth=2, mtp_loss_weight=0.3)
+    with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
+        groups = ModelGroups.from_state(ps, sequence_parallel=sp)
+        chunks = build_chunks(
+            cfg, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, vpp=parallel.get("vpp", 1), seed=SEED,
+            layout=stage_layout(schedule, ps.pp.size),
+        )  # fmt: skip
+        parts = LossParts()
+        executor = make_executor(chunks, ps, cfg, groups, schedule=schedule, microbatches=MICRO, parts=parts)
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(11))
+        ids, labels = (t.chunk(ps.dp.size)[ps.dp.rank] for t in (tokens[:, :-1], tokens[:, 1:]))
+        micro = [local_batch(i, lab, ps) for i, lab in zip(ids.chunk(MICRO), labels.chunk(MICRO))]
+        result = executor.step([i for i, _ in micro], [lab for _, lab in micro])
+        sync_model_parallel_grads(chunks, ps, sequence_parallel=sp)
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.grad /= ps.dp_cp.size
+                dist.all_reduce(p.grad, group=ps.dp_cp.group)
+        losses = None
+        if result.losses:
+            losses = [torch.stack(x).mean().item() for x in (result.losses, parts.lm, parts.mtp)]
+        return losses, model_shards(chunks, grads=True)
+
+
+CASES = {
+    "tp2": (dict(tp=2), "1f1b", {}),
+    "tp2-sp": (dict(tp=2), "1f1b", dict(sp=True)),
+    "pp2-tied": (dict(pp=2), "1f1b", dict(tied=True)),
+    # a V layout: rank 0 holds the first and the last stage, and both copies of the tied embedding
+    "pp2-zb-v-tied": (dict(pp=2, vpp=2), "zb-v", dict(tied=True)),
+    "tp2-sp-pp2-tied": (dict(tp=2, pp=2), "1f1b", dict(sp=True, tied=True)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mtp_losses_and_gradients_equal_the_one_process_model(run_ranks, case):
+    parallel, schedule, options = CASES[case]
+    world = parallel.get("tp", 1) * parallel.get("pp", 1)
+    ((ref_losses, ref),) = run_ranks(1, run_mtp, {}, "1f1b", tied=options.get("tied", False))
+    assert ref_losses[0] == pytest.approx(ref_losses[1] + 0.3 * ref_losses[2], rel=1e-6)
+    assert ref_losses[2] > 0
+    results = run_ranks(world, run_mtp, parallel, schedule, **options)
+    for losses, _ in results:
+        if losses is not None:  # the last stage's ranks
+            assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert set().union(*(shards for _, shards in results)) == set(ref)
+    assert any(key.startswith("mtp.1.block.") for key in ref)
+    for key, full in ref.items():
+        got = assemble([shards[key] for _, shards in results if key in shards])
+        torch.testing.assert_close(got, full.data, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
