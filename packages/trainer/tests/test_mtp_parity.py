@@ -26,8 +26,8 @@ from trainer.train.pipeline import LossParts, stage_layout
 SEED, BATCH, SEQ, VOCAB, MICRO = 7, 4, 16, 97, 2
 
 
-def run_mtp(parallel: dict, schedule: str, sp: bool = False, tied: bool = False):
-    cfg = replace(preset("tiny"), vocab_size=VOCAB, tied_embeddings=tied, mtp_depth=2, mtp_loss_weight=0.3)
+def run_mtp(parallel: dict, schedule: str, sp: bool = False, tied: bool = False, model: str = "tiny"):
+    cfg = replace(preset(model), vocab_size=VOCAB, tied_embeddings=tied, mtp_depth=2, mtp_loss_weight=0.3)
     with pstate.initialize(pstate.ParallelConfig(**parallel)) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=sp)
         chunks = build_chunks(
@@ -58,6 +58,8 @@ CASES = {
     # a V layout: rank 0 holds the first and the last stage, and both copies of the tied embedding
     "pp2-zb-v-tied": (dict(pp=2, vpp=2), "zb-v", dict(tied=True)),
     "tp2-sp-pp2-tied": (dict(tp=2, pp=2), "1f1b", dict(sp=True, tied=True)),
+    # MoE every 2nd layer: the first MTP block (global layer 4) is a mixture of experts, the second dense
+    "moe-tp2-sp": (dict(tp=2), "1f1b", dict(sp=True, model="tiny-moe")),
 }
 
 
@@ -65,7 +67,8 @@ CASES = {
 def test_mtp_losses_and_gradients_equal_the_one_process_model(run_ranks, case):
     parallel, schedule, options = CASES[case]
     world = parallel.get("tp", 1) * parallel.get("pp", 1)
-    ((ref_losses, ref),) = run_ranks(1, run_mtp, {}, "1f1b", tied=options.get("tied", False))
+    reference = {k: v for k, v in options.items() if k in ("tied", "model")}
+    ((ref_losses, ref),) = run_ranks(1, run_mtp, {}, "1f1b", **reference)
     assert ref_losses[0] == pytest.approx(ref_losses[1] + 0.3 * ref_losses[2], rel=1e-6)
     assert ref_losses[2] > 0
     results = run_ranks(world, run_mtp, parallel, schedule, **options)
@@ -74,6 +77,7 @@ def test_mtp_losses_and_gradients_equal_the_one_process_model(run_ranks, case):
             assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert set().union(*(shards for _, shards in results)) == set(ref)
     assert any(key.startswith("mtp.1.block.") for key in ref)
+    assert ("mtp.0.block.mlp.experts.fc2" in ref) == (options.get("model") == "tiny-moe")
     for key, full in ref.items():
         got = assemble([shards[key] for _, shards in results if key in shards])
         torch.testing.assert_close(got, full.data, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{case} {key}: {m}")
