@@ -111,3 +111,15 @@ def test_training_loop_logs_the_main_and_mtp_losses_of_the_one_process_run(run_r
     assert ref[-2] < ref[0] and ref[-1] < ref[1]  # both losses fall
     for got in results:  # rtol 2e-5 as test_train_parity: a few AdamW steps keep the last-bit differences
         assert got == pytest.approx(ref, rel=2e-5)
+
+
+def test_mtp_run_resumes_at_another_layout(run_ranks, tmp_path):
+    """Two steps at TP2+SP with ZeRO-1, saved; resumed at PP2: the MTP modules' tensors and moments come
+    back by their layout-free names, and the four steps' losses are the one-process run's."""
+    cache, save = str(tmp_path / "cache"), str(tmp_path / "ckpt")
+    (full,) = run_ranks(1, train_with_mtp, {}, cache)
+    first = {"parallel": {"tp": 2}, "train": {"sequence_parallel": True, "zero": 1, "save": save, "exit_interval": 2}}
+    (head, _) = run_ranks(2, train_with_mtp, first, cache)
+    (_, tail) = run_ranks(2, train_with_mtp, {"parallel": {"pp": 2}, "train": {"load": save}}, cache)
+    assert len(head) == len(tail) == 4  # two steps of (loss, mtp_loss) each
+    assert head + tail == pytest.approx(full, rel=2e-5)
