@@ -123,3 +123,18 @@ def test_mtp_run_resumes_at_another_layout(run_ranks, tmp_path):
     (_, tail) = run_ranks(2, train_with_mtp, {"parallel": {"pp": 2}, "train": {"load": save}}, cache)
     assert len(head) == len(tail) == 4  # two steps of (loss, mtp_loss) each
     assert head + tail == pytest.approx(full, rel=2e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_mtp_matches_its_one_process_run(run_ranks, tmp_path, precision):
+    """Autocast (the MTP modules under the run's autocast too; fp16 with the loss scaler) at TP2+SP against
+    the same precision in one process, rtol 2e-2 as test_train_parity's low-precision runs (16-bit matmuls
+    round differently when the split reorders sums); both stay near the fp32 run (the logged losses are
+    unscaled)."""
+    cache, overrides = str(tmp_path), {"train": {"precision": precision}}
+    (fp32,) = run_ranks(1, train_with_mtp, {}, cache)
+    (reference,) = run_ranks(1, train_with_mtp, overrides, cache)
+    tp2 = {"parallel": {"tp": 2}, "train": {"precision": precision, "sequence_parallel": True}}
+    for losses in run_ranks(2, train_with_mtp, tp2, cache):
+        assert losses == pytest.approx(reference, rel=2e-2)
+    assert reference == pytest.approx(fp32, rel=5e-2)
