@@ -6,12 +6,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import pstate
 from trainer.config import check_run, load_run_config
 from trainer.errors import TrainerError
 from trainer.model import ModelGroups, build_chunks, model_shards, preset
 from trainer.model.mtp import mtp_loss
+from trainer.train.flops import flops_per_token
 
 SEED, BATCH, SEQ, VOCAB, DEPTH = 3, 2, 12, 53, 2
 
@@ -132,3 +134,21 @@ def build_untied_pipeline():
     cfg = replace(preset("tiny"), vocab_size=VOCAB, mtp_depth=1)
     with pstate.initialize(pstate.ParallelConfig(pp=2)) as ps:
         build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=ps.pp.rank, pp=2, seed=SEED)
+
+
+def counted_flops_with_mtp() -> tuple[float, float]:
+    """PyTorch's FLOP counter over one forward and MTP loss of ``SEQ`` tokens (times 3, per token), and
+    ``flops_per_token``'s count."""
+    cfg = replace(preset("tiny-mla"), vocab_size=VOCAB, mtp_depth=DEPTH)
+    with pstate.initialize(pstate.ParallelConfig()) as ps, torch.no_grad():
+        (chunk,) = build_chunks(cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=0)
+        ids = torch.zeros(BATCH, SEQ, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            _, hidden = chunk(ids)
+            mtp_loss(chunk, hidden, ids)
+    return 3 * counter.get_total_flops() / (BATCH * SEQ), flops_per_token(cfg, SEQ)
+
+
+def test_flops_per_token_count_the_mtp_modules(run_ranks):
+    ((counted, ours),) = run_ranks(1, counted_flops_with_mtp)
+    assert ours == counted

@@ -2,9 +2,10 @@
 
 Counted: every matmul of the forward (2 FLOPs per multiply-add) with the real sequence length, grouped
 query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``) and the
-router, and the output layer; the attention scores counted in full (``s x s``, Megatron's convention,
-although causal kernels skip half). Training is three forwards' worth (forward, input and weight
-gradients); recomputation is not counted, as in the usual definition of MFU.
+router, the output layer, and the multi-token prediction modules (projection, block, head); the
+attention scores counted in full (``s x s``, Megatron's convention, although causal kernels skip half).
+Training is three forwards' worth (forward, input and weight gradients); recomputation is not counted,
+as in the usual definition of MFU.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
-    layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in range(cfg.layers))
+    blocks = range(cfg.layers + cfg.mtp_depth)  # the MTP modules' blocks are global layers layers, layers+1, ...
+    layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in blocks)
     head = 2 * h * (cfg.vocab_size or 0)
-    return 3.0 * (layers + head)
+    mtp = cfg.mtp_depth * (2 * 2 * h * h + head)  # each MTP module's 2h -> h projection and its head
+    return 3.0 * (layers + head + mtp)
 
 
 @cache
