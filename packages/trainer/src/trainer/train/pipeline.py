@@ -45,7 +45,7 @@ def make_executor(
     no_sync: Callable[[int], AbstractContextManager[Any]] | None = None,
     on_chunk_grads_ready: Callable[[int], None] | None = None,
     loss_scale: Callable[[], float] | None = None,
-    head: GPTChunk | None = None,
+    last_stage: GPTChunk | None = None,
     parts: LossParts | None = None,
     autocast: torch.dtype | None = None,
 ) -> PipelineExecutor:
@@ -53,14 +53,14 @@ def make_executor(
 
     ``loss_scale()`` multiplies the loss before backward (fp16 dynamic loss scaling). With MTP
     (``model.mtp_depth > 0``) the loss is the main loss plus ``mtp_loss_weight`` times the MTP loss, which
-    the MTP modules of ``head`` (this rank's last-stage chunk; found among ``chunks`` when they are bare)
+    the MTP modules of ``last_stage`` (this rank's last-stage chunk; found among ``chunks`` when they are bare)
     compute from the last stage's hidden state, under autocast to ``autocast`` when given; ``parts``
     collects both losses of each micro-batch for the metrics."""
     vpp = len(chunks)
     name = schedule if ps.pp.size > 1 else "1f1b"
     plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp)
-    if head is None:
-        head = next((c for c in chunks if isinstance(c, GPTChunk) and c.mtp is not None), None)
+    if last_stage is None:
+        last_stage = next((c for c in chunks if isinstance(c, GPTChunk) and c.mtp is not None), None)
 
     def loss_fn(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         logits, hidden = output if isinstance(output, tuple) else (output, None)
@@ -68,10 +68,10 @@ def make_executor(
         if parts is not None:
             parts.lm.append(loss.detach())
         if hidden is not None:
-            if head is None:
-                raise TrainerError("make_executor: MTP outputs need head= (this rank's last-stage GPTChunk)")
+            if last_stage is None:
+                raise TrainerError("make_executor: MTP outputs need last_stage= (this rank's last-stage GPTChunk)")
             with torch.autocast(hidden.device.type, dtype=autocast) if autocast else nullcontext():
-                extra = mtp_loss(head, hidden, labels)
+                extra = mtp_loss(last_stage, hidden, labels)
             if parts is not None:
                 parts.mtp.append(extra.detach())
             loss = loss + cfg.mtp_loss_weight * extra

@@ -152,10 +152,10 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision]) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
-    losses, head = LossParts(), next((c for c in chunks if c.mtp is not None), None)
+    losses, last_stage = LossParts(), next((c for c in chunks if c.mtp is not None), None)
     executor = make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
-        loss_scale=scale, head=head, parts=losses, autocast=AUTOCAST.get(t.precision),
+        loss_scale=scale, last_stage=last_stage, parts=losses, autocast=AUTOCAST.get(t.precision),
     )  # fmt: skip
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
     tokens_group = ps.tp_dp_cp if t.sequence_parallel else ps.dp_cp
