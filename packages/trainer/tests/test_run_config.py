@@ -96,6 +96,7 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         ),
         ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
         ({"model": {"preset": "tiny-hybrid"}, "data": {"packing": "pack"}}, 1, "data.packing='pack' with a hybrid"),
+        ({"model": {"preset": "tiny-hybrid", "mtp_depth": 1}}, 1, "model.mtp_depth=1 with a hybrid"),
         ({"parallel": {"pp": 2, "pipeline_layout": [3, 2]}}, 2, "sums to 5 layers, but the model has layers=4"),
         ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zb-v"}}, 2, "vpp must be 2, got vpp=1"),
         (

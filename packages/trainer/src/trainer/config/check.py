@@ -10,6 +10,35 @@ from .fast_paths import check_fast_paths
 from .run import RunConfig
 
 
+def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """What multi-token prediction (``model.mtp_depth > 0``) does not combine with, and why."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not m.mtp_depth:
+        return []
+    mtp = f"model.mtp_depth={m.mtp_depth}"
+    return [
+        (p.cp > 1, f"{mtp} with cp={p.cp} is not supported: the tokens t+k it embeds live on other CP ranks"),
+        (
+            cfg.data.packing != "none",
+            f"{mtp} with data.packing={cfg.data.packing!r} is not supported: its shifted targets would cross documents",
+        ),
+        (
+            p.pp > 1 and not m.tied_embeddings,
+            f"{mtp} with pp={p.pp} needs model.tied_embeddings=true: the last stage embeds the tokens t+k, and only "
+            "a tied embedding has a copy there",
+        ),
+        (
+            t.zero == 3,
+            f"{mtp} with --zero 3 is not supported yet (the MTP modules run in the loss, outside FSDP's units)",
+        ),
+        (m.mtp_depth >= t.seq_len, f"{mtp} must be below seq_len={t.seq_len}"),
+        (
+            m.layer_pattern is not None,
+            f"{mtp} with a hybrid model.layer_pattern is not supported yet (the MTP blocks are transformer layers)",
+        ),
+    ]
+
+
 def check_run(cfg: RunConfig, world_size: int) -> int:
     """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
     step (``global_batch / (micro_batch * dp)``)."""
@@ -66,6 +95,7 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
         (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        *_mtp_rules(cfg),
         (
             t.eval_every > 0 and cfg.data.valid_fraction == 0,
             f"train.eval_every={t.eval_every} needs a validation set: set data.valid_fraction > 0",

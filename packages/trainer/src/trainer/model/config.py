@@ -54,6 +54,9 @@ class ModelConfig:
 
     Hybrid models: ``layer_pattern`` gives each layer one block, ``M`` (Mamba-2, shaped by the ``mamba_*``
     fields), ``*`` (attention), ``-`` (MLP) or ``E`` (mixture of experts); see ``trainer.model.hybrid``.
+
+    ``mtp_depth > 0``: DeepSeek-V3's multi-token prediction on the last pipeline stage
+    (``trainer.model.mtp``); its loss, weighted by ``mtp_loss_weight``, is added to the main loss.
     """
 
     hidden: int
@@ -181,6 +184,10 @@ class ModelConfig:
     """Mamba-2 groups sharing one B and C (n_groups; must divide the heads)."""
     mamba_chunk: int = 256
     """Mamba-2 scan chunk length (the quadratic block size of the SSD scan)."""
+    mtp_depth: int = 0
+    """multi-token prediction modules (DeepSeek-V3's MTP): module k also predicts token t+k+1 (0: off)."""
+    mtp_loss_weight: float = 0.1
+    """weight of the MTP loss (the mean over the modules' cross entropies) added to the main loss."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "max_seq_len", "moe_every", "vocab_pad_multiple"):
@@ -221,6 +228,10 @@ class ModelConfig:
             raise TrainerError("model.moe_shared_gate=True: needs a shared expert (model.moe_shared_ffn_hidden)")
         if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
             raise TrainerError(f"model.moe_topk={self.moe_topk}: must be in [1, num_experts={self.num_experts}]")
+        if not isinstance(self.mtp_depth, int) or self.mtp_depth < 0:
+            raise TrainerError(f"model.mtp_depth={self.mtp_depth!r}: must be an integer >= 0 (0: no MTP)")
+        if not self.mtp_loss_weight >= 0.0:
+            raise TrainerError(f"model.mtp_loss_weight={self.mtp_loss_weight}: must be >= 0")
         check_router(self)
         if self.layer_pattern is not None:
             self._check_pattern()

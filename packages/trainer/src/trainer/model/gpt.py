@@ -5,7 +5,9 @@ last also applies the final norm and the output head. ``build_chunks`` gives a r
 With tied embeddings and several stages, the last stage keeps its own copy of the embedding table
 (drawn from the same seed, tagged ``pstate.tags.mark_tied_copy``); :func:`tied_embedding_params` lists
 the copies whose gradients must be summed over the ``embedding`` group so that they stay equal.
-For inference at TP=CP=1, ``forward(ids, caches)`` takes one :class:`KVCache` per layer (``kv_caches``).
+With ``model.mtp_depth > 0`` the last stage also holds the multi-token prediction modules
+(:mod:`trainer.model.mtp`), which use that table. For inference at TP=CP=1, ``forward(ids, caches)`` takes
+one :class:`KVCache` per layer (``kv_caches``).
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ from .groups import ModelGroups
 from .hybrid import HybridLayer
 from .kv_cache import KVCache, check_caches
 from .mla_cache import LatentCache
+from .mtp import MTPModule
 from .ssm_cache import PositionCache, SSMCache
 
 
 class GPTChunk(nn.Module):
     """Stage ``stage`` of the model. Input: token ids ``[batch, seq]`` on the first stage, else hidden
     states ``[seq, batch, hidden]`` (``seq/tp`` with sequence parallelism). Output: hidden states, or on
-    the last stage the logits ``[seq, batch, padded_vocab/tp]`` of this TP rank's vocabulary slice."""
+    the last stage the logits ``[seq, batch, padded_vocab/tp]`` of this TP rank's vocabulary slice; with
+    MTP modules (``model.mtp_depth > 0``, no KV caches) ``(logits, hidden)``, the hidden state before the
+    final norm that :func:`trainer.model.mtp.mtp_loss` continues from."""
 
     def __init__(
         self,
@@ -75,6 +80,16 @@ class GPTChunk(nn.Module):
             self.final_norm = norm(cfg, groups)
             if not cfg.tied_embeddings:
                 self.head = output_head(cfg, groups, seed)
+        self.mtp = None
+        if stage.head and cfg.mtp_depth:
+            if self.embedding is None:
+                raise TrainerError(
+                    f"model.mtp_depth={cfg.mtp_depth}: the MTP modules on the last pipeline stage need the "
+                    "embedding table; with pp > 1 only tied embeddings (model.tied_embeddings=true) give it a copy"
+                )
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg, groups, k, seed, recompute=recompute, rng=self.rng) for k in range(cfg.mtp_depth)
+            )
 
     def forward(
         self,
@@ -100,7 +115,8 @@ class GPTChunk(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], documents)
         if self.stage.head:
-            return self.logits(self.final_norm(x))
+            logits = self.logits(self.final_norm(x))
+            return (logits, x) if self.mtp is not None and caches is None else logits
         return x if documents is None else (x, documents)
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
@@ -147,6 +163,13 @@ class GPTChunk(nn.Module):
         return column_parallel_linear(
             h, self.embedding.weight, group=self.groups.tp, sequence_parallel=self.groups.sequence_parallel
         )
+
+
+def named_blocks(chunk: GPTChunk) -> list[tuple[str, TransformerLayer]]:
+    """The chunk's transformer layers by layout-free prefix: ``layers.<global layer>`` and the MTP
+    modules' ``mtp.<depth - 1>.block``."""
+    out = [(f"layers.{layer.layer}", layer) for layer in chunk.layers]
+    return out + [(f"mtp.{k}.block", module.block) for k, module in enumerate(chunk.mtp or ())]
 
 
 def embedding_table(cfg: ModelConfig, groups: ModelGroups, seed: int) -> VocabParallelEmbedding:

@@ -46,6 +46,7 @@ ROLES = (
     "conv_B",
     "conv_C",
     "dt_bias",
+    "eh_proj",
 )
 
 EMBEDDING_LAYER = -1

@@ -28,11 +28,17 @@ _LAYER_ROLES = {
 _OUTPUT = ("proj", "fc2", "out_proj")  # write into the residual stream: GPT-2's smaller deviation
 
 
-def _role(name: str) -> tuple[int, str] | None:
-    """``(global layer, role)`` of a randomly initialised weight, else ``None``."""
+def _role(name: str, layers: int) -> tuple[int, str] | None:
+    """``(global layer, role)`` of a randomly initialised weight, else ``None``. MTP module ``k``'s tensors
+    (``mtp.<k>.proj``, ``mtp.<k>.block.*``) are those of global layer ``layers + k``."""
     if name in _EMBEDDING_ROLES:
         return init.EMBEDDING_LAYER, _EMBEDDING_ROLES[name]
     parts = name.split(".")
+    if parts[0] == "mtp":
+        layer = layers + int(parts[1])
+        if parts[2:] == ["proj", "weight"]:
+            return layer, "eh_proj"
+        parts = ["layers", str(layer), *parts[3:]] if parts[2] == "block" else parts
     if len(parts) == 5 and parts[0] == "layers" and parts[4] == "weight" and parts[3] in _LAYER_ROLES.get(parts[2], ()):
         return int(parts[1]), parts[3]
     if len(parts) == 6 and parts[2:4] == ["mamba", "conv"] and parts[5] == "weight":
@@ -44,7 +50,7 @@ def draw_initial_pieces(chunks: list[GPTChunk], seed: int) -> None:
     """Fill the randomly initialised weights of ``chunks`` (built around placeholders) with their values."""
     with torch.no_grad():
         for piece in model_pieces(chunks):
-            role = _role(piece.name)
+            role = _role(piece.name, chunks[0].cfg.layers)
             target = piece.of(piece.param.data)
             cfg = chunks[0].cfg
             if piece.name.endswith(".mamba.dt_bias"):

@@ -1,7 +1,8 @@
 """The model's tensors as ``pstate.Shard`` pieces of the one-process model's tensors, by global name.
 
 Names are layout-free (``layers.3.attn.q.weight``: layer numbers are global; fused tensors are split into
-their logical parts; vocabulary padding is left out), so a checkpoint written at one layout loads at
+their logical parts; vocabulary padding is left out; the multi-token prediction modules are ``mtp.<k>.enorm``,
+``mtp.<k>.hnorm``, ``mtp.<k>.proj`` and ``mtp.<k>.block.<as a layer>``), so a checkpoint written at one layout loads at
 any other, and parity tests compare pieces against the one-process model's tensors directly.
 
 :func:`model_pieces` says where each named piece sits, in a parameter and in the full tensor; the
@@ -25,7 +26,7 @@ from torch import nn
 from pstate import Shard, as_group
 
 from .config import ModelConfig
-from .gpt import GPTChunk
+from .gpt import GPTChunk, named_blocks
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ def model_pieces(chunks: list[GPTChunk]) -> list[Piece]:
             out += _module("final_norm", chunk.final_norm)
         if chunk.head is not None:
             out.append(_vocab_rows("head.weight", chunk.head.weight, cfg.vocab_size, rank))
-        for layer in chunk.layers:
-            prefix = f"layers.{layer.layer}"
+        for k, module in enumerate(chunk.mtp or ()):
+            out += _mtp(f"mtp.{k}", module, rank, tp)
+        for prefix, layer in named_blocks(chunk):  # the main layers, then the MTP modules' blocks
             out += _module(f"{prefix}.norm1", layer.norm1)
             if hasattr(layer, "norm2"):
                 out += _module(f"{prefix}.norm2", layer.norm2)
@@ -101,10 +103,10 @@ def expert_bias_shards(chunks: list[GPTChunk]) -> dict[str, Shard]:
     replicated on every rank of their stage, by layout-free name (``layers.0.mlp.router.expert_bias``)."""
     out = {}
     for chunk in chunks:
-        for layer in chunk.layers:
+        for prefix, layer in named_blocks(chunk):
             bias = layer.mlp.router.expert_bias if layer.is_moe else None
             if bias is not None:
-                out[f"layers.{layer.layer}.mlp.router.expert_bias"] = Shard(bias, tuple(bias.shape), (0,))
+                out[f"{prefix}.mlp.router.expert_bias"] = Shard(bias, tuple(bias.shape), (0,))
     return out
 
 
@@ -283,6 +285,12 @@ def _mla(prefix: str, attn: nn.Module, rank: int, tp: int) -> list[Piece]:
         if getattr(attn, name) is not None:
             out += _module(f"{prefix}.{name}", getattr(attn, name))
     return out
+
+
+def _mtp(prefix: str, module: nn.Module, rank: int, tp: int) -> list[Piece]:
+    """An MTP module's norms and ``2H -> H`` projection (column-parallel); its block is named as a layer."""
+    out = _module(f"{prefix}.enorm", module.enorm) + _module(f"{prefix}.hnorm", module.hnorm)
+    return out + _fused(prefix, module.proj, {"proj": module.proj.weight.size(0)}, rank, tp)
 
 
 def _moe(prefix: str, moe: nn.Module, swiglu: bool) -> list[Piece]:

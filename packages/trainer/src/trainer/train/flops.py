@@ -3,11 +3,11 @@ reports (:mod:`.peak` chooses the peak it divides by; the measured rate is its f
 
 Counted: every matmul of the forward (2 FLOPs per multiply-add) with the real sequence length, grouped
 query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``) and the
-router, and the output layer; the attention scores counted in full (``s x s``, Megatron's convention,
-although causal kernels skip half). Training is three forwards' worth (forward, input and weight
-gradients); recomputation is not counted, as in the usual definition of MFU. With ``recompute`` the count
-is what the hardware really does (HFU): ``full`` repeats every layer's forward, ``selective`` the attention
-scores and their weighted sum.
+router, the output layer, and the multi-token prediction modules (projection, block, head); the
+attention scores counted in full (``s x s``, Megatron's convention, although causal kernels skip half).
+Training is three forwards' worth (forward, input and weight gradients); recomputation is not counted, as
+in the usual definition of MFU. With ``recompute`` the count is what the hardware really does (HFU):
+``full`` repeats every layer's forward, ``selective`` the attention scores and their weighted sum.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | None = None
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
-    layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in range(cfg.layers))
+    blocks = range(cfg.layers + cfg.mtp_depth)  # the MTP modules' blocks are global layers layers, layers+1, ...
+    layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in blocks)
+    attention_blocks = len(blocks)
     if cfg.layer_pattern is not None:
-        blocks = {"attention": attention, "mamba": mamba_flops(cfg), "mlp": dense_mlp, "moe": moe_mlp}
-        layers = sum(blocks[cfg.layer_kind(i)] for i in range(cfg.layers))
+        kinds = {"attention": attention, "mamba": mamba_flops(cfg), "mlp": dense_mlp, "moe": moe_mlp}
+        layers = sum(kinds[cfg.layer_kind(i)] for i in range(cfg.layers))
+        attention_blocks = cfg.layer_pattern.count("*")
     head = 2 * h * (cfg.vocab_size or 0)
-    repeated = {None: 0, "full": layers, "selective": core * cfg.layers}[recompute]
-    return 3.0 * (layers + head) + repeated
+    mtp = cfg.mtp_depth * (2 * 2 * h * h + head)  # each MTP module's 2h -> h projection and its head
+    repeated = {None: 0, "full": layers, "selective": core * attention_blocks}[recompute]
+    return 3.0 * (layers + head + mtp) + repeated
 
 
 def mamba_flops(cfg: ModelConfig) -> float:

@@ -128,6 +128,8 @@ def _loop(
                 "tokens": (step + 1) * tokens_per_step,
                 **memory_mb(run.device),
             }
+            if run.model.mtp_depth:  # the loss above is the main one; the trained objective adds this
+                record["mtp_loss"] = _global_loss(run, run.losses.mtp)
             if run.scaler is not None:
                 record["loss_scale"] = float(run.scaler.scale)
             if recorder is not None:
@@ -180,7 +182,8 @@ def comm_fields(recorder: CommRecorder) -> dict[str, float]:
 
 
 def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
-    """One optimizer step over this rank's micro-batches: the global mean loss, the global grad norm,
+    """One optimizer step over this rank's micro-batches: the global mean loss (the main language-model
+    loss, without the MTP loss), the global grad norm,
     and whether the step was skipped for a non-finite gradient. The same code for every ZeRO stage: the
     engine accumulates over the micro-batches, reduces once, and runs the one step protocol."""
     ps, engine = run.ps, run.engine
@@ -190,7 +193,8 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
-    result = run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
+    run.losses.clear()
+    run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     engine.finish_grad_sync()
     # what the model's split leaves partial, on the reduced gradients: SP sums over TP, tied copies
     if run.cfg.train.sequence_parallel:
@@ -201,7 +205,7 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     norm, skipped = engine.step(_clip_threshold(run), clip, run.scaler)
     if run.expert_bias is not None:  # aux-loss-free balancing, from the step's tokens per expert
         run.expert_bias.step(skipped)
-    return _global_loss(run, result.losses) / scale, norm, skipped
+    return _global_loss(run, run.losses.lm), norm, skipped
 
 
 def _clip_threshold(run: Run) -> float:
@@ -236,8 +240,9 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
             split_batch(b, ps)
             for b in (torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in next(data))
         ]
-        result = run.executor.evaluate([i for i, _ in pairs], [lab for _, lab in pairs])
-        losses.append(_global_loss(run, result.losses))
+        run.losses.clear()
+        run.executor.evaluate([i for i, _ in pairs], [lab for _, lab in pairs])
+        losses.append(_global_loss(run, run.losses.lm))
     loss = sum(losses) / len(losses)
     return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 

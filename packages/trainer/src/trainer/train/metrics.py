@@ -63,6 +63,8 @@ class Metrics:
             f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_s']:,.0f}  "
             f"mfu {100 * record['mfu']:.1f}%  mem {record['memory_mb']:,.0f} MB  eta {_clock(eta)}"
         )
+        if "mtp_loss" in record:  # multi-token prediction: its loss beside the main one
+            line += f"  mtp_loss {record['mtp_loss']:.4f}"
         if record.get("skipped"):
             line += "  (skipped: non-finite)"
         axes = [k.removeprefix("comm_").removesuffix("_bytes") for k in record if k.endswith("_bytes")]

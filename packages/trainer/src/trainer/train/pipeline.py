@@ -9,7 +9,8 @@ partial: sequence-parallel parameters (summed over TP) and tied embedding copies
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +22,9 @@ from pp_sched import V_SCHEDULES, PipelineExecutor, build
 from pstate import ParallelState, comm
 from tp_layers import allreduce_sequence_parallel_grads, sequence_parallel_params
 
+from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig, ModelGroups, documents_tensor, lm_loss, tied_embedding_params
+from ..model.mtp import mtp_loss
 from ..model.shards import gradient
 
 
@@ -42,19 +45,52 @@ def make_executor(
     no_sync: Callable[[int], AbstractContextManager[Any]] | None = None,
     on_chunk_grads_ready: Callable[[int], None] | None = None,
     loss_scale: Callable[[], float] | None = None,
+    last_stage: GPTChunk | None = None,
+    parts: LossParts | None = None,
+    autocast: torch.dtype | None = None,
 ) -> PipelineExecutor:
     """The executor of ``schedule`` (``1f1b`` etc.; any name gives a one-stage schedule at ``pp=1``).
 
-    ``loss_scale()`` multiplies the loss before backward (fp16 dynamic loss scaling)."""
+    ``loss_scale()`` multiplies the loss before backward (fp16 dynamic loss scaling). With MTP
+    (``model.mtp_depth > 0``) the loss is the main loss plus ``mtp_loss_weight`` times the MTP loss, which
+    the MTP modules of ``last_stage`` (this rank's last-stage chunk; found among ``chunks`` when they are bare)
+    compute from the last stage's hidden state, under autocast to ``autocast`` when given; ``parts``
+    collects both losses of each micro-batch for the metrics."""
     vpp = len(chunks)
     name = schedule if ps.pp.size > 1 else "1f1b"
     plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp)
+    if last_stage is None:
+        last_stage = next((c for c in chunks if isinstance(c, GPTChunk) and c.mtp is not None), None)
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_fn(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, hidden = output if isinstance(output, tuple) else (output, None)
         loss = lm_loss(logits, labels, cfg=cfg, groups=groups)
+        if parts is not None:
+            parts.lm.append(loss.detach())
+        if hidden is not None:
+            if last_stage is None:
+                raise TrainerError("make_executor: MTP outputs need last_stage= (this rank's last-stage GPTChunk)")
+            with torch.autocast(hidden.device.type, dtype=autocast) if autocast else nullcontext():
+                extra = mtp_loss(last_stage, hidden, labels)
+            if parts is not None:
+                parts.mtp.append(extra.detach())
+            loss = loss + cfg.mtp_loss_weight * extra
         return loss if loss_scale is None else loss * loss_scale()
 
     return PipelineExecutor(plan, chunks, ps.pp, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_chunk_grads_ready)
+
+
+@dataclass
+class LossParts:
+    """The last stage's main (language-model) and MTP losses of a step's micro-batches, detached and
+    unscaled: the metrics report the main loss as ``loss`` (comparable with runs without MTP)."""
+
+    lm: list[torch.Tensor] = field(default_factory=list)
+    mtp: list[torch.Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.lm.clear()
+        self.mtp.clear()
 
 
 def local_batch(ids: torch.Tensor, labels: torch.Tensor, ps: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:

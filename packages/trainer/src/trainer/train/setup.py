@@ -28,7 +28,7 @@ from ..config import RunConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
-from .pipeline import make_executor, stage_layout
+from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
@@ -38,7 +38,8 @@ class Run:
     """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
     the executor calls: the engine's, under autocast for bf16/fp16), the data-parallel ``engine`` (one
     interface whatever the ZeRO stage), the executor, the loss scaler (fp16), the ``device`` the model
-    and its batches are on, and the MoE routers' expert-bias updater (``model.moe_expert_bias``)."""
+    and its batches are on, the MoE routers' expert-bias updater (``model.moe_expert_bias``), and the
+    executor's per-micro-batch main and MTP ``losses`` (cleared before each step)."""
 
     cfg: RunConfig
     model: ModelConfig
@@ -53,6 +54,7 @@ class Run:
     fsdp_pieces: list[dict[str, list[Piece]]] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     expert_bias: ExpertBiasUpdater | None = None
+    losses: LossParts = field(default_factory=LossParts)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -159,16 +161,18 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
     if t.precision != "fp32":
         modules = [Autocast(m, AUTOCAST[t.precision], context) for m in modules]
     scale = None if scaler is None else (lambda: scaler.scale)
+    losses, last_stage = LossParts(), next((c for c in chunks if c.mtp is not None), None)
     executor = make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
-        loss_scale=scale,
+        loss_scale=scale, last_stage=last_stage, parts=losses, autocast=AUTOCAST.get(t.precision),
     )  # fmt: skip
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
     tokens_group = ps.tp_dp_cp if t.sequence_parallel else ps.dp_cp
     bias = ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate) if model.moe_expert_bias else None
     return Run(
-        cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device, bias
-    )
+        cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device, bias,
+        losses,
+    )  # fmt: skip
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
