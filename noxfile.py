@@ -45,9 +45,10 @@ def dependencies(dist: str) -> list[str]:
 
 
 def test_extra(dist: str) -> str:
-    """``[a,b]``: every extra ``dist`` declares (its tests use them: ``test`` references, ``plot``), else ``""``."""
+    """``[a,b]``: every extra ``dist`` declares (its tests use them: ``test`` references, ``plot``), else ``""``;
+    not the ``gpu-*`` extras (CUDA-only packages, which the GPU validation run installs)."""
     project = tomllib.loads((PACKAGES[dist] / "pyproject.toml").read_text())["project"]
-    names = sorted(project.get("optional-dependencies", {}))
+    names = sorted(n for n in project.get("optional-dependencies", {}) if not n.startswith("gpu-"))
     return f"[{','.join(names)}]" if names else ""
 
 

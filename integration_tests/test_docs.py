@@ -67,4 +67,4 @@ def test_the_cli_reference_covers_every_subcommand_flag_and_field():
     for section, cls in SECTION_TYPES.items():
         for f in dataclasses.fields(cls):
             assert f"| `{section}.{f.name}` |" in page
-    assert "choices: fp32, bf16, fp16; default: fp32" in page
+    assert "choices: fp32, bf16, fp16, fp8; default: fp32" in page
