@@ -21,7 +21,7 @@ from ckpt.convert import HF_INDEX, HF_SINGLE, Template
 
 from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig
-from ..model.shards import model_pieces
+from ..model.shards import expert_bias_shards, model_pieces
 from .names import adapter
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -99,7 +99,7 @@ def _source(files: _Files, rules, name: str, shape: tuple, offsets: tuple, size:
 
 def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
     """Copy into ``chunks``' parameters their pieces of the model in ``hf_dir`` (its family's names),
-    reading only those slices."""
+    reading only those slices, and into the MoE routers' expert biases theirs."""
     if not chunks:
         return
     model: ModelConfig = chunks[0].cfg
@@ -120,3 +120,5 @@ def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
                 offsets = (offsets[0] + first, *offsets[1:])
             data = _source(files, rules, name, shape, offsets, tuple(target.shape))
             target.copy_(data.to(target.dtype))
+        for name, bias in expert_bias_shards(chunks).items():  # buffers: whole on every rank
+            bias.data.copy_(_source(files, rules, name, bias.global_shape, bias.offsets, tuple(bias.shape)))

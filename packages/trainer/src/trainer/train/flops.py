@@ -1,9 +1,9 @@
 """Model FLOPs per token and the machine's measured matmul rate, for the MFU the loop reports.
 
 Counted: every matmul of the forward (2 FLOPs per multiply-add) with the real sequence length, grouped
-query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``) and the
-router, and the output layer; the attention scores counted in full (``s x s``, Megatron's convention,
-although causal kernels skip half). Training is three forwards' worth (forward, input and weight
+query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``), the shared
+expert and the router, and the output layer; the attention scores counted in full (``s x s``, Megatron's
+convention, although causal kernels skip half). Training is three forwards' worth (forward, input and weight
 gradients); recomputation is not counted, as in the usual definition of MFU.
 """
 
@@ -28,6 +28,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
+    if cfg.moe_shared_ffn_hidden is not None:  # the shared expert every token goes through, and its gate
+        moe_mlp += per_matrix * cfg.moe_shared_ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
+        moe_mlp += 2 * h if cfg.moe_shared_gate else 0
     layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in range(cfg.layers))
     head = 2 * h * (cfg.vocab_size or 0)
     return 3.0 * (layers + head)
