@@ -260,6 +260,40 @@ def test_deepseek_v3_moe_fields_are_read():
 
 
 @pytest.mark.parametrize(
+    "yarn",
+    [YARN, {**YARN, "mscale": 0.0, "beta_fast": 8.0, "beta_slow": 2.0}, {**YARN, "factor": 40.0, "rope_theta": 1e6}],
+)
+def test_yarn_frequencies_and_attention_factor_equal_transformers(yarn):
+    """transformers' own YaRN parameters (``_compute_yarn_parameters``) for our rotary width, bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from trainer.hf import model_from_hf
+    from trainer.model.rotary import inverse_frequencies, rotary_scale
+
+    config = deepseek_moe_config(0, yarn)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    model = model_from_hf(config.to_dict())
+    assert torch.equal(inverse_frequencies(model), inv_freq)
+    assert rotary_scale(model) == factor
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_factor": 0.5}, "model.rope_factor=0.5: must be >= 1 for yarn"),
+        ({"rope_beta_fast": 1.0}, "model.rope_beta_fast=1.0: must exceed rope_beta_slow"),
+        ({"rope_beta_slow": 0.0}, "model.rope_beta_slow=0.0: must be > 0"),
+        ({"rope_mscale_all_dim": -1.0}, "model.rope_mscale_all_dim=-1.0: must be >= 0"),
+    ],
+)
+def test_yarn_fields_are_checked_by_name(change, message):
+    from trainer.errors import TrainerError
+    from trainer.model import preset
+
+    with pytest.raises(TrainerError, match=message):
+        preset("tiny-mla").with_overrides(rope_type="yarn", **({"rope_factor": 4.0} | change))
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"num_experts_per_tok": 1}, "num_experts_per_tok=1: a sigmoid router with one expert"),

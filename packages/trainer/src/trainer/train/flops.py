@@ -28,9 +28,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
-    if cfg.moe_shared_ffn_hidden is not None:  # the shared expert every token goes through, and its gate
+    if cfg.moe_shared_ffn_hidden is not None:  # the shared expert every token goes through
         moe_mlp += per_matrix * cfg.moe_shared_ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
-        moe_mlp += 2 * h if cfg.moe_shared_gate else 0
     layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in range(cfg.layers))
     head = 2 * h * (cfg.vocab_size or 0)
     return 3.0 * (layers + head)
