@@ -266,6 +266,7 @@ def test_deepseek_v3_moe_fields_are_read():
 def test_yarn_frequencies_and_attention_factor_equal_transformers(yarn):
     """transformers' own YaRN parameters (``_compute_yarn_parameters``) for our rotary width, bit for bit."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     from trainer.hf import model_from_hf
     from trainer.model.rotary import inverse_frequencies, rotary_scale
 
