@@ -404,3 +404,44 @@ def test_import_at_a_layout_saves_what_the_one_process_import_saves(run_ranks, t
     assert one.keys() == layout.keys()
     for name in one:
         assert torch.equal(one[name], layout[name]), name
+
+
+def train_one_step(imported: str, save: str, cache: str) -> None:
+    from trainer.config import load_run_config
+    from trainer.convert import with_checkpoint_model
+    from trainer.train.loop import train
+
+    overrides = {
+        "parallel": {"ep": 2},
+        "train": {"steps": 1, "seq_len": 16, "micro_batch": 2, "global_batch": 4, "save": save, "load": imported},
+        "data": {"cache_dir": cache},
+    }
+    list(train(with_checkpoint_model(load_run_config(overrides=overrides), explicit_model=False)))
+
+
+def expert_bias(save: str) -> torch.Tensor:
+    import ckpt
+
+    found = ckpt.latest(save)
+    bias = torch.zeros(8)
+    ckpt.load({"expert_bias": {"layers.1.mlp.router.expert_bias": bias}}, found)
+    return bias
+
+
+def test_training_from_an_imported_deepseek_v3_starts_from_its_expert_bias(run_ranks, tmp_path):
+    """``train --load`` of the weights-only import takes the routers' biases too: one step later each has
+    moved by the update rate from transformers' ``e_score_correction_bias``, not from zero."""
+    hf, imported, trained = (str(tmp_path / n) for n in ("hf", "imported", "trained"))
+    torch.manual_seed(0)
+    config = deepseek_moe_config(0)
+    config.vocab_size = 257  # the byte tokenizer's ids
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    model.save_pretrained(hf)
+    run_ranks(1, import_dir, hf, imported)
+    run_ranks(2, train_one_step, imported, trained, str(tmp_path / "cache"))
+    start = model.model.layers[1].mlp.gate.e_score_correction_bias
+    moved = expert_bias(trained) - start
+    # the bias is of order 0.5: float32 keeps the 1e-3 step to about 6e-8
+    torch.testing.assert_close(moved.abs(), torch.full((8,), 1e-3), rtol=0, atol=1e-6)
