@@ -445,3 +445,23 @@ def test_training_from_an_imported_deepseek_v3_starts_from_its_expert_bias(run_r
     moved = expert_bias(trained) - start
     # the bias is of order 0.5: float32 keeps the 1e-3 step to about 6e-8
     torch.testing.assert_close(moved.abs(), torch.full((8,), 1e-3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"moe_score": "softmax"}, "model.moe_score='softmax': DeepSeek-V3's MoE layers have 'sigmoid'"),
+        ({"moe_expert_bias": False}, "model.moe_expert_bias=False: DeepSeek-V3's MoE layers have True"),
+        ({"moe_shared_gate": True}, "model.moe_shared_gate=True: DeepSeek-V3's MoE layers have False"),
+        ({"moe_shared_ffn_hidden": 24}, "model.moe_shared_ffn_hidden=24: DeepSeek-V3's shared expert is a positive"),
+        ({"moe_shared_ffn_hidden": None}, "model.moe_shared_ffn_hidden=None"),
+        ({"moe_topk": 1}, "model.moe_topk=1: transformers renormalizes one sigmoid score"),
+    ],
+)
+def test_mla_moe_choices_deepseek_v3_lacks_are_refused_on_export(change, message):
+    from trainer.errors import TrainerError
+    from trainer.hf import hf_config, model_from_hf
+
+    model = model_from_hf(deepseek_moe_config(0).to_dict())
+    with pytest.raises(TrainerError, match=message):
+        hf_config(model.with_overrides(**change))
