@@ -75,7 +75,7 @@ def family_config(kind: str, seed: int) -> "transformers.PretrainedConfig":
 
 
 def deepseek_config(seed: int) -> "transformers.PretrainedConfig":
-    """A dense DeepSeek-V3 (every layer dense: its MoE routing does not convert yet), fuzzed over MLA's
+    """A dense DeepSeek-V3 (every layer dense), fuzzed over MLA's
     shapes: direct or low-rank queries, v_head_dim above or below the query/key width, rope interleave."""
     rng = random.Random(f"deepseek_v3-{seed}")
     return transformers.DeepseekV3Config(
@@ -88,12 +88,41 @@ def deepseek_config(seed: int) -> "transformers.PretrainedConfig":
     )  # fmt: skip
 
 
+YARN = {
+    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+}  # fmt: skip
+"""YaRN past its original context (SEQ > 16) with mscale != mscale_all_dim: the rotary attention factor and
+MLA's softmax correction both differ from 1."""
+
+
+def deepseek_moe_config(seed: int, rope: dict | None = None) -> "transformers.PretrainedConfig":
+    """A DeepSeek-V3 with a dense first layer and an MoE second one: sigmoid router in 2 groups of which a
+    token uses 1, a shared expert, routed scaling != 1 (the expert bias is drawn by :func:`hf_model`)."""
+    rng = random.Random(f"deepseek_v3_moe-{seed}")
+    return transformers.DeepseekV3Config(
+        hidden_size=48, num_hidden_layers=2, first_k_dense_replace=1, vocab_size=VOCAB, max_position_embeddings=64,
+        rms_norm_eps=1e-6, initializer_range=0.25, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=rng.choice([None, 24]), kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=rng.choice([8, 24]), rope_interleave=rng.random() < 0.5,
+        tie_word_embeddings=False, rope_parameters=rope or _rope(rng), n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=rng.choice([1, 2]), n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    )  # fmt: skip
+
+
+CONFIGS = {"deepseek_v3": deepseek_config, "deepseek_v3_moe": deepseek_moe_config, "deepseek_v3_yarn": None}
+
+
 def hf_model(kind: str, seed: int, path):
     torch.manual_seed(seed)
-    config = deepseek_config(seed) if kind == "deepseek_v3" else family_config(kind, seed)
+    if kind == "deepseek_v3_yarn":
+        config = deepseek_moe_config(seed, YARN)
+    else:
+        config = CONFIGS[kind](seed) if kind in CONFIGS else family_config(kind, seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # biases and norms start at 0 / 1: draw them so a lost one shows
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("bias", ".A_log", ".D")) or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.5)
     model.save_pretrained(path)
@@ -118,7 +147,7 @@ def our_logits(save: str, parallel: dict, sequence_parallel: bool = False, hf: s
     from tp_layers import gather_from_region
     from trainer.config import parse_run_config
     from trainer.hf.stream import load_hf_pieces
-    from trainer.model import ModelGroups, build_chunks, model_shards
+    from trainer.model import ModelGroups, build_chunks, weights_state
 
     found = ckpt.latest(save)
     cfg = parse_run_config(ckpt.load({"config": ""}, found)["config"])
@@ -126,7 +155,7 @@ def our_logits(save: str, parallel: dict, sequence_parallel: bool = False, hf: s
         groups = ModelGroups.from_state(ps, sequence_parallel=sequence_parallel)
         (chunk,) = build_chunks(cfg.model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=0)
         if hf is None:
-            ckpt.load({"model": model_shards([chunk])}, found)
+            ckpt.load(weights_state([chunk]), found)
         else:
             load_hf_pieces([chunk], hf)
         ids = tokens()
@@ -173,7 +202,7 @@ def check_family(run_ranks, tmp_path, kind, seed, layouts):
         expected = model(tokens()).logits
     run_ranks(1, import_dir, hf, save)
     for name, (world, parallel, options) in layouts.items():
-        options = {"hf": hf} if options.get("stream") else {}
+        options = ({"hf": hf} if options.get("stream") else {}) | {"sequence_parallel": bool(options.get("sp"))}
         results = [r for r in run_ranks(world, our_logits, save, parallel, **options) if r is not None]
         for ours in results:
             torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -208,13 +237,87 @@ def test_deepseek_v3_mla_logits_equal_transformers(run_ranks, tmp_path, seed):
     check_family(run_ranks, tmp_path, "deepseek_v3", seed, LAYOUTS)
 
 
-def test_deepseek_v3_moe_layers_are_refused_by_name():
+DEEPSEEK_MOE_LAYOUTS = {
+    "tp1": (1, {}, {}),
+    "ep2": (2, dict(ep=2), {}),
+    "tp2-sp": (2, dict(tp=2), dict(sp=True)),
+    "ep2-streamed": (2, dict(ep=2), dict(stream=True)),
+}
+
+
+@pytest.mark.parametrize(("kind", "seed"), [("deepseek_v3_moe", 0), ("deepseek_v3_moe", 1), ("deepseek_v3_yarn", 0)])
+def test_deepseek_v3_moe_logits_equal_transformers(run_ranks, tmp_path, kind, seed):
+    """Dense then MoE layers, the router's groups, bias and scaling, the shared expert; and YaRN."""
+    check_family(run_ranks, tmp_path, kind, seed, DEEPSEEK_MOE_LAYOUTS)
+
+
+def test_deepseek_v3_moe_fields_are_read():
+    from trainer.hf import hf_config, model_from_hf
+
+    model = model_from_hf(deepseek_moe_config(0, YARN).to_dict())
+    assert (model.num_experts, model.moe_topk, model.moe_ffn, model.moe_first_dense) == (8, 2, 16, 1)
+    assert (model.moe_score, model.moe_num_groups, model.moe_topk_groups, model.moe_routed_scaling) == (
+        "sigmoid", 2, 1, 2.5)  # fmt: skip
+    assert model.moe_expert_bias and model.moe_shared_ffn_hidden in (16, 32) and not model.moe_shared_gate
+    assert (model.rope_type, model.rope_factor, model.rope_original_max_len) == ("yarn", 4.0, 16)
+    assert (model.rope_mscale, model.rope_mscale_all_dim) == (1.0, 0.5)
+    assert [model.is_moe_layer(i) for i in range(2)] == [False, True]
+    assert model_from_hf(hf_config(model)) == model
+
+
+@pytest.mark.parametrize(
+    "yarn",
+    [YARN, {**YARN, "mscale": 0.0, "beta_fast": 8.0, "beta_slow": 2.0}, {**YARN, "factor": 40.0, "rope_theta": 1e6}],
+)
+def test_yarn_frequencies_and_attention_factor_equal_transformers(yarn):
+    """transformers' own YaRN parameters (``_compute_yarn_parameters``) for our rotary width, bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from trainer.hf import model_from_hf
+    from trainer.model.rotary import inverse_frequencies, rotary_scale
+
+    config = deepseek_moe_config(0, yarn)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    model = model_from_hf(config.to_dict())
+    assert torch.equal(inverse_frequencies(model), inv_freq)
+    assert rotary_scale(model) == factor
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_factor": 0.5}, "model.rope_factor=0.5: must be >= 1 for yarn"),
+        ({"rope_beta_fast": 1.0}, "model.rope_beta_fast=1.0: must exceed rope_beta_slow"),
+        ({"rope_beta_slow": 0.0}, "model.rope_beta_slow=0.0: must be > 0"),
+        ({"rope_mscale_all_dim": -1.0}, "model.rope_mscale_all_dim=-1.0: must be >= 0"),
+    ],
+)
+def test_yarn_fields_are_checked_by_name(change, message):
+    from trainer.errors import TrainerError
+    from trainer.model import preset
+
+    with pytest.raises(TrainerError, match=message):
+        preset("tiny-mla").with_overrides(rope_type="yarn", **({"rope_factor": 4.0} | change))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_experts_per_tok": 1}, "num_experts_per_tok=1: a sigmoid router with one expert"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+        ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ({"n_shared_experts": 0}, "n_shared_experts=0"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
+        ({"rope_parameters": {**YARN, "attention_factor": 1.5}}, "attention_factor=1.5"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "mscale": 1.0}}, "mscale=1.0: only read with"),
+    ],
+)
+def test_deepseek_v3_moe_settings_we_compute_differently_are_refused_by_name(change, message):
     from trainer.errors import TrainerError
     from trainer.hf import model_from_hf
 
-    config = deepseek_config(0).to_dict() | {"first_k_dense_replace": 1}
-    with pytest.raises(TrainerError, match="first_k_dense_replace=1: DeepSeek MoE layers do not convert yet"):
-        model_from_hf(config)
+    with pytest.raises(TrainerError, match=message):
+        model_from_hf(deepseek_moe_config(0).to_dict() | change)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -278,7 +381,7 @@ def test_legacy_rope_scaling_keys_are_read():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='longrope'"),
         ({"sliding_window": 16}, "sliding_window=16"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
@@ -334,3 +437,64 @@ def test_import_at_a_layout_saves_what_the_one_process_import_saves(run_ranks, t
     assert one.keys() == layout.keys()
     for name in one:
         assert torch.equal(one[name], layout[name]), name
+
+
+def train_one_step(imported: str, save: str, cache: str) -> None:
+    from trainer.config import load_run_config
+    from trainer.convert import with_checkpoint_model
+    from trainer.train.loop import train
+
+    overrides = {
+        "parallel": {"ep": 2},
+        "train": {"steps": 1, "seq_len": 16, "micro_batch": 2, "global_batch": 4, "save": save, "load": imported},
+        "data": {"cache_dir": cache},
+    }
+    list(train(with_checkpoint_model(load_run_config(overrides=overrides), explicit_model=False)))
+
+
+def expert_bias(save: str) -> torch.Tensor:
+    import ckpt
+
+    found = ckpt.latest(save)
+    bias = torch.zeros(8)
+    ckpt.load({"expert_bias": {"layers.1.mlp.router.expert_bias": bias}}, found)
+    return bias
+
+
+def test_training_from_an_imported_deepseek_v3_starts_from_its_expert_bias(run_ranks, tmp_path):
+    """``train --load`` of the weights-only import takes the routers' biases too: one step later each has
+    moved by the update rate from transformers' ``e_score_correction_bias``, not from zero."""
+    hf, imported, trained = (str(tmp_path / n) for n in ("hf", "imported", "trained"))
+    torch.manual_seed(0)
+    config = deepseek_moe_config(0)
+    config.vocab_size = 257  # the byte tokenizer's ids
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    model.save_pretrained(hf)
+    run_ranks(1, import_dir, hf, imported)
+    run_ranks(2, train_one_step, imported, trained, str(tmp_path / "cache"))
+    start = model.model.layers[1].mlp.gate.e_score_correction_bias
+    moved = expert_bias(trained) - start
+    # the bias is of order 0.5: float32 keeps the 1e-3 step to about 6e-8
+    torch.testing.assert_close(moved.abs(), torch.full((8,), 1e-3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"moe_score": "softmax"}, "model.moe_score='softmax': DeepSeek-V3's MoE layers have 'sigmoid'"),
+        ({"moe_expert_bias": False}, "model.moe_expert_bias=False: DeepSeek-V3's MoE layers have True"),
+        ({"moe_shared_gate": True}, "model.moe_shared_gate=True: DeepSeek-V3's MoE layers have False"),
+        ({"moe_shared_ffn_hidden": 24}, "model.moe_shared_ffn_hidden=24: DeepSeek-V3's shared expert is a positive"),
+        ({"moe_shared_ffn_hidden": None}, "model.moe_shared_ffn_hidden=None"),
+        ({"moe_topk": 1}, "model.moe_topk=1: transformers renormalizes one sigmoid score"),
+    ],
+)
+def test_mla_moe_choices_deepseek_v3_lacks_are_refused_on_export(change, message):
+    from trainer.errors import TrainerError
+    from trainer.hf import hf_config, model_from_hf
+
+    model = model_from_hf(deepseek_moe_config(0).to_dict())
+    with pytest.raises(TrainerError, match=message):
+        hf_config(model.with_overrides(**change))

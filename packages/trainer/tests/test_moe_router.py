@@ -160,6 +160,9 @@ def test_the_expert_bias_survives_a_resume_at_another_layout(run_ranks, tmp_path
         ({"moe_routed_scaling": float("nan")}, "model.moe_routed_scaling=nan: must be a finite number > 0"),
         ({"moe_score": "sigmoid", "moe_norm_topk": False}, "model.moe_norm_topk=False: not supported with moe_"),
         ({"moe_pad_to_capacity": True}, "model.moe_pad_to_capacity=True: needs model.moe_capacity_factor"),
+        ({"moe_first_dense": 2}, "model.moe_first_dense=2: leaves no MoE layer among layers=2 with moe_every=1"),
+        ({"moe_first_dense": -1}, "model.moe_first_dense=-1: must be an integer >= 0"),
+        ({"num_experts": 0, "moe_first_dense": 1}, r"model.moe_first_dense=1: needs experts \(model.num_experts > 0\)"),
     ],
 )
 def test_router_fields_are_checked_by_name(changes, message):

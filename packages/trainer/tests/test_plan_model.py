@@ -96,6 +96,10 @@ def test_layer_flops_add_up_to_the_mfu_count():
         m, s = preset(name).with_overrides(vocab_size=300), 512
         per_layer = sum(sum(layer_flops(m, s, m.is_moe_layer(i)).values()) for i in range(m.layers))
         assert 3 * (per_layer + 2 * m.hidden * 300) == pytest.approx(flops_per_token(m, s))
+    first_dense = ModelConfig(hidden=64, layers=4, heads=4, num_experts=4, moe_first_dense=1,
+                              moe_shared_ffn_hidden=32, vocab_size=300)  # fmt: skip
+    per_layer = sum(sum(layer_flops(first_dense, 512, i > 0).values()) for i in range(4))
+    assert 3 * (per_layer + 2 * 64 * 300) == pytest.approx(flops_per_token(first_dense, 512))
     q = 64  # tiny's forward per token: QKV + out, attention core over the sequence, SwiGLU
     assert layer_flops(preset("tiny"), 16, False) == {
         "matmul": 2 * 64 * (q + 64) + 2 * q * 64 + 2 * 64 * 128 * 3,
@@ -210,3 +214,19 @@ def test_evaluate_of_a_layout_that_does_not_fit_says_so():
     work = Workload(preset("llama3-70b"), 4096, 64)
     result = estimate(work, Layout(world=8, tp=8, sequence_parallel=True), load_hardware("h100-sxm"))
     assert not result.fits and result.memory.total > 16 * 70e9 / 8
+
+
+def test_deepseek_v3_moe_parameter_count_equals_transformers():
+    """Dense first layer, MoE after (moe_first_dense), MLA, shared expert: the count of transformers' model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        hidden_size=48, num_hidden_layers=3, first_k_dense_replace=1, vocab_size=101, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        n_shared_experts=2, n_group=2, topk_group=1,
+    )  # fmt: skip
+    model = model_from_hf_config(config.to_dict())
+    dense, expert = parameter_count(model)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    assert dense + expert == sum(p.numel() for p in hf.parameters())
+    assert expert == 2 * 8 * 3 * 48 * 16  # two MoE layers of 8 experts

@@ -28,7 +28,7 @@ from .hf import adapter, family, hf_config, model_from_hf
 from .hf.names import drop_ignored, fuse_mamba, fuse_qkv
 from .hf.stream import hf_tensor_names, load_hf_pieces
 from .launch import default_group
-from .model import ModelConfig, ModelGroups, build_chunks, model_shards
+from .model import ModelConfig, ModelGroups, build_chunks, weights_state
 
 
 def _one_process_model(cfg: RunConfig, model: ModelConfig, ps: pstate.ParallelState):
@@ -55,9 +55,9 @@ def export_to_hf(path: str | Path, out: str | Path, *, max_shard_bytes: int = MA
         if model.vocab_size is None:
             model = model.with_overrides(vocab_size=tokenizer.vocab_size)
         kind = family(model)
-        shards = model_shards([_one_process_model(cfg, model, ps)])
-        ckpt.load({"model": shards}, found)
-        state = {name: s.data for name, s in shards.items()}
+        weights = weights_state([_one_process_model(cfg, model, ps)])
+        ckpt.load(weights, found)
+        state = {name: s.data for part in weights.values() for name, s in part.items()}
         if kind == "gpt2":
             fuse_qkv(state, model.layers)
         if kind == "mamba2":
@@ -96,8 +96,8 @@ def import_from_hf(
     with default_group(default_device()), pstate.initialize(pstate.ParallelConfig(**(parallel or {}))) as ps:
         groups = ModelGroups.from_state(ps, sequence_parallel=ps.tp.size > 1 and model.num_experts > 0)
         chunks = build_chunks(model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=cfg.train.seed, draw=False)
-        shards = model_shards(chunks)
-        _refuse_extra_tensors(hf_dir, model, shards)
+        weights = weights_state(chunks)
+        _refuse_extra_tensors(hf_dir, model, {n: s for part in weights.values() for n, s in part.items()})
         try:
             load_hf_pieces(chunks, hf_dir)
             failed = None
@@ -108,7 +108,7 @@ def import_from_hf(
         if any(errors):
             raise TrainerError(next(e for e in errors if e))
         layout = {"hf": str(hf_dir)}
-        return ckpt.save({"model": shards, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout=layout)
+        return ckpt.save({**weights, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout=layout)
 
 
 def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import TrainerError
 from ..model import ModelConfig
+from .deepseek import DEEPSEEK_MOE_KEYS, check_deepseek_moe, deepseek_moe_config, deepseek_moe_fields
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "mamba2")
 LLAMA_LIKE = FAMILIES[1:-1]
@@ -30,10 +31,11 @@ NO_EFFECT = frozenset(
 )  # fmt: skip
 """Keys that do not change the model's function (``pretraining_tp`` only reorders a matmul's sums)."""
 
+YARN_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 ROPE_KEYS = frozenset(
     {
         "rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-        "original_max_position_embeddings", "partial_rotary_factor",
+        "original_max_position_embeddings", "partial_rotary_factor", *YARN_KEYS,
     }
 )  # fmt: skip
 
@@ -142,26 +144,21 @@ def _llama_like(r: _Reader, kind: str) -> dict[str, Any]:
     return fields
 
 
-DEEPSEEK_MOE_KEYS = (
-    "moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
-    "topk_group", "num_experts_per_tok", "norm_topk_prob",
-)  # fmt: skip
-"""DeepSeek-V3's MoE settings: read and unused, as only models whose every layer is dense convert."""
-
-
 def _deepseek_v3(r: _Reader) -> dict[str, Any]:
-    """DeepSeek-V3 (and V2-style) multi-latent attention with dense SwiGLU layers."""
+    """DeepSeek-V3 (and V2-style) multi-latent attention, dense SwiGLU layers then (from
+    ``first_k_dense_replace``) sigmoid-routed MoE layers with a shared expert."""
     heads, layers = r.need("num_attention_heads"), r.need("num_hidden_layers")
     r.only("hidden_act", ("silu",), "only SiLU (SwiGLU) MLPs are supported")
     r.only("attention_dropout", (0, 0.0), "attention dropout is not supported")
     r.only("attention_bias", (False,), "MLA projections with biases are not supported")
     r.only("num_key_value_heads", (heads,), "MLA expands keys and values for every query head")
+    for key in ("num_nextn_predict_layers", "num_mtp_layers", "aux_loss_alpha", "seq_aux", "ep_size"):
+        r.get(key)  # multi-token prediction modules are not part of the causal LM; training-only settings
     dense = r.get("first_k_dense_replace", 0)
-    if dense < layers:
-        rule = f"DeepSeek MoE layers do not convert yet; only first_k_dense_replace >= num_hidden_layers={layers}"
-        raise _refuse("first_k_dense_replace", dense, rule)
-    for key in (*DEEPSEEK_MOE_KEYS, "num_nextn_predict_layers", "num_mtp_layers"):
-        r.get(key)  # MoE settings of no layer; multi-token prediction modules are not part of the causal LM
+    moe = deepseek_moe_fields(r, dense) if dense < layers and r.get("n_routed_experts") else {}
+    if not moe:
+        for key in DEEPSEEK_MOE_KEYS:
+            r.get(key)  # MoE settings of no layer
     nope, rope_dim = r.need("qk_nope_head_dim"), r.need("qk_rope_head_dim")
     r.only("head_dim", (rope_dim,), "DeepSeek-V3's head_dim is its qk_rope_head_dim")
     r.only("qk_head_dim", (nope + rope_dim,), "must be qk_nope_head_dim + qk_rope_head_dim")
@@ -175,7 +172,7 @@ def _deepseek_v3(r: _Reader) -> dict[str, Any]:
         v_head_dim=r.need("v_head_dim"), rope_interleave=bool(r.get("rope_interleave", True)),
     )  # fmt: skip
     fields.update(_rope(r, max_len))
-    return fields
+    return fields | moe
 
 
 def _mamba2(r: _Reader) -> dict[str, Any]:
@@ -236,19 +233,34 @@ def _rope(r: _Reader, max_len: int) -> dict[str, Any]:
     if unknown:
         raise _refuse(f"rope_parameters.{unknown[0]}", params[unknown[0]], "not understood")
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise _refuse("rope_parameters.rope_type", kind, "only 'default', 'linear' and 'llama3' are supported")
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise _refuse("rope_parameters.rope_type", kind, "only 'default', 'linear', 'llama3' and 'yarn' are supported")
+    for key in YARN_KEYS:
+        if kind != "yarn" and params.get(key) is not None:
+            raise _refuse(f"rope_parameters.{key}", params[key], f"only read with rope_type='yarn', not {kind!r}")
+    if params.get("attention_factor") is not None:
+        raise _refuse("rope_parameters.attention_factor", params["attention_factor"], "set by mscale instead")
+    if params.get("truncate", True) is not True:
+        raise _refuse("rope_parameters.truncate", params["truncate"], "only YaRN's rounded ramp ends are supported")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise _refuse("partial_rotary_factor", params["partial_rotary_factor"], "only full rotary is supported")
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0)), "rope_type": kind}
     if kind != "default":
         out["rope_factor"] = float(params.get("factor", 1.0))
+    original = int(params.get("original_max_position_embeddings") or max_len)
     if kind == "llama3":
         out.update(
             rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            rope_original_max_len=int(params.get("original_max_position_embeddings", max_len)),
+            rope_original_max_len=original,
         )
+    if kind == "yarn":  # as transformers: a missing factor is the context's growth, 0 betas their defaults
+        out.update(
+            rope_factor=float(params.get("factor") or max_len / original), rope_original_max_len=original,
+            rope_beta_fast=float(params.get("beta_fast") or 32.0), rope_beta_slow=float(params.get("beta_slow") or 1.0),
+            rope_mscale=float(params.get("mscale") or 0.0),
+            rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        )  # fmt: skip
     return out
 
 
@@ -332,9 +344,7 @@ def _deepseek_family(model: ModelConfig) -> str:
     if (model.norm, model.position, model.mlp) != ("rmsnorm", "rotary", "swiglu") or model.has_bias("mlp"):
         raise TrainerError("model: an MLA model converts as DeepSeek-V3 only with rmsnorm, swiglu and no biases")
     if model.num_experts:
-        raise TrainerError(
-            f"model.num_experts={model.num_experts}: DeepSeek-V3 MoE layers do not convert yet (dense MLA models do)"
-        )
+        check_deepseek_moe(model)
     return "deepseek_v3"
 
 
@@ -370,10 +380,16 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": model.rope_type, "rope_theta": model.rope_theta}
     if model.rope_type != "default":
         rope["factor"] = model.rope_factor
+    original = model.rope_original_max_len or model.max_seq_len
     if model.rope_type == "llama3":
         rope.update(
             low_freq_factor=model.rope_low_freq_factor, high_freq_factor=model.rope_high_freq_factor,
-            original_max_position_embeddings=model.rope_original_max_len or model.max_seq_len,
+            original_max_position_embeddings=original,
+        )  # fmt: skip
+    if model.rope_type == "yarn":
+        rope.update(
+            original_max_position_embeddings=original, beta_fast=model.rope_beta_fast, beta_slow=model.rope_beta_slow,
+            mscale=model.rope_mscale, mscale_all_dim=model.rope_mscale_all_dim,
         )  # fmt: skip
     out = {
         **common, "hidden_size": model.hidden, "num_hidden_layers": model.layers,
@@ -389,6 +405,8 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
             qk_rope_head_dim=model.qk_rope_head_dim, v_head_dim=model.v_head_dim, rope_interleave=model.rope_interleave,
             first_k_dense_replace=model.layers, attention_bias=False,
         )  # fmt: skip
+        if model.num_experts:
+            out.update(deepseek_moe_config(model))
     if kind in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = model.has_bias("qkv")
     if kind == "llama":

@@ -135,6 +135,8 @@ def _llama_like(model: ModelConfig, kind: str) -> Adapter:
         suffixes = ("weight", "bias") if model.has_bias("mlp") else ("weight",)
         pairs = (("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj"))
         rules += [Rename(f"layers.{{i}}.mlp.{a}.{w}", f"{layer}.mlp.{b}.{w}") for a, b in pairs for w in suffixes]
+        if model.num_experts:  # DeepSeek-V3: dense layers first, then MoE layers (the names tell them apart)
+            rules += _deepseek_moe(layer)
         return Adapter(tuple(rules))
     if kind == "mixtral":
         moe, pairs = f"{layer}.block_sparse_moe", (("gate", "w1"), ("up", "w3"), ("fc2", "w2"))
@@ -147,6 +149,18 @@ def _llama_like(model: ModelConfig, kind: str) -> Adapter:
         rules += [Rename(f"layers.{{i}}.mlp.shared.{a}.weight", f"{moe}.shared_expert.{b}.weight") for a, b in shared]
         rules.append(Rename("layers.{i}.mlp.shared.gate_weight", f"{moe}.shared_expert_gate.weight"))
     return Adapter(tuple(rules))
+
+
+def _deepseek_moe(layer: str) -> list[Rename]:
+    """DeepSeek-V3's router (its ``gate``, with the expert bias as ``e_score_correction_bias``), routed
+    experts (one tensor per expert) and ungated shared expert."""
+    pairs = (("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj"))
+    return [
+        Rename("layers.{i}.mlp.router.weight", f"{layer}.mlp.gate.weight"),
+        Rename("layers.{i}.mlp.router.expert_bias", f"{layer}.mlp.gate.e_score_correction_bias"),
+        *(Stack(f"layers.{{i}}.mlp.experts.{a}", f"{layer}.mlp.experts.{{e}}.{b}.weight") for a, b in pairs),
+        *(Rename(f"layers.{{i}}.mlp.shared.{a}.weight", f"{layer}.mlp.shared_experts.{b}.weight") for a, b in pairs),
+    ]
 
 
 def _mla(model: ModelConfig, layer: str) -> list[Rename]:

@@ -22,7 +22,7 @@ from ckpt.convert import HF_INDEX, HF_SINGLE, Template
 
 from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig
-from ..model.shards import model_pieces
+from ..model.shards import expert_bias_shards, model_pieces
 from .names import adapter, mamba_source
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -100,7 +100,7 @@ def _source(files: _Files, rules, name: str, shape: tuple, offsets: tuple, size:
 
 def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
     """Copy into ``chunks``' parameters their pieces of the model in ``hf_dir`` (its family's names),
-    reading only those slices."""
+    reading only those slices, and into the MoE routers' expert biases theirs."""
     if not chunks:
         return
     model: ModelConfig = chunks[0].cfg
@@ -127,3 +127,5 @@ def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
             else:
                 data = _source(files, rules, name, shape, offsets, tuple(target.shape))
             target.copy_(data.to(target.dtype))
+        for name, bias in expert_bias_shards(chunks).items():  # buffers: whole on every rank
+            bias.data.copy_(_source(files, rules, name, bias.global_shape, bias.offsets, tuple(bias.shape)))

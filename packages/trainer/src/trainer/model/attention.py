@@ -14,7 +14,7 @@ from . import init
 from .config import ModelConfig
 from .groups import ModelGroups
 from .kv_cache import KVCache
-from .rotary import apply_rotary, inverse_frequencies, rotary_angles
+from .rotary import apply_rotary, inverse_frequencies, rotary_angles, rotary_scale
 
 
 class Attention(nn.Module):
@@ -123,12 +123,15 @@ def rotary_for(
     cfg: ModelConfig, positions: torch.Tensor, documents: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary ``(cos, sin)`` of this rank's tokens: at ``positions`` (``[seq, dim]``), or per sequence at
-    packed ``documents``' positions within each document (``[batch, 1, seq, dim]``)."""
-    freqs = inverse_frequencies(cfg, positions.device)
+    packed ``documents``' positions within each document (``[batch, 1, seq, dim]``); both times
+    :func:`~trainer.model.rotary.rotary_scale` (YaRN's attention factor)."""
+    freqs, scale = inverse_frequencies(cfg, positions.device), rotary_scale(cfg)
     if documents is not None:
         cos, sin = rotary_angles(documents[1], freqs)
-        return cos.unsqueeze(1), sin.unsqueeze(1)
-    return rotary_angles(positions, freqs)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    else:
+        cos, sin = rotary_angles(positions, freqs)
+    return (cos, sin) if scale == 1.0 else (cos * scale, sin * scale)
 
 
 def sequence_positions(local_len: int, groups: ModelGroups, device: torch.device) -> torch.Tensor:

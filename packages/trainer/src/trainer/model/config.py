@@ -13,7 +13,7 @@ CHOICES = {
     "position": ("learned", "rotary"),
     "mlp": ("gelu", "swiglu"),
     "moe_dispatcher": ("alltoall", "allgather", "flex"),
-    "rope_type": ("default", "linear", "llama3"),
+    "rope_type": ("default", "linear", "llama3", "yarn"),
     "moe_score": ("softmax", "sigmoid"),
     "moe_drop_policy": ("probs", "position"),
     "attention": ("standard", "mla"),
@@ -27,7 +27,8 @@ LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 @dataclass(frozen=True)
 class ModelConfig:
     """A GPT-style decoder. ``kv_heads < heads`` is grouped-query attention; ``num_experts > 0`` makes
-    every ``moe_every``-th layer (layers ``0, k, 2k, ...``) a mixture of experts.
+    every ``moe_every``-th layer (layers ``0, k, 2k, ...``) a mixture of experts, except the first
+    ``moe_first_dense`` layers.
 
     ``vocab_size=None`` takes the tokenizer's size when the model is built for training.
     ``ffn_hidden=None`` is ``4*hidden`` for GELU and ``8/3*hidden`` rounded up to a multiple of 64 for
@@ -39,7 +40,10 @@ class ModelConfig:
     MLP (``None``: follow ``bias``). ``qk_norm``: RMSNorm over each query and key head before the rotary
     embedding (Qwen3). ``rope_type``: ``"default"``, ``"linear"`` (positions divided by ``rope_factor``) or
     ``"llama3"`` (Llama 3.1's frequency-dependent scaling with ``rope_factor``, ``rope_low_freq_factor``,
-    ``rope_high_freq_factor`` and ``rope_original_max_len``).
+    ``rope_high_freq_factor`` and ``rope_original_max_len``) or ``"yarn"`` (YaRN, as DeepSeek-V3: frequencies
+    blended between kept and divided by ``rope_factor`` by ``rope_beta_fast``/``rope_beta_slow``, cos and sin
+    scaled by an attention factor from ``rope_mscale``/``rope_mscale_all_dim``, where
+    ``mscale(m) = 0.1*m*ln(rope_factor) + 1``).
 
     Mixture of experts: ``moe_norm_topk`` renormalises the chosen experts' probabilities to sum to one
     (else they are the softmax over all experts); ``moe_shared_ffn_hidden`` adds a shared expert every
@@ -90,7 +94,16 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     """llama3 scaling's high-frequency factor."""
     rope_original_max_len: int | None = None
-    """llama3 scaling's original context length (default: max_seq_len)."""
+    """llama3 and yarn scaling's original context length (default: max_seq_len)."""
+    rope_beta_fast: float = 32.0
+    """yarn: rotations over the original context above which a frequency is kept (extrapolated)."""
+    rope_beta_slow: float = 1.0
+    """yarn: rotations over the original context below which a frequency is divided by rope_factor."""
+    rope_mscale: float = 0.0
+    """yarn: with rope_mscale_all_dim, the rotary attention factor is mscale(rope_mscale)/mscale(all_dim)
+    (0: the factor is mscale(1) = 0.1*ln(rope_factor) + 1)."""
+    rope_mscale_all_dim: float = 0.0
+    """yarn: MLA's softmax scale is multiplied by mscale(rope_mscale_all_dim)**2 (DeepSeek; 0: not)."""
     kv_channels: int | None = None
     """width of one attention head (default: hidden/heads)."""
     mlp: str = "swiglu"
@@ -119,6 +132,8 @@ class ModelConfig:
     """experts each token is routed to."""
     moe_every: int = 1
     """every k-th layer is a mixture of experts (layers 0, k, 2k, ...)."""
+    moe_first_dense: int = 0
+    """the first k layers stay dense whatever moe_every says (DeepSeek-V3's first_k_dense_replace)."""
     moe_ffn_hidden: int | None = None
     """expert MLP width (default: ffn_hidden)."""
     moe_aux_loss_coeff: float = 0.0
@@ -224,6 +239,8 @@ class ModelConfig:
                 f"model.rope_low_freq_factor={self.rope_low_freq_factor}: must be below "
                 f"rope_high_freq_factor={self.rope_high_freq_factor}"
             )
+        if self.rope_type == "yarn":
+            _check_yarn(self)
         if self.moe_shared_gate and self.moe_shared_ffn_hidden is None:
             raise TrainerError("model.moe_shared_gate=True: needs a shared expert (model.moe_shared_ffn_hidden)")
         if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
@@ -232,6 +249,7 @@ class ModelConfig:
             raise TrainerError(f"model.mtp_depth={self.mtp_depth!r}: must be an integer >= 0 (0: no MTP)")
         if not self.mtp_loss_weight >= 0.0:
             raise TrainerError(f"model.mtp_loss_weight={self.mtp_loss_weight}: must be >= 0")
+        _check_first_dense(self)
         check_router(self)
         if self.layer_pattern is not None:
             self._check_pattern()
@@ -312,7 +330,7 @@ class ModelConfig:
         """Whether global layer ``layer`` is a mixture of experts."""
         if self.layer_pattern is not None:
             return self.layer_pattern[layer] == "E"
-        return self.num_experts > 0 and layer % self.moe_every == 0
+        return self.num_experts > 0 and layer >= self.moe_first_dense and layer % self.moe_every == 0
 
     def with_overrides(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied (unknown fields are refused by name)."""
@@ -337,6 +355,31 @@ def _check_mla(cfg: ModelConfig) -> None:
     for name, broken, rule in rules:
         if broken:
             raise TrainerError(f"model.{name}={getattr(cfg, name)!r}: {rule} (attention='mla')")
+
+
+def _check_first_dense(cfg: ModelConfig) -> None:
+    k = cfg.moe_first_dense
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise TrainerError(f"model.moe_first_dense={k!r}: must be an integer >= 0")
+    if k and not cfg.num_experts:
+        raise TrainerError(f"model.moe_first_dense={k}: needs experts (model.num_experts > 0)")
+    if k and not any(cfg.is_moe_layer(layer) for layer in range(cfg.layers)):
+        rule = f"leaves no MoE layer among layers={cfg.layers} with moe_every={cfg.moe_every}"
+        raise TrainerError(f"model.moe_first_dense={k}: {rule}")
+
+
+def _check_yarn(cfg: ModelConfig) -> None:
+    """YaRN's fields, each broken rule in one line."""
+    rules = (
+        ("rope_factor", cfg.rope_factor < 1, "must be >= 1 for yarn"),
+        ("rope_beta_slow", cfg.rope_beta_slow <= 0, "must be > 0"),
+        ("rope_beta_fast", not cfg.rope_beta_slow < cfg.rope_beta_fast, "must exceed rope_beta_slow"),
+        ("rope_mscale", cfg.rope_mscale < 0, "must be >= 0"),
+        ("rope_mscale_all_dim", cfg.rope_mscale_all_dim < 0, "must be >= 0"),
+    )
+    for name, broken, rule in rules:
+        if broken:
+            raise TrainerError(f"model.{name}={getattr(cfg, name)!r}: {rule} (rope_type='yarn')")
 
 
 def _positive(name: str, value: int) -> None:

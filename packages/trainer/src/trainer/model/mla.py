@@ -4,7 +4,8 @@ Per token, ``kv_down`` projects the hidden state to a latent of ``kv_lora_rank``
 rotary key of ``qk_rope_head_dim`` shared by every head; ``kv_up`` expands the latent into each head's
 key (``qk_nope_head_dim``) and value (``v_head_dim``). Queries come from ``q`` directly, or through a
 normalised latent of ``q_lora_rank`` (``q_down``, ``q_up``). A head's query/key is its non-rotary part
-followed by its rotary part; the softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``.
+followed by its rotary part; the softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (with
+YaRN times ``mscale(rope_mscale_all_dim) ** 2``, as DeepSeek-V3).
 
 Parallel split: the down-projections and latent norms are replicated over TP and run on the whole
 (SP-gathered) sequence; the up-projections are column-parallel over heads and the output projection
@@ -30,7 +31,7 @@ from .attention import causal_attention, rotary_for, sequence_positions
 from .config import ModelConfig
 from .groups import ModelGroups
 from .mla_cache import LatentCache
-from .rotary import apply_rotary
+from .rotary import apply_rotary, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6
 """The epsilon of the latents' RMSNorms (DeepSeek's, whatever ``norm_eps`` is)."""
@@ -128,7 +129,10 @@ class LatentAttention(nn.Module):
 
     @property
     def scale(self) -> float:
-        return (self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim) ** -0.5
+        """``head_dim ** -0.5``, times DeepSeek's YaRN correction ``mscale(rope_mscale_all_dim) ** 2``."""
+        cfg = self.cfg
+        mscale = yarn_mscale(cfg, cfg.rope_mscale_all_dim) if cfg.rope_type == "yarn" and cfg.rope_mscale_all_dim else 1
+        return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * mscale * mscale
 
     def core(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None

@@ -81,8 +81,12 @@ def layer_activations(
 
 
 def moe_layers(m: ModelConfig, layers: int) -> int:
-    """How many of the first ``layers`` layers are mixtures of experts (layers ``0, k, 2k, ...``)."""
-    return -(-layers // m.moe_every) if m.num_experts else 0
+    """The most mixture-of-experts layers (``ModelConfig.is_moe_layer``) that one stage of ``layers``
+    consecutive layers holds (stages start at multiples of ``layers``; the first ones may be dense)."""
+    if layers < 1:
+        return 0
+    stages = range(0, m.layers, layers)
+    return max(sum(m.is_moe_layer(i) for i in range(s, min(s + layers, m.layers))) for s in stages)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 reports (:mod:`.peak` chooses the peak it divides by; the measured rate is its fallback on CPUs).
 
 Counted: every matmul of the forward (2 FLOPs per multiply-add) with the real sequence length, grouped
-query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``) and the
-router, the output layer, and the multi-token prediction modules (projection, block, head); the
-attention scores counted in full (``s x s``, Megatron's convention, although causal kernels skip half).
-Training is three forwards' worth (forward, input and weight gradients); recomputation is not counted, as
-in the usual definition of MFU. With ``recompute`` the count is what the hardware really does (HFU):
-``full`` repeats every layer's forward, ``selective`` the attention scores and their weighted sum.
+query heads, the FFN size (SwiGLU: three matrices), the experts a token visits (``topk``), the shared
+expert and the router, the output layer, and the multi-token prediction modules (projection, block,
+head); the attention scores counted in full (``s x s``, Megatron's convention, although causal kernels skip
+half). Training is three forwards' worth (forward, input and weight gradients); recomputation is not
+counted, as in the usual definition of MFU. With ``recompute`` the count is what the hardware really does
+(HFU): ``full`` repeats every layer's forward, ``selective`` the attention scores and their weighted sum.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | None = None
     per_matrix = 2 * h
     dense_mlp = per_matrix * cfg.ffn * (3 if cfg.mlp == "swiglu" else 2)
     moe_mlp = cfg.moe_topk * per_matrix * cfg.moe_ffn * (3 if cfg.mlp == "swiglu" else 2) + 2 * h * cfg.num_experts
+    if cfg.moe_shared_ffn_hidden is not None:  # the shared expert every token goes through
+        moe_mlp += per_matrix * cfg.moe_shared_ffn_hidden * (3 if cfg.mlp == "swiglu" else 2)
     blocks = range(cfg.layers + cfg.mtp_depth)  # the MTP modules' blocks are global layers layers, layers+1, ...
     layers = sum(attention + (moe_mlp if cfg.is_moe_layer(i) else dense_mlp) for i in blocks)
     attention_blocks = len(blocks)

@@ -291,7 +291,10 @@ def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) ->
     if summary["layout"] != _layout(run) or not saved_dropout:  # streams per stage and TP rank: start anew
         state.pop("dropout")
     if not any(key.startswith("progress/") for key in summary["values"]):
-        ckpt.load({"model": state["model"]}, found)  # weights only (trainer convert): a new run from them
+        weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
+        if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
+            weights["expert_bias"] = state["expert_bias"]  # imported routers' biases (DeepSeek-V3)
+        ckpt.load(weights, found)
         metrics.note(f"initialised the model from {found}")
         return 0
     loaded = ckpt.load(saveable(state), found)
