@@ -22,7 +22,7 @@ from pstate import ParallelConfig
 from ..data.build import DataConfig
 from ..model import ModelConfig
 from ..model.config import CHOICES as MODEL_CHOICES
-from ..model.config import PRESETS
+from ..model.presets import PRESETS
 from .run import DECAYS, FP8_RECIPES, ON_NAN, PRECISIONS, OptimConfig, RunConfig, TrainConfig
 
 #: The sections of a run, in the order of the TOML file and the reference.
