@@ -14,21 +14,13 @@ from typing import Any
 from ..errors import TrainerError
 from ..model import ModelConfig
 from .deepseek import DEEPSEEK_MOE_KEYS, check_deepseek_moe, deepseek_moe_config, deepseek_moe_fields
+from .mamba import mamba2_fields
+from .reader import Reader, refuse
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "mamba2")
 LLAMA_LIKE = FAMILIES[1:-1]
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
-NO_EFFECT = frozenset(
-    {
-        "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
-        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-        "use_cache", "initializer_range", "output_attentions", "output_hidden_states", "return_dict",
-        "output_router_logits", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-        "is_encoder_decoder", "tokenizer_class", "torchscript", "pretraining_tp", "use_return_dict",
-        "tie_encoder_decoder", "prefix", "task_specific_params", "finetuning_task",
-    }
-)  # fmt: skip
 """Keys that do not change the model's function (``pretraining_tp`` only reorders a matmul's sums)."""
 
 YARN_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
@@ -40,23 +32,14 @@ ROPE_KEYS = frozenset(
 )  # fmt: skip
 
 
-def _refuse(key: str, value: Any, rule: str) -> TrainerError:
-    return TrainerError(f"config.json {key}={value!r}: {rule}")
-
-
-def _expect(config: dict[str, Any], key: str, allowed: tuple, rule: str) -> None:
-    if key in config and config[key] not in allowed:
-        raise _refuse(key, config[key], rule)
-
-
 def model_from_hf(config: dict[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face ``config.json`` (as a dict), or an error naming the key
     we cannot honour."""
     kind = config.get("model_type")
     if kind not in FAMILIES:
-        raise _refuse("model_type", kind, f"only {list(FAMILIES)} convert")
-    reader = _Reader(config)
-    read = {"gpt2": _gpt2, "mamba2": _mamba2, "deepseek_v3": _deepseek_v3}.get(kind)
+        raise refuse("model_type", kind, f"only {list(FAMILIES)} convert")
+    reader = Reader(config)
+    read = {"gpt2": _gpt2, "mamba2": mamba2_fields, "deepseek_v3": _deepseek_v3}.get(kind)
     fields = read(reader) if read is not None else _llama_like(reader, kind)
     reader.check_all_read()
     try:
@@ -65,38 +48,7 @@ def model_from_hf(config: dict[str, Any]) -> ModelConfig:
         raise TrainerError(f"config.json: {error}") from None
 
 
-class _Reader:
-    """Reads keys of ``config`` and remembers which it has seen."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config, self.seen = config, set(NO_EFFECT)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.seen.add(key)
-        value = self.config.get(key)
-        return default if value is None else value
-
-    def need(self, key: str) -> Any:
-        self.seen.add(key)
-        if self.config.get(key) is None:
-            raise TrainerError(f"config.json: {key} is missing")
-        return self.config[key]
-
-    def only(self, key: str, allowed: tuple, rule: str) -> None:
-        self.seen.add(key)
-        _expect(self.config, key, allowed, rule)
-
-    def check_all_read(self) -> None:
-        unknown = sorted(set(self.config) - self.seen)
-        if unknown:
-            raise _refuse(
-                unknown[0],
-                self.config[unknown[0]],
-                "not understood (it may change the model; refusing rather than dropping it)",
-            )
-
-
-def _gpt2(r: _Reader) -> dict[str, Any]:
+def _gpt2(r: Reader) -> dict[str, Any]:
     for key in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"):
         r.get(key)  # dropout: training only, not part of the converted model
     for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "n_ctx"):
@@ -115,7 +67,7 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _llama_like(r: _Reader, kind: str) -> dict[str, Any]:
+def _llama_like(r: Reader, kind: str) -> dict[str, Any]:
     hidden, heads = r.need("hidden_size"), r.need("num_attention_heads")
     r.only("hidden_act", ("silu",), "only SiLU (SwiGLU) MLPs are supported")
     r.only("attention_dropout", (0, 0.0), "attention dropout is not supported")
@@ -144,7 +96,7 @@ def _llama_like(r: _Reader, kind: str) -> dict[str, Any]:
     return fields
 
 
-def _deepseek_v3(r: _Reader) -> dict[str, Any]:
+def _deepseek_v3(r: Reader) -> dict[str, Any]:
     """DeepSeek-V3 (and V2-style) multi-latent attention, dense SwiGLU layers then (from
     ``first_k_dense_replace``) sigmoid-routed MoE layers with a shared expert."""
     heads, layers = r.need("num_attention_heads"), r.need("num_hidden_layers")
@@ -175,55 +127,21 @@ def _deepseek_v3(r: _Reader) -> dict[str, Any]:
     return fields | moe
 
 
-def _mamba2(r: _Reader) -> dict[str, Any]:
-    """``Mamba2ForCausalLM``: every layer a Mamba-2 mixer (``layer_pattern`` of ``M``), RMSNorm, no positions."""
-    hidden, heads, head_dim = r.need("hidden_size"), r.need("num_heads"), r.need("head_dim")
-    expand = r.get("expand", 2)
-    if heads * head_dim != expand * hidden:
-        raise _refuse("num_heads", heads, f"num_heads*head_dim={heads * head_dim} must be expand*hidden_size")
-    r.only("use_bias", (False,), "projection biases are not supported")
-    r.only("use_conv_bias", (True,), "the convolution must have a bias")
-    r.only("hidden_act", ("silu",), "only SiLU is supported")
-    limit = r.get("time_step_limit", (0.0, float("inf")))
-    if tuple(_float(v) for v in limit) != (0.0, float("inf")):
-        raise _refuse("time_step_limit", limit, "clamping the step size is not supported")
-    for key in ("time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual"):
-        r.get(key)  # initialisation only
-    r.only("residual_in_fp32", (True, False), "")  # the residual stream is fp32 under autocast anyway
-    layers = r.need("num_hidden_layers")
-    r.only("layer_types", (None, ["mamba"] * layers), "only Mamba layers are supported")
-    attention_heads = heads if hidden % heads == 0 and hidden // heads % 2 == 0 else 1  # unused: no attention
-    return dict(
-        hidden=hidden, layers=layers, heads=attention_heads, vocab_size=r.need("vocab_size"),
-        norm_eps=r.get("layer_norm_epsilon", 1e-5), tied_embeddings=bool(r.get("tie_word_embeddings", False)),
-        norm="rmsnorm", bias=False, layer_pattern="M" * layers, mamba_state=r.get("state_size", 128),
-        mamba_conv=r.get("conv_kernel", 4), mamba_expand=expand, mamba_head_dim=head_dim,
-        mamba_groups=r.get("n_groups", 1), mamba_chunk=r.get("chunk_size", 256),
-    )  # fmt: skip
-
-
-def _float(value: Any) -> Any:
-    """A number of a ``config.json``: ``transformers`` 5 writes infinity as ``{"__float__": "Infinity"}``."""
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        return float(value["__float__"])
-    return float(value) if isinstance(value, str | int | float) else value
-
-
-def _no_sliding_window(r: _Reader, kind: str, max_len: int) -> None:
+def _no_sliding_window(r: Reader, kind: str, max_len: int) -> None:
     """A sliding window is refused unless it is switched off or no shorter than the longest sequence."""
     use = r.get("use_sliding_window", kind in ("mistral", "mixtral"))
     window = r.get("sliding_window")
     r.get("max_window_layers")  # only used with use_sliding_window
     if use and window is not None and 0 < window < max_len:
-        raise _refuse(
+        raise refuse(
             "sliding_window", window, f"sliding-window attention (window < {max_len} positions) is not supported"
         )
     layer_types = r.get("layer_types")
     if layer_types is not None and (set(layer_types) - {"full_attention"}) and use:
-        raise _refuse("layer_types", layer_types, "only full attention layers are supported")
+        raise refuse("layer_types", layer_types, "only full attention layers are supported")
 
 
-def _rope(r: _Reader, max_len: int) -> dict[str, Any]:
+def _rope(r: Reader, max_len: int) -> dict[str, Any]:
     """Rotary settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
     params = dict(r.get("rope_scaling") or {})
     params.update(r.get("rope_parameters") or {})
@@ -231,19 +149,19 @@ def _rope(r: _Reader, max_len: int) -> dict[str, Any]:
         params.setdefault("rope_theta", r.config["rope_theta"])
     unknown = sorted(set(params) - ROPE_KEYS)
     if unknown:
-        raise _refuse(f"rope_parameters.{unknown[0]}", params[unknown[0]], "not understood")
+        raise refuse(f"rope_parameters.{unknown[0]}", params[unknown[0]], "not understood")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3", "yarn"):
-        raise _refuse("rope_parameters.rope_type", kind, "only 'default', 'linear', 'llama3' and 'yarn' are supported")
+        raise refuse("rope_parameters.rope_type", kind, "only 'default', 'linear', 'llama3' and 'yarn' are supported")
     for key in YARN_KEYS:
         if kind != "yarn" and params.get(key) is not None:
-            raise _refuse(f"rope_parameters.{key}", params[key], f"only read with rope_type='yarn', not {kind!r}")
+            raise refuse(f"rope_parameters.{key}", params[key], f"only read with rope_type='yarn', not {kind!r}")
     if params.get("attention_factor") is not None:
-        raise _refuse("rope_parameters.attention_factor", params["attention_factor"], "set by mscale instead")
+        raise refuse("rope_parameters.attention_factor", params["attention_factor"], "set by mscale instead")
     if params.get("truncate", True) is not True:
-        raise _refuse("rope_parameters.truncate", params["truncate"], "only YaRN's rounded ramp ends are supported")
+        raise refuse("rope_parameters.truncate", params["truncate"], "only YaRN's rounded ramp ends are supported")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _refuse("partial_rotary_factor", params["partial_rotary_factor"], "only full rotary is supported")
+        raise refuse("partial_rotary_factor", params["partial_rotary_factor"], "only full rotary is supported")
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0)), "rope_type": kind}
     if kind != "default":
         out["rope_factor"] = float(params.get("factor", 1.0))
@@ -264,7 +182,7 @@ def _rope(r: _Reader, max_len: int) -> dict[str, Any]:
     return out
 
 
-def _moe(r: _Reader, kind: str) -> dict[str, Any]:
+def _moe(r: Reader, kind: str) -> dict[str, Any]:
     experts = r.get("num_local_experts") or r.get("num_experts")
     if not experts:
         raise TrainerError("config.json: num_local_experts / num_experts is missing")

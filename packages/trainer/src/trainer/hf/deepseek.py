@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import TrainerError
 from ..model import ModelConfig
+from .reader import refuse
 
 DEEPSEEK_MOE_KEYS = (
     "moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "n_group",
@@ -33,9 +34,9 @@ def deepseek_moe_fields(r: Any, dense: int) -> dict[str, Any]:
     r.only("norm_topk_prob", (True,), "our sigmoid router renormalizes the chosen scores")
     topk, shared, ffn = r.need("num_experts_per_tok"), r.need("n_shared_experts"), r.need("moe_intermediate_size")
     if topk == 1:  # transformers renormalizes one chosen score to 1; our router keeps it (Megatron's)
-        raise _refuse("num_experts_per_tok", topk, "a sigmoid router with one expert per token does not convert")
+        raise refuse("num_experts_per_tok", topk, "a sigmoid router with one expert per token does not convert")
     if shared < 1:
-        raise _refuse("n_shared_experts", shared, "DeepSeek-V3 MoE layers convert with a shared expert (>= 1)")
+        raise refuse("n_shared_experts", shared, "DeepSeek-V3 MoE layers convert with a shared expert (>= 1)")
     groups = r.get("n_group", 1)
     return dict(
         num_experts=r.need("n_routed_experts"), moe_topk=topk, moe_ffn_hidden=ffn, moe_first_dense=dense,
@@ -69,7 +70,3 @@ def deepseek_moe_config(model: ModelConfig) -> dict[str, Any]:
         topk_group=model.moe_topk_groups or model.moe_num_groups, routed_scaling_factor=model.moe_routed_scaling,
         norm_topk_prob=True,
     )  # fmt: skip
-
-
-def _refuse(key: str, value: Any, rule: str) -> TrainerError:
-    return TrainerError(f"config.json {key}={value!r}: {rule}")
