@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DataError
 from .indexed import IndexedDataset
+from .samples import checked_documents
 
 IGNORE = -100  # the target that has no loss (the loss's ignore_index)
 _DOCS, _SAMPLES = 1, 2  # streams of the seed sequence, as in samples.py
@@ -68,21 +69,15 @@ class PackedDataset:
     def __init__(
         self, data: IndexedDataset, seq_len: int, seed: int, documents: np.ndarray | None = None, name: str = ""
     ) -> None:
-        if seq_len < 1:
-            raise DataError(f"seq_len={seq_len} must be positive")
         self.data, self.seq_len, self.seed = data, seq_len, seed
-        self.name = name or str(data.prefix)
-        ids = np.arange(len(data)) if documents is None else np.asarray(documents, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(data)):
-            raise DataError(f"{self.name}: document ids must be in [0, {len(data)})")
-        self.documents = ids
-        order = np.random.default_rng([seed, _DOCS]).permutation(ids)
+        self.name, self.documents = checked_documents(data, seq_len, documents, name)
+        order = np.random.default_rng([seed, _DOCS]).permutation(self.documents)
         doc, self._offset, self._length = split_pieces(data.doc_lengths[order], seq_len)
         self._doc = order[doc]
         bins = best_fit(self._length, seq_len)
         self.samples_per_epoch = int(bins.max()) + 1 if len(bins) else 0
         if self.samples_per_epoch == 0:
-            raise DataError(f"{self.name}: {len(ids)} documents hold no tokens to pack")
+            raise DataError(f"{self.name}: {len(self.documents)} documents hold no tokens to pack")
         self._pieces = np.argsort(bins, kind="stable")  # piece indices, sample by sample
         self._starts = np.searchsorted(bins[self._pieces], np.arange(self.samples_per_epoch + 1))
         self.num_tokens = int(self._length.sum())

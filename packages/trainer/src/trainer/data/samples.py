@@ -34,6 +34,20 @@ def split_documents(num_docs: int, valid_fraction: float, seed: int = 0) -> tupl
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
 
 
+def checked_documents(
+    data: IndexedDataset, seq_len: int, documents: np.ndarray | None, name: str
+) -> tuple[str, np.ndarray]:
+    """A sample dataset's name (default: the data's prefix) and the ids of the documents it draws from (default:
+    all), refusing a non-positive ``seq_len`` and ids outside the data."""
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len} must be positive")
+    name = name or str(data.prefix)
+    ids = np.arange(len(data)) if documents is None else np.asarray(documents, dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(data)):
+        raise DataError(f"{name}: document ids must be in [0, {len(data)})")
+    return name, ids
+
+
 class SampleDataset:
     """Samples of ``seq_len + 1`` token ids (int64) from ``documents`` of an indexed dataset; ``ds[g]`` for any
     ``g >= 0``."""
@@ -41,21 +55,15 @@ class SampleDataset:
     def __init__(
         self, data: IndexedDataset, seq_len: int, seed: int, documents: np.ndarray | None = None, name: str = ""
     ) -> None:
-        if seq_len < 1:
-            raise DataError(f"seq_len={seq_len} must be positive")
         self.data, self.seq_len, self.seed = data, seq_len, seed
-        self.name = name or str(data.prefix)
-        ids = np.arange(len(data)) if documents is None else np.asarray(documents, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(data)):
-            raise DataError(f"{self.name}: document ids must be in [0, {len(data)})")
-        self.documents = ids
-        self._lengths = data.doc_lengths[ids]
+        self.name, self.documents = checked_documents(data, seq_len, documents, name)
+        self._lengths = data.doc_lengths[self.documents]
         self.num_tokens = int(self._lengths.sum())
         self.samples_per_epoch = max(0, (self.num_tokens - 1) // seq_len)
         if self.samples_per_epoch == 0:
             raise DataError(
-                f"{self.name}: {len(ids)} documents of {self.num_tokens} tokens in all cannot fill one sample of "
-                f"seq_len + 1 = {seq_len + 1} tokens"
+                f"{self.name}: {len(self.documents)} documents of {self.num_tokens} tokens in all cannot fill one "
+                f"sample of seq_len + 1 = {seq_len + 1} tokens"
             )
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._fingerprint: str | None = None
