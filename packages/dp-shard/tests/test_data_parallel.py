@@ -156,7 +156,7 @@ def launched_during_backward(overlap):
     model = DataParallel(Net(), group=dist.group.WORLD, bucket_size_mb=1e-4, overlap=overlap)
     x, y = batch(dist.get_rank(), 0, 0)
     F.mse_loss(model(x), y).backward()
-    launched = len(model._works)
+    launched = model.buckets_started
     model.finish_grad_sync()
     return launched, len(model._buckets)
 

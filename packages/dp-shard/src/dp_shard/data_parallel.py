@@ -5,23 +5,21 @@ Where the gradients live. Every trainable parameter gets ``param.main_grad``, a 
 dtype, ``param.grad`` *is* that same view, so autograd accumulates straight into the buffer and any
 ``torch.optim`` optimizer works unchanged. When they differ (bf16 parameters, fp32 gradients), a hook
 adds each new ``param.grad`` into the fp32 ``main_grad`` and frees ``param.grad``; the optimizer reads
-``main_grad`` (Megatron's convention; ``ShardedOptimizer`` will do so with fp32 master weights).
+``main_grad`` (Megatron's convention).
 
 When they are reduced. Buffers are laid out in reverse registration order (about the order backward
-produces gradients) and cut into buckets of about ``bucket_size_mb``. A post-accumulate-grad hook
-counts each bucket's ready parameters; with ``overlap=True`` a bucket's async all-reduce starts once
-all of its parameters are ready *and* every earlier bucket has started, so every rank issues the
-collectives in the same order even when their backward passes differ. :meth:`finish_grad_sync` starts
-the buckets not started yet (those holding a parameter unused in this step: its zeros or accumulated
-gradient still take part, so the collectives match across ranks) and waits for all. The caller calls
-it after the last backward of a step and before ``optimizer.step()``, as in Megatron: that lets a
-pipeline schedule or a sharded optimizer choose when to wait. A forward with grad enabled after a
-backward whose sync was not finished raises :class:`DataParallelError` instead of training on
-unsynchronised gradients.
+produces gradients) and cut into buckets of about ``bucket_size_mb``; the
+:class:`~dp_shard.bucket_sched.BucketScheduler` (shared with ZeRO-1/2, here with the all-reduce
+strategy) starts each bucket's async all-reduce during backward once it is full and every earlier bucket
+has started. :meth:`finish_grad_sync` starts the rest (a parameter unused in this step takes part with
+its zeros or accumulated gradient, so the collectives match across ranks) and waits for all. The caller
+calls it after the last backward of a step and before ``optimizer.step()``, as in Megatron: that lets a
+pipeline schedule choose when to wait. A forward with grad enabled after a backward whose sync was not
+finished raises :class:`DataParallelError` instead of training on unsynchronised gradients.
 
 Averaging (``average=True``) divides each bucket by the group size just before its all-reduce
-(pre-division, as torch DDP does): the sum then stays in the range of the local gradients, which
-matters for low-precision buffers, and gloo has no AVG reduction.
+(pre-division, as torch DDP does). ``reduce_dtype`` (default: the buffer's) is the dtype the all-reduce
+moves, e.g. bf16 for fp32 main gradients.
 
 Expert parameters (tagged ``expert_parallel`` by ``moe-dispatch``) live in buffers of their own and are
 reduced over ``expert_group`` (``ps.edp``: the ranks that hold the same experts), but divided by the
@@ -33,8 +31,7 @@ different experts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -42,9 +39,9 @@ import torch.distributed as dist
 from torch import nn
 
 import pstate
-from pstate import comm
 from pstate.tags import is_expert_parallel
 
+from .bucket_sched import AllReduce, BucketScheduler, Slot
 from .buffers import Bucket, GradBuffer
 from .checks import check_same_parameters
 from .errors import DataParallelError
@@ -69,6 +66,7 @@ class DataParallel(nn.Module):
         grad_dtype: torch.dtype | None = torch.float32,
         average: bool = True,
         expert_group: pstate.Group | None = None,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -105,115 +103,46 @@ class DataParallel(nn.Module):
             GradBuffer(params, dtype=dtype, bucket_numel=max(1, bytes_per_bucket // dtype.itemsize))
             for (_, dtype), params in by_kind.items()
         ]
-        self._buckets: list[Bucket] = [b for buffer in self.grad_buffers for b in buffer.buckets]
-        groups = [self.expert_group if expert else self.process_group for expert, _ in by_kind]
-        self._bucket_groups = [g for buffer, g in zip(self.grad_buffers, groups) for _ in buffer.buckets]
-        self._bucket_id = {id(p): i for i, b in enumerate(self._buckets) for p in b.params}
-        self._views_grad: dict[int, bool] = {}  # id(param) -> param.grad is the buffer view
+        slots = []
+        for (expert, _), buffer in zip(by_kind, self.grad_buffers):
+            group = self.expert_group if expert else self.process_group
+            slots += [Slot(b, buffer, group, self.group_size, b.data) for b in buffer.buckets]
         for buffer in self.grad_buffers:
             for p in buffer.params:
                 p.main_grad = buffer.view(p)
-                self._views_grad[id(p)] = p.dtype == buffer.dtype
-                if self._views_grad[id(p)]:
-                    p.grad = p.main_grad
-        self._sync_enabled = True
-        self._works: list[Any] = []
-        self._ready: set[int] = set()
-        self._pending = [len(b.params) for b in self._buckets]
-        self._next_bucket = 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in backward_order]
+        self._sched = BucketScheduler(slots, AllReduce(reduce_dtype), overlap=overlap, average=average)
+        self._buckets: list[Bucket] = [s.bucket for s in slots]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._ready and torch.is_grad_enabled():
+        if self._sched.in_progress and torch.is_grad_enabled():
             raise DataParallelError(
                 "a backward pass ran since the last finish_grad_sync(): call finish_grad_sync() after the "
                 "last backward of a step (before optimizer.step()), and wrap the other micro-batches in no_sync()"
             )
         return self.module(*args, **kwargs)
 
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
+    @property
+    def buckets_started(self) -> int:
+        """How many buckets' all-reduces the reduction under way has started (0 between steps)."""
+        return self._sched.started
+
+    def no_sync(self) -> AbstractContextManager[None]:
         """Backward passes inside accumulate into the buffers without communicating; the first
         synchronised backward after it reduces everything accumulated."""
-        previous, self._sync_enabled = self._sync_enabled, False
-        try:
-            yield
-        finally:
-            self._sync_enabled = previous
+        return self._sched.no_sync()
 
     def finish_grad_sync(self) -> None:
         """Start every bucket not started yet (in bucket order) and wait for all reductions; afterwards
         each ``main_grad`` (and ``.grad`` where it is the view) holds the group's reduced gradient.
         Call it once per step on every rank (a second call would reduce again); a no-op inside
         :meth:`no_sync`."""
-        if not self._sync_enabled:
-            return
-        while self._next_bucket < len(self._buckets):
-            self._claim_unready(self._buckets[self._next_bucket])
-            self._launch_next()
-        for work in self._works:
-            work.wait()
-        self._reset_sync_state()
+        if self._sched.syncing:
+            self._sched.finish(always=True)
 
     def zero_grad_buffer(self) -> None:
         """Zero every gradient buffer; ``.grad`` of same-dtype parameters becomes the (zero) view again."""
-        if self._ready or self._works:
-            raise DataParallelError("a gradient sync is in progress: call finish_grad_sync() before zeroing")
-        for buffer in self.grad_buffers:
-            buffer.zero_()
-            for p in buffer.params:
-                if self._views_grad[id(p)]:
-                    p.grad = p.main_grad
+        self._sched.zero()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as :meth:`zero_grad_buffer`: gradients stay buffer views, so ``set_to_none`` is ignored."""
         self.zero_grad_buffer()
-
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        key = id(param)
-        view = param.main_grad
-        if not self._views_grad[key]:
-            view.add_(param.grad)
-            param.grad = None
-        elif param.grad is not view:  # .grad was reset (e.g. optimizer.zero_grad()): a fresh gradient
-            view.copy_(param.grad)
-            param.grad = view
-        if not self._sync_enabled:
-            return
-        if key in self._ready:
-            raise DataParallelError(
-                "a parameter received a second gradient before finish_grad_sync(): run every backward "
-                "but the last of a step inside no_sync()"
-            )
-        self._ready.add(key)
-        index = self._bucket_id[key]
-        self._pending[index] -= 1
-        if self.overlap:
-            while self._next_bucket < len(self._buckets) and self._pending[self._next_bucket] == 0:
-                self._launch_next()
-
-    def _claim_unready(self, bucket: Bucket) -> None:
-        """Before reducing a bucket with parameters whose gradient never arrived this step: a
-        parameter whose ``.grad`` was reset counts as zero; one given a tensor by hand is copied in."""
-        for p in bucket.params:
-            if id(p) in self._ready or not self._views_grad[id(p)] or p.grad is p.main_grad:
-                continue
-            if p.grad is None:
-                p.main_grad.zero_()
-            else:
-                p.main_grad.copy_(p.grad)
-            p.grad = p.main_grad
-
-    def _launch_next(self) -> None:
-        bucket = self._buckets[self._next_bucket]
-        if self.average and self.group_size > 1:
-            bucket.data.div_(self.group_size)
-        group = self._bucket_groups[self._next_bucket]
-        self._works.append(comm.all_reduce(bucket.data, group=group, async_op=True))
-        self._next_bucket += 1
-
-    def _reset_sync_state(self) -> None:
-        self._works.clear()
-        self._ready.clear()
-        self._pending = [len(b.params) for b in self._buckets]
-        self._next_bucket = 0

@@ -7,27 +7,28 @@ Parameters are moved into a contiguous buffer of the same layout (``param.data``
 it), so the all-gather after the optimizer step writes straight into the model. Gradients are kept and
 reduced in the master dtype: float32 for 16-bit parameters, else the parameter's own.
 
-Where gradients live. Every rank keeps a *shard buffer* (1/N of the gradients) holding its reduced
-gradient shards; the master weights' ``.grad`` are views of it. Local, unreduced gradients live in
+Where gradients live (Megatron's layout, bytes per parameter in :mod:`dp_shard.memory`):
 
-- stage 1: a full local buffer. A same-dtype parameter's ``.grad`` is its view, so autograd
-  accumulates in place; a 16-bit gradient is added into the float32 view by a hook and freed;
-- stage 2: nowhere for long: a bucket gets a staging buffer when its first gradient arrives, the hook
-  adds each gradient into it and frees ``.grad``, and the staging buffer is freed once the bucket is
-  reduced. Only the shard buffer stays.
+- stage 1: a full local buffer in the master dtype. A same-dtype parameter's ``.grad`` is its view, so
+  autograd accumulates in place; a 16-bit gradient is added into the float32 view by a hook and freed.
+  The reduced shard is this rank's piece of each bucket of that same buffer (no second copy); the
+  master weights' ``.grad`` are views of it;
+- stage 2: a *shard buffer* (1/N of the gradients) holds the reduced shards; a bucket gets a staging
+  buffer when its first gradient arrives, the hook adds each gradient into it and frees ``.grad``, and
+  the staging buffer is freed once the bucket is reduced.
 
-When. As in ``DataParallel``: a bucket's reduce-scatter starts once all of its parameters have their
-gradient and every earlier bucket has started (one collective order on every rank). With
-``finish_in_backward`` (the default) the first hook of a backward pass queues an autograd-engine
-callback that runs when the pass ends: it starts the buckets still waiting (their unused parameters
-contribute zeros), waits for all and adds each reduced piece into the shard buffer. So after
-``loss.backward()`` returns, the shards hold the gradients. Without it, :meth:`finish` does that, once
-per step: what a pipeline needs, whose model chunks end their backward passes at different times.
+When. The shared :class:`~dp_shard.bucket_sched.BucketScheduler` with the reduce-scatter strategy: a
+bucket's reduction starts once all of its parameters have their gradient and every earlier bucket has
+started. With ``finish_in_backward`` (the default) the reduction is finished when the backward pass
+ends, so after ``loss.backward()`` returns the shards hold the gradients. Without it, :meth:`finish`
+does that, once per step: what a pipeline needs, whose model chunks end their passes at different times.
 
 Inside :meth:`no_sync` backward passes only accumulate locally (stage 2: into bucket staging buffers
 that stay until the next reduction), so each gradient element is reduced once per step whatever the
 number of micro-batches. Stage 2 then holds the full local gradient during a step of several
-micro-batches, as FSDP2 does without gradient sync; between steps it holds only its shard.
+micro-batches, as FSDP2 does without gradient sync; between steps it holds only its shard. Stage 1 with
+reduce-scatter refuses a second reduction in one step without ``zero_grad()`` (its shard shares the
+bucket with the next step's local gradients).
 
 Collectives. A reduce-scatter per bucket and an all-gather of the updated parameters, except over gloo,
 whose CPU reduce-scatter is slower than its all-reduce of the whole bucket (about 41 against 35 ms for
@@ -35,7 +36,8 @@ whose CPU reduce-scatter is slower than its all-reduce of the whole bucket (abou
 all-reduced and the own shard taken from it, and the parameters are broadcast shard by shard
 (``collectives="all_reduce"``; ``"reduce_scatter"`` forces the other way, ``"auto"`` picks). The
 bucket is the full local buffer (stage 1) or the bucket-sized staging buffer (stage 2) either way, so
-this costs no memory.
+this costs no memory. The parameter gathers can be started asynchronously (:meth:`ShardedGrads.start_param_gather`)
+and waited bucket by bucket, which lets the next forward overlap them.
 
 Averaging divides each bucket by the group size before it is reduced, or by ``divisor``: expert
 parameters, reduced over the expert-data-parallel group, are divided by the dense data-parallel size
@@ -48,19 +50,18 @@ pieces, whose reduced gradients can be summed between them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.autograd import Variable
 
 from pstate import comm
 
-from .buffers import Bucket, GradBuffer
-from .errors import DataParallelError
+from .bucket_sched import BucketScheduler, ReduceScatter, Slot
+from .buffers import GradBuffer
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,22 +76,12 @@ class Owned:
     start: int
     stop: int
     param: torch.Tensor  # those elements of the parameter (a view)
-    grad: torch.Tensor  # those elements of the reduced gradient (a view of the shard buffer)
-
-
-@dataclass
-class _Slot:
-    """One bucket with the tensors around it."""
-
-    bucket: Bucket
-    params: torch.Tensor  # the bucket's slice of the parameter buffer
-    shard: torch.Tensor  # this rank's reduced gradient shard of the bucket
-    local: torch.Tensor | None  # unreduced local gradients (stage 1: persistent; stage 2: staging)
-    grad_dtype: torch.dtype
+    grad: torch.Tensor  # those elements of the reduced gradient (a view of the shard)
 
 
 class ShardedGrads:
-    """Gradient storage, hooks and collectives of :class:`~dp_shard.ShardedOptimizer` (see the module)."""
+    """Gradient storage, layout and collectives of :class:`~dp_shard.ShardedOptimizer` (see the module);
+    the hooks and launch order are the shared :class:`~dp_shard.bucket_sched.BucketScheduler`'s."""
 
     def __init__(
         self,
@@ -105,11 +96,11 @@ class ShardedGrads:
         alone: Sequence[torch.nn.Parameter] = (),
         divisor: int | None = None,
         finish_in_backward: bool = True,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
-        self.group, self.stage, self.overlap, self.average = group, stage, overlap, average
-        self.finish_in_backward = finish_in_backward
+        self.group, self.stage = group, stage
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.divisor = self.size if divisor is None else divisor  # what averaging divides by
+        divisor = self.size if divisor is None else divisor  # what averaging divides by
         if collectives not in ("auto", "reduce_scatter", "all_reduce"):
             raise ValueError(f"collectives={collectives!r}: expected 'auto', 'reduce_scatter' or 'all_reduce'")
         gloo = collectives == "auto" and dist.get_backend(group) == "gloo"
@@ -117,25 +108,26 @@ class ShardedGrads:
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
         for p in reversed(params):
             by_dtype.setdefault(p.dtype, []).append(p)
-        self.slots: list[_Slot] = []
-        self._where: dict[int, tuple[int, GradBuffer]] = {}  # id(param) -> (slot index, its layout)
-        self._grad_views: dict[int, torch.Tensor] = {}  # stage 1, same dtype: id(param) -> its .grad view
-        self.shard_buffers: list[torch.Tensor] = []
-        self.local_buffers: list[torch.Tensor] = []
-        self._alone = {id(p) for p in alone}
+        self.shard_buffers: list[torch.Tensor] = []  # stage 2: the reduced shards (stage 1: in the buckets)
+        self.local_buffers: list[torch.Tensor] = []  # stage 1: the full local gradients
+        alone_ids = {id(p) for p in alone}
+        slots = []
         for dtype, members in by_dtype.items():
-            self._lay_out(dtype, members, int(bucket_size_mb * 2**20))
-        self._fresh = [True] * len(self.slots)  # the shard holds zeros: reduce straight into it
-        self._syncing = True
-        self._in_pass = False
-        self._unreduced = False  # local gradients not reduced yet (accumulated, or buckets still waiting)
-        self._pending = [len(s.bucket.params) for s in self.slots]
-        self._ready: set[int] = set()  # ids of parameters counted in this reduction
-        self._next = 0
-        self._works: list[tuple[Any, int, torch.Tensor]] = []
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+            slots += self._lay_out(dtype, members, int(bucket_size_mb * 2**20), alone_ids, divisor)
+        self.sched = BucketScheduler(
+            slots,
+            ReduceScatter(use_all_reduce=self._gloo, reduce_dtype=reduce_dtype),
+            overlap=overlap,
+            average=average,
+            finish_in_backward=finish_in_backward,
+        )
+        self.slots = self.sched.slots
+        self._slot_of = {id(p): i for i, s in enumerate(self.slots) for p in s.bucket.params}
+        self._gathers: dict[int, list[Any]] = {}  # slot index -> its parameter gather in flight
 
-    def _lay_out(self, dtype: torch.dtype, members: list[torch.nn.Parameter], bucket_bytes: int) -> None:
+    def _lay_out(
+        self, dtype: torch.dtype, members: list[torch.nn.Parameter], bucket_bytes: int, alone: set[int], divisor: int
+    ) -> list[Slot]:
         grad_dtype = master_dtype(dtype)
         device = members[0].device
         layout = GradBuffer(
@@ -144,7 +136,7 @@ class ShardedGrads:
             bucket_numel=max(1, bucket_bytes // grad_dtype.itemsize),
             align=self.size,
             device=device if self.stage == 1 else torch.device("meta"),
-            alone=self._alone,
+            alone=alone,
         )
         param_buffer = torch.zeros(layout.numel, dtype=dtype, device=device)
         with torch.no_grad():
@@ -152,26 +144,24 @@ class ShardedGrads:
                 start, end = layout.span(p)
                 param_buffer[start:end].copy_(p.detach().reshape(-1))
                 p.data = param_buffer[start:end].view_as(p)
-        shard_buffer = torch.zeros(layout.numel // self.size, dtype=grad_dtype, device=device)
-        self.shard_buffers.append(shard_buffer)
         if self.stage == 1:
             self.local_buffers.append(layout.data)
+        else:
+            self.shard_buffers.append(torch.zeros(layout.numel // self.size, dtype=grad_dtype, device=device))
+        slots = []
         for bucket in layout.buckets:
-            piece = bucket.numel // self.size
-            shard = shard_buffer[bucket.start // self.size :][:piece]
-            local = bucket.data if self.stage == 1 else None
-            slot = _Slot(bucket, param_buffer[bucket.start : bucket.end], shard, local, grad_dtype)
-            for p in bucket.params:
-                self._where[id(p)] = (len(self.slots), layout)
-                if self.stage == 1 and p.dtype == grad_dtype:
-                    p.grad = self._grad_views[id(p)] = layout.view(p)
-            self.slots.append(slot)
+            if self.stage == 1:  # the reduced shard is the own piece of the local bucket (Megatron's layout)
+                local, shard = bucket.data, bucket.shard(self.rank, self.size)
+            else:
+                local, shard = None, self.shard_buffers[-1][bucket.start // self.size :][: bucket.numel // self.size]
+            params = param_buffer[bucket.start : bucket.end]
+            slots.append(Slot(bucket, layout, self.group, divisor, local, shard=shard, params=params))
+        return slots
 
     def owned(self, param: torch.nn.Parameter) -> Owned | None:
         """This rank's piece of ``param``, or ``None`` when it owns none of it."""
-        index, layout = self._where[id(param)]
-        slot = self.slots[index]
-        start, end = layout.span(param)
+        slot = self.slots[self._slot_of[id(param)]]
+        start, end = slot.layout.span(param)
         piece = slot.bucket.numel // self.size
         low = slot.bucket.start + self.rank * piece
         first, last = max(start, low), min(end, low + piece)
@@ -180,138 +170,59 @@ class ShardedGrads:
         flat = slot.params[first - slot.bucket.start : last - slot.bucket.start]
         return Owned(first - start, last - start, flat, slot.shard[first - low : last - low])
 
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
+    def no_sync(self) -> AbstractContextManager[None]:
         """Backward passes inside accumulate locally without communicating (see the module notes)."""
-        previous, self._syncing = self._syncing, False
-        try:
-            yield
-        finally:
-            self._syncing = previous
+        return self.sched.no_sync()
 
     def finish(self) -> None:
         """Start the buckets not started yet, wait for all and add them into the shards: what is still local
         since the last reduction (accumulated under ``no_sync``, or left by a pass that did not finish)."""
-        if self._unreduced or self._works:
-            self._launch_rest()
-            self._wait()
+        self.sched.finish()
 
     def zero_grad(self) -> None:
         """Zero the reduced shards and any local accumulation."""
-        if self._in_pass:
-            raise RuntimeError("zero_grad() during a backward pass")
-        for buffer in self.shard_buffers:
-            buffer.zero_()
-        if self._unreduced:  # otherwise the local buffer was zeroed when it was reduced
-            for buffer in self.local_buffers:
-                buffer.zero_()
-        for index, slot in enumerate(self.slots):
-            self._fresh[index] = True
-            if self.stage == 2:
-                slot.local = None
-            for p in slot.bucket.params:
-                if id(p) in self._grad_views:
-                    p.grad = self._grad_views[id(p)]
-        self._unreduced = False
+        self.sched.zero()
 
-    def all_gather_params(self) -> None:
-        """Give every rank the parameter shards the others updated (into ``param.data``, in place)."""
-        works = []
-        for slot in self.slots:
+    def start_param_gather(self, order: Iterable[int] | None = None) -> None:
+        """Start gathering every bucket's parameters from their owners (async, in ``order`` of slot indices:
+        default bucket order), into ``param.data`` in place; :meth:`wait_param_gather` waits."""
+        for index in range(len(self.slots)) if order is None else order:
+            slot = self.slots[index]
             piece = slot.bucket.numel // self.size
-            if self._gloo:
+            if self._gloo:  # one broadcast per owner (gloo's all-gather is slower)
+                works = []
                 for owner in range(self.size):
                     source = dist.get_global_rank(self.group, owner)
                     data = slot.params[owner * piece : (owner + 1) * piece]
                     works.append(comm.broadcast(data, source, group=self.group, async_op=True))
-                continue
-            own = slot.params[self.rank * piece : (self.rank + 1) * piece]
-            works.append(comm.all_gather(slot.params, own, group=self.group, async_op=True))
-        for work in works:
-            work.wait()
+            else:
+                own = slot.params[self.rank * piece : (self.rank + 1) * piece]
+                works = [comm.all_gather(slot.params, own, group=self.group, async_op=True)]
+            self._gathers[index] = works
+
+    def wait_param_gather(self, indices: Iterable[int] | None = None) -> None:
+        """Wait for the gathers of the slots ``indices`` (default: all) still in flight."""
+        for index in list(self._gathers) if indices is None else indices:
+            for work in self._gathers.pop(index, ()):
+                work.wait()
+
+    def pending_gathers(self) -> int:
+        """How many buckets' parameter gathers are in flight."""
+        return len(self._gathers)
+
+    def slot_index(self, param: torch.nn.Parameter) -> int:
+        """The index of the bucket that holds ``param``."""
+        return self._slot_of[id(param)]
+
+    def all_gather_params(self) -> None:
+        """Give every rank the parameter shards the others updated (into ``param.data``, in place)."""
+        self.start_param_gather()
+        self.wait_param_gather()
 
     def resident_bytes(self) -> int:
         """Bytes of gradient storage held now: shard buffers, local buffers and ``.grad`` of the parameters."""
-        storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in self.shard_buffers}
+        tensors = [*self.shard_buffers, *self.local_buffers]
         for slot in self.slots:
-            tensors = [slot.local] + [p.grad for p in slot.bucket.params]
-            for t in tensors:
-                if t is not None:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            tensors += [slot.local] + [p.grad for p in slot.bucket.params]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())
-
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if not self._in_pass:
-            self._in_pass = True
-            Variable._execution_engine.queue_callback(self._end_pass)
-        index, layout = self._where[id(param)]
-        slot = self.slots[index]
-        if slot.local is None:
-            slot.local = torch.zeros(slot.bucket.numel, dtype=slot.grad_dtype, device=slot.shard.device)
-        view = self._grad_views.get(id(param))
-        if view is not None:
-            if param.grad is not view:  # .grad was reset by hand: this gradient replaces it
-                view.copy_(param.grad)
-                param.grad = view
-        else:
-            start, end = layout.span(param)
-            slot.local[start - slot.bucket.start : end - slot.bucket.start].view_as(param).add_(param.grad)
-            param.grad = None
-        self._unreduced = True
-        if not self._syncing:
-            return
-        if id(param) in self._ready:
-            raise DataParallelError(
-                "a parameter received a second gradient before the reduction finished: run every backward "
-                "but the last of a step inside no_sync(), then finish_grad_sync()"
-            )
-        self._ready.add(id(param))
-        self._pending[index] -= 1
-        if self.overlap:
-            while self._next < len(self.slots) and self._pending[self._next] == 0:
-                self._launch_next()
-
-    def _end_pass(self) -> None:
-        self._in_pass = False
-        if self._syncing and self.finish_in_backward:
-            self._launch_rest()
-            self._wait()
-
-    def _launch_rest(self) -> None:
-        while self._next < len(self.slots):
-            self._launch_next()
-
-    def _launch_next(self) -> None:
-        index, self._next = self._next, self._next + 1
-        slot = self.slots[index]
-        if slot.local is None:  # stage 2, no gradient arrived in this bucket on this rank
-            slot.local = torch.zeros(slot.bucket.numel, dtype=slot.grad_dtype, device=slot.shard.device)
-        if self.average and self.divisor > 1:
-            slot.local.div_(self.divisor)
-        if self._gloo:
-            piece = slot.bucket.numel // self.size
-            out = slot.local[self.rank * piece : (self.rank + 1) * piece]
-            work = comm.all_reduce(slot.local, group=self.group, async_op=True)
-        else:
-            out = slot.shard if self._fresh[index] else torch.empty_like(slot.shard)
-            work = comm.reduce_scatter(out, slot.local, group=self.group, async_op=True)
-        self._works.append((work, index, out))
-
-    def _wait(self) -> None:
-        for work, index, out in self._works:
-            work.wait()
-            slot = self.slots[index]
-            if out is not slot.shard and self._fresh[index]:
-                slot.shard.copy_(out)
-            elif out is not slot.shard:
-                slot.shard.add_(out)
-            self._fresh[index] = False
-            if self.stage == 1:
-                slot.local.zero_()
-            else:
-                slot.local = None
-        self._works.clear()
-        self._ready.clear()
-        self._pending = [len(s.bucket.params) for s in self.slots]
-        self._next = 0
-        self._unreduced = False

@@ -37,7 +37,7 @@ from .errors import DataParallelError
 from .grad_shards import ShardedGrads, master_dtype
 from .loss_scaler import LossScaler
 from .param_groups import read_param_groups
-from .sharded_state import build_state_dict, load_state_dict, probe_state_kinds
+from .sharded_state import ParamEntry, ShardedState, probe_state_kinds
 
 _REFUSED = {
     "LBFGS": "it evaluates the closure several times per step",
@@ -82,6 +82,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         aligned: Iterable[torch.nn.Parameter] = (),
         expert_group: pstate.Group | None = None,
         finish_in_backward: bool = True,
+        reduce_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -126,6 +127,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             average=average,
             collectives=collectives,
             finish_in_backward=finish_in_backward,
+            reduce_dtype=reduce_dtype,
         )
         self.grads = ShardedGrads([p for _, p in dense], group=self.process_group, alone=aligned, **options)
         self.expert_grads = None  # expert parameters' gradients, sharded over expert_group
@@ -145,6 +147,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optimizer = inner
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        entries = []
+        for g, kinds in zip(self._groups, self._kinds):
+            for key, p in zip(g.keys, g.params):
+                owned = self.grads_of(p).owned(p)
+                span = (0, 0) if owned is None else (owned.start, owned.stop)
+                entries.append(ParamEntry(key, p, kinds, self._masters.get(id(p)), span, self.grads_of(p).group))
+        self._state = ShardedState(
+            entries,
+            [g.keys for g in self._groups],
+            self.optimizer,
+            loss_scaler=loss_scaler,
+            device=self._device,
+            publish=self._publish,
+        )
+        self._deferred: list[Any] = []  # forward pre-hooks waiting for the parameter gathers
 
     def grads_of(self, param: torch.nn.Parameter) -> ShardedGrads:
         """The :class:`~dp_shard.grad_shards.ShardedGrads` that shards ``param`` (dense or expert)."""
@@ -162,9 +179,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         copy_tags(param, master)
         self._masters[id(param)] = master
         return master
-
-    def _master_dtype(self, param: torch.Tensor) -> torch.dtype:
-        return master_dtype(param.dtype)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -191,6 +205,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_param_gather()
         for part in self._parts:
             part.finish()
         if self.loss_scaler is not None:
@@ -260,16 +275,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """This rank's state in the sharded form of the docs (``pstate.Shard`` per state tensor, in the
         frame of the parameter on this rank). Collective: call it on every rank of the group (and of the
         expert group)."""
-        return build_state_dict(self)
+        self.wait_param_gather()
+        return self._state.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load the form :meth:`state_dict` returns (its Shards filled, for example by ``ckpt`` from a
         checkpoint of another DP size): masters, states and hyperparameters; then the parameters are
         set from the masters. Everything is checked first. Collective."""
-        load_state_dict(self, state_dict)
+        self.wait_param_gather()
+        self._state.load_state_dict(state_dict)
 
     def reload_model_params(self) -> None:
         """Copy the parameters into the master weights again, after loading weights into the model."""
+        self.wait_param_gather()
         with torch.no_grad():
             for master, piece in self._copies:
                 master.copy_(piece)
@@ -288,12 +306,61 @@ class ShardedOptimizer(torch.optim.Optimizer):
         masters = sum(m.numel() * m.element_size() for m, _ in self._copies)
         return {"master": masters, "state": state, "grad": sum(part.resident_bytes() for part in self._parts)}
 
+    def overlap_param_gather(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Overlap the parameter gathers of :meth:`step` with the next forward of ``modules`` (the model
+        chunks holding this optimizer's parameters). From now on :meth:`step` only starts the gathers,
+        bucket by bucket in the order ``modules``' submodules are registered (about the order the forward
+        uses them), and a forward pre-hook on each submodule holding parameters directly waits for the
+        buckets of those parameters. Anything else that reads the parameters after a step calls
+        :meth:`wait_param_gather` first (:meth:`step`, :meth:`state_dict` and :meth:`load_state_dict` do)."""
+        if self._deferred:
+            raise DataParallelError("overlap_param_gather() was already called")
+        ours = {id(p) for g in self._groups for p in g.params}
+        order: dict[tuple[int, int], None] = {}
+        for module in modules:
+            for sub in module.modules():
+                waits = {}
+                for p in sub.parameters(recurse=False):
+                    if id(p) in ours:
+                        part = self._parts.index(self.grads_of(p))
+                        waits[(part, self._parts[part].slot_index(p))] = None
+                if waits:
+                    order.update(waits)
+                    self._deferred.append(sub.register_forward_pre_hook(_Waiter(self, list(waits))))
+        for number, part in enumerate(self._parts):  # buckets no module holds directly: last
+            order.update({(number, index): None for index in range(len(part.slots))})
+        self._gather_order = [[i for n, i in order if n == number] for number in range(len(self._parts))]
+
+    def wait_param_gather(self) -> None:
+        """Wait for every parameter gather still in flight (a no-op without :meth:`overlap_param_gather`)."""
+        for part in self._parts:
+            part.wait_param_gather()
+
+    def pending_param_gathers(self) -> int:
+        """How many buckets' parameter gathers are in flight (not waited yet)."""
+        return sum(part.pending_gathers() for part in self._parts)
+
     def _publish(self) -> None:
         with torch.no_grad():
             for master, piece in self._copies:
                 piece.copy_(master)
-        for part in self._parts:
-            part.all_gather_params()
+        if not self._deferred:
+            for part in self._parts:
+                part.all_gather_params()
+            return
+        for part, order in zip(self._parts, self._gather_order):
+            part.start_param_gather(order)
+
+
+class _Waiter:
+    """A forward pre-hook that waits for the parameter gathers of some buckets of a ShardedOptimizer."""
+
+    def __init__(self, optimizer: ShardedOptimizer, slots: list[tuple[int, int]]) -> None:
+        self.parts, self.slots = optimizer._parts, slots
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        for part, index in self.slots:
+            self.parts[part].wait_param_gather((index,))
 
 
 def _check_optimizer(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:

@@ -20,18 +20,16 @@ are (for a caller that saves the weights once, as the model, and loads them firs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pstate import Shard, comm
 
 from .errors import DataParallelError
-
-if TYPE_CHECKING:
-    from .sharded_optimizer import ShardedOptimizer
 
 MASTER = "master_param"
 
@@ -45,6 +43,24 @@ class StateKind:
     dtype: torch.dtype | None
     shape: tuple[int, ...]
     device: torch.device | None
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    """One parameter as the state dict sees it: its ``key``, the states its optimizer keeps (``kinds``),
+    this rank's ``master`` shard (``None``: it owns none of it), the elements ``flat_range`` of the
+    flattened parameter that shard covers and the ``group`` it is sharded over."""
+
+    key: str | int
+    param: torch.Tensor
+    kinds: Mapping[str, StateKind]
+    master: torch.Tensor | None
+    flat_range: tuple[int, int]
+    group: dist.ProcessGroup
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return self.param.dtype if self.param.dtype.itemsize >= 4 else torch.float32
 
 
 def probe_state_kinds(
@@ -75,149 +91,149 @@ def probe_state_kinds(
     return kinds
 
 
-def build_state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
-    """The sharded state dict of ``opt`` (collective over its group: one all-reduce)."""
-    scalars = _replicated_scalars(opt)
-    state: dict[str | int, dict[str, Any]] = {}
-    for group, kinds in zip(opt._groups, opt._kinds):
-        for key, param in zip(group.keys, group.params):
-            master = opt._masters.get(id(param))
-            inner = opt.optimizer.state.get(master, {}) if master is not None else {}
+class ShardedState:
+    """State dict and load of a sharded optimizer, from what it hands over at construction: ``entries`` in
+    param-group order (``group_keys``: each param group's keys), the wrapped ``optimizer`` (its state is
+    keyed by the masters), the ``loss_scaler``, the ``device`` and ``publish`` (copies the masters into
+    the parameters and gathers them on every rank)."""
+
+    def __init__(
+        self,
+        entries: Sequence[ParamEntry],
+        group_keys: Sequence[Sequence[str | int]],
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_scaler: Any,
+        device: torch.device,
+        publish: Callable[[], None],
+    ) -> None:
+        self.entries, self.group_keys, self.optimizer = list(entries), [list(k) for k in group_keys], optimizer
+        self.loss_scaler, self.device, self.publish = loss_scaler, device, publish
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sharded state dict (collective over the sharding groups: one all-reduce each)."""
+        scalars = self._replicated_scalars()
+        state: dict[str | int, dict[str, Any]] = {}
+        for e in self.entries:
+            inner = self.optimizer.state.get(e.master, {}) if e.master is not None else {}
             entry: dict[str, Any] = {}
-            for name, kind in kinds.items():
+            for name, kind in e.kinds.items():
                 if kind.per_element:
                     data = inner.get(name)
                     if data is None:
-                        dtype = opt._master_dtype(param)
-                        data = torch.zeros(_owned_numel(opt, param), dtype=dtype, device=param.device)
-                    entry[name] = _shard(opt, param, data.reshape(-1))
+                        numel = e.flat_range[1] - e.flat_range[0]
+                        data = torch.zeros(numel, dtype=e.master_dtype, device=e.param.device)
+                    entry[name] = _shard(e, data.reshape(-1))
                 else:
-                    entry[name] = scalars[(key, name)]
-            entry[MASTER] = _shard(opt, param, master)
-            state[key] = entry
-    groups = []
-    for group, inner_group in zip(opt._groups, opt.optimizer.param_groups):
-        options = {k: v for k, v in inner_group.items() if k != "params"}
-        groups.append({**options, "params": list(group.keys)})
-    result: dict[str, Any] = {"state": state, "param_groups": groups}
-    if opt.loss_scaler is not None:
-        result["loss_scaler"] = opt.loss_scaler.state_dict()
-    return result
+                    entry[name] = scalars[(e.key, name)]
+            entry[MASTER] = _shard(e, e.master)
+            state[e.key] = entry
+        groups = []
+        for keys, inner_group in zip(self.group_keys, self.optimizer.param_groups):
+            options = {k: v for k, v in inner_group.items() if k != "params"}
+            groups.append({**options, "params": list(keys)})
+        result: dict[str, Any] = {"state": state, "param_groups": groups}
+        if self.loss_scaler is not None:
+            result["loss_scaler"] = self.loss_scaler.state_dict()
+        return result
 
-
-def load_state_dict(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
-    """Check all of ``state_dict`` against ``opt``, then load it (collective: parameters are all-gathered)."""
-    _validate(opt, state_dict)
-    for saved, inner_group in zip(state_dict["param_groups"], opt.optimizer.param_groups):
-        for name, value in saved.items():
-            if name != "params":
-                current = inner_group.get(name)
-                inner_group[name] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
-    with torch.no_grad():
-        for group, kinds in zip(opt._groups, opt._kinds):
-            for key, param in zip(group.keys, group.params):
-                master = opt._masters.get(id(param))
-                if master is None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Check all of ``state_dict``, then load it (collective: the parameters are gathered)."""
+        self._validate(state_dict)
+        for saved, inner_group in zip(state_dict["param_groups"], self.optimizer.param_groups):
+            for name, value in saved.items():
+                if name != "params":
+                    current = inner_group.get(name)
+                    as_tuple = isinstance(current, tuple) and isinstance(value, list)
+                    inner_group[name] = tuple(value) if as_tuple else value
+        with torch.no_grad():
+            for e in self.entries:
+                if e.master is None:
                     continue
-                entry = state_dict["state"][key]
+                entry = state_dict["state"][e.key]
                 if MASTER in entry:
-                    master.copy_(entry[MASTER].data)
+                    e.master.copy_(entry[MASTER].data)
                 else:  # the caller loaded the model's weights: the masters are their pieces
-                    start, stop = _flat_range(opt, param)
-                    master.copy_(param.detach().reshape(-1)[start:stop].to(master.dtype))
+                    start, stop = e.flat_range
+                    e.master.copy_(e.param.detach().reshape(-1)[start:stop].to(e.master.dtype))
                 inner = {}
-                for name, kind in kinds.items():
+                for name, kind in e.kinds.items():
                     value = entry[name]
                     if kind.per_element:
-                        inner[name] = value.data.to(device=master.device, dtype=master.dtype).clone()
+                        inner[name] = value.data.to(device=e.master.device, dtype=e.master.dtype).clone()
                     elif kind.is_tensor:
                         inner[name] = torch.as_tensor(value, dtype=kind.dtype, device=kind.device).reshape(kind.shape)
                         inner[name] = inner[name].clone()
                     else:
                         inner[name] = value.item() if isinstance(value, torch.Tensor) else value
-                opt.optimizer.state[master] = inner
-    if opt.loss_scaler is not None and "loss_scaler" in state_dict:
-        opt.loss_scaler.load_state_dict(state_dict["loss_scaler"])
-    opt._publish()
+                self.optimizer.state[e.master] = inner
+        if self.loss_scaler is not None and "loss_scaler" in state_dict:
+            self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
+        self.publish()
 
-
-def _validate(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
-    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise DataParallelError("a ShardedOptimizer state dict is a mapping with 'state' and 'param_groups'")
-    saved_groups = state_dict["param_groups"]
-    if len(saved_groups) != len(opt._groups):
-        raise DataParallelError(
-            f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(opt._groups)}"
-        )
-    for number, (saved, group) in enumerate(zip(saved_groups, opt._groups)):
-        if list(saved.get("params", [])) != list(group.keys):
+    def _validate(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise DataParallelError("a ShardedOptimizer state dict is a mapping with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.group_keys):
             raise DataParallelError(
-                f"param group {number} of the state dict holds {list(saved.get('params', []))}, "
-                f"this optimizer's holds {list(group.keys)}"
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.group_keys)}"
             )
-    for group, kinds in zip(opt._groups, opt._kinds):
-        for key, param in zip(group.keys, group.params):
-            entry = state_dict["state"].get(key)
+        for number, (saved, keys) in enumerate(zip(saved_groups, self.group_keys)):
+            if list(saved.get("params", [])) != keys:
+                raise DataParallelError(
+                    f"param group {number} of the state dict holds {list(saved.get('params', []))}, "
+                    f"this optimizer's holds {keys}"
+                )
+        for e in self.entries:
+            entry = state_dict["state"].get(e.key)
             if entry is None:
-                raise DataParallelError(f"the state dict has no state for parameter {key!r}")
-            expected = _flat_range(opt, param)
-            for name in (MASTER, *kinds) if MASTER in entry else kinds:
+                raise DataParallelError(f"the state dict has no state for parameter {e.key!r}")
+            for name in (MASTER, *e.kinds) if MASTER in entry else e.kinds:
                 if name not in entry:
-                    raise DataParallelError(f"the state dict has no {name!r} for parameter {key!r}")
-                if name != MASTER and not kinds[name].per_element:
+                    raise DataParallelError(f"the state dict has no {name!r} for parameter {e.key!r}")
+                if name != MASTER and not e.kinds[name].per_element:
                     continue
                 shard = entry[name]
                 if not isinstance(shard, Shard):
-                    raise DataParallelError(f"{name!r} of parameter {key!r} must be a pstate.Shard")
-                if shard.global_shape != tuple(param.shape) or shard.flat_range != expected:
+                    raise DataParallelError(f"{name!r} of parameter {e.key!r} must be a pstate.Shard")
+                if shard.global_shape != tuple(e.param.shape) or shard.flat_range != e.flat_range:
                     raise DataParallelError(
-                        f"{name!r} of parameter {key!r} covers elements {shard.flat_range} of a {shard.global_shape} "
-                        f"tensor; this rank owns {expected} of {tuple(param.shape)}: fill the Shards of this "
-                        "optimizer's own state_dict()"
+                        f"{name!r} of parameter {e.key!r} covers elements {shard.flat_range} of a "
+                        f"{shard.global_shape} tensor; this rank owns {e.flat_range} of {tuple(e.param.shape)}: "
+                        "fill the Shards of this optimizer's own state_dict()"
                     )
 
-
-def _replicated_scalars(opt: ShardedOptimizer) -> dict[tuple[Any, str], Any]:
-    """Each scalar state of each parameter, taken from the ranks of its sharding group (the dense or the
-    expert group) that own part of it: one all-reduce per group."""
-    scalars = {}
-    for part in opt._parts:
-        slots, sums = [], []
-        for group, kinds in zip(opt._groups, opt._kinds):
-            for key, param in zip(group.keys, group.params):
-                if opt.grads_of(param) is not part:
-                    continue
-                master = opt._masters.get(id(param))
-                inner = opt.optimizer.state.get(master, {}) if master is not None else {}
-                for name, kind in kinds.items():
+    def _replicated_scalars(self) -> dict[tuple[Any, str], Any]:
+        """Each scalar state of each parameter, taken from the ranks of its sharding group that own part
+        of it: one all-reduce per group."""
+        scalars = {}
+        by_group: dict[int, tuple[dist.ProcessGroup, list[ParamEntry]]] = {}
+        for e in self.entries:
+            by_group.setdefault(id(e.group), (e.group, []))[1].append(e)
+        for group, entries in by_group.values():
+            slots, sums = [], []
+            for e in entries:
+                inner = self.optimizer.state.get(e.master, {}) if e.master is not None else {}
+                for name, kind in e.kinds.items():
                     if not kind.per_element:
-                        slots.append((key, name, kind))
+                        slots.append((e.key, name, kind))
                         value = inner.get(name)
                         sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
-        values = torch.tensor(sums, dtype=torch.float64, device=opt._device).reshape(-1, 2)
-        if slots:
-            comm.all_reduce(values, group=part.group)
-        for (key, name, kind), (total, count) in zip(slots, values.tolist()):
-            value = total / count if count else 0.0
-            if kind.is_tensor:
-                scalars[(key, name)] = torch.full(kind.shape, value, dtype=kind.dtype, device=kind.device)
-            else:
-                scalars[(key, name)] = value
-    return scalars
+            values = torch.tensor(sums, dtype=torch.float64, device=self.device).reshape(-1, 2)
+            if slots:
+                comm.all_reduce(values, group=group)
+            for (key, name, kind), (total, count) in zip(slots, values.tolist()):
+                value = total / count if count else 0.0
+                if kind.is_tensor:
+                    scalars[(key, name)] = torch.full(kind.shape, value, dtype=kind.dtype, device=kind.device)
+                else:
+                    scalars[(key, name)] = value
+        return scalars
 
 
-def _flat_range(opt: ShardedOptimizer, param: torch.Tensor) -> tuple[int, int]:
-    owned = opt.grads_of(param).owned(param)
-    return (0, 0) if owned is None else (owned.start, owned.stop)
-
-
-def _owned_numel(opt: ShardedOptimizer, param: torch.Tensor) -> int:
-    start, stop = _flat_range(opt, param)
-    return stop - start
-
-
-def _shard(opt: ShardedOptimizer, param: torch.Tensor, data: torch.Tensor | None) -> Shard:
-    shape = tuple(param.shape)
+def _shard(e: ParamEntry, data: torch.Tensor | None) -> Shard:
+    shape = tuple(e.param.shape)
     if data is None:
-        data = torch.zeros(0, dtype=opt._master_dtype(param), device=param.device)
-    return Shard(data, shape, (0,) * len(shape), shape, _flat_range(opt, param))
+        data = torch.zeros(0, dtype=e.master_dtype, device=e.param.device)
+    return Shard(data, shape, (0,) * len(shape), shape, e.flat_range)

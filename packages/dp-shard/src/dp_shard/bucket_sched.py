@@ -1,0 +1,304 @@
+"""One gradient-bucket scheduler for DDP and ZeRO-1/2: hooks, counters and launch order, with the
+reduction (all-reduce, or reduce-scatter into this rank's shard) as a strategy object.
+
+Each :class:`Slot` is one bucket of a :class:`~dp_shard.buffers.GradBuffer` layout with the group it is
+reduced over, what averaging divides it by, and its *local* gradients: a persistent view of the layout's
+buffer (DDP, ZeRO-1: autograd accumulates straight into it where the dtypes match) or a bucket-sized
+staging tensor allocated when the bucket's first gradient arrives and freed once it is reduced (ZeRO-2).
+
+A post-accumulate-grad hook adds each gradient into its bucket and counts the bucket's ready parameters;
+with ``overlap`` a bucket's reduction starts once all of its parameters are ready *and* every earlier
+bucket has started, so every rank issues the collectives in one order even when their backward passes
+differ. :meth:`BucketScheduler.finish` starts the buckets still waiting (a parameter unused in this step
+takes part with what its gradient holds: zeros, or its accumulation) and waits for all.
+:meth:`~BucketScheduler.no_sync` accumulates without communicating, so each gradient element is reduced
+once per step whatever the number of micro-batches. With ``finish_in_backward`` the first hook of a pass
+queues an autograd-engine callback that finishes the reduction when the pass ends.
+
+Averaging divides each bucket by ``divisor`` before it is reduced (pre-division, as torch DDP does: the
+sum stays in the range of the local gradients, and gloo has no AVG). ``reduce_dtype`` (default: the
+bucket's) is the dtype the collective moves: a bf16 reduction of fp32 main gradients casts the bucket
+for the collective and adds the result back in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Variable
+
+from pstate import comm
+
+from .buffers import Bucket, GradBuffer
+from .errors import DataParallelError
+
+
+@dataclass
+class Slot:
+    """One bucket with what reducing it needs: ``local`` gradients (``None``: a staging tensor not
+    allocated yet), ``shard`` (ZeRO: where this rank's reduced piece goes) and ``params`` (ZeRO: the
+    bucket's slice of the parameter buffer, for the all-gather)."""
+
+    bucket: Bucket
+    layout: GradBuffer
+    group: dist.ProcessGroup
+    divisor: int
+    local: torch.Tensor | None
+    shard: torch.Tensor | None = None
+    params: torch.Tensor | None = None
+    fresh: bool = True  # the shard holds nothing reduced since the last zero
+
+    @property
+    def persistent(self) -> bool:
+        """The local gradients are a view of the layout's buffer (not a staging tensor)."""
+        return self.layout.data.device.type != "meta"
+
+    def local_view(self, param: torch.Tensor) -> torch.Tensor:
+        """``param``'s gradient within the bucket's local tensor, shaped like ``param``."""
+        start, end = self.layout.span(param)
+        return self.local[start - self.bucket.start : end - self.bucket.start].view(param.shape)
+
+    def ensure_local(self) -> torch.Tensor:
+        if self.local is None:
+            self.local = torch.zeros(self.bucket.numel, dtype=self.layout.dtype, device=self.device)
+        return self.local
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.device if self.shard is not None else self.layout.device
+
+
+class Reduction(Protocol):
+    """How a bucket is reduced: :meth:`launch` starts the collective (async) and returns what
+    :meth:`complete` needs once it is waited."""
+
+    def launch(self, slot: Slot) -> tuple[Any, Any]: ...
+
+    def complete(self, slot: Slot, token: Any) -> None: ...
+
+
+class AllReduce:
+    """DDP: every rank gets the whole reduced bucket, in place."""
+
+    def __init__(self, reduce_dtype: torch.dtype | None = None) -> None:
+        self.reduce_dtype = reduce_dtype
+
+    def launch(self, slot: Slot) -> tuple[Any, Any]:
+        data = _cast(slot.local, self.reduce_dtype)
+        return comm.all_reduce(data, group=slot.group, async_op=True), data
+
+    def complete(self, slot: Slot, data: torch.Tensor) -> None:
+        if data is not slot.local:
+            slot.local.copy_(data)
+
+
+class ReduceScatter:
+    """ZeRO-1/2: this rank's piece of the reduced bucket reaches ``slot.shard``. With ``use_all_reduce``
+    (gloo, whose CPU reduce-scatter is slower than its all-reduce) the bucket is all-reduced and the own
+    piece taken from it."""
+
+    def __init__(self, *, use_all_reduce: bool, reduce_dtype: torch.dtype | None = None) -> None:
+        self.use_all_reduce, self.reduce_dtype = use_all_reduce, reduce_dtype
+
+    def launch(self, slot: Slot) -> tuple[Any, Any]:
+        data = _cast(slot.local, self.reduce_dtype)
+        size, rank = dist.get_world_size(slot.group), dist.get_rank(slot.group)
+        piece = slot.bucket.numel // size
+        if self.use_all_reduce:
+            return comm.all_reduce(data, group=slot.group, async_op=True), (data, data[rank * piece :][:piece])
+        inside = _overlaps(slot.shard, slot.local)  # ZeRO-1: the shard is the own piece of the local bucket
+        if inside and not slot.fresh:
+            raise DataParallelError(
+                "a second reduction of one step's gradients with reduce-scatter (ZeRO-1): run every backward "
+                "but the last of a step inside no_sync(), and zero_grad() between steps"
+            )
+        direct = slot.fresh and data is slot.local and not inside
+        out = slot.shard if direct else torch.empty(piece, dtype=data.dtype, device=data.device)
+        return comm.reduce_scatter(out, data, group=slot.group, async_op=True), (data, out)
+
+    def complete(self, slot: Slot, token: tuple[torch.Tensor, torch.Tensor]) -> None:
+        data, out = token
+        if self.use_all_reduce and slot.persistent:
+            if data is not slot.local:
+                slot.local.copy_(data)  # the whole reduced bucket, the shard (its own piece) included
+            if _overlaps(slot.shard, slot.local):
+                return
+        if out is slot.shard:
+            return
+        if slot.fresh:
+            slot.shard.copy_(out)
+        else:
+            slot.shard.add_(out)
+
+
+class BucketScheduler:
+    """Hooks, counters and launch order over ``slots`` (see the module notes). ``slots`` are in launch
+    order (about backward order); ``reduction`` is the strategy."""
+
+    def __init__(
+        self,
+        slots: Sequence[Slot],
+        reduction: Reduction,
+        *,
+        overlap: bool = True,
+        average: bool = True,
+        finish_in_backward: bool = False,
+    ) -> None:
+        self.slots = list(slots)
+        self.reduction, self.overlap, self.average = reduction, overlap, average
+        self.finish_in_backward = finish_in_backward
+        self._slot_of = {id(p): i for i, s in enumerate(self.slots) for p in s.bucket.params}
+        self._views: dict[int, torch.Tensor] = {}  # id(param) -> its .grad view (persistent, same dtype)
+        for slot in self.slots:
+            for p in slot.bucket.params:
+                if slot.persistent and p.dtype == slot.layout.dtype:
+                    p.grad = self._views[id(p)] = slot.local_view(p)
+        self.syncing = True
+        self._in_pass = False
+        self._unreduced = False  # local gradients not reduced yet
+        self._ready: set[int] = set()
+        self._pending = [len(s.bucket.params) for s in self.slots]
+        self._next = 0
+        self._works: list[tuple[Any, int, Any]] = []
+        params = [p for s in self.slots for p in s.bucket.params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+
+    @property
+    def in_progress(self) -> bool:
+        """A synchronised backward ran and its reduction is not finished."""
+        return bool(self._ready or self._works)
+
+    @property
+    def started(self) -> int:
+        """How many buckets of the reduction under way have started."""
+        return self._next
+
+    def grad_view(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The buffer view that is ``param.grad`` (persistent local gradients of ``param``'s dtype)."""
+        return self._views.get(id(param))
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally without communicating."""
+        previous, self.syncing = self.syncing, False
+        try:
+            yield
+        finally:
+            self.syncing = previous
+
+    def finish(self, *, always: bool = False) -> None:
+        """Start the buckets not started yet and wait for all: what is local since the last reduction.
+        ``always``: reduce even when no gradient arrived (a synchronisation point every rank reaches)."""
+        if always or self._unreduced or self._works:
+            self._claim_unready()
+            while self._next < len(self.slots):
+                self._launch_next()
+            self._wait()
+
+    def zero(self) -> None:
+        """Zero the local gradients and the shards; ``.grad`` becomes the buffer view again."""
+        if self._in_pass or self.in_progress:
+            raise DataParallelError("a gradient sync is in progress: call finish_grad_sync() before zeroing the gradients")
+        for layout in {id(s.layout): s.layout for s in self.slots if s.persistent}.values():
+            layout.zero_()
+        for slot in self.slots:
+            slot.fresh = True
+            if slot.shard is not None:
+                slot.shard.zero_()
+            if not slot.persistent:
+                slot.local = None
+        for p in (p for s in self.slots for p in s.bucket.params):
+            view = self._views.get(id(p))
+            if view is not None:
+                p.grad = view
+        self._unreduced = False
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if self.finish_in_backward and not self._in_pass:
+            self._in_pass = True
+            Variable._execution_engine.queue_callback(self._end_pass)
+        index = self._slot_of[id(param)]
+        slot = self.slots[index]
+        view = self._views.get(id(param))
+        if view is not None:
+            if param.grad is not view:  # .grad was reset (e.g. set to None): this gradient replaces it
+                view.copy_(param.grad)
+                param.grad = view
+        else:
+            slot.ensure_local()
+            slot.local_view(param).add_(param.grad)
+            param.grad = None
+        self._unreduced = True
+        if not self.syncing:
+            return
+        if id(param) in self._ready:
+            raise DataParallelError(
+                "a parameter received a second gradient before the step's reduction finished: run every "
+                "backward but the last of a step inside no_sync(), then finish_grad_sync()"
+            )
+        self._ready.add(id(param))
+        self._pending[index] -= 1
+        if self.overlap:
+            while self._next < len(self.slots) and self._pending[self._next] == 0:
+                self._launch_next()
+
+    def _end_pass(self) -> None:
+        self._in_pass = False
+        if self.syncing and self.finish_in_backward:
+            self.finish()
+
+    def _claim_unready(self) -> None:
+        """A parameter whose gradient did not arrive this step but whose ``.grad`` was reset counts as
+        zero; one given a tensor by hand is copied in."""
+        for p_id, view in self._views.items():
+            if p_id in self._ready:
+                continue
+            slot = self.slots[self._slot_of[p_id]]
+            param = next(p for p in slot.bucket.params if id(p) == p_id)
+            if param.grad is view:
+                continue
+            if param.grad is None:
+                view.zero_()
+            else:
+                view.copy_(param.grad)
+            param.grad = view
+
+    def _launch_next(self) -> None:
+        index, self._next = self._next, self._next + 1
+        slot = self.slots[index]
+        slot.ensure_local()
+        if self.average and slot.divisor > 1:
+            slot.local.div_(slot.divisor)
+        work, token = self.reduction.launch(slot)
+        self._works.append((work, index, token))
+
+    def _wait(self) -> None:
+        for work, index, token in self._works:
+            work.wait()
+            slot = self.slots[index]
+            self.reduction.complete(slot, token)
+            if slot.shard is not None:
+                slot.fresh = False
+                if not slot.persistent:
+                    slot.local = None  # ZeRO-2: only the shard stays
+        self._works.clear()
+        self._ready.clear()
+        self._pending = [len(s.bucket.params) for s in self.slots]
+        self._next = 0
+        self._unreduced = False
+
+
+def _cast(data: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return data if dtype is None or dtype == data.dtype else data.to(dtype)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
