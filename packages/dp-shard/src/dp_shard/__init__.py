@@ -7,7 +7,9 @@ optimizer, with a state dict ``ckpt`` can reshard), :class:`LossScaler` (dynamic
 backward, gradients reduce-scattered; checkpoint pieces through :func:`parameter_shards` and
 :func:`optimizer_state_shards`) and :func:`clip_grad_norm_` (the global norm over TP/PP/DP/EP-split
 models). :func:`make_engine` gives the one interface a training loop holds over all of them
-(:class:`DataParallelEngine`: accumulate, finish the step's gradients once, the step protocol).
+(:class:`DataParallelEngine`: accumulate, finish the step's gradients once, the step protocol), with
+Megatron's mixed precision for 16-bit weights (fp32 main gradients and masters; :func:`bytes_per_param`
+gives the table of bytes per parameter per rank).
 """
 
 from .clip import clip_grad_norm_
@@ -22,6 +24,7 @@ from .fully_shard import (
     parameter_shards,
 )
 from .loss_scaler import LossScaler
+from .memory import bytes_per_param
 from .sharded_optimizer import ShardedOptimizer
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "LossScaler",
     "ShardedOptimizer",
     "ZeroEngine",
+    "bytes_per_param",
     "clip_grad_norm_",
     "fully_shard",
     "load_optimizer_state_shards",

@@ -203,7 +203,9 @@ class BucketScheduler:
     def zero(self) -> None:
         """Zero the local gradients and the shards; ``.grad`` becomes the buffer view again."""
         if self._in_pass or self.in_progress:
-            raise DataParallelError("a gradient sync is in progress: call finish_grad_sync() before zeroing the gradients")
+            raise DataParallelError(
+                "a gradient sync is in progress: call finish_grad_sync() before zeroing the gradients"
+            )
         for layout in {id(s.layout): s.layout for s in self.slots if s.persistent}.values():
             layout.zero_()
         for slot in self.slots:

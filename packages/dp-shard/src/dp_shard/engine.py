@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import pstate
+from pstate.tags import copy_tags
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
@@ -97,6 +98,16 @@ class DataParallelEngine(ABC):
         """The optimizer's step (ZeRO-1/2: then the parameter gathers)."""
         self.optimizer.step()
 
+    def wait_param_gather(self) -> None:
+        """Wait for parameter gathers still in flight (ZeRO-1/2 overlapping them with the next forward):
+        call it before reading the parameters other than through the chunks' forward."""
+        return None
+
+    def reload_model_params(self) -> None:
+        """After loading weights into the parameters: copy them into the master weights where these are
+        separate copies (16-bit parameters)."""
+        return None
+
     @abstractmethod
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the model's parameters (``params``: the stored parameters, ZeRO-3's
@@ -145,7 +156,9 @@ def _plain(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class DDPEngine(DataParallelEngine):
     """ZeRO-0: each chunk in :class:`~dp_shard.DataParallel` over ``group`` (experts over ``expert_group``),
-    ``optimizer_cls`` on the full parameters."""
+    ``optimizer_cls`` on the full parameters. 16-bit parameters get fp32 main gradients (the bucket
+    buffers) and fp32 master copies the optimizer steps, copied into the parameters after each step
+    (Megatron's mixed precision); ``reduce_dtype`` is the dtype the all-reduce moves (default fp32)."""
 
     zero = 0
 
@@ -157,13 +170,28 @@ class DDPEngine(DataParallelEngine):
         expert_group: pstate.Group | None,
         param_groups: GroupsFn,
         optimizer_cls: type[torch.optim.Optimizer],
+        reduce_dtype: torch.dtype | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
-        self.modules = [DataParallel(c, group=group, expert_group=expert_group) for c in self.chunks]
+        self.modules = [
+            DataParallel(c, group=group, expert_group=expert_group, reduce_dtype=reduce_dtype) for c in self.chunks
+        ]
         self.named = _named(self.chunks)
-        self.optimizer = optimizer_cls(_plain(param_groups(self.named)), **optimizer_kwargs)
         self._params = list(self.named.values())
+        self._masters: dict[int, torch.Tensor] = {}  # id(16-bit parameter) -> its fp32 master
+        for p in self._params:
+            if p.dtype.itemsize < 4:
+                master = p.detach().float().clone()
+                master.grad = p.main_grad  # the fp32 bucket view the reduction fills
+                copy_tags(p, master)
+                self._masters[id(p)] = master
+        groups = [{**g, "params": [self.master(p) for p in g["params"]]} for g in _plain(param_groups(self.named))]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+
+    def master(self, param: nn.Parameter) -> torch.Tensor:
+        """What the optimizer steps for ``param``: its fp32 master copy, or the parameter itself."""
+        return self._masters.get(id(param), param)
 
     def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
         return self.modules[chunk].no_sync()
@@ -186,11 +214,27 @@ class DDPEngine(DataParallelEngine):
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return clip_grad_norm_(self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
 
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        if self._masters:
+            with torch.no_grad():
+                for p in self._params:
+                    if id(p) in self._masters:
+                        p.copy_(self._masters[id(p)])
+
+    def reload_model_params(self) -> None:
+        """Copy the parameters into the masters again, after loading weights into the model."""
+        with torch.no_grad():
+            for p in self._params:
+                if id(p) in self._masters:
+                    self._masters[id(p)].copy_(p)
+
     def memory_bytes(self) -> dict[str, int]:
         grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)
         params = sum(p.numel() * p.element_size() for p in self._params)
         numel = sum(p.numel() for p in self._params)
-        return {"params": params, "grads": grads, "optimizer": _state_bytes(self.optimizer), "numel": numel}
+        optimizer = _state_bytes(self.optimizer) + _bytes(self._masters.values())
+        return {"params": params, "grads": grads, "optimizer": optimizer, "numel": numel}
 
 
 class ZeroEngine(DataParallelEngine):
@@ -207,6 +251,8 @@ class ZeroEngine(DataParallelEngine):
         param_groups: GroupsFn,
         optimizer_cls: type[torch.optim.Optimizer],
         aligned: Sequence[nn.Parameter] = (),
+        reduce_dtype: torch.dtype | None = None,
+        overlap_param_gather: bool = False,
         **optimizer_kwargs: Any,
     ) -> None:
         self.zero = stage
@@ -221,8 +267,17 @@ class ZeroEngine(DataParallelEngine):
             aligned=aligned,
             expert_group=expert_group,
             finish_in_backward=False,  # finish_grad_sync reduces once, after every chunk's backward
+            reduce_dtype=reduce_dtype,
             **optimizer_kwargs,
         )
+        if overlap_param_gather:
+            self.optimizer.overlap_param_gather(self.chunks)
+
+    def wait_param_gather(self) -> None:
+        self.optimizer.wait_param_gather()
+
+    def reload_model_params(self) -> None:
+        self.optimizer.reload_model_params()
 
     def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
         return self.optimizer.no_sync()
@@ -317,14 +372,27 @@ def make_engine(
     optimizer_cls: type[torch.optim.Optimizer],
     aligned: Sequence[nn.Parameter] = (),
     units: Callable[[nn.Module], list[nn.Module]] | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    overlap_param_gather: bool = False,
     **optimizer_kwargs: Any,
 ) -> DataParallelEngine:
-    """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded)."""
+    """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded).
+    ``reduce_dtype`` (DDP, ZeRO-1/2): the dtype gradient reductions move (default: the fp32 main
+    gradients'); ``overlap_param_gather`` (ZeRO-1/2): the step only starts the parameter gathers and the
+    next forward waits for each bucket where it is first used."""
     common = dict(group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, **optimizer_kwargs)
     if zero == 0:
-        return DDPEngine(chunks, expert_group=expert_group, **common)
+        return DDPEngine(chunks, expert_group=expert_group, reduce_dtype=reduce_dtype, **common)
     if zero in (1, 2):
-        return ZeroEngine(chunks, stage=zero, expert_group=expert_group, aligned=aligned, **common)
+        return ZeroEngine(
+            chunks,
+            stage=zero,
+            expert_group=expert_group,
+            aligned=aligned,
+            reduce_dtype=reduce_dtype,
+            overlap_param_gather=overlap_param_gather,
+            **common,
+        )
     if zero == 3:
         if expert_group is not None:
             raise DataParallelError("ZeRO-3 does not shard expert parameters yet: use zero=1 or 2 with experts")

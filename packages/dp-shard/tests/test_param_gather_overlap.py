@@ -1,0 +1,86 @@
+"""ZeRO-1/2's parameter gathers overlapped with the next forward (``ShardedOptimizer.overlap_param_gather``).
+
+World 2, a chain of three ``Linear`` layers of different sizes, one parameter per bucket (the smallest
+bucket size), AdamW for three steps. Parity: the losses and the trained parameters equal those of the
+same optimizer with synchronous gathers exactly (the same arithmetic; only when the gathers are waited
+differs). Laziness: after ``step()`` every bucket's gather is in flight; a forward pre-hook registered
+after the optimizer's on each layer sees only the later layers' buckets still pending, so each bucket
+is waited by the first layer that uses it. Order: the gathers are launched in forward order (first
+layer's parameters first), the reverse of the gradient buckets' backward order.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dp_shard import ShardedOptimizer
+from pstate.comm import CommRecorder
+
+SIZES = [4, 6, 8, 10]
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)])
+
+
+def train(stage: int, collectives: str, overlap: bool):
+    model = net()
+    optimizer = ShardedOptimizer(
+        model.parameters(),
+        torch.optim.AdamW,
+        group=dist.group.WORLD,
+        stage=stage,
+        bucket_size_mb=1e-9,  # one parameter per bucket
+        collectives=collectives,
+        lr=1e-2,
+    )
+    if overlap:
+        optimizer.overlap_param_gather([model])
+    pending: list[list[int]] = []
+    for layer in model:
+        layer.register_forward_pre_hook(lambda *_: pending[-1].append(optimizer.pending_param_gathers()))
+    losses, launched = [], []
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + dist.get_rank())
+        x, y = torch.randn(5, SIZES[0], generator=g), torch.randn(5, SIZES[-1], generator=g)
+        pending.append([])
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        recorder = CommRecorder()
+        with recorder:
+            optimizer.step()
+        launched.append([r.bytes for r in recorder.records])
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    optimizer.wait_param_gather()
+    return losses, [p.detach().clone() for p in model.parameters()], pending, launched
+
+
+def both(stage: int, collectives: str):
+    return train(stage, collectives, False), train(stage, collectives, True)
+
+
+@pytest.mark.parametrize(("stage", "collectives"), [(1, "auto"), (2, "reduce_scatter")])
+def test_gathers_are_waited_by_the_first_layer_that_uses_them_and_change_nothing(run_ranks, stage, collectives):
+    sizes = [(a * b, b) for a, b in itertools.pairwise(SIZES)]  # (weight, bias) elements per layer
+    for (losses, params, _, _), (lazy_losses, lazy_params, pending, launched) in run_ranks(2, both, stage, collectives):
+        assert lazy_losses == losses
+        for got, want in zip(lazy_params, params):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert pending[0] == [0, 0, 0]  # the first forward follows no step
+        for seen in pending[1:]:  # after layer i's own wait: the 2 buckets of each later layer
+            assert seen == [4, 2, 0]
+        per_gather = 2 if collectives == "auto" else 1  # gloo's fallback: one broadcast per owner
+        for step_bytes in launched:
+            gathers = step_bytes[-len(sizes) * 2 * per_gather :]
+            numels = [n for weight, bias in sizes for n in (weight, bias)]  # forward order
+            padded = [-(-n // 2) * 2 for n in numels]
+            if per_gather == 2:
+                assert gathers == [4 * n // 2 for n in padded for _ in range(2)]
+            else:
+                assert gathers == [4 * n for n in padded]
