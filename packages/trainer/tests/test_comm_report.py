@@ -90,8 +90,8 @@ def report(tmp: str) -> tuple[list[dict], str]:
 def test_comm_report_writes_bytes_per_axis(run_ranks, tmp_path):
     records, printed = run_ranks(2, report, str(tmp_path))[0]
     assert "comm (rank 0): dp " in printed
-    # ZeRO-1 at d=2, fp32 parameters that are their own masters: 4 + (4 + 4/d) + 8/d, plus bucket padding
-    assert "bytes per parameter (rank 0, zero=1, dp_cp=2): params 4.00 + grads 6.00 + optimizer 4.00" in printed
+    # ZeRO-1 at d=2, fp32 parameters that are their own masters: 4 + 4 + 8/d (the reduced shard in the buffer)
+    assert "bytes per parameter (rank 0, zero=1, dp_cp=2): params 4.00 + grads 4.00 + optimizer 4.00" in printed
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["comm_dp_bytes"] for r in lines] == [r["comm_dp_bytes"] for r in records]
     assert records[0]["comm_dp_bytes"] == records[1]["comm_dp_bytes"] > 0

@@ -76,9 +76,9 @@ def _states(zero: int, d: int) -> float:
     return mem.parts, sum(parameter_count(m))
 
 
-# bytes per parameter: fp32 weights, fp32 gradients (ZeRO-1: the full local ones and the reduced shard),
+# bytes per parameter: fp32 weights, fp32 gradients (ZeRO-1: the full local ones, the reduced shard inside),
 # two fp32 AdamW moments, sharded over 4 ranks as each stage does
-@pytest.mark.parametrize("zero, per_param", [(0, 16), (1, 4 + 4 + 4 / 4 + 8 / 4), (2, 4 + 12 / 4), (3, 16 / 4)])
+@pytest.mark.parametrize("zero, per_param", [(0, 16), (1, 4 + 4 + 8 / 4), (2, 4 + 12 / 4), (3, 16 / 4)])
 def test_model_states_per_zero_stage(zero, per_param):
     parts, params = _states(zero, 4)
     states = parts["parameters"] + parts["gradients"] + parts["optimizer"]

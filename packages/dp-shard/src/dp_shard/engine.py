@@ -108,6 +108,22 @@ class DataParallelEngine(ABC):
         separate copies (16-bit parameters)."""
         return None
 
+    def master(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor the optimizer keys ``param``'s state by where it steps whole parameters (DDP: the fp32
+        master of a 16-bit parameter); the parameter itself otherwise."""
+        return param
+
+    def full_precision_params(self) -> dict[int, torch.Tensor]:
+        """The fp32 master values of the 16-bit parameters, whole, by ``id(param)`` (empty when the
+        parameters are their own masters): what a checkpoint saves under the parameters' names.
+        Collective under ZeRO-1/2 (the masters are gathered into copies)."""
+        return {}
+
+    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
+        """Set the masters (and from them the 16-bit parameters) from ``full``, the tensors
+        :meth:`full_precision_params` gave, filled by a checkpoint load. Collective under ZeRO-1/2."""
+        return None
+
     @abstractmethod
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the model's parameters (``params``: the stored parameters, ZeRO-3's
@@ -222,6 +238,16 @@ class DDPEngine(DataParallelEngine):
                     if id(p) in self._masters:
                         p.copy_(self._masters[id(p)])
 
+    def full_precision_params(self) -> dict[int, torch.Tensor]:
+        return {id(p): self._masters[id(p)] for p in self._params if id(p) in self._masters}
+
+    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p in self._params:
+                if id(p) in self._masters and id(p) in full:
+                    self._masters[id(p)].copy_(full[id(p)])
+                    p.copy_(self._masters[id(p)])
+
     def reload_model_params(self) -> None:
         """Copy the parameters into the masters again, after loading weights into the model."""
         with torch.no_grad():
@@ -278,6 +304,12 @@ class ZeroEngine(DataParallelEngine):
 
     def reload_model_params(self) -> None:
         self.optimizer.reload_model_params()
+
+    def full_precision_params(self) -> dict[int, torch.Tensor]:
+        return self.optimizer.full_master_params()
+
+    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
+        self.optimizer.load_full_master_params(full)
 
     def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
         return self.optimizer.no_sync()

@@ -86,7 +86,12 @@ class TrainConfig:
     global_batch: int | None = None
     """samples per optimizer step over all ranks, a multiple of micro_batch*dp (default: micro_batch*dp)."""
     precision: str = "fp32"
-    """parameter and compute precision (fp16 adds dynamic loss scaling; fp8: bf16 with fp8 matmuls)."""
+    """parameter and compute precision. bf16/fp16 with zero 0/1/2: 16-bit weights, fp32 main gradients,
+    fp32 master weights and optimizer state (sharded by ZeRO); with zero 3: autocast over fp32 parameters.
+    fp16 adds dynamic loss scaling; fp8: bf16 autocast over fp32 parameters with fp8 matmuls."""
+    grad_reduce_dtype: str = "fp32"
+    """dtype of the data-parallel gradient reduction (DDP, ZeRO-1/2): fp32 (the main gradients') or bf16
+    (half the bytes; the sum is rounded to bf16 before it reaches the fp32 gradients)."""
     fp8_recipe: str = "current"
     """fp8 scaling: current (per-tensor, this step's amax), delayed (amax history; te) or mxfp8 (te, Blackwell)."""
     peak_tflops: float | None = None
@@ -156,6 +161,8 @@ class TrainConfig:
             raise TrainerError(f"train.cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.precision not in PRECISIONS:
             raise TrainerError(f"train.precision={self.precision!r}: must be one of {PRECISIONS}")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise TrainerError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}: must be 'fp32' or 'bf16'")
         if self.fp8_recipe not in FP8_RECIPES:
             raise TrainerError(f"train.fp8_recipe={self.fp8_recipe!r}: must be one of {FP8_RECIPES}")
         if self.peak_tflops is not None:

@@ -1,9 +1,10 @@
 """Memory per GPU of one layout, broken down, for the pipeline stage that holds the most.
 
-Model states as this trainer keeps them: fp32 parameters that are also the master weights (so no extra
-master copy), fp32 gradients, AdamW's two fp32 moments. Dense states shard over ``dp*cp`` (the
-``dp_cp`` group), experts' over ``edp``: ZeRO-1 the moments (and adds the reduced gradient shard to the
-full local gradients), ZeRO-2 also the gradients, ZeRO-3 everything (plus the gathered unit being
+Model states as this trainer keeps them (``dp_shard.bytes_per_param``): fp32 parameters that are also
+the master weights, or under ``bf16``/``fp16`` with ZeRO 0/1/2 16-bit weights with fp32 masters; fp32
+gradients, AdamW's two fp32 moments. Dense states shard over ``dp*cp`` (the ``dp_cp`` group), experts'
+over ``edp``: ZeRO-1 the masters and moments (its reduced gradient shard lives in the full local
+gradient buffer), ZeRO-2 also the gradients, ZeRO-3 everything (plus the gathered unit being
 used, the prefetched next one and the unit's gradients). Every mode reduces the gradients once per
 step, so over several micro-batches ZeRO-2 and ZeRO-3 hold the full local gradients until then.
 Under ``bf16``/``fp16`` autocast each in-flight micro-batch keeps the 16-bit weight copies its matmuls
@@ -20,7 +21,11 @@ selective recomputation, and the layer input alone (``2*s*b*h``) with full recom
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+
+from dp_shard import bytes_per_param
 from tp_layers import padded_vocab_size
 
 from ..model import ModelConfig
@@ -121,6 +126,12 @@ def stage_params(m: ModelConfig, L: Layout) -> tuple[float, float, float]:
     return dense, expert, per_layer
 
 
+def _dtypes(weight_bytes: int) -> dict[str, Any]:
+    if weight_bytes == 2:
+        return {"weight_dtype": torch.bfloat16, "master_dtype": torch.float32}
+    return {"weight_dtype": torch.float32, "master_dtype": None}
+
+
 def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memory:
     """The memory breakdown of the fuller of the first stage (most micro-batches in flight) and the last
     (the logits)."""
@@ -128,14 +139,17 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     dense, expert, per_layer = stage_params(m, L)
     d, e = L.dp * L.cp, L.edp
     params = dense + expert
-    # ZeRO-1 keeps the full local gradients and its reduced shard; ZeRO-2 only the shard
-    shard = {0: (4, 4, 8), 1: (4, 4 + 4 / d, 8 / d), 2: (4, 4 / d, 8 / d), 3: (4 / d, 4 / d, 8 / d)}[L.zero]
-    eshard = {0: (4, 4, 8), 1: (4, 4 + 4 / e, 8 / e), 2: (4, 4 / e, 8 / e), 3: (4 / e, 4 / e, 8 / e)}[L.zero]
+    # dp_shard.bytes_per_param's table: ZeRO-1's reduced shard lives in its full local gradient buffer;
+    # bf16/fp16 under zero 0/1/2 means 16-bit weights with fp32 masters (sharded like the moments)
+    w = 2 if work.precision in ("bf16", "fp16") and L.zero < 3 else 4
+    master = 4 if w == 2 else 0
+    dense_b, expert_b = bytes_per_param(L.zero, d, **_dtypes(w)), bytes_per_param(L.zero, e, **_dtypes(w))
+    masters = master / (d if L.zero else 1), master / (e if L.zero else 1)
     parts = {
-        "parameters": dense * shard[0] + expert * eshard[0],
-        "gradients": dense * shard[1] + expert * eshard[1],
-        "optimizer": dense * shard[2] + expert * eshard[2],
-        "master weights": 0.0,  # the fp32 parameters are the masters
+        "parameters": dense * dense_b["params"] + expert * expert_b["params"],
+        "gradients": dense * dense_b["grads"] + expert * expert_b["grads"],
+        "optimizer": dense * (dense_b["optimizer"] - masters[0]) + expert * (expert_b["optimizer"] - masters[1]),
+        "master weights": dense * masters[0] + expert * masters[1],
     }
     accumulating = L.microbatches(work.global_batch) > 1
     if L.zero == 3:  # the root (the head), the unit in use and the prefetched one, and a unit's gradients

@@ -2,11 +2,12 @@
 
 ``model``: every named piece of the parameters (:func:`trainer.model.model_pieces`). ``optimizer``:
 AdamW's moments under the same names (with ZeRO and FSDP, their flat-range shards split along the
-same pieces) and ``step`` as a replicated scalar; the fp32 master weights are the parameters, saved
-once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
-step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
-generator. ``expert_bias``: the MoE routers' expert biases (aux-loss-free balancing; buffers, so
-neither model nor optimizer state), when the model has them. ``dropout``: each chunk's dropout
+same pieces) and ``step`` as a replicated scalar; the fp32 master weights are saved once, as the model
+(the parameters themselves, or with 16-bit weights their fp32 masters). So any of DDP, ZeRO-1/2 and
+FSDP, in any precision, loads what any other saved. ``progress``: the step and the data position
+(consumed samples, which resume at any DP size). ``rng``: each rank's generator. ``expert_bias``: the
+MoE routers' expert biases (aux-loss-free balancing; buffers, so neither model nor optimizer state),
+when the model has them. ``dropout``: each chunk's dropout
 generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run resumed at the
 layout that saved them restores them (at another layout the stages and shards draw other masks
 anyway, and start again from the seed).
@@ -52,7 +53,9 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
     by_param: dict[int, list[Piece]] = {}
     for piece in pieces:
         by_param.setdefault(id(piece.param), []).append(piece)
-    state["model"] = {piece.name: piece.shard(piece.param.data) for piece in pieces}
+    full = run.engine.full_precision_params()  # 16-bit weights: their fp32 masters, saved under their names
+    state["model"] = {piece.name: piece.shard(full.get(id(piece.param), piece.param.data)) for piece in pieces}
+    state["_full"] = full
     if run.sharded:
         state["optimizer"], state["_zero"], state["_gathered"] = _zero_state(run, by_param)
     else:
@@ -66,6 +69,7 @@ def finish_load(run: Run, state: dict[str, Any]) -> None:
         for copy in state["_gathered"]:
             copy.scatter()
         run.optimizer.load_state_dict(state["_zero"])
+    run.engine.load_full_precision_params(state.get("_full", {}))  # fp32 masters, then the 16-bit weights
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
     for chunk, states in zip(run.chunks, state.get("dropout", {}).get(run.device.type, {}).values()):
         values = {name: v.value if isinstance(v, PerRank) else v for name, v in states.items()}
@@ -86,11 +90,12 @@ def saveable(state: dict[str, Any]) -> dict[str, Any]:
 
 def _adam_state(run: Run, by_param: dict[int, list[Piece]]) -> dict[str, Any]:
     _init_adam(run.optimizer)
+    masters = {id(run.engine.master(p)): p for p in run.named.values()}  # the optimizer's tensor -> parameter
     out: dict[str, Any] = {}
     for group in run.optimizer.param_groups:
         for p in group["params"]:
             s = run.optimizer.state[p]
-            for piece in by_param[id(p)]:
+            for piece in by_param[id(masters.get(id(p), p))]:
                 out[piece.name] = {name: piece.shard(s[name]) for name in ADAM} | {"step": s["step"]}
     return out
 

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
+from dp_shard import bytes_per_param
+
 from .setup import Run
 
 
@@ -38,6 +40,7 @@ def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
         f"({kv}), ffn {m.ffn}, vocab {m.vocab_size}, {m.mlp}/{m.norm}/{m.position}",
         f"layout: {dist.get_world_size()} ranks = {sizes}; {', '.join(modes)}; {t.precision} on "
         f"{run.device.type} ({dist.get_backend()})",
+        f"states: {_states(run)}",
         f"data: {_data(cfg, datasets)}",
         f"batch: {global_batch} samples x {t.seq_len} tokens = {tokens_per_step:,} tokens per step; "
         f"{t.steps} steps ({t.steps * tokens_per_step:,} tokens)",
@@ -45,6 +48,21 @@ def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
         f"metrics: {_metrics(t)}",
     ]
     return lines
+
+
+def _states(run: Run) -> str:
+    """The bytes per parameter per rank the mode keeps (``dp_shard.bytes_per_param``'s table) for the dense
+    parameters (experts shard over ``edp``)."""
+    t, d = run.cfg.train, run.ps.dp_cp.size
+    weight = next(iter(run.named.values())).dtype
+    sixteen = weight.itemsize == 2  # 16-bit weights: fp32 main gradients and masters
+    b = bytes_per_param(t.zero, d, weight_dtype=weight, master_dtype=torch.float32 if sixteen else None)
+    masters = "fp32 masters, " if sixteen else ""
+    reduce = f", gradients reduced in {t.grad_reduce_dtype}" if t.zero < 3 else ""
+    return (
+        f"{b['total']:.2f} bytes per parameter per rank: {weight} weights {b['params']:.2f} + fp32 gradients "
+        f"{b['grads']:.2f} + {masters}AdamW {b['optimizer']:.2f} (zero={t.zero}, dp_cp={d}{reduce})"
+    )
 
 
 def _count(n: int) -> str:

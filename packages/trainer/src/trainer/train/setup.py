@@ -3,8 +3,10 @@ data-parallel engine (with the optimizer) and the pipeline executor.
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
-chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) is autocast
-compute over fp32 parameters, which are the master weights; ``fp16`` adds a dynamic
+chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) with
+``zero`` 0/1/2 is Megatron's: 16-bit weights, gradients accumulated and reduced in fp32 main-gradient
+buffers (``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW state (sharded
+by ZeRO); with ``zero=3`` and for ``fp8`` it is autocast over fp32 parameters. ``fp16`` adds a dynamic
 :class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
@@ -31,6 +33,8 @@ from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the model's weights under zero 0/1/2
+REDUCE = {"fp32": None, "bf16": torch.bfloat16}  # None: the fp32 main gradients' own dtype
 
 
 @dataclass
@@ -134,8 +138,11 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
 
         load_hf_pieces(chunks, t.init_from_hf)
     device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
+    weights = WEIGHTS.get(t.precision) if t.zero < 3 else None  # 16-bit weights, fp32 main grads and masters
     for chunk in chunks:
         chunk.to(device)
+        for p in chunk.parameters() if weights else ():
+            p.data = p.data.to(weights)  # parameters only: buffers (rope, expert biases) keep their dtype
     context = apply_backend(
         chunks, groups, backend=model.backend, precision=t.precision, fp8_recipe=t.fp8_recipe,
         amax_group=ps.tp_dp_cp.group,
@@ -155,6 +162,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         optimizer_cls=torch.optim.AdamW,
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
+        reduce_dtype=REDUCE[t.grad_reduce_dtype],
         **adam,
     )
     modules = engine.modules
