@@ -1,7 +1,15 @@
 """Every data-parallel mode through ``dp_shard.make_engine`` in one run: bytes per step on the DP axis
-against the analytic minimum, step time against the PyTorch-native equivalent, and bytes per parameter.
+against the analytic minimum, step time against the PyTorch-native equivalent, and bytes per parameter
+(tensors held, and resident memory) against the table of ``dp_shard.bytes_per_param``.
 
     python packages/dp-shard/benchmarks/bench_engine.py [--world 8 --layers 4 --hidden 256 --micro 2]
+
+Modes ending in ``-bf16`` hold bf16 weights with fp32 main gradients and fp32 masters (Megatron's mixed
+precision): their minimum is the fp32 gradient reduction plus, for ZeRO, an all-gather of the bf16
+weights (``(n-1)/n * (4P + 2P)``); their torch counterparts run the same bf16 model (torch has no fp32
+masters there, so it does less work). Resident: the growth of this rank's resident set from before the
+engine is built to after two steps, per parameter (the allocator's slack included). The gradient norm's
+scalar all-reduce is left out of the bytes.
 
 Each mode trains the same MLP (``--layers`` x ``Linear(hidden, hidden)`` + ReLU, fp32, AdamW) for steps of
 ``--micro`` micro-batches (all but the last inside ``engine.no_sync``) on ``--world`` ranks over gloo, one
@@ -26,7 +34,7 @@ import torch.distributed as dist
 from bench_common import alternate_rounds, inputs
 from torch import nn
 
-from dp_shard import ClipGroups, make_engine
+from dp_shard import ClipGroups, bytes_per_param, make_engine
 from pstate.comm import CommRecorder
 from pstate.testing import Harness
 
@@ -42,12 +50,21 @@ def groups(named):
     return [{"params": list(named.items())}]
 
 
+ZERO = {"ddp": 0, "zero1": 1, "zero1-auto": 1, "zero2": 2, "zero3": 3}
+
+
+def split(mode: str) -> tuple[str, torch.dtype]:
+    """The mode without its precision suffix, and the weights' dtype."""
+    return mode.removesuffix("-bf16"), torch.bfloat16 if mode.endswith("-bf16") else torch.float32
+
+
 def ours(mode: str, layers: int, hidden: int):
-    zero = {"ddp": 0, "zero1": 1, "zero1-auto": 1, "zero2": 2, "zero3": 3}[mode]
-    extra = {"collectives": "reduce_scatter"} if mode in ("zero1", "zero2") else {}
+    base, dtype = split(mode)
+    zero = ZERO[base]
+    extra = {"collectives": "reduce_scatter"} if base in ("zero1", "zero2") else {}
     engine = make_engine(
         zero,
-        [mlp(layers, hidden)],
+        [mlp(layers, hidden).to(dtype)],
         group=dist.group.WORLD,
         param_groups=groups,
         optimizer_cls=torch.optim.AdamW,
@@ -67,11 +84,11 @@ def engine_step(engine, xs: list[torch.Tensor]) -> None:
     engine.step(float("inf"), ClipGroups())
 
 
-def torch_native(mode: str, layers: int, hidden: int):
+def torch_native(mode: str, layers: int, hidden: int, dtype: torch.dtype = torch.float32):
     """(step function) of the PyTorch-native equivalent of ``mode``."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model = mlp(layers, hidden)
+    model = mlp(layers, hidden).to(dtype)
     if mode == "zero3":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -111,28 +128,53 @@ def torch_native(mode: str, layers: int, hidden: int):
 TORCH = {"ddp": "ddp", "zero1": "zero", "zero1-auto": "zero", "zero2": "zero", "zero3": "zero3"}
 
 
+def resident_bytes() -> int:
+    """This process's resident set now (not its peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def minimum_bytes(mode: str, numel: int, n: int, micro: int) -> float:
+    """The analytic minimum of the bytes a rank moves per step (ring factors; see the module notes)."""
+    base, dtype = split(mode)
+    if base == "zero3":  # no gather after the step: the next forward's
+        return (1 + 2 * micro) * (n - 1) / n * 4 * numel
+    if base == "ddp":
+        return 2 * (n - 1) / n * 4 * numel
+    return (n - 1) / n * (4 + dtype.itemsize) * numel  # fp32 reduce-scatter + all-gather of the weights
+
+
 def measure(modes: list[str], layers: int, hidden: int, batch: int, micro: int, iters: int, rounds: int):
+    import gc
+
     torch.set_num_threads(1)
-    xs = [inputs(hidden, batch) + i for i in range(micro)]
     n = dist.get_world_size()
     numel = layers * (hidden + 1) * hidden
-    minimum = {"ddp": 2 * (n - 1) / n * 4 * numel}
-    minimum["zero1"] = minimum["zero2"] = minimum["zero1-auto"] = minimum["ddp"]
-    minimum["zero3"] = (1 + 2 * micro) * (n - 1) / n * 4 * numel  # no gather after the step: the next forward's
     out = {}
-    natives = {kind: torch_native(kind, layers, hidden) for kind in sorted(set(TORCH[m] for m in modes))}
     for mode in modes:
+        base, dtype = split(mode)
+        xs = [(inputs(hidden, batch) + i).to(dtype) for i in range(micro)]
+        gc.collect()
+        before = resident_bytes()
         engine = ours(mode, layers, hidden)
         engine_step(engine, xs)
+        engine_step(engine, xs)
+        resident = (resident_bytes() - before) / numel
         recorder = CommRecorder({dist.group.WORLD: "dp"})
         with recorder:
             engine_step(engine, xs)
-        wire = sum(r.wire_bytes for r in recorder.records if r.axis == "dp" and r.size > 1)
-        native = natives[TORCH[mode]]
+        wire = sum(r.wire_bytes for r in recorder.records if r.axis == "dp" and r.size > 1 and r.bytes > 8)
+        native = torch_native(TORCH[base], layers, hidden, dtype)
         times = alternate_rounds(
-            {"ours": lambda e=engine: engine_step(e, xs), "torch": lambda f=native: f(xs)}, iters, rounds
+            {"ours": lambda e=engine, b=xs: engine_step(e, b), "torch": lambda f=native, b=xs: f(b)}, iters, rounds
         )
-        out[mode] = (wire / minimum[mode], times["ours"], times["torch"], engine.bytes_per_param())
+        sixteen = dtype.itemsize == 2 and base != "zero3"
+        master = torch.float32 if sixteen else None
+        table = bytes_per_param(ZERO[base], n, weight_dtype=dtype, master_dtype=master)["total"]
+        minimum = minimum_bytes(mode, numel, n, micro)
+        out[mode] = (wire / minimum, times["ours"], times["torch"], engine.bytes_per_param(), table, resident)
+        del engine, native
+        gc.collect()
     return out
 
 
@@ -145,7 +187,8 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["ddp", "zero1", "zero1-auto", "zero2", "zero3"])
+    modes = ["ddp", "zero1", "zero1-auto", "zero2", "zero3", "ddp-bf16", "zero1-bf16", "zero2-bf16"]
+    parser.add_argument("--modes", nargs="+", default=modes)
     args = parser.parse_args()
     numel = args.layers * (args.hidden + 1) * args.hidden
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, world {args.world} over gloo, one thread per rank")
@@ -154,13 +197,15 @@ def main() -> None:
     with Harness(timeout_s=1800) as harness:
         results = harness.run(args.world, measure, *shape)[0]
     native = {"ddp": "torch DDP", "zero": "ZeroRedundancyOpt", "zero3": "FSDP2"}
-    header = f"{'mode':<11} {'bytes/min':>9} {'ours ms':>9} {'torch ms':>9} {'ratio':>6}  {'vs':<18} bytes/param"
-    print(header)
-    for mode, (ratio, ours_s, torch_s, per) in results.items():
-        table = f"{per['params']:.2f}+{per['grads']:.2f}+{per['optimizer']:.2f}={per['total']:.2f}"
+    print(
+        f"{'mode':<11} {'bytes/min':>9} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  {'vs':<17} "
+        f"{'bytes/param held':<24} {'table':>6} {'resident':>8}"
+    )
+    for mode, (ratio, ours_s, torch_s, per, table, resident) in results.items():
+        held = f"{per['params']:.2f}+{per['grads']:.2f}+{per['optimizer']:.2f}={per['total']:.2f}"
         print(
-            f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>9.1f} {torch_s * 1e3:>9.1f} {ours_s / torch_s:>6.2f}  "
-            f"{native[TORCH[mode]]:<18} {table}"
+            f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>8.1f} {torch_s * 1e3:>8.1f} {ours_s / torch_s:>6.2f}  "
+            f"{native[TORCH[split(mode)[0]]]:<17} {held:<24} {table:>6.2f} {resident:>8.2f}"
         )
 
 
