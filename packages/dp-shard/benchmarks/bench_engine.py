@@ -194,8 +194,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, world {args.world} over gloo, one thread per rank")
     print(f"{args.layers} x Linear({args.hidden}) (P = {numel:,}), {args.micro} micro-batches of {args.batch} per rank")
     shape = (args.modes, args.layers, args.hidden, args.batch, args.micro, args.iters, args.rounds)
-    with Harness(timeout_s=1800) as harness:
-        results = harness.run(args.world, measure, *shape)[0]
+    results = {}
+    for mode in args.modes:  # fresh processes per mode: the resident set then grows by this mode's tensors only
+        with Harness(timeout_s=1800) as harness:
+            results.update(harness.run(args.world, measure, [mode], *shape[1:])[0])
     native = {"ddp": "torch DDP", "zero": "ZeroRedundancyOpt", "zero3": "FSDP2"}
     print(
         f"{'mode':<11} {'bytes/min':>9} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  {'vs':<17} "

@@ -39,6 +39,7 @@ MASTER = "master_param"
 
 def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint state of ``run`` at ``step`` (views of the live tensors)."""
+    run.engine.wait_param_gather()  # ZeRO-1/2 gathers the weights while the next forward starts
     state: dict[str, Any] = {
         "progress": {"step": step, "data": data_state},
         "rng": PerRank(torch.get_rng_state(), required=False),

@@ -153,6 +153,7 @@ def _loop(
             if stop.requested:
                 metrics.note(f"stopping after step {step + 1} ({stop.requested})")
                 break
+        run.engine.wait_param_gather()  # ZeRO-1/2's last weight gathers: the model is whole again
         if saver is not None:
             saver.close()
     metrics.checkpoints.poll(finished=True)

@@ -163,6 +163,7 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
         reduce_dtype=REDUCE[t.grad_reduce_dtype],
+        overlap_param_gather=True,  # ZeRO-1/2: the next forward waits for each bucket of weights it uses
         **adam,
     )
     modules = engine.modules
