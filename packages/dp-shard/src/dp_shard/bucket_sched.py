@@ -158,6 +158,9 @@ class BucketScheduler:
             for p in slot.bucket.params:
                 if slot.persistent and p.dtype == slot.layout.dtype:
                     p.grad = self._views[id(p)] = slot.local_view(p)
+        # id(param) -> (param, its .grad view), for the parameters whose gradient is a buffer view
+        params = [p for s in self.slots for p in s.bucket.params]
+        self._viewed = {id(p): (p, self._views[id(p)]) for p in params if id(p) in self._views}
         self.syncing = True
         self._in_pass = False
         self._unreduced = False  # local gradients not reduced yet
@@ -165,7 +168,6 @@ class BucketScheduler:
         self._pending = [len(s.bucket.params) for s in self.slots]
         self._next = 0
         self._works: list[tuple[Any, int, Any]] = []
-        params = [p for s in self.slots for p in s.bucket.params]
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
 
     @property
@@ -257,12 +259,8 @@ class BucketScheduler:
     def _claim_unready(self) -> None:
         """A parameter whose gradient did not arrive this step but whose ``.grad`` was reset counts as
         zero; one given a tensor by hand is copied in."""
-        for p_id, view in self._views.items():
-            if p_id in self._ready:
-                continue
-            slot = self.slots[self._slot_of[p_id]]
-            param = next(p for p in slot.bucket.params if id(p) == p_id)
-            if param.grad is view:
+        for p_id, (param, view) in self._viewed.items():
+            if p_id in self._ready or param.grad is view:
                 continue
             if param.grad is None:
                 view.zero_()
