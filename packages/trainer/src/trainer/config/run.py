@@ -86,9 +86,9 @@ class TrainConfig:
     global_batch: int | None = None
     """samples per optimizer step over all ranks, a multiple of micro_batch*dp (default: micro_batch*dp)."""
     precision: str = "fp32"
-    """parameter and compute precision. bf16/fp16 with zero 0/1/2: 16-bit weights, fp32 main gradients,
-    fp32 master weights and optimizer state (sharded by ZeRO); with zero 3: autocast over fp32 parameters.
-    fp16 adds dynamic loss scaling; fp8: bf16 autocast over fp32 parameters with fp8 matmuls."""
+    """parameter and compute precision. bf16 with zero 0/1/2: bf16 weights, fp32 main gradients, fp32
+    master weights and optimizer state (sharded by ZeRO); bf16 with zero 3 and fp16: autocast over fp32
+    parameters (fp16 adds dynamic loss scaling); fp8: bf16 autocast over fp32 parameters, fp8 matmuls."""
     grad_reduce_dtype: str = "fp32"
     """dtype of the data-parallel gradient reduction (DDP, ZeRO-1/2): fp32 (the main gradients') or bf16
     (half the bytes; the sum is rounded to bf16 before it reaches the fp32 gradients)."""

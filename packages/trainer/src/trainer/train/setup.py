@@ -3,10 +3,12 @@ data-parallel engine (with the optimizer) and the pipeline executor.
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
-chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) with
-``zero`` 0/1/2 is Megatron's: 16-bit weights, gradients accumulated and reduced in fp32 main-gradient
-buffers (``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW state (sharded
-by ZeRO); with ``zero=3`` and for ``fp8`` it is autocast over fp32 parameters. ``fp16`` adds a dynamic
+chunks); experts are reduced (and sharded) over ``edp``. ``bf16`` with ``zero`` 0/1/2 is Megatron's mixed
+precision: bf16 weights, gradients accumulated and reduced in fp32 main-gradient buffers
+(``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW state (sharded by
+ZeRO); with ``zero=3``, and for ``fp16`` and ``fp8``, it is autocast over fp32 parameters (fp16 weights
+would give fp16 parameter gradients, which overflow at the loss scale where fp32 ones do not, so which
+steps are skipped would depend on the layout). ``fp16`` adds a dynamic
 :class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
@@ -33,7 +35,7 @@ from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the model's weights under zero 0/1/2
+WEIGHTS = {"bf16": torch.bfloat16}  # the model's weights under zero 0/1/2 (fp16: autocast, see the module)
 REDUCE = {"fp32": None, "bf16": torch.bfloat16}  # None: the fp32 main gradients' own dtype
 
 
