@@ -16,7 +16,8 @@ with AdamW in DDP, ZeRO-1 and ZeRO-2 (``collectives="reduce_scatter"``), its wei
 - Communication per step, whatever the micro-batch count: DDP one all-reduce of the fp32 main
   gradients (4P bytes; 2P with ``reduce_dtype=bf16``); ZeRO one reduce-scatter of 4P (2P) and one
   all-gather of the bf16 weights (2P), plus the gradient norm's scalar all-reduce.
-- Bytes per parameter after a step equal :func:`dp_shard.bytes_per_param`: 18, 6 + 12/4, 2 + 16/4.
+- Bytes per parameter after a step equal :func:`dp_shard.bytes_per_param`: 18, 6 + 12/4, 2 + 16/4; and
+  ``full_precision_params()`` (what checkpoints save) gives every rank the whole fp32 masters.
 """
 
 from contextlib import nullcontext
@@ -86,13 +87,15 @@ def train(zero: int, dtype: torch.dtype, reduce_dtype: torch.dtype | None = None
         masters = {k: (e["master_param"].flat_range, e["master_param"].data.clone()) for k, e in state.items()}
     else:
         masters = {k: ((0, p.numel()), engine.master(p).detach().reshape(-1).clone()) for k, p in engine.named.items()}
-    return losses, masters, comm, engine.bytes_per_param()
+    full = engine.full_precision_params()  # what a checkpoint saves: the fp32 masters, whole
+    whole = {k: full[id(p)].reshape(-1).clone() for k, p in engine.named.items()}
+    return losses, masters, comm, engine.bytes_per_param(), whole
 
 
 def full_masters(results) -> dict[str, torch.Tensor]:
     """Each parameter's fp32 master assembled from the ranks' flat ranges."""
     out = {}
-    for _, masters, _, _ in results:
+    for _, masters, *_ in results:
         for key, ((start, stop), data) in masters.items():
             if stop > start:
                 out.setdefault(key, {})[start] = data
@@ -117,8 +120,10 @@ def test_bf16_weights_with_fp32_masters_match_ddp_and_fp32_and_reduce_once(run_r
         torch.testing.assert_close(got[key], want_ddp[key])
         torch.testing.assert_close(got[key], want_fp32[key], rtol=0, atol=STEPS * LR * 8 * 2**-8)
     table = bytes_per_param(zero, WORLD)
-    for (losses, _, comm, per_param), (losses32, *_) in zip(bf16, fp32):
+    for (losses, _, comm, per_param, whole), (losses32, *_) in zip(bf16, fp32):
         assert losses == pytest.approx(losses32, rel=2e-2)
+        for key, value in whole.items():
+            torch.testing.assert_close(value, got[key], rtol=0, atol=0)
         assert comm == expected_comm(zero, 4)
         assert per_param == pytest.approx(table)
 
@@ -129,7 +134,7 @@ def test_bf16_reduction(run_ranks, zero):
     want = full_masters(run_ranks(WORLD, train, zero, torch.bfloat16))
     for key, got in full_masters(results).items():  # bf16 sums: one more rounding of the gradients
         torch.testing.assert_close(got, want[key], rtol=0, atol=STEPS * LR * 8 * 2**-8)
-    for *_, comm, _ in results:
+    for _, _, comm, *_ in results:
         assert comm == expected_comm(zero, 2)
 
 

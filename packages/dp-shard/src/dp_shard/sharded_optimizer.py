@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 import pstate
-from pstate import comm
 from pstate.tags import copy_tags, is_expert_parallel
 
 from .checks import check_same_parameters
@@ -333,41 +332,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._gather_order = [[i for n, i in order if n == number] for number in range(len(self._parts))]
 
     def full_master_params(self) -> dict[int, torch.Tensor]:
-        """Each 16-bit parameter's fp32 master values, whole and shaped like it, by ``id(param)`` (a copy;
-        collective: one all-gather per bucket of 16-bit parameters). For checkpoints, which save the
-        masters under the parameters' names; :meth:`load_full_master_params` takes them back."""
+        """Each 16-bit parameter's fp32 master values, whole and shaped like it, by ``id(param)`` (copies;
+        collective: one all-reduce per sharding group). For checkpoints, which save the masters under the
+        parameters' names; :meth:`load_full_master_params` takes them back."""
         self.wait_param_gather()
-        out: dict[int, torch.Tensor] = {}
-        for part in self._parts:
-            for slot in part.slots:
-                if all(p.dtype == master_dtype(p.dtype) for p in slot.bucket.params):
-                    continue  # the parameters are their own masters
-                full = torch.zeros(slot.bucket.numel, dtype=torch.float32, device=self._device)
-                piece = slot.bucket.numel // part.size
-                for p in slot.bucket.params:
-                    owned = part.owned(p)
-                    if owned is not None:
-                        at = slot.layout.span(p)[0] + owned.start - slot.bucket.start
-                        full[at : at + owned.stop - owned.start] = self._masters[id(p)]
-                own = full[part.rank * piece : (part.rank + 1) * piece].clone()
-                comm.all_gather(full, own, group=part.group)
-                for p in slot.bucket.params:
-                    start, end = slot.layout.span(p)
-                    out[id(p)] = full[start - slot.bucket.start : end - slot.bucket.start].view(p.shape)
-        return out
+        return self._state.full_masters()
 
     def load_full_master_params(self, full: Mapping[int, torch.Tensor]) -> None:
         """Set the masters of the 16-bit parameters in ``full`` (as :meth:`full_master_params` gives them)
         and the parameters from them (collective: the parameters are gathered)."""
         self.wait_param_gather()
-        with torch.no_grad():
-            for part in self._parts:
-                for slot in part.slots:
-                    for p in slot.bucket.params:
-                        owned = part.owned(p)
-                        if id(p) in full and p.dtype != master_dtype(p.dtype) and owned is not None:
-                            self._masters[id(p)].copy_(full[id(p)].reshape(-1)[owned.start : owned.stop])
-        self._publish()
+        self._state.load_full_masters(full)
 
     def wait_param_gather(self) -> None:
         """Wait for every parameter gather still in flight (a no-op without :meth:`overlap_param_gather`)."""

@@ -171,6 +171,34 @@ class ShardedState:
             self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
         self.publish()
 
+    def full_masters(self) -> dict[int, torch.Tensor]:
+        """The fp32 masters of the 16-bit parameters as whole tensors by ``id(param)``: each rank writes the
+        range it owns into zeros and one all-reduce per sharding group sums them (checkpoint time only)."""
+        by_group: dict[int, tuple[dist.ProcessGroup, list[ParamEntry]]] = {}
+        for e in self.entries:
+            if e.master_dtype != e.param.dtype:
+                by_group.setdefault(id(e.group), (e.group, []))[1].append(e)
+        out = {}
+        for group, entries in by_group.values():
+            flat = torch.zeros(sum(e.param.numel() for e in entries), dtype=torch.float32, device=self.device)
+            at = 0
+            for e in entries:
+                start, stop = e.flat_range
+                if e.master is not None:
+                    flat[at + start : at + stop] = e.master
+                out[id(e.param)] = flat[at : at + e.param.numel()].view(e.param.shape)
+                at += e.param.numel()
+            comm.all_reduce(flat, group=group)
+        return out
+
+    def load_full_masters(self, full: Mapping[int, torch.Tensor]) -> None:
+        """Set the masters of the 16-bit parameters from ``full`` (whole tensors), then the parameters."""
+        with torch.no_grad():
+            for e in self.entries:
+                if e.master is not None and e.master_dtype != e.param.dtype and id(e.param) in full:
+                    e.master.copy_(full[id(e.param)].reshape(-1)[e.flat_range[0] : e.flat_range[1]])
+        self.publish()
+
     def _validate(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise DataParallelError("a ShardedOptimizer state dict is a mapping with 'state' and 'param_groups'")
