@@ -88,7 +88,7 @@ def train(zero: int, dtype: torch.dtype, reduce_dtype: torch.dtype | None = None
     else:
         masters = {k: ((0, p.numel()), engine.master(p).detach().reshape(-1).clone()) for k, p in engine.named.items()}
     full = engine.full_precision_params()  # what a checkpoint saves: the fp32 masters, whole
-    whole = {k: full[id(p)].reshape(-1).clone() for k, p in engine.named.items()}
+    whole = {k: full.get(id(p), p.detach()).reshape(-1).clone() for k, p in engine.named.items()}
     return losses, masters, comm, engine.bytes_per_param(), whole
 
 
