@@ -121,7 +121,7 @@ def test_a_pipeline_layout_names_every_virtual_stage():
     with pytest.raises(TrainerError, match=r"pipeline_layout\[1\]=-1 must be an integer >= 0"):
         load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [5, -1]}})
     cfg = load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [4, 0]}})
-    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2) >= 1
+    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2).microbatches >= 1
 
 
 @pytest.mark.parametrize(
@@ -142,19 +142,19 @@ def test_a_pipeline_layout_names_every_virtual_stage():
 )
 def test_zero3_combines_with_tp_pp_tied_embeddings_and_fp16(overrides, world):
     overrides.setdefault("train", {})["zero"] = 3
-    assert check_run(load_run_config(overrides=overrides), world) >= 1
+    assert check_run(load_run_config(overrides=overrides), world).microbatches >= 1
 
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero1_and_2_combine_with_moe_experts(zero):
     overrides = {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"zero": zero}}
     overrides["train"]["sequence_parallel"] = True
-    assert check_run(load_run_config(overrides=overrides), 4) >= 1
+    assert check_run(load_run_config(overrides=overrides), 4).microbatches >= 1
 
 
 def test_microbatches_follow_from_the_global_batch():
     cfg = load_run_config(overrides={"train": {"global_batch": 32, "micro_batch": 2}, "parallel": {"tp": 2}})
-    assert check_run(cfg, 8) == 4  # dp = 4
+    assert check_run(cfg, 8).microbatches == 4  # dp = 4
 
 
 def test_lr_warmup_then_cosine_and_linear():

@@ -19,7 +19,7 @@ from dp_shard import parameter_shards
 from trainer.config import check_run, load_run_config
 from trainer.model import model_shards
 from trainer.model.shards import assemble
-from trainer.train.loop import train_step
+from trainer.train import train_step
 from trainer.train.setup import setup
 
 BATCH, SEQ, VOCAB, MICRO_BATCH = 16, 16, 97, 2
@@ -34,12 +34,12 @@ def one_step(model: str, parallel: dict, train: dict):
         "optim": {"clip_grad": 0.0},  # the norm is measured, the gradients left as they are
     }
     cfg = load_run_config(overrides=overrides)
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(11)).numpy()
     with pstate.initialize(cfg.parallel) as ps:
-        run = setup(cfg, ps, cfg.model, microbatches)
+        run = setup(cfg, ps, cfg.model, plan)
         rows = np.split(tokens, ps.dp.size)[ps.dp.rank]
-        loss, norm, skipped = train_step(run, np.split(rows, microbatches))
+        loss, norm, skipped = train_step(run, np.split(rows, plan.microbatches))
         assert not skipped
         return loss, norm, fsdp_grads(run) if run.fsdp else model_shards(run.chunks, grads=True)
 

@@ -53,7 +53,7 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
     """Train as ``cfg`` says; return the per-step records (on every rank; the loss is global)."""
     if not dist.is_initialized():
         raise TrainerError("train() runs inside a process group: start it with torchrun or trainer train --nproc")
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     t = cfg.train
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -63,35 +63,35 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
         say = functools.partial(print, file=stream, flush=True)
         datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed, log=say)
         model = model_vocab(cfg.model, datasets.tokenizer, list(datasets.sources))
-        run = setup(cfg, ps, model, microbatches)
-        global_batch = t.global_batch or t.micro_batch * ps.dp.size
-        data = DataIterator(
-            datasets.train, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
-        )
+        run = setup(cfg, ps, model, plan)
+        data = _data_iterator(run, datasets.train)
         metrics = Metrics(
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
         if metrics.active:
-            metrics.banner(banner(run, datasets, global_batch))
+            metrics.banner(banner(run, datasets))
         try:
             recorder = CommRecorder.for_state(ps) if t.comm_report else None
-            return _loop(run, data, datasets, metrics, global_batch, recorder)
+            return _loop(run, data, datasets, metrics, recorder)
         finally:
             metrics.close()
 
 
+def _data_iterator(run: Run, dataset: Any) -> DataIterator:
+    """This rank's micro-batches of ``dataset``, global batch by global batch, as the plan says."""
+    plan, ps = run.plan, run.ps
+    return DataIterator(
+        dataset, global_batch=plan.global_batch, micro_batch=plan.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
+    )
+
+
 def _loop(
-    run: Run,
-    data: DataIterator,
-    datasets: Any,
-    metrics: Metrics,
-    global_batch: int,
-    recorder: CommRecorder | None = None,
+    run: Run, data: DataIterator, datasets: Any, metrics: Metrics, recorder: CommRecorder | None = None
 ) -> list[dict[str, Any]]:
     cfg, t = run.cfg, run.cfg.train
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
-    tokens_per_step = global_batch * t.seq_len
+    tokens_per_step = run.plan.tokens_per_step
     one_device = device_peak(run.device, t.precision, t.peak_tflops)
     metrics.note(f"MFU peak: {one_device.describe()}")
     peak = one_device.flops * dist.get_world_size()
@@ -228,12 +228,9 @@ def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
 def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     """Mean loss and perplexity over ``eval_steps`` global batches of the validation set."""
     ps, t = run.ps, run.cfg.train
-    global_batch = t.global_batch or t.micro_batch * ps.dp.size
     if dataset is None:
         raise TrainerError("evaluation needs a validation set: set data.valid_fraction > 0")
-    data = DataIterator(
-        dataset, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
-    )
+    data = _data_iterator(run, dataset)
     losses = []
     for _ in range(t.eval_steps):
         pairs = [
