@@ -41,20 +41,20 @@ def one_step(model: str, parallel: dict, train: dict):
         rows = np.split(tokens, ps.dp.size)[ps.dp.rank]
         loss, norm, skipped = train_step(run, np.split(rows, plan.microbatches))
         assert not skipped
-        return loss, norm, fsdp_grads(run) if run.fsdp else model_shards(run.chunks, grads=True)
+        return loss, norm, fsdp_grads(run) if run.engine.zero == 3 else model_shards(run.chunks, grads=True)
 
 
 def fsdp_grads(run):
     """Each named piece of the gradient, from this rank's flat pieces gathered over ``dp_cp``."""
     out = {}
-    for chunk, pieces in zip(run.chunks, run.fsdp_pieces):
+    for i, chunk in enumerate(run.chunks):
         local = parameter_shards(chunk)
         for name, piece in chunk.named_parameters():
             shard = local[name]
             full = torch.zeros(shard.global_shape).reshape(-1)
             full[shard.flat_range[0] : shard.flat_range[1]] = piece.grad
             dist.all_reduce(full, group=run.ps.dp_cp.group)
-            out.update({p.name: p.shard(full.view(shard.global_shape)) for p in pieces[name]})
+            out.update({p.name: p.shard(full.view(shard.global_shape)) for p in run.pieces[f"chunk{i}.{name}"]})
     return out
 
 

@@ -30,7 +30,7 @@ from dp_shard import ClipGroups
 from pstate import comm
 from pstate.comm import CommRecorder
 
-from ..config import RunConfig, check_run, to_toml
+from ..config import RunConfig, RunPlan, check_run, to_toml
 from ..config.inputs import model_vocab
 from ..data import DataIterator, build_datasets
 from ..errors import TrainerError
@@ -251,15 +251,11 @@ def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None
     state["config"] = to_toml(run.cfg)
     path = ckpt.step_dir(t.save, step)
     held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)  # each rank plans alone
+    layout = run.plan.layout_sizes()
     if saver is None:
-        ckpt.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
+        ckpt.save(state, path, layout=layout, keep=t.keep, replicas=held)
         return path, None
-    return path, saver.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
-
-
-def _layout(run: Run) -> dict[str, int]:
-    """The parallel sizes a checkpoint records."""
-    return {k: getattr(run.cfg.parallel, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp")} | {"dp": run.ps.dp.size}
+    return path, saver.save(state, path, layout=layout, keep=t.keep, replicas=held)
 
 
 def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
@@ -283,9 +279,10 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
 
 def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) -> int:
     state = run_state(run, 0, data.state_dict())
+    state.pop("plan")  # the saved plan is read from the index, only to report what changed
     summary = ckpt.inspect(found)
     saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
-    if summary["layout"] != _layout(run) or not saved_dropout:  # streams per stage and TP rank: start anew
+    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
         state.pop("dropout")
     if not any(key.startswith("progress/") for key in summary["values"]):
         weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
@@ -299,5 +296,17 @@ def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) ->
     finish_load(run, state)
     data.load_state_dict(state["progress"]["data"])
     step = int(state["progress"]["step"])
-    metrics.note(f"resumed from {found} at step {step}")
+    metrics.note(f"resumed from {found} at step {step}: {plan_change(run.plan, summary)}")
     return step
+
+
+def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
+    """The run plan a checkpoint recorded (from ``ckpt.inspect``'s summary), or ``None`` if it has none."""
+    values = {k.split("/", 1)[1]: v for k, v in summary["values"].items() if k.startswith("plan/")}
+    return RunPlan.from_dict(values) if values else None
+
+
+def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:
+    """One line: how ``plan`` differs from the plan that saved the checkpoint ``summary`` describes."""
+    saved = saved_plan(summary)
+    return "no run plan saved" if saved is None else plan.describe_changes(saved)
