@@ -2,8 +2,9 @@
 schedule), computed once by :func:`trainer.config.check_run` and read everywhere else.
 
 The plan is plain data: it is saved in checkpoints as it is (``plan/<field>`` values), and a resumed run
-compares the saved plan with its own (:meth:`RunPlan.changes`): a new layout is allowed (checkpoints load
-into any layout), a changed global batch or sequence length changes the optimisation and is reported.
+compares the saved plan with its own (:meth:`RunPlan.changes`): a new layout (parallel sizes, micro-batches, ZeRO
+stage, schedule) is allowed, since checkpoints load into any layout; a changed global batch, sequence
+length or precision changes what is trained and is reported.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-LAYOUT_FIELDS = ("world_size", "tp", "pp", "vpp", "cp", "ep", "etp", "dp", "edp")
-"""The plan's fields that describe the parallel layout (what a resumed run may change freely)."""
+TRAINING_FIELDS = ("global_batch", "seq_len", "precision", "param_dtype", "compute_dtype", "grad_reduce_dtype")
+"""The plan's fields that change what is trained (the samples and tokens of a step, the arithmetic); the
+others say how the same step is laid out (sizes, micro-batches, ZeRO stage, schedule): a resumed run may
+change those freely."""
 
 PARAM_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp32"}
 """The stored parameters' dtype per ``train.precision`` (the fp32 parameters are the master weights)."""
@@ -67,13 +70,14 @@ class RunPlan:
         return cls(**{f.name: values.get(f.name) for f in fields(cls)})
 
     def changes(self, saved: RunPlan) -> tuple[list[str], list[str]]:
-        """What differs from ``saved``, as ``field old->new`` strings: the layout changes (allowed), then the
-        others (global batch, sequence length, precision, ZeRO stage, ...; reported)."""
+        """What differs from ``saved``, as ``field old->new`` strings: the layout changes (allowed: sizes,
+        micro-batches, ZeRO stage, schedule), then the training changes (:data:`TRAINING_FIELDS`: global
+        batch, sequence length, precision; reported)."""
         layout, other = [], []
         for f in fields(self):
             old, new = getattr(saved, f.name), getattr(self, f.name)
             if old != new and old is not None:
-                (layout if f.name in LAYOUT_FIELDS else other).append(f"{f.name} {old}->{new}")
+                (other if f.name in TRAINING_FIELDS else layout).append(f"{f.name} {old}->{new}")
         return layout, other
 
     def describe_changes(self, saved: RunPlan) -> str:
@@ -85,7 +89,7 @@ class RunPlan:
         if layout:
             parts.append(f"layout changed ({', '.join(layout)})")
         if other:
-            parts.append(f"run changed ({', '.join(other)})")
+            parts.append(f"training changed ({', '.join(other)})")
         return "; ".join(parts)
 
     def describe(self) -> str:

@@ -23,16 +23,85 @@ the range, so they are copies (``state["_gathered"]``), written back before the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import ckpt
 from ckpt import PerRank
 from dp_shard import CheckpointPieces
 from pstate import Shard
 
+from ..config import RunPlan, to_toml
 from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards
+from .replicas import replicas
 from .setup import Run
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_run` restored: the ``step`` and the ``data`` position to continue from (``None``: the
+    checkpoint held weights only, a new run starts from them), and ``plan_change``, one line saying how
+    this run's plan differs from the saved one."""
+
+    step: int
+    data: dict[str, Any] | None
+    plan_change: str
+
+
+def save_run(
+    run: Run,
+    step: int,
+    data_state: dict[str, Any],
+    path: Path,
+    *,
+    keep: int | None = None,
+    saver: ckpt.AsyncSaver | None = None,
+) -> Any:
+    """Save ``run`` at ``step`` to ``path`` (in the background with ``saver``: its handle, else ``None``);
+    each rank plans its writes alone, from the layout."""
+    state = saveable(run_state(run, step, data_state))
+    state["config"] = to_toml(run.cfg)
+    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)
+    layout = run.plan.layout_sizes()
+    if saver is None:
+        ckpt.save(state, path, layout=layout, keep=keep, replicas=held)
+        return None
+    return saver.save(state, path, layout=layout, keep=keep, replicas=held)
+
+
+def load_run(run: Run, found: Path, data_state: dict[str, Any]) -> Loaded:
+    """Load the checkpoint at ``found`` into ``run``, whatever layout and ZeRO mode saved it. A checkpoint
+    of weights only (``trainer convert``) loads the model (and imported routers' biases) alone."""
+    state = run_state(run, 0, data_state)
+    state.pop("plan")  # the saved plan is read from the index, only to report what changed
+    summary = ckpt.inspect(found)
+    saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
+    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
+        state.pop("dropout")
+    if not any(key.startswith("progress/") for key in summary["values"]):
+        weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
+        if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
+            weights["expert_bias"] = state["expert_bias"]  # imported routers' biases (DeepSeek-V3)
+        ckpt.load(weights, found)
+        return Loaded(0, None, "")
+    state.update(ckpt.load(saveable(state), found))
+    finish_load(run, state)
+    return Loaded(int(state["progress"]["step"]), state["progress"]["data"], plan_change(run.plan, summary))
+
+
+def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
+    """The run plan a checkpoint recorded (from ``ckpt.inspect``'s summary), or ``None`` if it has none."""
+    values = {k.split("/", 1)[1]: v for k, v in summary["values"].items() if k.startswith("plan/")}
+    return RunPlan.from_dict(values) if values else None
+
+
+def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:
+    """One line: how ``plan`` differs from the plan that saved the checkpoint ``summary`` describes."""
+    saved = saved_plan(summary)
+    return "no run plan saved" if saved is None else plan.describe_changes(saved)
 
 
 def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]:

@@ -30,17 +30,16 @@ from dp_shard import ClipGroups
 from pstate import comm
 from pstate.comm import CommRecorder
 
-from ..config import RunConfig, RunPlan, check_run, to_toml
+from ..config import RunConfig, check_run
 from ..config.inputs import model_vocab
 from ..data import DataIterator, build_datasets
 from ..errors import TrainerError
-from .checkpoint import finish_load, run_state, saveable
+from .checkpoint import load_run, save_run
 from .flops import flops_per_token
 from .lr import lr_at
 from .metrics import Metrics
 from .peak import device_peak
 from .pipeline import scale_router_losses, split_batch, sync_sequence_parallel_grads, sync_tied_embedding_grads
-from .replicas import replicas
 from .report import banner, memory_mb
 from .resume import checkpoints_to_try
 from .setup import Run, setup
@@ -246,16 +245,8 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
 
 def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> tuple[Path, Any]:
     """Save the run at ``step``; return the checkpoint's path and the background save's handle (or None)."""
-    t = run.cfg.train
-    state = saveable(run_state(run, step, data.state_dict()))
-    state["config"] = to_toml(run.cfg)
-    path = ckpt.step_dir(t.save, step)
-    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)  # each rank plans alone
-    layout = run.plan.layout_sizes()
-    if saver is None:
-        ckpt.save(state, path, layout=layout, keep=t.keep, replicas=held)
-        return path, None
-    return path, saver.save(state, path, layout=layout, keep=t.keep, replicas=held)
+    path = ckpt.step_dir(run.cfg.train.save, step)
+    return path, save_run(run, step, data.state_dict(), path, keep=run.cfg.train.keep, saver=saver)
 
 
 def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
@@ -278,35 +269,10 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
 
 
 def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) -> int:
-    state = run_state(run, 0, data.state_dict())
-    state.pop("plan")  # the saved plan is read from the index, only to report what changed
-    summary = ckpt.inspect(found)
-    saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
-    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
-        state.pop("dropout")
-    if not any(key.startswith("progress/") for key in summary["values"]):
-        weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
-        if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
-            weights["expert_bias"] = state["expert_bias"]  # imported routers' biases (DeepSeek-V3)
-        ckpt.load(weights, found)
+    loaded = load_run(run, found, data.state_dict())
+    if loaded.data is None:
         metrics.note(f"initialised the model from {found}")
         return 0
-    loaded = ckpt.load(saveable(state), found)
-    state.update(loaded)
-    finish_load(run, state)
-    data.load_state_dict(state["progress"]["data"])
-    step = int(state["progress"]["step"])
-    metrics.note(f"resumed from {found} at step {step}: {plan_change(run.plan, summary)}")
-    return step
-
-
-def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
-    """The run plan a checkpoint recorded (from ``ckpt.inspect``'s summary), or ``None`` if it has none."""
-    values = {k.split("/", 1)[1]: v for k, v in summary["values"].items() if k.startswith("plan/")}
-    return RunPlan.from_dict(values) if values else None
-
-
-def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:
-    """One line: how ``plan`` differs from the plan that saved the checkpoint ``summary`` describes."""
-    saved = saved_plan(summary)
-    return "no run plan saved" if saved is None else plan.describe_changes(saved)
+    data.load_state_dict(loaded.data)
+    metrics.note(f"resumed from {found} at step {loaded.step}: {loaded.plan_change}")
+    return loaded.step
