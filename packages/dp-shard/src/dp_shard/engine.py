@@ -19,6 +19,8 @@ The implementations differ only in where gradients live and which collectives re
 :class:`DDPEngine` (each chunk in :class:`~dp_shard.DataParallel`, any ``torch.optim`` optimizer),
 :class:`ZeroEngine` (:class:`~dp_shard.ShardedOptimizer`, stages 1 and 2) and :class:`FSDPEngine`
 (:func:`~dp_shard.fully_shard` per chunk). :func:`make_engine` builds the one a ``zero`` stage names.
+:meth:`DataParallelEngine.checkpoint_pieces` says, in one form for every mode, what a checkpoint saves
+and loads (:mod:`dp_shard.engine_state`).
 """
 
 from __future__ import annotations
