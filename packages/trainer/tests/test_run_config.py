@@ -173,7 +173,7 @@ def test_check_run_resolves_a_frozen_plan_that_round_trips_and_names_its_changes
     other = check_run(load_run_config(overrides={**overrides, "train": {"micro_batch": 2, "global_batch": 8}}), 4)
     assert other.describe_changes(plan) == (
         "layout changed (world_size 8->4, dp 2->1, edp 2->1, microbatches 1->4, zero 1->0); "
-        "training changed (global_batch 4->8, precision bf16->fp32, compute_dtype bf16->fp32)"
+        "training changed (global_batch 4->8, precision bf16->fp32, param_dtype bf16->fp32, compute_dtype bf16->fp32)"
     )
 
 
