@@ -17,7 +17,7 @@ with AdamW in DDP, ZeRO-1 and ZeRO-2 (``collectives="reduce_scatter"``), its wei
   gradients (4P bytes; 2P with ``reduce_dtype=bf16``); ZeRO one reduce-scatter of 4P (2P) and one
   all-gather of the bf16 weights (2P), plus the gradient norm's scalar all-reduce.
 - Bytes per parameter after a step equal :func:`dp_shard.bytes_per_param`: 18, 6 + 12/4, 2 + 16/4; and
-  ``full_precision_params()`` (what checkpoints save) gives every rank the whole fp32 masters.
+  ``checkpoint_pieces()`` saves the bf16 weights as their whole fp32 masters on every rank.
 """
 
 from contextlib import nullcontext
@@ -87,8 +87,8 @@ def train(zero: int, dtype: torch.dtype, reduce_dtype: torch.dtype | None = None
         masters = {k: (e["master_param"].flat_range, e["master_param"].data.clone()) for k, e in state.items()}
     else:
         masters = {k: ((0, p.numel()), engine.master(p).detach().reshape(-1).clone()) for k, p in engine.named.items()}
-    full = engine.full_precision_params()  # what a checkpoint saves: the fp32 masters, whole
-    whole = {k: full.get(id(p), p.detach()).reshape(-1).clone() for k, p in engine.named.items()}
+    saved = engine.checkpoint_pieces().params  # what a checkpoint saves: the fp32 masters, whole
+    whole = {k: saved[k].data.reshape(-1).clone() for k in engine.named}
     return losses, masters, comm, engine.bytes_per_param(), whole
 
 

@@ -15,6 +15,7 @@ gives the table of bytes per parameter per rank).
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
 from .engine import ClipGroups, DataParallelEngine, DDPEngine, FSDPEngine, ZeroEngine, make_engine
+from .engine_state import CheckpointPieces
 from .errors import DataParallelError
 from .fully_shard import (
     fully_shard,
@@ -28,6 +29,7 @@ from .memory import bytes_per_param
 from .sharded_optimizer import ShardedOptimizer
 
 __all__ = [
+    "CheckpointPieces",
     "ClipGroups",
     "DDPEngine",
     "DataParallel",

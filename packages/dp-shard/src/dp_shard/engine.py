@@ -19,6 +19,8 @@ The implementations differ only in where gradients live and which collectives re
 :class:`DDPEngine` (each chunk in :class:`~dp_shard.DataParallel`, any ``torch.optim`` optimizer),
 :class:`ZeroEngine` (:class:`~dp_shard.ShardedOptimizer`, stages 1 and 2) and :class:`FSDPEngine`
 (:func:`~dp_shard.fully_shard` per chunk). :func:`make_engine` builds the one a ``zero`` stage names.
+:meth:`DataParallelEngine.checkpoint_pieces` says, in one form for every mode, what a checkpoint saves
+and loads (:mod:`dp_shard.engine_state`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pstate.tags import copy_tags
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
+from .engine_state import CheckpointPieces, fully_sharded_pieces, replicated_pieces, sharded_optimizer_pieces
 from .errors import DataParallelError
 from .fully_shard import fully_shard, sharded_state
 from .loss_scaler import LossScaler
@@ -113,16 +116,10 @@ class DataParallelEngine(ABC):
         master of a 16-bit parameter); the parameter itself otherwise."""
         return param
 
-    def full_precision_params(self) -> dict[int, torch.Tensor]:
-        """The fp32 master values of the 16-bit parameters, whole, by ``id(param)`` (empty when the
-        parameters are their own masters): what a checkpoint saves under the parameters' names.
-        Collective under ZeRO-1/2 (the masters are gathered into copies)."""
-        return {}
-
-    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
-        """Set the masters (and from them the 16-bit parameters) from ``full``, the tensors
-        :meth:`full_precision_params` gave, filled by a checkpoint load. Collective under ZeRO-1/2."""
-        return None
+    @abstractmethod
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        """What a checkpoint saves and loads: each parameter's stored values and its optimizer state, by
+        the names in :attr:`named`, as views ``ckpt`` fills in place (:mod:`dp_shard.engine_state`)."""
 
     @abstractmethod
     def memory_bytes(self) -> dict[str, int]:
@@ -238,22 +235,15 @@ class DDPEngine(DataParallelEngine):
                     if id(p) in self._masters:
                         p.copy_(self._masters[id(p)])
 
-    def full_precision_params(self) -> dict[int, torch.Tensor]:
-        return {id(p): self._masters[id(p)] for p in self._params if id(p) in self._masters}
-
-    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p in self._params:
-                if id(p) in self._masters and id(p) in full:
-                    self._masters[id(p)].copy_(full[id(p)])
-                    p.copy_(self._masters[id(p)])
-
     def reload_model_params(self) -> None:
         """Copy the parameters into the masters again, after loading weights into the model."""
         with torch.no_grad():
             for p in self._params:
                 if id(p) in self._masters:
                     self._masters[id(p)].copy_(p)
+
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return replicated_pieces(self.named, self.optimizer, masters=self._masters)
 
     def memory_bytes(self) -> dict[str, int]:
         grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)
@@ -305,12 +295,6 @@ class ZeroEngine(DataParallelEngine):
     def reload_model_params(self) -> None:
         self.optimizer.reload_model_params()
 
-    def full_precision_params(self) -> dict[int, torch.Tensor]:
-        return self.optimizer.full_master_params()
-
-    def load_full_precision_params(self, full: dict[int, torch.Tensor]) -> None:
-        self.optimizer.load_full_master_params(full)
-
     def no_sync(self, chunk: int) -> AbstractContextManager[Any]:
         return self.optimizer.no_sync()
 
@@ -329,6 +313,9 @@ class ZeroEngine(DataParallelEngine):
     def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return self.optimizer.clip_grad_norm_(max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
+
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return sharded_optimizer_pieces(self.named, self.optimizer)
 
     def memory_bytes(self) -> dict[str, int]:
         held = self.optimizer.memory_bytes()
@@ -385,6 +372,9 @@ class FSDPEngine(DataParallelEngine):
         return clip_grad_norm_(  # each rank holds other elements of the gradients over the group
             self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, model_parallel_groups=[self.group]
         )
+
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return fully_sharded_pieces(self.chunks, self.optimizer)
 
     def memory_bytes(self) -> dict[str, int]:
         units = [u for c in self.chunks for u in sharded_state(c).units]
