@@ -20,9 +20,11 @@ CONFIGS = {
         ParallelConfig(tp=2, pp=2),
         ParallelConfig(cp=2, ep=4),
         ParallelConfig(tp=2, ep=2, etp=1, order="tp-cp-ep-dp-pp"),
+        ParallelConfig(cp=4, cp_a2a=2),
     ],
     8: [
         ParallelConfig(tp=2, pp=2, cp=2),
+        ParallelConfig(tp=2, cp=4, cp_a2a=2),
         ParallelConfig(tp=2, pp=2, vpp=2, ep=2),
         ParallelConfig(tp=2, ep=4, etp=1),
         ParallelConfig(tp=2, pp=2, order="tp-pp-dp"),

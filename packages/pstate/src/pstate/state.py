@@ -48,13 +48,17 @@ class ParallelState:
     """The process groups of one layout, as :class:`Axis` objects. Create it with :func:`initialize`.
 
     Decoder axes: ``tp, cp, dp, pp`` and the combinations ``dp_cp`` (gradient reduction under context
-    parallelism), ``tp_cp``, ``tp_dp``, ``tp_dp_cp`` and ``mp`` (tp+pp, model parallel). Expert axes:
+    parallelism), ``tp_cp``, ``tp_dp``, ``tp_dp_cp`` and ``mp`` (tp+pp, model parallel), and the two
+    sub-groups of ``cp`` for hierarchical context parallelism, ``cp_a2a`` (adjacent CP ranks) and
+    ``cp_ring`` (see :mod:`pstate.layout`). Expert axes:
     ``etp, ep, edp, etp_ep, etp_ep_pp``. ``embedding`` joins the first and last pipeline stage (``None``
     on ranks that hold neither). ``world`` is the default group.
     """
 
     tp: Axis
     cp: Axis
+    cp_a2a: Axis
+    cp_ring: Axis
     dp: Axis
     pp: Axis
     dp_cp: Axis
