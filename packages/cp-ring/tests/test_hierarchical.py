@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import pstate
 from cp_ring import ContextParallelError, MathKernel, SDPAKernel, hierarchical_attention, shard_sequence
 
 SEQ, BATCH, HEADS, DIM = 32, 2, 8, 8
@@ -113,6 +114,40 @@ def test_other_splits_equal_full_sdpa(run_ranks, world, a):
 def test_packed_documents_at_2x2_equal_each_document_alone(run_ranks, kernel):
     expected = reference(True, 2, packed=True)
     check(run_ranks(4, run_hierarchical, 2, True, True, 2, kernel, True), expected, 4, True, "packed")
+
+
+def run_with_pstate_groups():
+    """CP4 as 2x2 over ``pstate``'s ``cp_a2a`` / ``cp_ring`` axes, under the communication recorder: the
+    parts of the output and dQ, and the payload bytes sent per axis and operation."""
+    from pstate.comm import CommRecorder
+
+    with pstate.initialize(pstate.ParallelConfig(cp=4, cp_a2a=2)) as ps:
+        q, k, v, c = data(4)
+        local = [shard_sequence(t, group=ps.cp, dim=2).clone().requires_grad_() for t in (q, k, v)]
+        with CommRecorder.for_state(ps) as recorder:
+            out = hierarchical_attention(*local, a2a_group=ps.cp_a2a, ring_group=ps.cp_ring, kernel=MathKernel())
+            (out * shard_sequence(c, group=ps.cp, dim=2)).sum().backward()
+        sent = {(r.axis, r.op): 0 for r in recorder.records}
+        for r in recorder.records:
+            sent[r.axis, r.op] += r.bytes
+        return out.detach(), local[0].grad, sent
+
+
+def test_pstate_groups_keep_the_contract_and_bytes_follow_the_formula(run_ranks):
+    """Payload per rank (fp32, ``Q`` = this rank's q bytes, ``K`` its k bytes, ``a = r = 2``): the all-to-alls
+    move q, k, v and out forward and their gradients backward, ``2Q + 2K`` each way; the ring sends a
+    ``[2, b, kv/a, a*s_local, d]`` block (``2K``) ``r-1`` times forward, ``r-1`` times backward, and the
+    gradient accumulator of that size ``r`` times (the last hop takes it home): ``(3r-2) * 2K``."""
+    expected = reference(True, 4)
+    big_q, big_k = BATCH * HEADS * (SEQ // 4) * DIM * 4, BATCH * 4 * (SEQ // 4) * DIM * 4
+    for rank, (out, dq, sent) in enumerate(run_ranks(4, run_with_pstate_groups)):
+        torch.testing.assert_close(out, part(expected[0], rank, 4, True))
+        torch.testing.assert_close(dq, part(expected[1], rank, 4, True))
+        assert sent == {
+            ("cp_a2a", "all_to_all"): 2 * (2 * big_q + 2 * big_k),
+            ("cp_ring", "send"): (3 * 2 - 2) * 2 * big_k,
+            ("cp_ring", "recv"): (3 * 2 - 2) * 2 * big_k,
+        }
 
 
 def bad_inputs():
