@@ -9,12 +9,13 @@ from dataclasses import asdict
 
 from .config import DEFAULT_ORDER, ParallelConfig
 from .errors import ParallelConfigError
-from .layout import ALL_AXES, AXIS_GROUPS, Layout, embedding_groups, layout
+from .layout import ALL_AXES, AXIS_GROUPS, CP_SUBGROUPS, Layout, embedding_groups, layout
 
 
 def describe(lay: Layout) -> dict:
     """The whole grid as plain data: config, sizes, every rank's coordinates, stages and groups."""
-    named = {name: lay.groups(spec) for name, spec in AXIS_GROUPS.items()}
+    split_cp = lay.config.cp_a2a > 1  # the hierarchical CP sub-groups only where CP is split
+    named = {n: lay.groups(spec) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS}
     named["embedding"] = embedding_groups(lay)
     member_of: list[dict[str, list[int]]] = [{} for _ in range(lay.world_size)]
     for name, groups in named.items():
