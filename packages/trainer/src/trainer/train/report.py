@@ -58,9 +58,10 @@ def _states(run: Run) -> str:
     sixteen = weight.itemsize == 2  # 16-bit weights: fp32 main gradients and masters
     b = bytes_per_param(t.zero, d, weight_dtype=weight, master_dtype=torch.float32 if sixteen else None)
     masters = "fp32 masters, " if sixteen else ""
+    dtype = str(weight).removeprefix("torch.")
     reduce = f", gradients reduced in {t.grad_reduce_dtype}" if t.zero < 3 else ""
     return (
-        f"{b['total']:.2f} bytes per parameter per rank: {weight} weights {b['params']:.2f} + fp32 gradients "
+        f"{b['total']:.2f} bytes per parameter per rank: {dtype} weights {b['params']:.2f} + fp32 gradients "
         f"{b['grads']:.2f} + {masters}AdamW {b['optimizer']:.2f} (zero={t.zero}, dp_cp={d}{reduce})"
     )
 
