@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,20 +52,30 @@ class MLP(nn.Module):
 
 
 def dense_pieces(
-    prefix: str, fc1: nn.Module, fc2: nn.Module, ffn: int, cfg: ModelConfig, groups: ModelGroups, layer: int
+    prefix: str,
+    fc1: nn.Module,
+    fc2: nn.Module,
+    ffn: int,
+    cfg: ModelConfig,
+    groups: ModelGroups,
+    layer: int,
+    *,
+    draw: bool = True,
 ) -> list[Piece]:
     """A TP-split MLP of width ``ffn``: ``gate`` and ``up`` (SwiGLU) or ``fc1``, this rank's rows of each in
-    ``fc1``; ``fc2``, its columns."""
+    ``fc1``; ``fc2``, its columns. ``draw=False``: its module draws its values (no :class:`Init`)."""
     tp, rank, f = groups.tp_size, groups.tp_rank, ffn // groups.tp_size
     parts = {"gate": f, "up": f} if cfg.mlp == "swiglu" else {"fc1": f}
-    inits = {p: Init(layer, p, cfg.init_std) for p in parts}
-    fc2_init = Init(layer, "fc2", init.output_std(cfg))
+    inits = {p: Init(layer, p, cfg.init_std) for p in parts} if draw else None
+    fc2_init = Init(layer, "fc2", init.output_std(cfg)) if draw else None
     return fused_rows(prefix, fc1, parts, rank, tp, inits) + row_split(f"{prefix}.fc2", fc2, rank, tp, fc2_init)
 
 
 class MoE(MoELayer):
     """The mixture-of-experts MLP of global layer ``layer``: experts over EP, each split over ETP; tokens are
-    this rank's (SP) part. Its router, experts and shared expert draw their values in ``moe_dispatch``."""
+    this rank's (SP) part. Its router, experts and shared expert draw their values in ``moe_dispatch``
+    (expert ``e`` from its own generator, streamed in bounded chunks of which a rank keeps its slices: the
+    same values at any layout, and no rank holds more than its slices plus one chunk)."""
 
     def __init__(self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> None:
         if groups.tp_size > 1 and not groups.sequence_parallel:
@@ -120,8 +128,8 @@ class MoE(MoELayer):
         out.append(Piece(f"{prefix}.experts.fc2", w2, (num, h, f * etp), (first, 0, q * f)))
         shared = self.shared_expert
         if shared is not None:
-            dense = dense_pieces(f"{prefix}.shared", shared.fc1, shared.fc2, cfg.moe_shared_ffn_hidden, cfg, groups, -1)
-            out += [replace(p, init=None) for p in dense]
+            width = cfg.moe_shared_ffn_hidden
+            out += dense_pieces(f"{prefix}.shared", shared.fc1, shared.fc2, width, cfg, groups, self.layer, draw=False)
             if shared.gate_weight is not None:
                 out.append(whole(f"{prefix}.shared.gate_weight", shared.gate_weight))
         return out
