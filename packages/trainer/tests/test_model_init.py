@@ -166,3 +166,26 @@ def test_a_rank_draws_only_its_own_experts_in_bounded_chunks(run_ranks):
         assert size > 96  # this rank's pieces: 4 of the 8 experts (96 MiB), the full expert tensors are 192
         # bound: the pieces, one chunk, and 32 MiB for the allocator and small tensors
         assert growth <= 1.0 * size + chunk / 2**20 + 32, (growth, size)
+
+
+def drawn_and_undrawn() -> tuple[dict, dict]:
+    from dataclasses import replace
+
+    import pstate
+    from trainer.model import ModelGroups, build_chunks, model_shards, preset
+
+    cfg = replace(preset("tiny-moe"), vocab_size=97, **MOE)
+    with pstate.initialize(pstate.ParallelConfig()) as ps:
+        return tuple(
+            {n: s.data.clone() for n, s in model_shards(build_chunks(
+                cfg, ModelGroups.from_state(ps), pp_rank=0, pp=1, seed=SEED, draw=draw
+            )).items()}
+            for draw in (True, False)
+        )  # fmt: skip
+
+
+def test_a_model_built_to_be_loaded_draws_no_experts(run_ranks):
+    ((drawn, undrawn),) = run_ranks(1, drawn_and_undrawn)
+    for name in ("layers.0.mlp.experts.gate", "layers.0.mlp.experts.fc2", "layers.0.mlp.shared.gate_weight"):
+        assert drawn[name].abs().sum() > 0 and not undrawn[name].any(), name
+    assert torch.equal(drawn["layers.0.mlp.router.weight"], undrawn["layers.0.mlp.router.weight"])

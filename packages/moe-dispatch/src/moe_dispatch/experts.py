@@ -184,19 +184,23 @@ class GroupedExperts(nn.Module):
         self.first_expert = first_expert
         kind = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         f_out = (2 if activation == "swiglu" else 1) * ffn_hidden // etp
-        weight1 = torch.zeros(num_local_experts, f_out, hidden)
-        weight2 = torch.zeros(num_local_experts, hidden, ffn_hidden // etp)
+        self.weight1 = nn.Parameter(torch.zeros(num_local_experts, f_out, hidden, **kind))
+        self.weight2 = nn.Parameter(torch.zeros(num_local_experts, hidden, ffn_hidden // etp, **kind))
         if draw:
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            for i in range(num_local_experts):
-                draw_expert_slices(seed, first_expert + i, weight1[i], weight2[i], activation, rank_in(etp_group), etp)
-        self.weight1 = nn.Parameter(weight1.to(**kind))
-        self.weight2 = nn.Parameter(weight2.to(**kind))
+            self.draw(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
         mark_tensor_parallel(mark_expert_parallel(self.weight1), 1)
         mark_tensor_parallel(mark_expert_parallel(self.weight2), 2)
         if gemm == "grouped" and (reason := self._grouped_unsupported()):
             raise MoEError(f"gemm='grouped': {reason}; use gemm='auto' or 'loop'")
+
+    def draw(self, seed: int) -> None:
+        """Set the weights to the values drawn from ``seed`` (see the module), streamed: this rank's slices
+        of its experts only, holding at most one chunk beside them."""
+        rank, parts = rank_in(self.etp_group), size_of(self.etp_group)
+        with torch.no_grad():
+            for i in range(self.num_local_experts):
+                expert = self.first_expert + i
+                draw_expert_slices(seed, expert, self.weight1[i], self.weight2[i], self.activation, rank, parts)
 
     def _grouped_unsupported(self) -> str | None:
         sizes = (self.weight1.size(2), self.weight2.size(2))

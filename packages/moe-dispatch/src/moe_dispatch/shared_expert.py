@@ -57,34 +57,37 @@ class SharedExpert(nn.Module):
         if sequence_parallel and tp_group is None:
             raise MoEError("sequence_parallel=True: needs a tp_group (the group the sequence is split over)")
         self.activation, self.tp_group, self.sequence_parallel = activation, tp_group, sequence_parallel
-        halves = 2 if activation == "swiglu" else 1
-        f_out, rank = halves * ffn_hidden, rank_in(tp_group)
-        fc1, fc2 = torch.zeros(f_out // tp, hidden), torch.zeros(hidden, ffn_hidden // tp)  # this rank's slices
-        gate_weight = torch.zeros(1, hidden) if gate else None
-        if draw:  # rank r's rows of fc1: its gate slice, then its up slice; its columns of fc2
-            generator = tp_init.generator_for(seed)
-            stream_linear((f_out, hidden), generator, keep_parts(fc1, halves, ffn_hidden, rank))
-            stream_linear((hidden, ffn_hidden), generator, keep_columns(fc2, rank * fc2.size(1)))
-            if gate_weight is not None:
-                stream_linear((1, hidden), generator, keep_rows(gate_weight, 0))
+        self.ffn_hidden = ffn_hidden
+        f_out = (2 if activation == "swiglu" else 1) * ffn_hidden
         kind = {"dtype": dtype, "device": device}
         if tp_group is None:
-            self.fc1 = _Linear(fc1, **kind)
-            self.fc2 = _Linear(fc2, **kind)
-        else:
+            self.fc1 = _Linear(torch.zeros(f_out, hidden), **kind)
+            self.fc2 = _Linear(torch.zeros(hidden, ffn_hidden), **kind)
+        else:  # zero-stride zeros: the parallel layers allocate only their slices
             sp = {"group": tp_group, "bias": False, "sequence_parallel": sequence_parallel, **kind}
             whole1, whole2 = torch.zeros(()).expand(f_out, hidden), torch.zeros(()).expand(hidden, ffn_hidden)
-            # zero-stride zeros: the layers allocate only their slices, filled here
             self.fc1 = ColumnParallelLinear(hidden, f_out, full_weight=whole1, **sp)
             self.fc2 = RowParallelLinear(ffn_hidden, hidden, input_is_parallel=True, full_weight=whole2, **sp)
-            with torch.no_grad():
-                self.fc1.weight.copy_(fc1)
-                self.fc2.weight.copy_(fc2)
         self.gate_weight = None
-        if gate_weight is not None:
-            self.gate_weight = nn.Parameter(gate_weight.to(dtype=dtype or torch.get_default_dtype(), device=device))
+        if gate:
+            gate_dtype = dtype or torch.get_default_dtype()
+            self.gate_weight = nn.Parameter(torch.zeros(1, hidden, dtype=gate_dtype, device=device))
             if sequence_parallel:  # used on a sequence shard: its gradient is a partial sum over TP
                 mark_sequence_parallel(self.gate_weight)
+        if draw:
+            self.draw(seed)
+
+    def draw(self, seed: int | None) -> None:
+        """Set the weights to the values drawn from ``seed`` (the default generator when ``None``; see the
+        module), streamed: this rank's slices only, holding at most one chunk beside them."""
+        halves, rank, f = (2 if self.activation == "swiglu" else 1), rank_in(self.tp_group), self.ffn_hidden
+        fc1, fc2 = self.fc1.weight, self.fc2.weight
+        generator = tp_init.generator_for(seed)
+        with torch.no_grad():  # rank r's rows of fc1: its gate slice, then its up slice; its columns of fc2
+            stream_linear((halves * f, fc1.size(1)), generator, keep_parts(fc1, halves, f, rank))
+            stream_linear((fc2.size(0), self.ffn_hidden), generator, keep_columns(fc2, rank * fc2.size(1)))
+            if self.gate_weight is not None:
+                stream_linear(tuple(self.gate_weight.shape), generator, keep_rows(self.gate_weight, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., hidden]`` (``[seq/tp, batch, hidden]`` under sequence parallelism); same shape out."""

@@ -73,9 +73,11 @@ def dense_pieces(
 
 class MoE(MoELayer):
     """The mixture-of-experts MLP of global layer ``layer``: experts over EP, each split over ETP; tokens are
-    this rank's (SP) part. Its router, experts and shared expert draw their values in ``moe_dispatch``
-    (expert ``e`` from its own generator, streamed in bounded chunks of which a rank keeps its slices: the
-    same values at any layout, and no rank holds more than its slices plus one chunk)."""
+    this rank's (SP) part. Its router draws its values in ``moe_dispatch`` as it is built; the experts and
+    the shared expert are built at zero and drawn with their pieces (:meth:`draw_weights`, declared on
+    their first piece, so a model built to be loaded skips them): ``moe_dispatch`` draws expert ``e`` from
+    its own generator, streamed in bounded chunks of which a rank keeps its slices (the same values at any
+    layout, and no rank holds more than its slices plus one chunk)."""
 
     def __init__(self, cfg: ModelConfig, groups: ModelGroups, layer: int, seed: int) -> None:
         if groups.tp_size > 1 and not groups.sequence_parallel:
@@ -107,8 +109,18 @@ class MoE(MoELayer):
             shared_ffn_hidden=cfg.moe_shared_ffn_hidden,
             shared_gate=cfg.moe_shared_gate,
             tp_group=groups.tp if cfg.moe_shared_ffn_hidden is not None else None,
+            draw_experts=False,
         )
         self.cfg, self.groups, self.layer = cfg, groups, layer
+
+    def draw_weights(self, seed: int) -> None:
+        """Draw this rank's slices of the experts and of the shared expert from the run ``seed``, as
+        ``MoELayer`` draws them from the layer's seed (the router's; the experts' is one more, the shared
+        expert's two)."""
+        layer_seed = init.tensor_seed(seed, self.layer, "router")
+        self.experts.draw(layer_seed + 1)
+        if self.shared_expert is not None:
+            self.shared_expert.draw(layer_seed + 2)
 
     def pieces(self, prefix: str) -> list[Piece]:
         """The router (replicated); the experts as ``[experts, ...]`` tensors ``gate`` and ``up`` (SwiGLU; the
@@ -122,9 +134,11 @@ class MoE(MoELayer):
         w1, w2 = self.experts.weight1, self.experts.weight2
         names = ("gate", "up") if cfg.mlp == "swiglu" else ("fc1",)
         h, f = cfg.hidden, cfg.moe_ffn // etp
+        drawn = Init(self.layer, "experts", fill=self.draw_weights)  # with the others, and the shared expert
         for i, name in enumerate(names):
-            block = (i * f, (i + 1) * f)
-            out.append(Piece(f"{prefix}.experts.{name}", w1, (num, f * etp, h), (first, q * f, 0), dim1=block))
+            block, how = (i * f, (i + 1) * f), drawn if i == 0 else None
+            shape, offsets = (num, f * etp, h), (first, q * f, 0)
+            out.append(Piece(f"{prefix}.experts.{name}", w1, shape, offsets, dim1=block, init=how))
         out.append(Piece(f"{prefix}.experts.fc2", w2, (num, h, f * etp), (first, 0, q * f)))
         shared = self.shared_expert
         if shared is not None:

@@ -24,13 +24,16 @@ from pstate import Shard
 @dataclass(frozen=True)
 class Init:
     """The initial values of a tensor: N(0, ``std``^2) drawn in seeded blocks from the tensor seed of
-    (run seed, global ``layer``, ``role``) (see :mod:`.init`), or, with ``full``, the small full tensor
-    ``full(global_shape, tensor_seed)`` of which each rank keeps its slice."""
+    (run seed, global ``layer``, ``role``) (see :mod:`.init`); with ``full``, the small full tensor
+    ``full(global_shape, tensor_seed)`` of which each rank keeps its slice; with ``fill``, what
+    ``fill(run seed)`` sets, which draws this rank's part of this tensor and of the others its module draws
+    with it (their pieces then declare none)."""
 
     layer: int
     role: str
     std: float = 0.0
     full: Callable[[tuple[int, ...], int], torch.Tensor] | None = None
+    fill: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 from its tensor's seed (run seed, global layer, role), with :func:`~trainer.model.init.normal_piece` (only
 the blocks that overlap this rank's piece) or as the small full tensor its ``full`` gives, sliced; so a rank
 draws only its pieces (plus at most one block) and every layout holds the one-process model's values.
-Pieces that declare none keep what their module built (norms' ones, biases' zeros, the values
-``moe_dispatch`` draws).
+A piece whose ``Init`` has a ``fill`` (the MoE experts and shared expert, which ``moe_dispatch`` draws
+expert by expert, streamed) is drawn by it, with the pieces drawn together with it. Pieces that declare
+none keep what their module built (norms' ones, biases' zeros, the router ``moe_dispatch`` draws).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def draw_initial_pieces(chunks: list[GPTChunk], seed: int) -> None:
         for piece in model_pieces(chunks):
             how, target = piece.init, piece.of(piece.param.data)
             if how is None or target.numel() == 0:
+                continue
+            if how.fill is not None:
+                how.fill(seed)
                 continue
             tensor_seed = init.tensor_seed(seed, how.layer, how.role)
             if how.full is not None:
