@@ -62,8 +62,9 @@ def test_merged_split_backward_keeps_the_pairs_and_validates(pp, microbatches):
         assert [a for a in merged.actions[rank]] == [
             Action("B", a.microbatch, a.chunk) if a.kind == "I" else a for a in split.actions[rank] if a.kind != "W"
         ]
-        labels = lambda s, k: (s.actions[rank][k], s.actions[rank][k + 1])  # noqa: E731
-        assert [labels(merged, k) for k in merged.pairs[rank]] == [labels(split, k) for k in split.pairs[rank]]
+        merged_pairs = [merged.actions[rank][k : k + 2] for k in merged.pairs[rank]]
+        split_pairs = [split.actions[rank][k : k + 2] for k in split.pairs[rank]]
+        assert merged_pairs == split_pairs
 
 
 class StagedStack(nn.Sequential):
@@ -96,6 +97,7 @@ class _Run:
         return (value,)
 
     def backward(self, outputs, grads):
+        grad = None
         for i in range(len(self.modules) - 1, -1, -1):
             leaf, out = self.cuts[i]
             if i == len(self.modules) - 1:
@@ -135,9 +137,7 @@ def train(name, pp, microbatches, overlap):
     result = executor.step(list(x) if rank == 0 else None, list(y) if rank == last else None)
     grads = [p.grad for c in chunks for p in c.parameters()]
     # Interleaved: some forward piece runs between two pieces of another run's backward.
-    interleaved = any(
-        a[0] == "B" and b[0] == "F" and c == a and a[1] != b[1] for a, b, c in zip(log, log[1:], log[2:])
-    )
+    interleaved = any(a[0] == "B" and b[0] == "F" and c == a and a[1] != b[1] for a, b, c in zip(log, log[1:], log[2:]))
     return result.losses, grads, interleaved if executor.schedule.pairs[rank] else None
 
 
