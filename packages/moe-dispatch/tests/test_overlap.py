@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pstate
-from moe_dispatch import Compute, MoELayer, OverlapTimes, StagedStack, chain, interleave
+from moe_dispatch import MoELayer, OverlapTimes, ResidualMoE, StagedStack, interleave
 from moe_dispatch.overlap import run
 from tp_layers import ColumnParallelLinear, RowParallelLinear
 
@@ -46,24 +46,6 @@ class DenseBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-class MoEBlock(nn.Module):
-    """``x + moe(norm(x))``, cut at the MoE layer's all-to-alls."""
-
-    def __init__(self, moe):
-        super().__init__()
-        self.norm, self.moe = nn.LayerNorm(HIDDEN), moe
-
-    def forward(self, x):
-        return x + self.moe(self.norm(x))
-
-    def pieces(self):
-        return chain(
-            Compute(lambda v: (*v, self.norm(v[-1]))),
-            self.moe.pieces(),
-            Compute(lambda v: (*v[:-2], v[-2] + v[-1])),
-        )
-
-
 def build(ps, tp):
     groups = {"ep_group": ps.ep if ps else None}
     if tp > 1:
@@ -71,7 +53,7 @@ def build(ps, tp):
     moe = MoELayer(
         HIDDEN, FFN, EXPERTS, TOPK, seed=5, shared_ffn_hidden=FFN, aux_loss_coeff=0.01, z_loss_coeff=0.001, **groups
     )
-    return StagedStack([DenseBlock(ps.tp, tp > 1, 3), MoEBlock(moe)], times=OverlapTimes())
+    return StagedStack([DenseBlock(ps.tp, tp > 1, 3), ResidualMoE(moe)], times=OverlapTimes())
 
 
 def data(microbatch, tp):

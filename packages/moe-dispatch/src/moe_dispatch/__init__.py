@@ -18,7 +18,7 @@ from .errors import MoEError
 from .experts import GroupedExperts
 from .layer import MoELayer, expert_parallel_params
 from .overlap import Compute, Exchange, OverlapTimes, StagedRun, chain, interleave
-from .overlap_stack import StagedStack
+from .overlap_stack import ResidualMoE, StagedStack
 from .router import TopKRouter
 from .shared_expert import SharedExpert
 
@@ -33,6 +33,7 @@ __all__ = [
     "MoEError",
     "MoELayer",
     "OverlapTimes",
+    "ResidualMoE",
     "SharedExpert",
     "StagedRun",
     "StagedStack",

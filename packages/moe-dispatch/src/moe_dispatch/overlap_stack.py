@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .layer import MoELayer
 from .overlap import Compute, OverlapTimes, Piece, StagedRun, Tensors, chain
 
 
@@ -25,6 +26,27 @@ def _whole(module: nn.Module) -> Compute:
         return (*values[:-1], module(values[-1]))
 
     return Compute(fn, type(module).__name__)
+
+
+class ResidualMoE(nn.Module):
+    """``x + moe(norm(x))``: a pre-norm residual MoE sublayer (a transformer layer's MLP half), cut at the
+    MoE layer's all-to-alls. ``norm`` defaults to a ``LayerNorm`` over the layer's hidden size."""
+
+    def __init__(self, moe: MoELayer, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(moe.hidden) if norm is None else norm
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.moe(self.norm(x))
+
+    def pieces(self) -> list[Piece]:
+        """``(*carry, x) -> (*carry, x + moe(norm(x)))``, cut at the all-to-alls."""
+        return chain(
+            Compute(lambda v: (*v, self.norm(v[-1])), "norm"),
+            self.moe.pieces(),
+            Compute(lambda v: (*v[:-2], v[-2] + v[-1]), "residual"),
+        )
 
 
 class StagedStack(nn.Module):
