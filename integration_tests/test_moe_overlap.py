@@ -24,13 +24,8 @@ HIDDEN, FFN, EXPERTS, TOPK, SEQ, BATCH, MICROBATCHES = 16, 16, 4, 2, 6, 2, 4
 
 
 def chunk(ps, stage):
-    layers = [
-        ResidualMoE(
-            MoELayer(HIDDEN, FFN, EXPERTS, TOPK, seed=10 * stage + i, ep_group=ps.ep, shared_ffn_hidden=FFN,
-                     aux_loss_coeff=0.01)
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    options = {"ep_group": ps.ep, "shared_ffn_hidden": FFN, "aux_loss_coeff": 0.01}
+    layers = [ResidualMoE(MoELayer(HIDDEN, FFN, EXPERTS, TOPK, seed=10 * stage + i, **options)) for i in range(2)]
     return StagedStack(layers, times=OverlapTimes())
 
 
