@@ -77,9 +77,10 @@ def chain(*parts: Piece | Iterable[Piece]) -> list[Piece]:
 
 @dataclass
 class OverlapTimes:
-    """Per-rank seconds: ``compute_s`` in compute pieces, ``wait_s`` blocked waiting for all-to-alls,
-    ``a2a_s`` from each all-to-all's launch to its completion, ``hidden_s`` the part of that before its
-    wait began (communication that ran while this rank did other work), ``exchanges`` counted."""
+    """Per-rank seconds: ``compute_s`` in compute pieces, ``wait_s`` in all-to-all calls (launching one and
+    waiting for it), ``a2a_s`` from each all-to-all's launch to its completion, ``hidden_s`` the part of
+    that between the launch call's return and the wait's start (communication in flight while this rank
+    did other work), ``exchanges`` counted."""
 
     compute_s: float = 0.0
     wait_s: float = 0.0
@@ -101,9 +102,10 @@ class _InFlight:
         if size_of(group) == 1:
             self.out.copy_(self.x)
             self.work = None
-            self.done_at = self.began
+            self.done_at = self.launched = self.began
             return
         self.work = pcomm.all_to_all_single(self.out, self.x, out_rows, in_rows, group=group, async_op=True)
+        self.launched = time.perf_counter()
         if times is not None:
             future = getattr(self.work, "get_future", None)
             if future is not None:
@@ -120,9 +122,9 @@ class _InFlight:
         t = self.times
         if t is not None:
             done = min(self.done_at or end, end)
-            t.wait_s += end - start
+            t.wait_s += end - start + self.launched - self.began
             t.a2a_s += done - self.began
-            t.hidden_s += max(0.0, min(done, start) - self.began)
+            t.hidden_s += max(0.0, min(done, start) - self.launched)
             t.exchanges += 1
         self.x = None
         return self.out
