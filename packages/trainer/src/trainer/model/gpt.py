@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moe_dispatch import StagedRun
 from pp_sched import StageLayers, split_layers
 from pstate.tags import mark_sequence_parallel, mark_tied_copy
 from tp_layers import (
@@ -39,6 +40,7 @@ from .kv_cache import KVCache, check_caches
 from .mla_cache import LatentCache
 from .mtp import MTPModule
 from .ssm_cache import PositionCache, SSMCache
+from .staged import staged_run
 
 
 class GPTChunk(nn.Module):
@@ -118,6 +120,11 @@ class GPTChunk(nn.Module):
             logits = self.logits(self.final_norm(x))
             return (logits, x) if self.mtp is not None and caches is None else logits
         return x if documents is None else (x, documents)
+
+    def staged_run(self) -> StagedRun:
+        """One training microbatch through this chunk cut at its MoE all-to-alls, for a pipeline executor
+        that overlaps them with another microbatch (``train.moe_overlap``; see :mod:`.staged`)."""
+        return staged_run(self)
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
