@@ -140,4 +140,4 @@ def test_only_the_all_to_all_dispatcher_is_cut():
     from moe_dispatch import MoEError
 
     with pytest.raises(MoEError, match="dispatcher='alltoall'"):
-        MoELayer(HIDDEN, FFN, EXPERTS, TOPK, dispatcher="allgather", seed=5).pieces()
+        MoELayer(HIDDEN, FFN, EXPERTS, TOPK, dispatcher="allgather", seed=5).stages()

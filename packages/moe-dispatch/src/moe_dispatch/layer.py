@@ -19,7 +19,7 @@ from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
-from .overlap import Piece
+from .overlap import Stage
 from .router import TopKRouter
 from .shared_expert import SharedExpert
 from .staged_layer import moe_pieces
@@ -125,7 +125,7 @@ class MoELayer(nn.Module):
         if x.dim() != 3 or x.size(-1) != self.hidden:
             raise MoEError(f"MoELayer: input has shape {tuple(x.shape)}, expected [seq, batch, {self.hidden}]")
 
-    def pieces(self) -> list[Piece]:
+    def stages(self) -> list[Stage]:
         """This layer cut at its two EP all-to-alls for one microbatch, ``(*carry, x) -> (*carry, layer(x))``
         (see :mod:`moe_dispatch.staged_layer`; all-to-all dispatcher only): run them with
         :class:`moe_dispatch.overlap.StagedRun` to overlap the all-to-alls with another microbatch."""

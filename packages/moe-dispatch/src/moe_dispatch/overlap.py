@@ -57,15 +57,15 @@ class Exchange:
     name: str = "all-to-all"
 
 
-Piece = Compute | Exchange
+Stage = Compute | Exchange
 
 
-def chain(*parts: Piece | Iterable[Piece]) -> list[Piece]:
+def chain(*parts: Stage | Iterable[Stage]) -> list[Stage]:
     """The pieces in order, with neighbouring compute pieces merged into one (fewer graph cuts)."""
-    flat: list[Piece] = []
+    flat: list[Stage] = []
     for part in parts:
         flat.extend([part] if isinstance(part, (Compute, Exchange)) else part)
-    out: list[Piece] = []
+    out: list[Stage] = []
     for piece in flat:
         if isinstance(piece, Compute) and out and isinstance(out[-1], Compute):
             first, second = out[-1].fn, piece.fn
@@ -143,7 +143,7 @@ class StagedRun:
     """One microbatch through ``pieces``: :meth:`forward`, then :meth:`backward`, each a generator of steps
     (see the module). ``times``: an :class:`OverlapTimes` to add this run's seconds to."""
 
-    def __init__(self, pieces: Sequence[Piece], times: OverlapTimes | None = None) -> None:
+    def __init__(self, pieces: Sequence[Stage], times: OverlapTimes | None = None) -> None:
         if not pieces or not isinstance(pieces[-1], Compute):
             raise MoEError("StagedRun: the pieces must end with a Compute piece (its outputs start the backward)")
         self.pieces, self.times = list(pieces), times

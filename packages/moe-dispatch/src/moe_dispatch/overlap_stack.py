@@ -1,6 +1,6 @@
 """``StagedStack``: a sequence of blocks that runs whole (``forward``) or cut at its all-to-alls.
 
-A block with a ``pieces()`` method (an :class:`~moe_dispatch.MoELayer`, or a model's transformer layer
+A block with a ``stages()`` method (an :class:`~moe_dispatch.MoELayer`, or a model's transformer layer
 built around one) is cut where it says; any other module becomes one compute piece. The pieces act on
 the last value of the tuple and pass the others through, as :mod:`moe_dispatch.staged_layer` does.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layer import MoELayer
-from .overlap import Compute, OverlapTimes, Piece, StagedRun, Tensors, chain
+from .overlap import Compute, OverlapTimes, Stage, StagedRun, Tensors, chain
 
 
 def _whole(module: nn.Module) -> Compute:
@@ -40,11 +40,11 @@ class ResidualMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.moe(self.norm(x))
 
-    def pieces(self) -> list[Piece]:
+    def stages(self) -> list[Stage]:
         """``(*carry, x) -> (*carry, x + moe(norm(x)))``, cut at the all-to-alls."""
         return chain(
             Compute(lambda v: (*v, self.norm(v[-1])), "norm"),
-            self.moe.pieces(),
+            self.moe.stages(),
             Compute(lambda v: (*v[:-2], v[-2] + v[-1]), "residual"),
         )
 
@@ -62,10 +62,10 @@ class StagedStack(nn.Module):
             x = block(x)
         return x
 
-    def pieces(self) -> list[Piece]:
+    def stages(self) -> list[Stage]:
         """Fresh pieces of every block for one microbatch, neighbouring compute merged."""
-        return chain(*(block.pieces() if hasattr(block, "pieces") else [_whole(block)] for block in self.blocks))
+        return chain(*(block.stages() if hasattr(block, "stages") else [_whole(block)] for block in self.blocks))
 
     def staged_run(self) -> StagedRun:
         """A :class:`StagedRun` of one microbatch through the stack."""
-        return StagedRun(self.pieces(), self.times)
+        return StagedRun(self.stages(), self.times)

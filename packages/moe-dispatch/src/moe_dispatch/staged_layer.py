@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 from .dispatch_alltoall import AllToAllDispatcher, Routing
 from .errors import MoEError
-from .overlap import Compute, Exchange, Piece, Tensors
+from .overlap import Compute, Exchange, Stage, Tensors
 
 if TYPE_CHECKING:
     from .layer import MoELayer
 
 
-def moe_pieces(layer: MoELayer) -> list[Piece]:
+def moe_pieces(layer: MoELayer) -> list[Stage]:
     """Fresh pieces of ``layer`` for one microbatch (they keep that microbatch's routing)."""
     d = layer.dispatcher
     if not isinstance(d, AllToAllDispatcher):

@@ -38,7 +38,7 @@ from pstate import Group
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
-from .overlap import interleave, merge_split_backward, stages
+from .overlap import can_stage, interleave, merge_split_backward
 from .p2p import Pending, StageP2P, TensorSpec
 from .plan import SHAPE, Message, Step, posting_orders
 from .simulate import validate
@@ -186,7 +186,7 @@ class PipelineExecutor:
         overlap: bool = False,
     ):
         chunks = list(chunks)
-        self._staged = tuple(overlap and stages(c) for c in chunks)
+        self._staged = tuple(overlap and can_stage(c) for c in chunks)
         if any(self._staged):
             schedule = merge_split_backward(schedule)
         validate(schedule)

@@ -32,7 +32,7 @@ def interleave(*steps: Generator[Any, Any, Any]) -> list[Any]:
     return results
 
 
-def stages(chunk: Any) -> bool:
+def can_stage(chunk: Any) -> bool:
     """Whether ``chunk`` can run cut into steps (has ``staged_run``)."""
     return callable(getattr(chunk, "staged_run", None))
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_dispatch import AllToAllDispatcher, Compute, MoELayer, StagedRun, chain
-from moe_dispatch.overlap import Piece
+from moe_dispatch.overlap import Stage
 
 from ..errors import TrainerError
 
@@ -30,7 +30,7 @@ def _documents(v: Values) -> torch.Tensor | None:
     return v[0] if len(v) == 2 else None
 
 
-def layer_pieces(layer: TransformerLayer) -> list[Piece]:
+def layer_pieces(layer: TransformerLayer) -> list[Stage]:
     """``(*carry, x) -> (*carry, layer(x))``, cut at the MoE layer's all-to-alls when it has them."""
     moe = layer.mlp
     if not (isinstance(moe, MoELayer) and isinstance(moe.dispatcher, AllToAllDispatcher)):
@@ -44,7 +44,7 @@ def layer_pieces(layer: TransformerLayer) -> list[Piece]:
     def residual(v: Values) -> Values:
         return (*v[:-2], v[-2] + layer.dropout(v[-1]))
 
-    return chain(Compute(attention, "attention"), moe.pieces(), Compute(residual, "residual"))
+    return chain(Compute(attention, "attention"), moe.stages(), Compute(residual, "residual"))
 
 
 def staged_run(chunk: GPTChunk) -> StagedRun:
