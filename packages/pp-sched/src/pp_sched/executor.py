@@ -68,8 +68,9 @@ class PipelineExecutor:
             interleaved so that one's communication (MoE all-to-alls) travels while the other computes.
             Both inputs of a pair are received before it starts and both outputs sent after it
             (:func:`~pp_sched.validate` checks that pairs can run so). A split backward (``I``, ``W``) of
-            such a schedule runs as one ``B`` at the ``I``. Pairs of other chunks, and pairs on devices
-            other than CPU (where receives go in the plan's checked batches), run one action after the other.
+            such a schedule runs as one ``B`` at the ``I``. Pairs of other chunks, and with ``pp > 1`` pairs on
+            devices other than CPU (where receives go in the plan's checked batches), run one action after
+            the other.
     """
 
     def __init__(
@@ -169,11 +170,12 @@ class PipelineExecutor:
         # (NCCL, which runs a rank's batches in order) they go with the sends, in the batches that
         # pp_sched.plan checks cannot hang.
         early = self.p2p.device.type == "cpu"
+        solo = self.schedule.pp == 1  # no p2p: a pair can run as a unit on any device
         if ops:
             self._post(state, ops[0].step.recvs, ())
         k = 0
         while k < len(ops):
-            if train and early and k in self._pairs and self._post_pair(state, ops[k + 1]):
+            if train and (early or solo) and k in self._pairs and self._post_pair(state, ops[k + 1]):
                 k = self._run_pair(state, ops, k)
                 continue
             op = ops[k]
