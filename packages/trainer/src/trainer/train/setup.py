@@ -236,7 +236,7 @@ def apply_pipeline(
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
         no_sync=engine.no_sync, loss_scale=scale, last_stage=last_stage, parts=losses,
-        autocast=AUTOCAST.get(t.precision),
+        autocast=AUTOCAST.get(t.precision), overlap=t.moe_overlap,
     )  # fmt: skip
 
 
