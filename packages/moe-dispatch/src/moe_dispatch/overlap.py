@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pstate import comm as pcomm
+from pstate import interleave
 
 from .comm import GroupOrNone, size_of
 from .errors import MoEError
@@ -219,23 +220,6 @@ class StagedRun:
     def _row_dtype(self, exchange: int) -> torch.dtype:
         leaves, _ = self._saved[exchange + 1]
         return leaves[-1].dtype
-
-
-def interleave(*steps: Steps) -> list[Tensors]:
-    """Advance the generators in turn until all are done: each advance waits for that run's last
-    all-to-all, computes up to its next one and launches it, so it travels while the others compute.
-    Returns each generator's value. One generator alone: no overlap, the same operations."""
-    results: list[Any] = [None] * len(steps)
-    active = list(enumerate(steps))
-    while active:
-        for item in list(active):
-            index, gen = item
-            try:
-                next(gen)
-            except StopIteration as stop:
-                results[index] = stop.value
-                active.remove(item)
-    return results
 
 
 def run(steps: Steps) -> Tensors:

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pstate import Group
+from pstate import Group, interleave
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
-from .overlap import can_stage, interleave, merge_split_backward
+from .overlap import can_stage, merge_split_backward
 from .p2p import StageP2P, TensorSpec
 from .plan import SHAPE, Message, posting_orders
 from .simulate import validate

@@ -6,30 +6,15 @@ A model chunk takes part when it has a ``staged_run()`` method returning an obje
 one): each ``next()`` waits for the chunk's last asynchronous collective, computes up to the next one and
 launches it; the generator's value is the forward's outputs (a tuple; a 1-tuple stands for one tensor)
 or the inputs' gradients, which the backward also accumulates into the inputs (a leaf's ``.grad``).
-:func:`interleave` advances two such generators in turn, so one's communication travels while the
+:func:`pstate.interleave` advances two such generators in turn, so one's communication travels while the
 other computes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import Any
 
 from .action import Action, Schedule
-
-
-def interleave(*steps: Generator[Any, Any, Any]) -> list[Any]:
-    """Advance the generators in turn until all are done; each one's value."""
-    results: list[Any] = [None] * len(steps)
-    active = list(enumerate(steps))
-    while active:
-        for item in list(active):
-            try:
-                next(item[1])
-            except StopIteration as stop:
-                results[item[0]] = stop.value
-                active.remove(item)
-    return results
 
 
 def can_stage(chunk: Any) -> bool:
