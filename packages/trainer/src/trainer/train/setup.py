@@ -111,8 +111,14 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: int) -> Run:
-    """Build the run's model chunks, wrappers, optimizer and executor (collective over the world)."""
+def setup(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: int, *, device: torch.device | None = None
+) -> Run:
+    """Build the run's model chunks, wrappers, optimizer and executor (collective over the world).
+
+    ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
+    default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
+    meta = device is not None and torch.device(device).type == "meta"
     t, o = cfg.train, cfg.optim
     groups = ModelGroups.from_state(
         ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention, cp_kernel=t.cp_kernel
@@ -125,15 +131,16 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         vpp=cfg.parallel.vpp,
         seed=t.seed,
         recompute=t.recompute,
-        draw=t.init_from_hf is None,
+        draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
         uneven=cfg.parallel.pipeline_layout,
     )
-    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+    if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
 
         load_hf_pieces(chunks, t.init_from_hf)
-    device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
+    if device is None:  # the CPU under gloo, this rank's GPU under NCCL
+        device = device_for_backend(dist.get_backend())
     for chunk in chunks:
         chunk.to(device)
     context = apply_backend(
