@@ -12,8 +12,9 @@ Every message has its own tag, but NCCL ignores tags and matches a pair's messag
 the order is what makes them match: receives of one :meth:`StageP2P.exchange` are posted in the order
 given (a boundary's shape message right before its first activation), and the executor posts them in
 the sender's order (:mod:`pp_sched.plan`). Sends and receives of one :meth:`StageP2P.exchange`
-go out as one ``batch_isend_irecv`` (through ``pstate.comm``: recorded, and simulated in dry runs). Sends are never waited for until :meth:`StageP2P.wait_sends` when the
-backend returns one request per operation (gloo), so a rank only ever waits for data it needs.
+go out as one ``batch_isend_irecv`` (through ``pstate.comm``: recorded, and simulated in dry runs). Sends
+are never waited for until :meth:`StageP2P.wait_sends` when the backend returns one request per operation
+(gloo), so a rank only ever waits for data it needs.
 """
 
 from __future__ import annotations
