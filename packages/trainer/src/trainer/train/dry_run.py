@@ -128,25 +128,34 @@ def estimated_bytes(cfg: RunConfig, model: Any) -> float:
     return 16.0 * per_rank
 
 
+def made_up_batches(run: Run) -> list[np.ndarray]:
+    """This rank's micro-batches of one step: token ids drawn from the run's seed (a real run given them
+    issues the collectives a simulated step does)."""
+    t, rng = run.cfg.train, np.random.default_rng(run.cfg.train.seed)
+    return [rng.integers(0, run.model.vocab_size, (t.micro_batch, t.seq_len + 1)) for _ in range(run.microbatches)]
+
+
 def simulated_step(run: Run) -> dict[str, Any]:
-    """One training step on made-up tokens under simulated communication (see the module notes): this
-    rank's collectives per axis (``bytes``: payload, ``wire_bytes``: what a ring moves, ``calls``) and
-    per operation."""
-    t, model, ps = run.cfg.train, run.model, run.ps
-    rng = np.random.default_rng(t.seed)
-    micro = [rng.integers(0, model.vocab_size, (t.micro_batch, t.seq_len + 1)) for _ in range(run.microbatches)]
+    """One training step on :func:`made_up_batches` under simulated communication (see the module notes):
+    this rank's collectives per axis (see :func:`comm_axes`)."""
+    t, ps = run.cfg.train, run.ps
     tokens = t.seq_len // ps.cp.size // (ps.tp.size if t.sequence_parallel else 1)
     dtype = next(p.dtype for c in run.chunks for p in c.parameters())
-    run.executor.p2p.simulated_specs = (TensorSpec((tokens, t.micro_batch, model.hidden), dtype),)
+    run.executor.p2p.simulated_specs = (TensorSpec((tokens, t.micro_batch, run.model.hidden), dtype),)
     recorder = comm.CommRecorder.for_state(ps)
     with comm.simulate(), recorder:
-        train_step(run, micro)
-    axes = {
+        train_step(run, made_up_batches(run))
+    return {"source": "simulated step (real-size model)", "axes": comm_axes(recorder)}
+
+
+def comm_axes(recorder: comm.CommRecorder) -> dict[str, dict[str, Any]]:
+    """Per axis: payload ``bytes``, ``wire_bytes`` (what a ring moves per rank), ``calls``, and the payload
+    bytes of each operation (``ops``)."""
+    return {
         axis: {"bytes": int(v["bytes"]), "wire_bytes": int(v["wire_bytes"]), "calls": int(v["calls"]),
                "ops": {op: int(o["bytes"]) for op, o in sorted(recorder.by_op(axis).items())}}
         for axis, v in sorted(recorder.by_axis().items())
     }  # fmt: skip
-    return {"source": "simulated step (real-size model)", "axes": axes}
 
 
 def rank_figures(run: Any, rank: int) -> dict[str, Any]:
