@@ -279,7 +279,7 @@ def all_to_all_single(
     pg = None if group is None else as_group(group)
     return _call(
         "all_to_all", group, input.dtype, _nbytes(input), dist.all_to_all_single,
-        lambda: simulated.fill_all_to_all(output, input), async_op,
+        lambda: simulated.fill_all_to_all(output, input, output_split_sizes, input_split_sizes, pg), async_op,
         output, input, output_split_sizes, input_split_sizes, group=pg, async_op=async_op,
     )  # fmt: skip
 
@@ -291,11 +291,7 @@ def all_gather_list(
     pg = None if group is None else as_group(group)
     nbytes = _nbytes(input) * len(tensors)
 
-    def fill() -> None:
-        for t in tensors:
-            simulated.fill_all_to_all(t, input)
-
-    fn = dist.all_gather
+    fn, fill = dist.all_gather, lambda: simulated.fill_list(tensors, input)
     return _call(
         "all_gather", group, input.dtype, nbytes, fn, fill, async_op, tensors, input, group=pg, async_op=async_op
     )

@@ -9,7 +9,9 @@ same tensor and the reduction were an average:
 - ``all_reduce`` and ``broadcast``: the tensor is left as it is;
 - ``all_gather``: this rank's input repeated once per group rank;
 - ``reduce_scatter``: this rank's piece of its own input;
-- ``all_to_all``: the input (when the output has as many elements; else zeros);
+- ``all_to_all``: every piece of the output is this rank's own piece of the input (zeros where uneven
+  split sizes disagree: MoE routing, whose sizes the simulated count exchange makes those of a world
+  where every rank routes like this one);
 - ``recv`` (alone or in ``batch_isend_irecv``): zeros; ``send``: nothing.
 
 The records are what the same calls would record on a real run, so one step under a recorder gives the
@@ -92,13 +94,37 @@ def fill_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: dist.P
         output.copy_(_flat(input)[rank * n : (rank + 1) * n].view(output.shape))
 
 
-def fill_all_to_all(output: torch.Tensor, input: torch.Tensor) -> None:
-    """``output`` <- ``input`` when their element counts agree, else zeros."""
+def fill_all_to_all(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    output_splits: list[int] | None,
+    input_splits: list[int] | None,
+    group: dist.ProcessGroup | None,
+) -> None:
+    """Each peer sends what this rank sends itself (every rank holds the same tensor): every piece of
+    ``output`` (along dimension 0) <- this rank's own piece of ``input``, where their sizes agree; zeros
+    where they do not (uneven splits sized by data the peers would hold differently)."""
+    rank, size = _rank_and_size(group)
+    rows_in = input.size(0) if input.dim() else 0
+    ins = list(input_splits) if input_splits else [rows_in // size] * size
+    outs = list(output_splits) if output_splits else [output.size(0) // size] * size if output.dim() else []
     with torch.no_grad():
-        if output.numel() == input.numel():
-            output.copy_(input.reshape(output.shape))
-        else:
+        if not outs:
             output.zero_()
+            return
+        own = input.narrow(0, sum(ins[:rank]), ins[rank])
+        start = 0
+        for rows in outs:
+            piece = output.narrow(0, start, rows)
+            piece.copy_(own) if rows == ins[rank] else piece.zero_()
+            start += rows
+
+
+def fill_list(tensors: list[torch.Tensor], input: torch.Tensor) -> None:
+    """``all_gather`` into a list: every tensor <- ``input``."""
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(input)
 
 
 def fill_recv(tensor: torch.Tensor) -> None:
@@ -112,6 +138,7 @@ __all__ = [
     "Simulation",
     "fill_all_gather",
     "fill_all_to_all",
+    "fill_list",
     "fill_recv",
     "fill_reduce_scatter",
     "simulate",
