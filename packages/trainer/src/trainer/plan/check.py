@@ -15,7 +15,13 @@ from ..config import check_run
 from ..errors import TrainerError
 from .estimate import Estimate
 
-GIB = 2**30
+
+def size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps the figure >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def check_layouts(found: list[Estimate], *, device: str = "auto") -> list[dict[str, Any]]:
@@ -50,16 +56,16 @@ def render_checks(checks: list[dict[str, Any]]) -> str:
     """One block per layout: a line per dry-run rank (coordinates, bytes in GiB, setup seconds)."""
     lines = []
     for c in checks:
-        planned = ", ".join(f"{k} {v / GIB:.2f}" for k, v in c["planned"].items())
-        lines.append(f"check {c['layout']}: built on every checked rank (planner, GiB per GPU: {planned})")
+        planned = ", ".join(f"{k} {size(v)}" for k, v in c["planned"].items())
+        lines.append(f"check {c['layout']}: built on every checked rank (planner, per GPU: {planned})")
         for r in c["ranks"]:
             b = r["bytes"]
             coords = " ".join(f"{k}{v}" for k, v in r["coords"].items())
             setup = sum(r["seconds"].values())
             lines.append(
-                f"  rank {r['rank']} ({coords}, {r['device']}): params {b['parameters'] / GIB:.2f} GiB, "
-                f"grads {b['gradients'] / GIB:.2f}, optimizer {b['optimizer'] / GIB:.2f}, "
-                f"buffers {b['buffers'] / GIB:.3f}; checkpoint {r['checkpoint']['pieces']} pieces "
-                f"{r['checkpoint']['bytes'] / GIB:.2f} GiB; dry run {setup:.1f} s"
+                f"  rank {r['rank']} ({coords}, {r['device']}): parameters {size(b['parameters'])}, "
+                f"gradients {size(b['gradients'])}, optimizer {size(b['optimizer'])}, "
+                f"buffers {size(b['buffers'])}; checkpoint {r['checkpoint']['pieces']} pieces "
+                f"{size(r['checkpoint']['bytes'])}; dry run {setup:.1f} s"
             )
     return "\n".join(lines)
