@@ -20,12 +20,13 @@ optimizer state is created as the first step would create it (Adam's step and tw
 
 The report: this rank's coordinates, parameter / gradient / optimizer / buffer bytes, the step's
 collectives per axis (``comm``, with ``source``), the checkpoint pieces it would write, and the wall
-time of each phase.
+time, process CPU time and resident-memory growth of each phase.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -74,12 +75,16 @@ def dry_run(
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    grown: dict[str, float] = {}
 
     @contextmanager
     def phase(name: str):
-        began = time.perf_counter()
+        began, used, held = time.perf_counter(), time.process_time(), resident_bytes()
         yield
         seconds[name] = round(time.perf_counter() - began, 4)
+        cpu[name] = round(time.process_time() - used, 4)
+        grown[name] = round((resident_bytes() - held) / 2**20, 2)
 
     with phase("config"):
         microbatches = check_run(cfg, world_size)
@@ -112,9 +117,18 @@ def dry_run(
                 _init_adam(run.optimizer.optimizer if run.sharded else run.optimizer)
             with phase("checkpoint_plan"):  # a meta model's dropout RNG states: the CPU's, as at real size
                 report.update(rank_figures(dataclasses.replace(run, device=torch.device("cpu")) if meta else run, rank))
-            return {**report, "seconds": seconds}
+            return {**report, "seconds": seconds, "cpu_seconds": cpu, "resident_mib": grown}
     finally:
         dist.destroy_process_group()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def estimated_bytes(cfg: RunConfig, model: Any) -> float:
