@@ -112,7 +112,7 @@ def dry_run(
                 with phase("step"):
                     report["comm"] = simulated_step(run)
             elif step:
-                report["comm"] = {"source": "none: a meta model runs no step (build at real size to simulate one)"}
+                report["comm"] = analytic_traffic(cfg, model, world_size)
             if meta:  # the optimizer state a first step creates (Adam: step, two moments), from shapes
                 _init_adam(run.optimizer.optimizer if run.sharded else run.optimizer)
             with phase("checkpoint_plan"):  # a meta model's dropout RNG states: the CPU's, as at real size
@@ -140,6 +140,22 @@ def estimated_bytes(cfg: RunConfig, model: Any) -> float:
     dense, expert = parameter_count(model)
     per_rank = dense / (p.tp * p.pp) + expert / ((p.etp or p.tp) * p.ep * p.pp)
     return 16.0 * per_rank
+
+
+def analytic_traffic(cfg: RunConfig, model: Any, world_size: int) -> dict[str, Any]:
+    """For a meta model, which runs no step: the bytes per axis one GPU sends per step by ``trainer plan``'s
+    traffic model (ring volumes; calibrated against recorded bytes), not a simulation."""
+    from ..plan import Layout, Workload, estimate, load_hardware
+
+    t = cfg.train
+    global_batch = t.global_batch or t.micro_batch * world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
+    work = Workload(model, t.seq_len, global_batch, t.precision, t.cp_attention)
+    traffic = estimate(work, Layout.from_run_config(cfg, world_size), load_hardware("h100-sxm")).time.traffic
+    return {
+        "source": "analytic: trainer.plan's traffic model (a meta model runs no step; build at real size to "
+        "simulate one)",
+        "wire_bytes": {axis: int(v) for axis, v in sorted(traffic.items())},
+    }
 
 
 def made_up_batches(run: Run) -> list[np.ndarray]:
