@@ -1,7 +1,8 @@
 """Per-rank setup, step and checkpoint-planning costs at worlds 8, 1,024 and 16,384, from dry runs.
 
 Each (world, rank) runs in a fresh process (``--one``): a warm-up dry run at world 8 first (imports and
-first-use costs), then the measured one, so every world pays the same one-off costs. Reported per
+first-use costs), then three measured ones (the least of each phase), so every world pays the same
+one-off costs. Reported per
 phase: process CPU seconds (one thread; wall seconds on a shared machine mostly measure waiting for a
 core) and resident-memory growth (MiB) of the config checks, the fake process group, this
 rank's groups (``pstate.initialize`` creates only the groups that hold the rank under the fake
@@ -24,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 TINY = {
     "model": {"preset": "tiny-moe", "vocab_size": 256},
@@ -44,6 +46,7 @@ LARGE = {
                   "precision": "bf16"},
     },
 }  # fmt: skip
+REPEATS = 3
 PHASES = ("config", "process_group", "groups", "model_and_engine", "step", "checkpoint_plan")
 
 
@@ -55,10 +58,27 @@ def one(overrides: dict, world: int, rank: int, device: str) -> dict:
     from trainer.train.dry_run import dry_run
 
     torch.set_num_threads(1)  # CPU seconds then measure this rank's work, not idle intra-op threads
+    spent = [0.0, 0]  # CPU seconds inside torch.distributed.new_group, calls
+    new_group = torch.distributed.new_group
+
+    def timed_new_group(*args, **kwargs):
+        began = time.process_time()
+        try:
+            return new_group(*args, **kwargs)
+        finally:
+            spent[0] += time.process_time() - began
+            spent[1] += 1
+
+    torch.distributed.new_group = timed_new_group
     cfg = load_run_config(overrides=overrides)
     if device != "meta":
         dry_run(load_run_config(overrides=TINY), 8, 0, device=device)
-    report = dry_run(cfg, world, rank, device=device, step=device != "meta")
+    spent[:] = [0.0, 0]
+    runs = [dry_run(cfg, world, rank, device=device, step=device != "meta") for _ in range(REPEATS)]
+    report = runs[0]
+    report["new_group"] = {"cpu_seconds": spent[0] / REPEATS, "calls": spent[1] // REPEATS}
+    for key in ("seconds", "cpu_seconds"):  # the least of the repeats, per phase
+        report[key] = {ph: min(r[key][ph] for r in runs) for ph in report[key]}
     report.pop("comm", None)
     return report
 
@@ -81,7 +101,8 @@ def main() -> None:
     worlds = (8, 1024) if args.quick else (8, 1024, 16384)
     print("tiny-moe TP2xCP2xPP2xEP2 SP ZeRO-1, real size, one simulated step; rank = world/2 + 1")
     head = " ".join(f"{ph:>16}" for ph in PHASES)
-    print(f"CPU seconds per phase\n{'world':>6} {head} {'total s':>8} {'vs 8':>5}  resident MiB (model+engine, step)")
+    print(f"CPU seconds per phase\n{'world':>6} {head} {'total s':>8} {'vs 8':>5}  new_group s (calls)  "
+          "resident MiB (model+engine, step)")  # fmt: skip
     base = None
     for world in worlds:
         r = spawn(TINY, world, world // 2 + 1, "real")
@@ -89,9 +110,9 @@ def main() -> None:
         base = base or total
         cells = " ".join(f"{r['cpu_seconds'].get(ph, 0.0):>16.4f}" for ph in PHASES)
         mem = r["resident_mib"]
-        print(
-            f"{world:>6} {cells} {total:>8.3f} {total / base:>5.2f}  {mem['model_and_engine']:.1f}, {mem['step']:.1f}"
-        )
+        grown = f"{mem['model_and_engine']:.1f}, {mem['step']:.1f}"
+        made = f"{r['new_group']['cpu_seconds']:.4f} ({r['new_group']['calls']})"
+        print(f"{world:>6} {cells} {total:>8.3f} {total / base:>5.2f}  {made:>19}  {grown}")
     if args.quick:
         return
     print("\n70B-class layouts at world 16,384, meta device (no step): CPU seconds per phase; GiB per rank")
