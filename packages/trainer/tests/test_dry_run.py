@@ -115,3 +115,25 @@ def test_dry_runs_at_world_16384_equal_the_real_run_where_the_layouts_coincide(m
         assert dry["bytes"] == twin["bytes"]
         assert dry["checkpoint"]["leaves"] == twin["checkpoint"]["leaves"]
         assert set(dry["seconds"]) == {"config", "process_group", "groups", "model_and_engine", "checkpoint_plan"}
+
+
+@pytest.mark.parametrize(
+    ("parallel", "train"),
+    [
+        ({"tp": 2, "pp": 2}, {"zero": 3}),
+        ({"tp": 2, "pp": 2}, {"zero": 2, "sequence_parallel": True}),
+        ({"pp": 2, "vpp": 2}, {"pipeline_schedule": "zb-v", "global_batch": 16}),
+        ({"cp": 2}, {"zero": 3, "cp_attention": "ulysses"}),
+    ],
+)
+def test_meta_builds_give_the_bytes_of_a_real_size_run_after_its_step(parallel, train):
+    """Every engine and schedule: a meta model with its first step's state (optimizer, ZeRO-3 grads) holds
+    the bytes a real-size model holds after a simulated step (rank 5 of 16)."""
+    cfg = load_run_config(
+        overrides={"model": {"preset": "tiny", "vocab_size": 256}, "parallel": parallel,
+                   "train": {"seq_len": 32, "micro_batch": 1, **train}}
+    )  # fmt: skip
+    real, meta = dry_run(cfg, 16, 5, device="real"), dry_run(cfg, 16, 5, device="meta")
+    assert real["device"] == "real" and meta["device"] == "meta"
+    assert meta["bytes"] == real["bytes"] and meta["checkpoint"] == real["checkpoint"]
+    assert real["bytes"]["optimizer"] > 0 and real["comm"]["axes"]

@@ -113,13 +113,24 @@ def dry_run(
                     report["comm"] = simulated_step(run)
             elif step:
                 report["comm"] = analytic_traffic(cfg, model, world_size)
-            if meta:  # the optimizer state a first step creates (Adam: step, two moments), from shapes
-                _init_adam(run.optimizer.optimizer if run.sharded else run.optimizer)
+            if meta:
+                first_step_state(run)
             with phase("checkpoint_plan"):  # a meta model's dropout RNG states: the CPU's, as at real size
                 report.update(rank_figures(dataclasses.replace(run, device=torch.device("cpu")) if meta else run, rank))
             return {**report, "seconds": seconds, "cpu_seconds": cpu, "resident_mib": grown}
     finally:
         dist.destroy_process_group()
+
+
+def first_step_state(run: Run) -> None:
+    """What a first step creates, from shapes: the optimizer's state (Adam: step, two moments) and, under
+    ZeRO-3, each shard's ``.grad`` (the other engines keep gradients in buffers made at setup)."""
+    _init_adam(run.optimizer.optimizer if run.sharded else run.optimizer)
+    if run.fsdp:
+        for chunk in run.chunks:
+            for p in chunk.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
 
 def resident_bytes() -> int:
