@@ -54,10 +54,10 @@ def real_step(overrides: dict) -> dict:
     import torch.distributed as dist
 
     cfg = load_run_config(overrides=overrides)
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     torch.manual_seed(cfg.train.seed)
     with pstate.initialize(cfg.parallel) as ps:
-        run = fixed_routing(setup(cfg, ps, cfg.model, microbatches))
+        run = fixed_routing(setup(cfg, ps, cfg.model, plan))
         recorder = CommRecorder.for_state(ps)
         with recorder:
             train_step(run, made_up_batches(run))

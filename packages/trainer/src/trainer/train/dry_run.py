@@ -39,12 +39,13 @@ import pstate
 from ckpt.agree import vector
 from ckpt.plan import describe, local_plan
 from ckpt.tree import flatten
+from dp_shard import FSDPEngine
 from pp_sched.p2p import TensorSpec
 from pstate import comm
 
 from ..config import RunConfig, check_run
 from ..errors import TrainerError
-from .checkpoint import _init_adam, run_state, saveable
+from .checkpoint import run_state, saveable
 from .loop import train_step
 from .replicas import replicas
 from .setup import Run, setup
@@ -87,7 +88,7 @@ def dry_run(
         grown[name] = round((resident_bytes() - held) / 2**20, 2)
 
     with phase("config"):
-        microbatches = check_run(cfg, world_size)
+        plan = check_run(cfg, world_size)
     with phase("process_group"):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -103,10 +104,10 @@ def dry_run(
                 model = model.with_overrides(vocab_size=vocab)
             meta = device == "meta" or (device == "auto" and estimated_bytes(cfg, model) > real_limit)
             with phase("model_and_engine"), torch.device("meta") if meta else nullcontext():
-                run = setup(cfg, ps, model, microbatches, device=torch.device("meta") if meta else None)
+                run = setup(cfg, ps, model, plan, device=torch.device("meta") if meta else None)
             report: dict[str, Any] = {
                 "world_size": world_size, "rank": rank, "coords": ps.layout.coords(rank),
-                "microbatches": microbatches, "device": "meta" if meta else "real",
+                "microbatches": plan.microbatches, "device": "meta" if meta else "real",
             }  # fmt: skip
             if step and not meta:
                 with phase("step"):
@@ -125,8 +126,13 @@ def dry_run(
 def first_step_state(run: Run) -> None:
     """What a first step creates, from shapes: the optimizer's state (Adam: step, two moments) and, under
     ZeRO-3, each shard's ``.grad`` (the other engines keep gradients in buffers made at setup)."""
-    _init_adam(run.optimizer.optimizer if run.sharded else run.optimizer)
-    if run.fsdp:
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # ZeRO-1/2: the wrapped one
+    for group in optimizer.param_groups:  # AdamW's first step: step 0 and two moments like each parameter
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))  # fmt: skip
+    if isinstance(run.engine, FSDPEngine):
         for chunk in run.chunks:
             for p in chunk.parameters():
                 if p.requires_grad and p.grad is None:
