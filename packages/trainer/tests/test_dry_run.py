@@ -8,6 +8,8 @@ step's. At world 16,384 (a 4D+EP layout, meta device; groups only this rank's) r
 give the figures of the world-8 rank with the same TP/CP/PP/EP coordinates (DDP: nothing shards over DP).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -137,3 +139,17 @@ def test_meta_builds_give_the_bytes_of_a_real_size_run_after_its_step(parallel, 
     assert real["device"] == "real" and meta["device"] == "meta"
     assert meta["bytes"] == real["bytes"] and meta["checkpoint"] == real["checkpoint"]
     assert real["bytes"]["optimizer"] > 0 and real["comm"]["axes"]
+
+
+def test_cli_dry_run_on_the_meta_device(capsys):
+    from trainer.cli import main
+
+    flags = ["--model", "tiny-moe", "--set", "model.vocab_size=256", "--tp", "2", "--cp", "2", "--pp", "2", "--ep", "2"]
+    flags += ["--sequence-parallel", "--seq-len", "32", "--dry-run", "--world-size", "16384"]
+    assert main(["train", *flags, "--rank", "16383", "--dry-run-device", "meta"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "meta" and report["coords"]["pp"] == 1 and report["bytes"]["parameters"] > 0
+    assert report["comm"]["source"].startswith("analytic") and report["comm"]["wire_bytes"]["dp"] > 0
+    assert main(["train", *flags, "--rank", "16384"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rank=16384" in err[0]
