@@ -13,6 +13,7 @@ LAYOUTS = [
     (pstate.ParallelConfig(tp=2, cp=2, pp=2, ep=2), 64),
     (pstate.ParallelConfig(tp=4, pp=2, ep=4, etp=1), 64),
     (pstate.ParallelConfig(tp=2, cp=2, order="tp-cp-ep-pp-dp"), 32),
+    (pstate.ParallelConfig(tp=2, cp=4, cp_a2a=2, pp=2), 64),
 ]
 
 
@@ -22,7 +23,7 @@ def axes_of(config: pstate.ParallelConfig, world: int, rank: int, local: bool) -
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         ps = pstate.initialize(config, local_groups=local)
-        names = [*AXIS_GROUPS, "embedding", "world"]
+        names = [*AXIS_GROUPS, "embedding", "world"]  # cp_a2a, cp_ring: None without the split
         out = {n: (a.ranks, a.rank, dist.get_world_size(a.group)) for n in names if (a := getattr(ps, n)) is not None}
         created = len(ps._created)
         ps.destroy()
