@@ -5,7 +5,8 @@ tokens, recorded by ``pstate.comm``): the dry run's parameter, gradient, optimiz
 checkpoint share equal the real rank's, whether the model is built at real size or on the meta device;
 the simulated step's collectives per axis (calls and payload bytes of every operation) equal the real
 step's. At world 16,384 (a 4D+EP layout, meta device; groups only this rank's) ranks 0, 8191 and 16383
-give the figures of the world-8 rank with the same TP/CP/PP/EP coordinates (DDP: nothing shards over DP).
+give the figures of the world-8 rank with the same TP/CP/PP/EP coordinates (DDP: nothing shards over DP),
+and at real size their simulated steps issue the twin's TP and PP collectives call for call.
 """
 
 import json
@@ -117,6 +118,11 @@ def test_dry_runs_at_world_16384_equal_the_real_run_where_the_layouts_coincide(m
         assert dry["bytes"] == twin["bytes"]
         assert dry["checkpoint"]["leaves"] == twin["checkpoint"]["leaves"]
         assert set(dry["seconds"]) == {"config", "process_group", "groups", "model_and_engine", "checkpoint_plan"}
+        # at real size the same ranks run a simulated step: TP and PP (groups alike at both worlds) call
+        # for call as the twin's recorded step
+        stepped = dry_run(cfg, 16384, rank, device="real")
+        for axis in ("tp", "pp"):
+            assert stepped["comm"]["axes"][axis] == twin["comm"][axis]
 
 
 @pytest.mark.parametrize(
