@@ -7,6 +7,7 @@ from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
+from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
 from .run import RunConfig
 
 
@@ -70,9 +71,9 @@ def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     return rules
 
 
-def check_run(cfg: RunConfig, world_size: int) -> int:
-    """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
-    step (``global_batch / (micro_batch * dp)``)."""
+def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
+    """Raise :class:`TrainerError` naming the rule a run breaks; return the resolved :class:`RunPlan`
+    (layout sizes, ``microbatches = global_batch / (micro_batch * dp)``, dtypes, schedule)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     check_fast_paths(cfg)
     try:
@@ -148,4 +149,11 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
                 f"--zero 3 with --pipeline-schedule {t.pipeline_schedule} is not supported yet (its weight-gradient "
                 "pass runs after FSDP has freed the layer's gathered weights); use 1f1b, interleaved-1f1b or gpipe"
             )
-    return microbatches
+    sizes = lay.sizes
+    return RunPlan(
+        world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
+        etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
+        global_batch=global_batch, seq_len=t.seq_len, precision=t.precision, param_dtype=PARAM_DTYPES[t.precision],
+        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=GRAD_REDUCE_DTYPES[t.precision], zero=t.zero,
+        sequence_parallel=t.sequence_parallel, schedule=t.pipeline_schedule if p.pp > 1 else None,
+    )  # fmt: skip
