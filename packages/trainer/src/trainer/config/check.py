@@ -79,7 +79,7 @@ def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     heads over its all-to-all group (Ulysses: the whole CP group; hierarchical: ``parallel.cp_a2a`` ranks)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     heads, kv_heads = m.heads // p.tp, m.num_kv_heads // p.tp  # per TP rank (tp | kv heads is checked before)
-    a2a = {"ulysses": ("cp", p.cp), "hierarchical": ("cp_a2a", p.cp_a2a)}.get(t.cp_attention)
+    a2a = {"ulysses": ("parallel.cp", p.cp), "hierarchical": ("parallel.cp_a2a", p.cp_a2a)}.get(t.cp_attention)
     hierarchical = t.cp_attention == "hierarchical"
     rules = [
         (
@@ -94,8 +94,7 @@ def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
         ),
     ]
     if a2a is not None and p.cp > 1:
-        name, size = a2a
-        field = "parallel.cp" if name == "cp" else "parallel.cp_a2a"
+        field, size = a2a
         rules.append(
             (
                 heads % size or kv_heads % size,
