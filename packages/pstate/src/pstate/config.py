@@ -19,7 +19,9 @@ class ParallelConfig:
     ``ep`` expert, ``etp`` expert tensor (defaults to ``tp``), ``dp`` data parallel. ``order`` is the
     rank order of the axes, Megatron-LM style: the first axis varies fastest. ``pipeline_layout``, when
     given, names how many transformer layers each of the ``pp * vpp`` virtual stages holds (uneven
-    pipelines: the stages with the embedding and the head may hold fewer, even none).
+    pipelines: the stages with the embedding and the head may hold fewer, even none). ``dp_shard`` (HSDP)
+    splits the data-parallel ranks into shard groups of that many adjacent ranks (with their CP ranks)
+    and replicate groups across them (:meth:`pstate.Layout.hsdp_groups`).
 
     Rules that need the world size are checked by :func:`pstate.layout`.
     """
@@ -42,9 +44,11 @@ class ParallelConfig:
     """rank order of the axes; the first varies fastest."""
     pipeline_layout: tuple[int, ...] | None = None
     """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
+    dp_shard: int | None = None
+    """HSDP: adjacent data-parallel ranks a ZeRO-3 shard group spans, replicated across the rest (default: all of dp)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):
+        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "dp_shard"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -49,7 +49,9 @@ class ParallelState:
 
     Decoder axes: ``tp, cp, dp, pp`` and the combinations ``dp_cp`` (gradient reduction under context
     parallelism), ``tp_cp``, ``tp_dp``, ``tp_dp_cp`` and ``mp`` (tp+pp, model parallel). Expert axes:
-    ``etp, ep, edp, etp_ep, etp_ep_pp``. ``embedding`` joins the first and last pipeline stage (``None``
+    ``etp, ep, edp, etp_ep, etp_ep_pp``. HSDP (``config.dp_shard``): ``dp_shard`` (a slice of ``dp_cp``
+    that ZeRO-3 shards over; ``dp_cp`` itself without HSDP) and ``dp_replicate`` (across the shard groups;
+    ``None`` without HSDP). ``embedding`` joins the first and last pipeline stage (``None``
     on ranks that hold neither). ``world`` is the default group.
     """
 
@@ -67,6 +69,8 @@ class ParallelState:
     edp: Axis
     etp_ep: Axis
     etp_ep_pp: Axis
+    dp_shard: Axis
+    dp_replicate: Axis | None
     embedding: Axis | None
     world: Axis
 
@@ -83,6 +87,8 @@ class ParallelState:
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(lay.world_size)): dist.group.WORLD}
         axes = [(name, lay.groups(spec)) for name, spec in AXIS_GROUPS.items()]
         axes.append(("embedding", embedding_groups(lay)))
+        if lay.dp_replicate > 1:  # HSDP: the dp_cp groups split into shard and replicate groups
+            axes += zip(("dp_shard", "dp_replicate"), lay.hsdp_groups())
         # Every rank creates every distinct group in the same order (new_group is collective).
         for name, groups in axes:
             for ranks in map(tuple, groups):
@@ -94,6 +100,9 @@ class ParallelState:
                 if self.rank in ranks:
                     setattr(self, name, Axis(name, by_ranks[ranks], ranks, ranks.index(self.rank)))
         self.world = Axis("world", dist.group.WORLD, tuple(range(lay.world_size)), self.rank)
+        if lay.dp_replicate == 1:  # no HSDP: ZeRO-3 shards over all of dp_cp
+            self.dp_shard = Axis("dp_shard", self.dp_cp.group, self.dp_cp.ranks, self.dp_cp.rank)
+            self.dp_replicate = None
 
     # -- pipeline stage queries (looped placement: chunk c of pipeline rank r is stage c*pp + r) --
 
