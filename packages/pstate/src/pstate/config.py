@@ -45,7 +45,7 @@ class ParallelConfig:
     pipeline_layout: tuple[int, ...] | None = None
     """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
     dp_shard: int | None = None
-    """HSDP: adjacent data-parallel ranks a ZeRO-3 shard group spans, replicated across the rest (default: all of dp)."""
+    """HSDP: adjacent data-parallel ranks one ZeRO-3 shard group spans, replicated across the rest (default: dp)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "dp_shard"):
