@@ -94,7 +94,10 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
             m.position == "learned" and t.seq_len > m.max_seq_len,
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
-        (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        (
+            p.dp_shard is not None and p.dp_shard != dp and t.zero != 3,
+            f"parallel.dp_shard={p.dp_shard} (HSDP) needs train.zero=3; with zero={t.zero} leave it out",
+        ),
         *_mtp_rules(cfg),
         (
             t.eval_every > 0 and cfg.data.valid_fraction == 0,

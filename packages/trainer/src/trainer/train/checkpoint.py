@@ -46,7 +46,7 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
     if biases := expert_bias_shards(run.chunks):
         state["expert_bias"] = biases
     if run.fsdp:
-        state["model"], state["optimizer"] = _fsdp_state(run)
+        state["model"], state["optimizer"], state["_gathered"] = _fsdp_state(run)
         return state
     pieces = model_pieces(run.chunks)
     by_param: dict[int, list[Piece]] = {}
@@ -62,9 +62,9 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
 
 def finish_load(run: Run, state: dict[str, Any]) -> None:
     """After ``ckpt.load`` filled ``state``: give ZeRO state to the optimizer, restore the generator."""
+    for copy in state.get("_gathered", ()):  # ZeRO/FSDP: column blocks of experts loaded into copies
+        copy.scatter()
     if run.sharded:  # its entries carry no masters: it takes them from the parameters just loaded
-        for copy in state["_gathered"]:
-            copy.scatter()
         run.optimizer.load_state_dict(state["_zero"])
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
     for chunk, states in zip(run.chunks, state.get("dropout", {}).get(run.device.type, {}).values()):
@@ -105,17 +105,19 @@ def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, A
     return out, own, gathered
 
 
-def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
-    """ZeRO-3: each parameter's flat piece (and AdamW's moments of it) split along its named pieces."""
+def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any], list[Gathered]]:
+    """ZeRO-3: each parameter's flat piece (and AdamW's moments of it) split along its named pieces (experts
+    sharded over edp, their fused ``[gate; up]`` split as under ZeRO-1/2)."""
     _init_adam(run.optimizer)
     model: dict[str, Any] = {}
     optimizer: dict[str, Any] = {}
+    gathered: list[Gathered] = []
     for chunk, pieces in zip(run.chunks, run.fsdp_pieces):
         for name, local in parameter_shards(chunk).items():
-            model.update(flat_range_shards(pieces[name], local))
+            model.update(flat_range_shards(pieces[name], local, gathered))
         for name, entries in optimizer_state_shards(chunk, run.optimizer).items():
-            _split_entries(pieces[name], entries, optimizer)
-    return model, optimizer
+            _split_entries(pieces[name], entries, optimizer, gathered)
+    return model, optimizer, gathered
 
 
 def _split_entries(
