@@ -84,7 +84,7 @@ def test_the_best_command_parses_as_trainer_train_and_passes_check_run(capsys):
     best = json.loads(capsys.readouterr().out)["layouts"][0]
     args = build_parser().parse_args(best["command"].split()[1:])
     cfg = load_run_config(None, overrides_from(args))
-    assert check_run(cfg, 64) == best["layout"]["microbatches"]
+    assert check_run(cfg, 64).microbatches == best["layout"]["microbatches"]
     assert cfg.parallel.tp == best["layout"]["tp"] and cfg.train.zero == best["layout"]["zero"]
 
 
@@ -137,4 +137,4 @@ def test_a_config_json_model_comes_back_from_the_printed_command(tmp_path, capsy
     args = build_parser().parse_args([a.replace('"', "") for a in best["command"].split()[1:]])  # as a shell would
     cfg = load_run_config(None, overrides_from(args))
     assert parameter_count(cfg.model) == parameter_count(model)
-    assert check_run(cfg, 4) == best["layout"]["microbatches"]
+    assert check_run(cfg, 4).microbatches == best["layout"]["microbatches"]

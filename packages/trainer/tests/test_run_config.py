@@ -1,5 +1,7 @@
 """Run configuration: TOML and overrides onto the typed sections, and the rules refused before launch."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pstate
-from trainer.config import OptimConfig, check_run, load_run_config, to_toml
+from trainer.config import OptimConfig, RunPlan, check_run, load_run_config, to_toml
 from trainer.errors import TrainerError
 from trainer.model import ModelGroups, build_chunks, preset
 from trainer.train.flops import flops_per_token
@@ -122,7 +124,7 @@ def test_a_pipeline_layout_names_every_virtual_stage():
     with pytest.raises(TrainerError, match=r"pipeline_layout\[1\]=-1 must be an integer >= 0"):
         load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [5, -1]}})
     cfg = load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [4, 0]}})
-    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2) >= 1
+    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2).microbatches >= 1
 
 
 @pytest.mark.parametrize(
@@ -143,19 +145,37 @@ def test_a_pipeline_layout_names_every_virtual_stage():
 )
 def test_zero3_combines_with_tp_pp_tied_embeddings_and_fp16(overrides, world):
     overrides.setdefault("train", {})["zero"] = 3
-    assert check_run(load_run_config(overrides=overrides), world) >= 1
+    assert check_run(load_run_config(overrides=overrides), world).microbatches >= 1
 
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero1_and_2_combine_with_moe_experts(zero):
     overrides = {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"zero": zero}}
     overrides["train"]["sequence_parallel"] = True
-    assert check_run(load_run_config(overrides=overrides), 4) >= 1
+    assert check_run(load_run_config(overrides=overrides), 4).microbatches >= 1
 
 
 def test_microbatches_follow_from_the_global_batch():
     cfg = load_run_config(overrides={"train": {"global_batch": 32, "micro_batch": 2}, "parallel": {"tp": 2}})
-    assert check_run(cfg, 8) == 4  # dp = 4
+    assert check_run(cfg, 8).microbatches == 4  # dp = 4
+
+
+def test_check_run_resolves_a_frozen_plan_that_round_trips_and_names_its_changes():
+    overrides = {"train": {"micro_batch": 2, "precision": "bf16", "zero": 1}, "parallel": {"tp": 2, "pp": 2}}
+    plan = check_run(load_run_config(overrides=overrides), 8)
+    assert (plan.tp, plan.pp, plan.dp, plan.cp, plan.edp) == (2, 2, 2, 1, 2)
+    assert (plan.micro_batch, plan.microbatches, plan.global_batch) == (2, 1, 4)  # global batch: micro * dp
+    assert plan.tokens_per_step == 4 * plan.seq_len and plan.schedule == "1f1b"
+    assert (plan.param_dtype, plan.compute_dtype, plan.grad_reduce_dtype, plan.zero) == ("fp32", "bf16", "fp32", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.global_batch = 8
+    assert RunPlan.from_dict(json.loads(json.dumps(plan.as_dict()))) == plan
+    assert plan.describe_changes(plan) == "the run plan is the saved one"
+    other = check_run(load_run_config(overrides={**overrides, "train": {"micro_batch": 2, "global_batch": 8}}), 4)
+    assert other.describe_changes(plan) == (
+        "layout changed (world_size 8->4, dp 2->1, edp 2->1, microbatches 1->4, zero 1->0); "
+        "training changed (global_batch 4->8, precision bf16->fp32, compute_dtype bf16->fp32)"
+    )
 
 
 def test_lr_warmup_then_cosine_and_linear():

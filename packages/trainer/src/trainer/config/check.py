@@ -7,7 +7,8 @@ from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
-from .run import RunConfig
+from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
+from .run import RunConfig, TrainConfig
 
 
 def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -39,9 +40,14 @@ def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
-def check_run(cfg: RunConfig, world_size: int) -> int:
-    """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
-    step (``global_batch / (micro_batch * dp)``)."""
+def _grad_reduce_dtype(t: TrainConfig) -> str:
+    """ZeRO-3 reduces in ``train.grad_reduce_dtype``; the other modes in their precision's dtype."""
+    return t.grad_reduce_dtype if t.zero == 3 else GRAD_REDUCE_DTYPES[t.precision]
+
+
+def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
+    """Raise :class:`TrainerError` naming the rule a run breaks; return the resolved :class:`RunPlan`
+    (layout sizes, ``microbatches = global_batch / (micro_batch * dp)``, dtypes, schedule)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     check_fast_paths(cfg)
     try:
@@ -123,4 +129,11 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
                 f"--zero 3 with --pipeline-schedule {t.pipeline_schedule} is not supported yet (its weight-gradient "
                 "pass runs after FSDP has freed the layer's gathered weights); use 1f1b, interleaved-1f1b or gpipe"
             )
-    return microbatches
+    sizes = lay.sizes
+    return RunPlan(
+        world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
+        etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
+        global_batch=global_batch, seq_len=t.seq_len, precision=t.precision, param_dtype=PARAM_DTYPES[t.precision],
+        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=_grad_reduce_dtype(t), zero=t.zero,
+        sequence_parallel=t.sequence_parallel, schedule=t.pipeline_schedule if p.pp > 1 else None,
+    )  # fmt: skip

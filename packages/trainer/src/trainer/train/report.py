@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .setup import Run
 
 
-def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
+def banner(run: Run, datasets: Any) -> list[str]:
     """The lines that say what this run is, before its first step."""
     from ..plan import parameter_count  # plan imports train.flops: not at module level
 
@@ -26,12 +26,14 @@ def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
         sizes += f", ep {ps.ep.size}"
     modes = ["sequence parallel"] if t.sequence_parallel else []
     modes.append({0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 (FSDP)"}[t.zero])
+    if ps.dp_replicate is not None:  # HSDP: shard groups x their replicas
+        modes[-1] = f"HSDP (ZeRO-3 over {ps.dp_shard.size} ranks x {ps.dp_replicate.size} replicas)"
     if ps.pp.size > 1:
         modes.append(f"{t.pipeline_schedule} over {run.microbatches} micro-batches" + (f", vpp {cfg.parallel.vpp}"
                      if cfg.parallel.vpp > 1 else ""))  # fmt: skip
     if t.recompute:
         modes.append(f"{t.recompute} recomputation")
-    tokens_per_step = global_batch * t.seq_len
+    global_batch, tokens_per_step = run.plan.global_batch, run.plan.tokens_per_step
     kv = f"MLA, latent {m.kv_lora_rank}" if m.attention == "mla" else f"{m.num_kv_heads} kv"
     lines = [
         f"model: {_count(dense + expert)} parameters{experts}; hidden {m.hidden}, {m.layers} layers, {m.heads} heads "
