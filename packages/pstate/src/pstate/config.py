@@ -19,7 +19,9 @@ class ParallelConfig:
     ``ep`` expert, ``etp`` expert tensor (defaults to ``tp``), ``dp`` data parallel. ``order`` is the
     rank order of the axes, Megatron-LM style: the first axis varies fastest. ``pipeline_layout``, when
     given, names how many transformer layers each of the ``pp * vpp`` virtual stages holds (uneven
-    pipelines: the stages with the embedding and the head may hold fewer, even none). ``dp_shard`` (HSDP)
+    pipelines: the stages with the embedding and the head may hold fewer, even none). ``cp_a2a`` splits each
+    CP group for hierarchical context parallelism: inner all-to-all groups of ``cp_a2a`` adjacent CP ranks
+    and outer rings of ``cp / cp_a2a`` ranks (see :meth:`pstate.Layout.groups`). ``dp_shard`` (HSDP)
     splits the data-parallel ranks into shard groups of that many adjacent ranks (with their CP ranks)
     and replicate groups across them (:meth:`pstate.Layout.hsdp_groups`).
 
@@ -44,11 +46,13 @@ class ParallelConfig:
     """rank order of the axes; the first varies fastest."""
     pipeline_layout: tuple[int, ...] | None = None
     """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
+    cp_a2a: int = 1
+    """ranks of each CP group's inner all-to-all groups (hierarchical context parallelism; divides cp)."""
     dp_shard: int | None = None
     """HSDP: adjacent data-parallel ranks one ZeRO-3 shard group spans, replicated across the rest (default: dp)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "dp_shard"):
+        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "cp_a2a", "dp_shard"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -74,6 +78,11 @@ class ParallelConfig:
             self.require_in_order(name, getattr(self, name))
         if self.dp is not None:
             self.require_in_order("dp", self.dp)
+        if self.cp % self.cp_a2a:
+            raise ParallelConfigError(
+                f"cp_a2a={self.cp_a2a} must divide cp={self.cp}: each CP group splits into all-to-all groups of "
+                "cp_a2a adjacent ranks"
+            )
         if self.vpp > 1 and self.pp == 1:
             raise ParallelConfigError(f"vpp={self.vpp} needs pipeline parallelism, but pp=1")
         if self.pipeline_layout is not None:
