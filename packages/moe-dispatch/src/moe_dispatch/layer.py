@@ -45,6 +45,8 @@ class MoELayer(nn.Module):
     ``local_tokens_per_expert`` the rows each local expert processed (padding included). Router options
     (``score``, ``num_groups``, ``topk_groups``, ``aux_loss_coeff``, ``capacity_factor``,
     ``pad_to_capacity``, ...) are passed to :class:`TopKRouter`; ``gemm`` to :class:`GroupedExperts`.
+    ``draw_experts=False``: the experts and the shared expert start at zero, holding only this rank's
+    slices, for a caller that draws (block by block) or loads their values itself.
 
     ``shared_ffn_hidden``: add a :class:`SharedExpert` of that width, which every token goes through
     (``shared_gate=True``: scaled by a per-token sigmoid gate), TP-split over ``tp_group`` when one is
@@ -72,6 +74,7 @@ class MoELayer(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        draw_experts: bool = True,
         **router_options,
     ) -> None:
         super().__init__()
@@ -99,6 +102,7 @@ class MoELayer(nn.Module):
             seed=None if seed is None else seed + 1,
             dtype=dtype,
             device=device,
+            draw=draw_experts,
         )
         self.shared_expert = None
         if shared_ffn_hidden is not None:
@@ -112,6 +116,7 @@ class MoELayer(nn.Module):
                 seed=None if seed is None else seed + 2,
                 dtype=dtype,
                 device=device,
+                draw=draw_experts,
             )
         if sequence_parallel:
             mark_sequence_parallel(self.router.weight)
