@@ -19,8 +19,10 @@ from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
+from .overlap import Stage
 from .router import TopKRouter
 from .shared_expert import SharedExpert
+from .staged_layer import moe_pieces
 
 DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher, "flex": FlexDispatcher}
 ROUTER_OPTIONS = frozenset(inspect.signature(TopKRouter).parameters) - {
@@ -123,10 +125,20 @@ class MoELayer(nn.Module):
         self.tokens_per_expert: torch.Tensor | None = None
         self.local_tokens_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[seq, batch, hidden]`` in, the same shape out."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`MoEError` unless ``x`` is ``[seq, batch, hidden]``."""
         if x.dim() != 3 or x.size(-1) != self.hidden:
             raise MoEError(f"MoELayer: input has shape {tuple(x.shape)}, expected [seq, batch, {self.hidden}]")
+
+    def stages(self) -> list[Stage]:
+        """This layer cut at its two EP all-to-alls for one microbatch, ``(*carry, x) -> (*carry, layer(x))``
+        (see :mod:`moe_dispatch.staged_layer`; all-to-all dispatcher only): run them with
+        :class:`moe_dispatch.overlap.StagedRun` to overlap the all-to-alls with another microbatch."""
+        return moe_pieces(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[seq, batch, hidden]`` in, the same shape out."""
+        self.check_input(x)
         tokens = x.reshape(-1, x.size(-1))
         probs, routing_map = self.router(tokens)
         expert_input, counts = self.dispatcher.dispatch(tokens, probs, routing_map)

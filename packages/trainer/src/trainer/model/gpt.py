@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moe_dispatch import StagedRun
 from pp_sched import StageLayers, split_layers
 from pstate.tags import mark_sequence_parallel, mark_tied_copy
 from tp_layers import (
@@ -40,6 +41,7 @@ from .mla_cache import LatentCache
 from .mtp import MTPModule
 from .pieces import Init, Piece, module_pieces, vocab_rows, whole
 from .ssm_cache import PositionCache, SSMCache
+from .staged import staged_run
 
 
 class GPTChunk(nn.Module):
@@ -141,6 +143,11 @@ class GPTChunk(nn.Module):
             logits = self.logits(self.final_norm(x))
             return (logits, x) if self.mtp is not None and caches is None else logits
         return x if documents is None else (x, documents)
+
+    def staged_run(self) -> StagedRun:
+        """One training microbatch through this chunk cut at its MoE all-to-alls, for a pipeline executor
+        that overlaps them with another microbatch (``train.moe_overlap``; see :mod:`.staged`)."""
+        return staged_run(self)
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)
