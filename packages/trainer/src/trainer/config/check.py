@@ -9,7 +9,7 @@ from pstate import ParallelConfigError, layout
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
 from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
-from .run import RunConfig
+from .run import RunConfig, TrainConfig
 
 
 def _moe_overlap_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -72,6 +72,11 @@ def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
             f"{mtp} with a hybrid model.layer_pattern is not supported yet (the MTP blocks are transformer layers)",
         ),
     ]
+
+
+def _grad_reduce_dtype(t: TrainConfig) -> str:
+    """ZeRO-3 reduces in ``train.grad_reduce_dtype``; the other modes in their precision's dtype."""
+    return t.grad_reduce_dtype if t.zero == 3 else GRAD_REDUCE_DTYPES[t.precision]
 
 
 def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -157,7 +162,10 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
             m.position == "learned" and t.seq_len > m.max_seq_len,
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
-        (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        (
+            p.dp_shard is not None and p.dp_shard != dp and t.zero != 3,
+            f"parallel.dp_shard={p.dp_shard} (HSDP) needs train.zero=3; with zero={t.zero} leave it out",
+        ),
         *_mtp_rules(cfg),
         *_moe_overlap_rules(cfg),
         (
@@ -189,6 +197,6 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
         world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
         etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
         global_batch=global_batch, seq_len=t.seq_len, precision=t.precision, param_dtype=PARAM_DTYPES[t.precision],
-        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=GRAD_REDUCE_DTYPES[t.precision], zero=t.zero,
+        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=_grad_reduce_dtype(t), zero=t.zero,
         sequence_parallel=t.sequence_parallel, schedule=t.pipeline_schedule if p.pp > 1 else None,
     )  # fmt: skip
