@@ -52,11 +52,7 @@ class Slot:
     shard: torch.Tensor | None = None
     params: torch.Tensor | None = None
     fresh: bool = True  # the shard holds nothing reduced since the last zero
-
-    @property
-    def persistent(self) -> bool:
-        """The local gradients are a view of the layout's buffer (not a staging tensor)."""
-        return self.layout.data.device.type != "meta"
+    persistent: bool = True  # the local gradients are a view of the layout's buffer (not a staging tensor)
 
     def local_view(self, param: torch.Tensor) -> torch.Tensor:
         """``param``'s gradient within the bucket's local tensor, shaped like ``param``."""

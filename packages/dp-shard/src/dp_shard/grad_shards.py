@@ -155,7 +155,8 @@ class ShardedGrads:
             else:
                 local, shard = None, self.shard_buffers[-1][bucket.start // self.size :][: bucket.numel // self.size]
             params = param_buffer[bucket.start : bucket.end]
-            slots.append(Slot(bucket, layout, self.group, divisor, local, shard=shard, params=params))
+            persistent = self.stage == 1
+            slots.append(Slot(bucket, layout, self.group, divisor, local, shard, params, persistent=persistent))
         return slots
 
     def owned(self, param: torch.nn.Parameter) -> Owned | None:
@@ -224,5 +225,5 @@ class ShardedGrads:
         tensors = [*self.shard_buffers, *self.local_buffers]
         for slot in self.slots:
             tensors += [slot.local] + [p.grad for p in slot.bucket.params]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())

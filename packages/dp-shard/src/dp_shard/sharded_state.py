@@ -248,7 +248,8 @@ class ShardedState:
                         slots.append((e.key, name, kind))
                         value = inner.get(name)
                         sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
-            values = torch.tensor(sums, dtype=torch.float64, device=self.device).reshape(-1, 2)
+            host = torch.device("cpu") if self.device.type == "meta" else self.device  # a model of shapes alone
+            values = torch.tensor(sums, dtype=torch.float64, device=host).reshape(-1, 2)
             if slots:
                 comm.all_reduce(values, group=group)
             for (key, name, kind), (total, count) in zip(slots, values.tolist()):

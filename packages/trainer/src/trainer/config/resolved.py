@@ -32,11 +32,6 @@ def param_dtype(precision: str, zero: int) -> str:
     return "bf16" if precision == "bf16" and zero < 3 else PARAM_DTYPES[precision]
 
 
-def grad_reduce_dtype(train: Any) -> str:
-    """The gradient reduction's dtype: ``train.grad_reduce_dtype`` under ZeRO 0/1/2, else fp32."""
-    return train.grad_reduce_dtype if train.zero < 3 else GRAD_REDUCE_DTYPES[train.precision]
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """A run as it will execute (see the module notes). ``global_batch = micro_batch * microbatches * dp``

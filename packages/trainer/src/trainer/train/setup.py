@@ -8,12 +8,14 @@ the model chunks, their data-parallel engine (with the optimizer) and the pipeli
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
-chunks); experts are reduced (and sharded) over ``edp``. ``bf16`` with ``zero`` 0/1/2 is Megatron's mixed
-precision: bf16 weights, gradients accumulated and reduced in fp32 main-gradient buffers
+chunks over ``dp_shard``: ``dp_cp`` itself, or for HSDP (``parallel.dp_shard``) a slice of it, replicated
+across ``dp_replicate``); experts are reduced (and sharded) over ``edp``. ``bf16`` with ``zero`` 0/1/2 is
+Megatron's mixed precision: bf16 weights, gradients accumulated and reduced in fp32 main-gradient buffers
 (``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW state (sharded by
-ZeRO); with ``zero=3``, and for ``fp16`` and ``fp8``, it is autocast over fp32 parameters (fp16 weights
-would give fp16 parameter gradients, which overflow at the loss scale where fp32 ones do not, so which
-steps are skipped would depend on the layout). ``fp16`` adds a dynamic
+ZeRO). With ``zero=3``, and for ``fp16`` and ``fp8``, it is autocast over fp32 parameters, the master
+weights (ZeRO-3 gathers them in the 16-bit dtype and reduces gradients in ``train.grad_reduce_dtype``;
+fp16 weights would give fp16 parameter gradients, which overflow at the loss scale where fp32 ones do
+not). ``fp16`` adds a dynamic
 :class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
@@ -33,7 +35,7 @@ from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
 
-from ..config import RunConfig, RunPlan
+from ..config import RunConfig, RunPlan, TrainConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
@@ -41,7 +43,7 @@ from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 WEIGHTS = {"bf16": torch.bfloat16}  # the model's weights under zero 0/1/2 (fp16: autocast, see the module)
-REDUCE = {"fp32": None, "bf16": torch.bfloat16}  # None: the fp32 main gradients' own dtype
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -117,13 +119,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan) -> Run:
+def setup(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan, *, device: torch.device | None = None
+) -> Run:
     """Build the run's parts, one step each (collective over the world): the model chunks, their
     backend, the named pieces, the data-parallel engine (with the optimizer), the precision wrappers,
-    the pipeline executor and the expert-bias updater."""
+    the pipeline executor and the expert-bias updater.
+
+    ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
+    default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
+    meta = device is not None and torch.device(device).type == "meta"
     groups = model_groups(cfg, ps)
-    chunks = build_model(cfg, ps, model, groups)
-    device = apply_device(chunks)
+    chunks = build_model(cfg, ps, model, groups, meta=meta)
+    device = apply_device(chunks, device)
     apply_param_dtype(chunks, plan.param_dtype)
     context = apply_backend(
         chunks, groups, backend=model.backend, precision=cfg.train.precision, fp8_recipe=cfg.train.fp8_recipe,
@@ -147,9 +155,11 @@ def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
     )
 
 
-def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups) -> list[GPTChunk]:
+def build_model(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, *, meta: bool = False
+) -> list[GPTChunk]:
     """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
-    ``train.init_from_hf``, read piece by piece from the Hugging Face weights."""
+    ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
     t = cfg.train
     chunks = build_chunks(
         model,
@@ -159,20 +169,20 @@ def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: M
         vpp=cfg.parallel.vpp,
         seed=t.seed,
         recompute=t.recompute,
-        draw=t.init_from_hf is None,
+        draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
         uneven=cfg.parallel.pipeline_layout,
     )
-    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+    if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
 
         load_hf_pieces(chunks, t.init_from_hf)
     return chunks
 
 
-def apply_device(chunks: list[GPTChunk]) -> torch.device:
-    """Move the chunks to this rank's device (the CPU under gloo, this rank's GPU under NCCL); return it."""
-    device = device_for_backend(dist.get_backend())
+def apply_device(chunks: list[GPTChunk], device: torch.device | None = None) -> torch.device:
+    """Move the chunks to ``device`` (default: this rank's, the CPU under gloo, its GPU under NCCL); return it."""
+    device = device_for_backend(dist.get_backend()) if device is None else torch.device(device)
     for chunk in chunks:
         chunk.to(device)
     return device
@@ -207,14 +217,15 @@ def apply_data_parallel(
     return make_engine(
         t.zero,
         chunks,
-        group=ps.dp_cp,
+        group=ps.dp_shard if t.zero == 3 else ps.dp_cp,  # dp_shard: a slice of dp_cp under HSDP, else dp_cp
         expert_group=ps.edp if model.num_experts > 0 else None,  # experts reduced (and sharded) over edp
         param_groups=lambda named: param_groups(named, o.weight_decay, decayed),
         optimizer_cls=torch.optim.AdamW,
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
-        reduce_dtype=REDUCE[t.grad_reduce_dtype],
+        reduce_dtype=REDUCE_DTYPES[t.grad_reduce_dtype],  # every mode's gradient reduction
         overlap_param_gather=True,  # ZeRO-1/2: the next forward waits for each bucket of weights it uses
+        **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
@@ -255,7 +266,7 @@ def apply_pipeline(
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
         no_sync=engine.no_sync, loss_scale=scale, last_stage=last_stage, parts=losses,
-        autocast=AUTOCAST.get(t.precision),
+        autocast=AUTOCAST.get(t.precision), overlap=t.moe_overlap,
     )  # fmt: skip
 
 
@@ -268,6 +279,16 @@ def expert_bias(
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
     tokens_group = ps.tp_dp_cp if cfg.train.sequence_parallel else ps.dp_cp
     return ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate)
+
+
+def _fsdp_options(t: TrainConfig, ps: ParallelState) -> dict[str, Any]:
+    """ZeRO-3's replicas (HSDP) and gather dtype: 16-bit runs gather the parameters in the model dtype (the
+    fp32 shards stay the master weights, and AdamW's state with them; gradients are reduced in
+    ``train.grad_reduce_dtype``, as in every mode); fp8 keeps fp32 gathers (its matmuls cast the weights themselves)."""
+    return {
+        "replicate_group": ps.dp_replicate,
+        "param_dtype": AUTOCAST[t.precision] if t.precision in ("bf16", "fp16") else None,
+    }
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
