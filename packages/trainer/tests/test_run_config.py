@@ -53,6 +53,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"global_batch": 0}}, "train.global_batch=0: must be >= 1"),
         ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
         ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
+        ({"parallel": {"cp": 4, "cp_a2a": 3}}, "cp_a2a=3 must divide cp=4"),
         ({"train": {"cp_kernel": "flash"}}, r"train.cp_kernel='flash': must be one of \('auto', 'sdpa', 'math'\)"),
         ({"model": {"attention": "x"}}, "model.attention='x': must be one of"),
         ({"model": {"preset": "tiny-mla", "kv_heads": 2}}, r"model.kv_heads=2: MLA up-projects keys/values for every"),
@@ -99,6 +100,32 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
         ({"model": {"preset": "tiny-hybrid"}, "data": {"packing": "pack"}}, 1, "data.packing='pack' with a hybrid"),
         ({"model": {"preset": "tiny-hybrid", "mtp_depth": 1}}, 1, "model.mtp_depth=1 with a hybrid"),
+        (
+            {"parallel": {"cp": 4, "cp_a2a": 2}},
+            4,
+            r"parallel.cp_a2a=2 is the inner all-to-all group of train.cp_attention='hierarchical', but "
+            r"train.cp_attention='ring'",
+        ),
+        (
+            {"parallel": {"cp": 4}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            r"train.cp_attention='hierarchical' with cp=4 needs parallel.cp_a2a > 1",
+        ),
+        (
+            {"parallel": {"tp": 2, "cp": 2, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            r"parallel.cp_a2a=2 must divide the query heads \(2\) and key/value heads \(1\) per TP rank \(tp=2\)",
+        ),
+        (
+            {"parallel": {"tp": 2, "cp": 2}, "train": {"cp_attention": "ulysses"}},
+            4,
+            r"parallel.cp=2 must divide the query heads \(2\) and key/value heads \(1\) per TP rank",
+        ),
+        (
+            {"model": {"backend": "te"}, "parallel": {"cp": 4, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            "model.backend='te' with train.cp_attention='hierarchical' is not supported yet",
+        ),
         ({"parallel": {"pp": 2, "pipeline_layout": [3, 2]}}, 2, "sums to 5 layers, but the model has layers=4"),
         ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zb-v"}}, 2, "vpp must be 2, got vpp=1"),
         (
@@ -210,3 +237,11 @@ def test_mla_flops_per_token_are_the_counted_matmuls(run_ranks):
     PyTorch's counter, which counts attention scores in full as we do, finds the same total."""
     ((counted, ours),) = run_ranks(1, counted_forward_flops, "tiny-mla", 32)
     assert ours == counted
+
+
+def test_hierarchical_context_parallelism_is_accepted_where_the_heads_split():
+    cfg = load_run_config(overrides={"parallel": {"cp": 4, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}})
+    assert cfg.parallel.cp_a2a == 2 and check_run(cfg, 8).microbatches >= 1
+    cfg = load_run_config(overrides={"parallel": {"cp": 4, "cp_a2a": 4}, "train": {"cp_attention": "hierarchical"}})
+    with pytest.raises(TrainerError, match=r"parallel.cp_a2a=4 must divide the query heads \(4\)"):
+        check_run(cfg, 4)
