@@ -135,7 +135,7 @@ def _bytes(tensors: Any) -> int:
     storages = {}
     for t in tensors:
         if torch.is_tensor(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
 

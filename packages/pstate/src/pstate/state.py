@@ -75,7 +75,15 @@ class ParallelState:
     embedding: Axis | None
     world: Axis
 
-    def __init__(self, lay: Layout, *, device: torch.device, owns_default_group: bool, timeout: timedelta):
+    def __init__(
+        self,
+        lay: Layout,
+        *,
+        device: torch.device,
+        owns_default_group: bool,
+        timeout: timedelta,
+        local_groups: bool = False,
+    ):
         self.layout = lay
         self.config = lay.config
         self.device = device
@@ -88,13 +96,21 @@ class ParallelState:
         self.cp_a2a = self.cp_ring = None  # stay None without a hierarchical CP split
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(lay.world_size)): dist.group.WORLD}
         split_cp = lay.config.cp_a2a > 1
-        axes = [(n, lay.groups(spec)) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS]
-        axes.append(("embedding", embedding_groups(lay)))
-        # Every rank creates every distinct group in the same order (new_group is collective).
+        specs = [(n, spec) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS]
+        if local_groups:  # only this rank's groups: the cost follows what this rank holds, not the world
+            axes = [(name, [lay.group_of(self.rank, spec)]) for name, spec in specs]
+            pipeline = lay.group_of(self.rank, "pp")
+            axes.append(("embedding", [sorted({pipeline[0], pipeline[-1]})]))
+        else:
+            axes = [(name, lay.groups(spec)) for name, spec in specs]
+            axes.append(("embedding", embedding_groups(lay)))
+        # Every rank creates every distinct group in the same order (new_group is collective), or, with
+        # local_groups, only its own with a barrier among their members (torch's use_local_synchronization).
+        extra = {"use_local_synchronization": True} if local_groups else {}
         for name, groups in axes:
             for ranks in map(tuple, groups):
-                if ranks not in by_ranks:
-                    group = dist.new_group(list(ranks), timeout=timeout)
+                if ranks not in by_ranks and (not local_groups or self.rank in ranks):
+                    group = dist.new_group(list(ranks), timeout=timeout, **extra)
                     by_ranks[ranks] = group
                     if self.rank in ranks:
                         self._created.append(group)
@@ -161,6 +177,7 @@ def initialize(
     *,
     device: torch.device | str | None = None,
     timeout: timedelta = timedelta(minutes=10),
+    local_groups: bool | None = None,
 ) -> ParallelState:
     """Create every process group of ``config`` and return them as a :class:`ParallelState`.
 
@@ -168,11 +185,17 @@ def initialize(
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) with the backend that suits ``device``
     (NCCL on CUDA, gloo on CPU; by default the GPU of ``LOCAL_RANK`` if there is one). The config is
     validated against the world size before any group is created.
+
+    ``local_groups``: create only the groups that hold this rank (``new_group`` with
+    ``use_local_synchronization``), so setup costs what the rank holds rather than the world's group count.
+    Default: only under PyTorch's ``fake`` backend (dry runs), where no other rank exists to call it.
     """
     if dist.is_initialized():
         lay = layout(config, dist.get_world_size())
-        resolved = torch.device(device) if device is not None else device_for_backend(dist.get_backend())
-        return ParallelState(lay, device=resolved, owns_default_group=False, timeout=timeout)
+        backend = dist.get_backend()
+        resolved = torch.device(device) if device is not None else device_for_backend(backend)
+        local = backend == "fake" if local_groups is None else local_groups
+        return ParallelState(lay, device=resolved, owns_default_group=False, timeout=timeout, local_groups=local)
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ParallelConfigError(
@@ -184,4 +207,5 @@ def initialize(
     if resolved.type != "cpu":
         torch.cuda.set_device(resolved)
     dist.init_process_group(backend_for(resolved), timeout=timeout)
-    return ParallelState(lay, device=resolved, owns_default_group=True, timeout=timeout)
+    local = bool(local_groups)
+    return ParallelState(lay, device=resolved, owns_default_group=True, timeout=timeout, local_groups=local)

@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 from pp_sched import PipelineScheduleError, build
+from pp_sched.schedules import PAIRED_SCHEDULES
 from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
 from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
 from .run import RunConfig
+
+
+def _moe_overlap_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """What ``train.moe_overlap`` (MoE all-to-alls hidden behind another micro-batch) needs, and why."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not t.moe_overlap:
+        return []
+    flag = "train.moe_overlap=true"
+    return [
+        (p.ep == 1, f"{flag} needs parallel.ep > 1, got ep={p.ep}: with one EP rank there is no all-to-all to hide"),
+        (
+            m.num_experts > 0 and m.moe_dispatcher != "alltoall",
+            f"{flag} needs model.moe_dispatcher='alltoall', got {m.moe_dispatcher!r}",
+        ),
+        (
+            p.pp > 1 and t.pipeline_schedule not in PAIRED_SCHEDULES,
+            f"{flag} needs a schedule with overlapped pairs ({', '.join(PAIRED_SCHEDULES)}), got "
+            f"--pipeline-schedule {t.pipeline_schedule}",
+        ),
+        (
+            t.precision != "fp32",
+            f"{flag} with train.precision={t.precision!r} is not supported yet (the cut chunks run outside autocast)",
+        ),
+        (
+            m.dropout > 0,
+            f"{flag} needs model.dropout=0, got {m.dropout}: interleaved micro-batches would draw their dropout masks "
+            "in another order",
+        ),
+        (t.recompute == "full", f"{flag} with train.recompute='full' is not supported (cut layers are not recomputed)"),
+        (t.zero == 3, f"{flag} with --zero 3 is not supported (the cut layers bypass FSDP's per-layer gathers)"),
+        (m.mtp_depth > 0, f"{flag} with model.mtp_depth={m.mtp_depth} is not supported yet"),
+        (m.layer_pattern is not None, f"{flag} with a hybrid model.layer_pattern is not supported yet"),
+    ]
 
 
 def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -126,6 +160,7 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
         ),
         (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
         *_mtp_rules(cfg),
+        *_moe_overlap_rules(cfg),
         (
             t.eval_every > 0 and cfg.data.valid_fraction == 0,
             f"train.eval_every={t.eval_every} needs a validation set: set data.valid_fraction > 0",
@@ -142,7 +177,7 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
     microbatches = global_batch // (t.micro_batch * dp)
     if p.pp > 1:
         try:
-            schedule = build(t.pipeline_schedule, pp=p.pp, microbatches=microbatches, vpp=p.vpp)
+            schedule = build(t.pipeline_schedule, pp=p.pp, microbatches=microbatches, vpp=p.vpp, overlap=t.moe_overlap)
         except PipelineScheduleError as error:
             raise TrainerError(f"--pipeline-schedule {t.pipeline_schedule}: {error}") from None
         if t.zero == 3 and any(a.kind == "W" for actions in schedule.actions for a in actions):

@@ -102,6 +102,8 @@ class TrainConfig:
     """ring attention's block kernel: sdpa (PyTorch's fused ops), math (matmul + softmax), auto (sdpa where it runs)."""
     pipeline_schedule: str = "1f1b"
     """pipeline schedule when pp > 1 (interleaved ones need vpp > 1)."""
+    moe_overlap: bool = False
+    """overlap MoE all-to-alls with another micro-batch's compute (paired 1F1B or dualpipe-v; ep > 1, fp32)."""
     recompute: str | None = None
     """activation recomputation: full (whole layers) or selective (attention core); default: none."""
     eval_every: int = 0

@@ -111,13 +111,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan) -> Run:
+def setup(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan, *, device: torch.device | None = None
+) -> Run:
     """Build the run's parts, one step each (collective over the world): the model chunks, their
     backend, the named pieces, the data-parallel engine (with the optimizer), the precision wrappers,
-    the pipeline executor and the expert-bias updater."""
+    the pipeline executor and the expert-bias updater.
+
+    ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
+    default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
+    meta = device is not None and torch.device(device).type == "meta"
     groups = model_groups(cfg, ps)
-    chunks = build_model(cfg, ps, model, groups)
-    device = apply_device(chunks)
+    chunks = build_model(cfg, ps, model, groups, meta=meta)
+    device = apply_device(chunks, device)
     context = apply_backend(
         chunks, groups, backend=model.backend, precision=cfg.train.precision, fp8_recipe=cfg.train.fp8_recipe,
         amax_group=ps.tp_dp_cp.group,
@@ -140,9 +146,11 @@ def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
     )
 
 
-def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups) -> list[GPTChunk]:
+def build_model(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, *, meta: bool = False
+) -> list[GPTChunk]:
     """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
-    ``train.init_from_hf``, read piece by piece from the Hugging Face weights."""
+    ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
     t = cfg.train
     chunks = build_chunks(
         model,
@@ -152,20 +160,20 @@ def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: M
         vpp=cfg.parallel.vpp,
         seed=t.seed,
         recompute=t.recompute,
-        draw=t.init_from_hf is None,
+        draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
         uneven=cfg.parallel.pipeline_layout,
     )
-    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+    if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
 
         load_hf_pieces(chunks, t.init_from_hf)
     return chunks
 
 
-def apply_device(chunks: list[GPTChunk]) -> torch.device:
-    """Move the chunks to this rank's device (the CPU under gloo, this rank's GPU under NCCL); return it."""
-    device = device_for_backend(dist.get_backend())
+def apply_device(chunks: list[GPTChunk], device: torch.device | None = None) -> torch.device:
+    """Move the chunks to ``device`` (default: this rank's, the CPU under gloo, its GPU under NCCL); return it."""
+    device = device_for_backend(dist.get_backend()) if device is None else torch.device(device)
     for chunk in chunks:
         chunk.to(device)
     return device
@@ -236,7 +244,7 @@ def apply_pipeline(
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
         no_sync=engine.no_sync, loss_scale=scale, last_stage=last_stage, parts=losses,
-        autocast=AUTOCAST.get(t.precision),
+        autocast=AUTOCAST.get(t.precision), overlap=t.moe_overlap,
     )  # fmt: skip
 
 
