@@ -57,6 +57,8 @@ PREFERRED_NAMES = (
     "mp",
     "cp_a2a",
     "cp_ring",
+    "dp_shard",
+    "dp_replicate",
 )
 """The order in which a group that several axes share is named (the first that matches)."""
 

@@ -52,7 +52,9 @@ class ParallelState:
     sub-groups of ``cp`` for hierarchical context parallelism, ``cp_a2a`` (adjacent CP ranks) and
     ``cp_ring`` (see :mod:`pstate.layout`; both ``None`` when ``config.cp_a2a == 1``, so that a run without
     the split creates no extra groups). Expert axes:
-    ``etp, ep, edp, etp_ep, etp_ep_pp``. ``embedding`` joins the first and last pipeline stage (``None``
+    ``etp, ep, edp, etp_ep, etp_ep_pp``. HSDP (``config.dp_shard``): ``dp_shard`` (a slice of ``dp_cp``
+    that ZeRO-3 shards over; ``dp_cp`` itself without HSDP) and ``dp_replicate`` (across the shard groups;
+    ``None`` without HSDP). ``embedding`` joins the first and last pipeline stage (``None``
     on ranks that hold neither). ``world`` is the default group.
     """
 
@@ -72,6 +74,8 @@ class ParallelState:
     edp: Axis
     etp_ep: Axis
     etp_ep_pp: Axis
+    dp_shard: Axis
+    dp_replicate: Axis | None
     embedding: Axis | None
     world: Axis
 
@@ -104,6 +108,9 @@ class ParallelState:
         else:
             axes = [(name, lay.groups(spec)) for name, spec in specs]
             axes.append(("embedding", embedding_groups(lay)))
+        if lay.dp_replicate > 1:  # HSDP: the dp_cp groups split into shard and replicate groups
+            split = [[g] for g in lay.hsdp_group_of(self.rank)] if local_groups else lay.hsdp_groups()
+            axes += zip(("dp_shard", "dp_replicate"), split)
         # Every rank creates every distinct group in the same order (new_group is collective), or, with
         # local_groups, only its own with a barrier among their members (torch's use_local_synchronization).
         extra = {"use_local_synchronization": True} if local_groups else {}
@@ -117,6 +124,9 @@ class ParallelState:
                 if self.rank in ranks:
                     setattr(self, name, Axis(name, by_ranks[ranks], ranks, ranks.index(self.rank)))
         self.world = Axis("world", dist.group.WORLD, tuple(range(lay.world_size)), self.rank)
+        if lay.dp_replicate == 1:  # no HSDP: ZeRO-3 shards over all of dp_cp
+            self.dp_shard = Axis("dp_shard", self.dp_cp.group, self.dp_cp.ranks, self.dp_cp.rank)
+            self.dp_replicate = None
 
     # -- pipeline stage queries (looped placement: chunk c of pipeline rank r is stage c*pp + r) --
 

@@ -43,6 +43,7 @@ FLAGS = {
     "ep": ("parallel", "ep"),
     "etp": ("parallel", "etp"),
     "dp": ("parallel", "dp"),
+    "dp_shard": ("parallel", "dp_shard"),
     "zero": ("train", "zero"),
     "pipeline_schedule": ("train", "pipeline_schedule"),
     "precision": ("train", "precision"),
@@ -71,7 +72,7 @@ METAVARS = {
 }
 SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
-        "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
+        "dp_shard", "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:

@@ -8,8 +8,10 @@ the model chunks, their data-parallel engine (with the optimizer) and the pipeli
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
-chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) is autocast
-compute over fp32 parameters, which are the master weights; ``fp16`` adds a dynamic
+chunks over ``dp_shard``: ``dp_cp`` itself, or for HSDP (``parallel.dp_shard``) a slice of it, replicated
+across ``dp_replicate``); experts are reduced (and sharded) over ``edp``. Mixed precision
+(``bf16``/``fp16``) is autocast compute over fp32 parameters, which are the master weights (ZeRO-3
+gathers them in the 16-bit dtype and reduces gradients in ``train.grad_reduce_dtype``); ``fp16`` adds a dynamic
 :class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
@@ -29,13 +31,14 @@ from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
 
-from ..config import RunConfig, RunPlan
+from ..config import RunConfig, RunPlan, TrainConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -198,12 +201,13 @@ def apply_data_parallel(
     return make_engine(
         t.zero,
         chunks,
-        group=ps.dp_cp,
+        group=ps.dp_shard if t.zero == 3 else ps.dp_cp,  # dp_shard: a slice of dp_cp under HSDP, else dp_cp
         expert_group=ps.edp if model.num_experts > 0 else None,  # experts reduced (and sharded) over edp
         param_groups=lambda named: param_groups(named, o.weight_decay, decayed),
         optimizer_cls=torch.optim.AdamW,
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
+        **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
@@ -257,6 +261,17 @@ def expert_bias(
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
     tokens_group = ps.tp_dp_cp if cfg.train.sequence_parallel else ps.dp_cp
     return ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate)
+
+
+def _fsdp_options(t: TrainConfig, ps: ParallelState) -> dict[str, Any]:
+    """ZeRO-3's replicas (HSDP) and dtypes: 16-bit runs gather the parameters in the model dtype (the
+    fp32 shards stay the master weights, and AdamW's state with them), gradients are reduced in
+    ``train.grad_reduce_dtype``; fp8 keeps fp32 gathers (its matmuls cast the weights themselves)."""
+    return {
+        "replicate_group": ps.dp_replicate,
+        "param_dtype": AUTOCAST[t.precision] if t.precision in ("bf16", "fp16") else None,
+        "reduce_dtype": REDUCE_DTYPES[t.grad_reduce_dtype],
+    }
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
