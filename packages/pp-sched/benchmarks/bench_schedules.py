@@ -8,7 +8,9 @@ ZB-V and DualPipe-V, at pp = 2 and 4, on CPU over gloo with one thread per rank,
 Every version starts from the same weights; the losses and gradients of ours and torch's after one step
 are compared before timing. A measurement is the slowest rank's time for ``--iters`` steps; all versions
 alternate within each of ``--rounds`` rounds (A B C ... A B C ...) and the median is reported.
-ratio = ours / torch (below 1.0: ours is faster).
+ratio = ours / torch (below 1.0: ours is faster). Next to the wall time, the CPU time of a step summed over
+the ranks' processes (``time.process_time``, gloo's threads included): it counts the work done, not the
+waits, so it moves much less with the load of a shared machine.
 
 Bubble: ``simulate`` with this rank's measured forward, full backward (B), input-gradient (I) and weight
 (W) times of one chunk (no communication cost), against the measured idle fraction ``1 - compute / step
@@ -131,26 +133,31 @@ def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, ite
         for module in chunks + theirs:
             module.zero_grad(set_to_none=True)
     times: dict[str, list[float]] = {name: [] for name in versions}
+    cpu: dict[str, list[float]] = {name: [] for name in versions}
     idle: dict[str, list[float]] = {name: [] for name in schedules}
     for _ in range(rounds):
         for name, step in versions.items():
             step()  # warm-up
             dist.barrier()
             results.clear()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 for module in modules[name]:
                     module.zero_grad(set_to_none=True)
                 step()
             elapsed = torch.tensor([time.perf_counter() - start])
+            used = torch.tensor([time.process_time() - cpu_start])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(used)
             times[name].append(elapsed.item() / iters)
+            cpu[name].append(used.item() / iters)
             if name in idle:
                 idle[name] += [1 - r.compute_s / r.wall_s for r in results]
     costs = {name: chunk_costs(modules[name][0], xs[0]) for name in schedules}
     return {
         "difference": difference,
         "times": {name: statistics.median(t) for name, t in times.items()},
+        "cpu": {name: statistics.median(t) for name, t in cpu.items()},
         "idle": {name: statistics.median(v) for name, v in idle.items()},
         "costs": costs,
     }
@@ -185,18 +192,20 @@ def main() -> None:
             difference = max(r["difference"] for r in ranks)
             sharing = f" ({pp} ranks on {os.cpu_count()} cores: measured idle includes core sharing)"
             print(f"\npp={pp}{sharing if pp > (os.cpu_count() or 1) else ''}")
-            print(f"  {'schedule':<17} {'ms/step':>9} {'bubble simulated':>17} {'idle measured':>14}")
+            print(f"  {'schedule':<17} {'ms/step':>9} {'CPU ms':>8} {'bubble simulated':>17} {'idle measured':>14}")
             for name, vpp in SCHEDULES:
-                step = max(r["times"][name] for r in ranks)
+                step, used = ranks[0]["times"][name], ranks[0]["cpu"][name]
                 costs = {k: statistics.mean(r["costs"][name][k] for r in ranks) for k in "FBIW"}
                 bubble = simulated_bubble(name, pp, args.microbatches, vpp, costs)
                 idle = statistics.mean(r["idle"][name] for r in ranks)
-                print(f"  {name:<17} {step * 1e3:>9.2f} {bubble:>17.1%} {idle:>14.1%}")
+                print(f"  {name:<17} {step * 1e3:>9.2f} {used * 1e3:>8.2f} {bubble:>17.1%} {idle:>14.1%}")
             for name, theirs in (("1f1b", "Schedule1F1B"), ("zb-v", "ScheduleZBVZeroBubble")):
-                ours, torch_s = (max(r["times"][key] for r in ranks) for key in (name, name + " torch"))
+                ours, torch_s = (ranks[0]["times"][key] for key in (name, name + " torch"))
+                ours_cpu, torch_cpu = (ranks[0]["cpu"][key] for key in (name, name + " torch"))
                 print(
                     f"  {name} ours {ours * 1e3:.2f} ms/step, torch {theirs} {torch_s * 1e3:.2f} ms/step, "
-                    f"ratio {ours / torch_s:.3f}"
+                    f"ratio {ours / torch_s:.3f}; CPU {ours_cpu * 1e3:.2f} / {torch_cpu * 1e3:.2f} ms, "
+                    f"ratio {ours_cpu / torch_cpu:.3f}"
                 )
             costs = {k: statistics.mean(r["costs"]["1f1b"][k] for r in ranks) for k in "FBIW"}
             print(
