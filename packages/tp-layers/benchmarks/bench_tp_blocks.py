@@ -7,11 +7,14 @@ plus ``SequenceParallel`` for the norm under SP), on CPU over gloo, in one run.
 Both versions start from the same full weights and their outputs are compared before timing. Each
 measurement is the slowest rank's time for ``--iters`` steps; the versions alternate over ``--rounds``
 rounds (A B A B ...) and the median round is reported. ratio = ours / DTensor (below 1.0: ours is faster).
+Next to the wall time, the CPU time of a step summed over both ranks' processes (``time.process_time``,
+gloo's threads included): it counts work, not waits, so it moves much less with the machine's load.
 
 A step is the same work on both sides: forward, backward, and the gradients of the sequence-parallel
 parameters (the norm's, replicated over TP but used on a sequence shard) completed over TP. Ours sums
 them in one all-reduce (``allreduce_sequence_parallel_grads``); DTensor leaves them as ``Partial`` and
 its step redistributes them to ``Replicate`` (one all-reduce each), which an optimizer step needs.
+The row ``dt partial`` is DTensor without that completion, the comparison this benchmark made before.
 Under SP two variants of ours: the default re-gathers the input of the column layer in backward (the
 memory of one sequence shard kept per layer); ``keep`` keeps the gathered input, as DTensor does.
 
@@ -94,14 +97,16 @@ def dtensor(kind: str, hidden: int, heads: int, sp: bool) -> nn.Module:
     return parallelize_module(block, mesh, plan)
 
 
-def step(block: nn.Module, x: torch.Tensor, sp: bool, is_dtensor: bool) -> torch.Tensor:
+def step(block: nn.Module, x: torch.Tensor, sp: bool, mode: str) -> torch.Tensor:
+    """Forward, backward and (``mode`` ``"ours"`` or ``"dtensor"``) the SP gradients completed; ``"partial"``
+    leaves DTensor's ``Partial`` gradients as they are (what this benchmark measured before)."""
     y = block(x)
     y.sum().backward()
-    if sp and is_dtensor:
+    if sp and mode == "dtensor":
         for param in block.parameters():
             if param.grad is not None and any(isinstance(p, Partial) for p in param.grad.placements):
                 param.grad = param.grad.redistribute(placements=[Replicate()])
-    elif sp:
+    elif sp and mode == "ours":
         allreduce_sequence_parallel_grads(block, group=dist.group.WORLD)
     return y
 
@@ -109,11 +114,11 @@ def step(block: nn.Module, x: torch.Tensor, sp: bool, is_dtensor: bool) -> torch
 COPIES = ("aten::copy_", "aten::clone", "aten::cat")
 
 
-def op_counts(block: nn.Module, x: torch.Tensor, sp: bool, is_dtensor: bool) -> dict[str, float]:
+def op_counts(block: nn.Module, x: torch.Tensor, sp: bool, mode: str) -> dict[str, float]:
     """Collectives (all-gather, reduce-scatter, all-reduce calls) and copies (calls, MiB) of one step."""
     block.zero_grad(set_to_none=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        step(block, x, sp, is_dtensor)
+        step(block, x, sp, mode)
     counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0, "copies": 0, "copy MiB": 0.0}
     for event in prof.events():
         name = event.name
@@ -148,30 +153,38 @@ def measure(kind: str, sp: bool, hidden: int, heads: int, seq: int, batch: int, 
     versions = {}
     for name, keep in (("ours", False), ("ours keep", True))[: 2 if sp else 1]:
         torch.manual_seed(0)
-        versions[name] = (ours(kind, hidden, heads, sp, keep), False)
+        versions[name] = (ours(kind, hidden, heads, sp, keep), "ours")
     torch.manual_seed(0)  # same seed, same draws: the DTensor block starts from the full weights we slice
-    versions["dtensor"] = (dtensor(kind, hidden, heads, sp), True)
+    block = dtensor(kind, hidden, heads, sp)
+    versions["dtensor"] = (block, "dtensor")
+    if sp:
+        versions["dt partial"] = (block, "partial")
     x = torch.randn(seq, batch, hidden, generator=torch.Generator().manual_seed(1))
     if sp:
         x = x.chunk(tp, 0)[rank].contiguous()
     x.requires_grad_()
-    outputs = [step(block, x, sp, is_dtensor) for block, is_dtensor in versions.values()]
+    outputs = [step(block, x, sp, mode) for block, mode in versions.values()]
     difference = max((out - outputs[-1]).abs().max().item() for out in outputs[:-1])
-    counts = {name: op_counts(block, x, sp, is_dtensor) for name, (block, is_dtensor) in versions.items()}
+    counts = {name: op_counts(block, x, sp, mode) for name, (block, mode) in versions.items()}
     times = {name: [] for name in versions}
+    cpu = {name: [] for name in versions}
     for _ in range(rounds):
-        for name, (block, is_dtensor) in versions.items():
+        for name, (block, mode) in versions.items():
             for _ in range(3):  # warm-up
-                step(block, x, sp, is_dtensor)
+                step(block, x, sp, mode)
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 block.zero_grad(set_to_none=True)
-                step(block, x, sp, is_dtensor)
+                step(block, x, sp, mode)
             elapsed = torch.tensor([time.perf_counter() - start])
+            used = torch.tensor([time.process_time() - cpu_start])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(used)
             times[name].append(elapsed.item() / iters)
-    return difference, {name: statistics.median(t) for name, t in times.items()}, counts
+            cpu[name].append(used.item() / iters)
+    medians = {name: (statistics.median(times[name]), statistics.median(cpu[name])) for name in versions}
+    return difference, medians, counts
 
 
 def main() -> None:
@@ -190,19 +203,23 @@ def main() -> None:
     print(
         f"hidden={args.hidden} heads={args.heads} seq={args.seq} batch={args.batch}, {args.iters} steps x {args.rounds}"
     )
-    header = f"{'block':<10} {'sp':<5} {'version':<10} {'ms':>8} {'ratio':>6} {'AG/RS/AR':>9}"
+    header = (
+        f"{'block':<10} {'sp':<5} {'version':<10} {'ms':>8} {'ratio':>6} {'CPU ms':>8} {'ratio':>6} {'AG/RS/AR':>9}"
+    )
     print(f"{header} {'copies':>7} {'MiB':>6} {'max |diff|':>11}")
     with Harness(timeout_s=3600) as harness:
         for kind in args.blocks:
             for sp in (mode == "on" for mode in args.sp):
                 shape = (args.hidden, args.heads, args.seq, args.batch, args.iters, args.rounds)
                 difference, times, counts = harness.run(args.tp, measure, kind, sp, *shape)[0]
-                for name, seconds in times.items():
+                wall_dt, cpu_dt = times["dtensor"]
+                for name, (seconds, used) in times.items():
                     c = counts[name]
                     collectives = f"{c['allgather']}/{c['reduce_scatter']}/{c['allreduce']}"
                     print(
-                        f"{kind:<10} {sp!s:<5} {name:<10} {seconds * 1e3:>8.2f} {seconds / times['dtensor']:>6.3f} "
-                        f"{collectives:>9} {c['copies']:>7} {c['copy MiB']:>6.2f} {difference:>11.2e}"
+                        f"{kind:<10} {sp!s:<5} {name:<10} {seconds * 1e3:>8.2f} {seconds / wall_dt:>6.3f} "
+                        f"{used * 1e3:>8.2f} {used / cpu_dt:>6.3f} {collectives:>9} {c['copies']:>7} "
+                        f"{c['copy MiB']:>6.2f} {difference:>11.2e}"
                     )
 
 
