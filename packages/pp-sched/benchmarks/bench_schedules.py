@@ -12,8 +12,9 @@ ratio = ours / torch (below 1.0: ours is faster). Next to the wall time, the CPU
 the ranks' processes (``time.process_time``, gloo's threads included): it counts the work done, not the
 waits, so it moves much less with the load of a shared machine.
 
-Bubble: ``simulate`` with this rank's measured forward, full backward (B), input-gradient (I) and weight
-(W) times of one chunk (no communication cost), against the measured idle fraction ``1 - compute / step
+Bubble: ``simulate`` with the forward, full backward (B), input-gradient (I) and weight (W) times of one
+layer measured on 1F1B's stage (median over the ranks), times the layers of a chunk (no communication
+cost), against the measured idle fraction ``1 - compute / step
 wall time`` of the executor (compute = forward, loss and backward), averaged over the ranks. With more
 ranks than cores (pp=4 on a 2-core machine) the measured idle time also holds the time a rank waits for a
 core, and every message waits for its receiver to be scheduled.
@@ -153,18 +154,20 @@ def measure(pp: int, hidden: int, layers: int, rows: int, microbatches: int, ite
             cpu[name].append(used.item() / iters)
             if name in idle:
                 idle[name] += [1 - r.compute_s / r.wall_s for r in results]
-    costs = {name: chunk_costs(modules[name][0], xs[0]) for name in schedules}
+    costs = chunk_costs(modules["1f1b"][0], xs[0], repeats=9)
+    per_layer = len(modules["1f1b"][0]) // 2  # Linear + Tanh per layer
     return {
         "difference": difference,
         "times": {name: statistics.median(t) for name, t in times.items()},
         "cpu": {name: statistics.median(t) for name, t in cpu.items()},
         "idle": {name: statistics.median(v) for name, v in idle.items()},
-        "costs": costs,
+        "costs": {kind: seconds / per_layer for kind, seconds in costs.items()},
     }
 
 
-def simulated_bubble(name: str, pp: int, microbatches: int, vpp: int, costs: dict[str, float]) -> float:
+def simulated_bubble(name: str, pp: int, microbatches: int, vpp: int, layers: int, per_layer: dict) -> float:
     schedule = build(name, pp=pp, microbatches=microbatches, vpp=vpp)
+    costs = {kind: seconds * layers / (pp * vpp) for kind, seconds in per_layer.items()}
     if name in SPLIT:
         return simulate(schedule, costs["F"], costs["I"] + costs["W"], costs["W"]).bubble_fraction
     return simulate(schedule, costs["F"], costs["B"]).bubble_fraction
@@ -193,10 +196,10 @@ def main() -> None:
             sharing = f" ({pp} ranks on {os.cpu_count()} cores: measured idle includes core sharing)"
             print(f"\npp={pp}{sharing if pp > (os.cpu_count() or 1) else ''}")
             print(f"  {'schedule':<17} {'ms/step':>9} {'CPU ms':>8} {'bubble simulated':>17} {'idle measured':>14}")
+            per_layer = {k: statistics.median(r["costs"][k] for r in ranks) for k in "FBIW"}
             for name, vpp in SCHEDULES:
                 step, used = ranks[0]["times"][name], ranks[0]["cpu"][name]
-                costs = {k: statistics.mean(r["costs"][name][k] for r in ranks) for k in "FBIW"}
-                bubble = simulated_bubble(name, pp, args.microbatches, vpp, costs)
+                bubble = simulated_bubble(name, pp, args.microbatches, vpp, args.layers, per_layer)
                 idle = statistics.mean(r["idle"][name] for r in ranks)
                 print(f"  {name:<17} {step * 1e3:>9.2f} {used * 1e3:>8.2f} {bubble:>17.1%} {idle:>14.1%}")
             for name, theirs in (("1f1b", "Schedule1F1B"), ("zb-v", "ScheduleZBVZeroBubble")):
@@ -207,10 +210,9 @@ def main() -> None:
                     f"ratio {ours / torch_s:.3f}; CPU {ours_cpu * 1e3:.2f} / {torch_cpu * 1e3:.2f} ms, "
                     f"ratio {ours_cpu / torch_cpu:.3f}"
                 )
-            costs = {k: statistics.mean(r["costs"]["1f1b"][k] for r in ranks) for k in "FBIW"}
             print(
-                f"  one stage of 1F1B per microbatch: F {costs['F'] * 1e3:.2f} ms, B {costs['B'] * 1e3:.2f} ms, "
-                f"I {costs['I'] * 1e3:.2f} + W {costs['W'] * 1e3:.2f} ms; max |difference| of gradients "
+                f"  one layer per microbatch: F {per_layer['F'] * 1e3:.2f} ms, B {per_layer['B'] * 1e3:.2f} ms, "
+                f"I {per_layer['I'] * 1e3:.2f} + W {per_layer['W'] * 1e3:.2f} ms; max |difference| of gradients "
                 f"against torch after one step {difference:.2e}"
             )
 
