@@ -49,3 +49,24 @@ def test_same_groups_as_megatron_core(order):
                 ours = lay.groups("-".join(subset))
                 theirs = generator.get_ranks("-".join(grid[a] for a in subset))
                 assert ours == theirs, (order, (tp, cp, pp, ep, etp, world), subset)
+
+
+@pytest.mark.parametrize(("tp", "cp", "a", "world"), [(1, 4, 2, 4), (2, 4, 2, 16), (2, 8, 2, 16), (1, 8, 4, 16)])
+def test_hierarchical_cp_groups_are_megatron_cores(monkeypatch, tp, cp, a, world):
+    """``cp_a2a`` / ``cp_ring`` are the two levels megatron-core's ``create_hierarchical_groups`` cuts each CP
+    group into for ``hierarchical_context_parallel_sizes=[a, cp // a]`` (its ``a2a+p2p``: level 0 is the
+    all-to-all group, level 1 the ring). Its group constructor is replaced by one that records the ranks."""
+    import megatron.core.parallel_state as mps
+
+    pytest.importorskip("einops")
+    made = []
+    monkeypatch.setattr(mps, "create_group", lambda ranks, **kwargs: made.append(list(ranks)))
+    lay = layout(ParallelConfig(tp=tp, cp=cp, cp_a2a=a), world)
+    inner, outer = [], []
+    for cp_group in lay.groups("cp"):
+        made.clear()
+        mps.create_hierarchical_groups(cp_group[0], cp_group, [a, cp // a])
+        inner += made[: cp // a]
+        outer += made[cp // a :]
+    assert sorted(lay.groups("cp_a2a")) == sorted(inner)
+    assert sorted(lay.groups("cp_ring")) == sorted(outer)

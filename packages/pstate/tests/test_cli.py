@@ -22,6 +22,14 @@ def test_table_lists_every_rank_and_group(capsys):
     )
 
 
+def test_table_names_the_hierarchical_cp_split(capsys):
+    assert main(["layout", "--world-size", "4", "--cp", "4", "--cp-a2a", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "decoder grid: tp=1  cp=4  dp=1  pp=1  cp_a2a=2"
+    assert any(line.split() == ["cp_a2a", "cp_a2a", "[0,1]", "[2,3]"] for line in lines)
+    assert any(line.split() == ["cp_ring", "cp_ring", "[0,2]", "[1,3]"] for line in lines)
+
+
 def test_json_matches_the_layout(capsys):
     assert main(["layout", "--world-size", "16", "--tp", "2", "--cp", "2", "--pp", "2", "--ep", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -90,3 +90,11 @@ def test_pipeline_layout_names_the_layers_of_every_virtual_stage():
         ParallelConfig(pp=2, pipeline_layout=[-1, 3])
     with pytest.raises(ParallelConfigError, match="must be a list"):
         ParallelConfig(pp=2, pipeline_layout="3,1")
+
+
+def test_cp_a2a_divides_cp():
+    assert ParallelConfig(cp=4, cp_a2a=2).cp_a2a == 2 and ParallelConfig(cp=4).cp_a2a == 1
+    with pytest.raises(ParallelConfigError, match="cp_a2a=3 must divide cp=4"):
+        ParallelConfig(cp=4, cp_a2a=3)
+    with pytest.raises(ParallelConfigError, match="cp_a2a=0 must be >= 1"):
+        ParallelConfig(cp=4, cp_a2a=0)

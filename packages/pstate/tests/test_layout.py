@@ -191,3 +191,35 @@ def test_large_world_is_computed_without_per_rank_python_loops():
     dp = lay.groups("dp")
     assert len(dp) == 128 and dp[0][:3] == [0, 16, 32]
     assert lay.group_of(16383, "pp") == [16383 - 2048 * k for k in range(7, -1, -1)]
+
+
+def test_hierarchical_cp_subgroups_hand_worked():
+    """tp=2, cp=4, cp_a2a=2 on 16 ranks: CP groups [0,2,4,6] ...; inner groups are adjacent CP ranks."""
+    lay = layout(ParallelConfig(tp=2, cp=4, cp_a2a=2), 16)
+    assert lay.groups("cp")[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert lay.groups("cp_a2a")[:4] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert lay.groups("cp_ring")[:4] == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert layout(ParallelConfig(cp=4), 4).groups("cp_a2a") == [[0], [1], [2], [3]]
+    assert layout(ParallelConfig(cp=4), 4).groups("cp_ring") == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("a", [1, 2, 4, 8])
+def test_cp_subgroups_cut_each_cp_group_by_cp_rank(a):
+    """For every rank: CP rank c is rank c % a of its cp_a2a group and rank c // a of its cp_ring group, and
+    ``group_of`` agrees with ``groups``."""
+    lay = layout(ParallelConfig(tp=2, cp=8, cp_a2a=a, pp=2), 64)
+    for which in ("cp_a2a", "cp_ring"):
+        groups = lay.groups(which)
+        assert sorted(r for g in groups for r in g) == list(range(64))
+        assert all(lay.group_of(g[0], which) == g for g in groups)
+    for rank in range(64):
+        c, cp_group = lay.coords(rank)["cp"], lay.group_of(rank, "cp")
+        inner, ring = lay.group_of(rank, "cp_a2a"), lay.group_of(rank, "cp_ring")
+        assert inner.index(rank) == c % a and ring.index(rank) == c // a
+        assert inner == cp_group[c - c % a : c - c % a + a] and set(inner) & set(ring) == {rank}
+
+
+def test_cp_subgroups_of_a_large_world():
+    lay = layout(ParallelConfig(tp=8, cp=8, cp_a2a=4, pp=8), 16384)
+    inner, ring = lay.groups("cp_a2a"), lay.groups("cp_ring")
+    assert len(inner) == 4096 and inner[0] == [0, 8, 16, 24] and ring[0] == [0, 32]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import pstate
 from pstate import ParallelConfig, ParallelConfigError, layout
-from pstate.layout import AXIS_GROUPS, embedding_groups
+from pstate.layout import AXIS_GROUPS, CP_SUBGROUPS, embedding_groups
 
 CONFIGS = {
     1: [ParallelConfig()],
@@ -20,9 +20,11 @@ CONFIGS = {
         ParallelConfig(tp=2, pp=2),
         ParallelConfig(cp=2, ep=4),
         ParallelConfig(tp=2, ep=2, etp=1, order="tp-cp-ep-dp-pp"),
+        ParallelConfig(cp=4, cp_a2a=2),
     ],
     8: [
         ParallelConfig(tp=2, pp=2, cp=2),
+        ParallelConfig(tp=2, cp=4, cp_a2a=2),
         ParallelConfig(tp=2, pp=2, vpp=2, ep=2),
         ParallelConfig(tp=2, ep=4, etp=1),
         ParallelConfig(tp=2, pp=2, order="tp-pp-dp"),
@@ -60,6 +62,8 @@ def test_every_group_communicates_among_exactly_its_members(run_ranks, world, co
         expected = {name: lay.group_of(rank, spec) for name, spec in AXIS_GROUPS.items()}
         expected["world"] = list(range(world))
         expected["embedding"] = next((g for g in embedding_groups(lay) if rank in g), None)
+        if config.cp_a2a == 1:  # no hierarchical split: no sub-groups created
+            expected.update(dict.fromkeys(CP_SUBGROUPS))
         for name, members in expected.items():
             if members is None:
                 assert report[name] is None, name

@@ -6,7 +6,7 @@
 8 gloo ranks on the CPU, one thread each (``pstate.testing.Harness``). The model is ``preset("tiny")``
 (Llama-style: RMSNorm, rotary, GQA, SwiGLU, untied) scaled by the flags, fp32.
 
-Ours: the trainer's own ``setup(cfg, ps, model, microbatches)`` (GPT chunks from ``tp_layers``,
+Ours: the trainer's own ``setup(cfg, ps, model, plan)`` (GPT chunks from ``tp_layers``,
 ``dp_shard.DataParallel``, AdamW, ``pp_sched``'s 1F1B executor) stepped by the loop's ``train_step``:
 forwards and backwards over the micro-batches, the data-parallel reduction, the model-parallel gradient
 completion, clipping by the global norm, the AdamW step, the global loss.
@@ -69,10 +69,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import pstate
 from pstate.testing import Harness
-from trainer.config import OptimConfig, RunConfig, TrainConfig
+from trainer.config import OptimConfig, RunConfig, TrainConfig, check_run
 from trainer.model import preset
 from trainer.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
-from trainer.train.loop import train_step
+from trainer.train import train_step
 from trainer.train.setup import param_groups, setup
 
 TP, PP, DP = 2, 2, 2
@@ -278,7 +278,7 @@ def measure(cfg, args: argparse.Namespace) -> dict:
         optim=OptimConfig(),
     )  # fmt: skip
     with pstate.initialize(run_cfg.parallel) as ps:
-        run = setup(run_cfg, ps, cfg, args.microbatches)
+        run = setup(run_cfg, ps, cfg, check_run(run_cfg, dist.get_world_size()))
         mesh = init_device_mesh("cpu", (PP, DP, TP), mesh_dim_names=("pp", "dp", "tp"))
         coords = tuple(mesh[n].get_local_rank() for n in ("pp", "dp", "tp"))
         if coords != (ps.pp.rank, ps.dp.rank, ps.tp.rank):

@@ -33,10 +33,10 @@ import torch.distributed as dist
 
 import pstate
 from pstate.testing import Harness
-from trainer.config import RunConfig
+from trainer.config import RunConfig, check_run
 from trainer.model import preset
 from trainer.plan import Layout, Workload, estimate, load_hardware
-from trainer.train.loop import train_step
+from trainer.train import train_step
 from trainer.train.setup import setup
 
 MODEL = preset("tiny").with_overrides(
@@ -125,7 +125,7 @@ def measure(layout: Layout) -> dict:
     traffic = Traffic()
     memory = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with memory as prof, pstate.initialize(cfg.parallel) as ps:
-        run = setup(cfg, ps, MODEL, MICRO)
+        run = setup(cfg, ps, MODEL, check_run(cfg, dist.get_world_size()))
         rng = np.random.default_rng(ps.dp.rank)
         batches = [[rng.integers(0, MODEL.vocab_size, (MB, SEQ + 1)) for _ in range(MICRO)] for _ in range(2)]
         train_step(run, batches[0])

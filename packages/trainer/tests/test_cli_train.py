@@ -62,6 +62,11 @@ def test_print_config_shows_the_resolved_run(tmp_path):
         (["--model", "tiny-moe", "--nproc", "3", "--ep", "3"], "ep=3 must divide the 4 experts"),
         (["--global-batch", "7"], "global_batch=7 must be divisible"),
         (["--set", "train.stepz=3"], "unknown field"),
+        (["--nproc", "4", "--cp", "4", "--set", "parallel.cp_a2a=3"], "cp_a2a=3 must divide cp=4"),
+        (
+            ["--nproc", "4", "--cp", "4", "--set", "train.cp_attention=hierarchical"],
+            "train.cp_attention='hierarchical' with cp=4 needs parallel.cp_a2a > 1",
+        ),
     ],
 )
 def test_bad_configurations_are_refused_before_any_process_starts(capsys, args, message):

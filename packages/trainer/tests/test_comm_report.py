@@ -18,7 +18,7 @@ import torch.distributed as dist
 import pstate
 from pstate.comm import CommRecorder
 from trainer.config import check_run, load_run_config
-from trainer.train.loop import train, train_step
+from trainer.train import train, train_step
 from trainer.train.setup import setup
 
 SEQ, VOCAB, MICRO_BATCH = 16, 257, 2  # the embedded corpus's byte tokenizer
@@ -44,11 +44,12 @@ def config(zero: int, microbatches: int, data: dict | None = None, **train_field
 def dp_ops(zero: int, microbatches: int) -> tuple[dict, int]:
     """The second step's totals per operation on the dp axis, and the model's parameter count."""
     cfg = config(zero, microbatches)
-    check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
+    assert plan.microbatches == microbatches
     with pstate.initialize(cfg.parallel) as ps:
         numel = None
-        run = setup(cfg, ps, cfg.model, microbatches)
-        if not run.fsdp:
+        run = setup(cfg, ps, cfg.model, plan)
+        if run.engine.zero != 3:
             numel = sum(p.numel() for c in run.chunks for p in c.parameters())
         recorder = CommRecorder.for_state(ps)
         for step in range(2):

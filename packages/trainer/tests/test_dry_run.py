@@ -22,10 +22,10 @@ AXES = ("tp", "cp", "pp", "ep", "etp")
 
 def real_figures() -> dict:
     cfg = load_run_config(overrides=OVERRIDES)
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     torch.manual_seed(cfg.train.seed)
     with pstate.initialize(cfg.parallel) as ps:
-        run = setup(cfg, ps, cfg.model, microbatches)
+        run = setup(cfg, ps, cfg.model, plan)
         return {"coords": ps.layout.coords(ps.rank), **rank_figures(run, ps.rank)}
 
 

@@ -70,7 +70,7 @@ def test_te_backend_combinations_it_cannot_run_are_refused_before_its_package_is
 def test_the_torch_backend_is_the_default_and_checks_clean():
     cfg = load_run_config(overrides={"train": {"precision": "bf16"}})
     assert cfg.model.backend == "torch" and preset("tiny").backend == "torch"
-    assert check_run(cfg, 1) == 1
+    assert check_run(cfg, 1).microbatches == 1
 
 
 @pytest.mark.skipif(find_spec("transformer_engine") is not None, reason="Transformer Engine is installed here")

@@ -1,4 +1,4 @@
-"""The GPT model split over TP, SP, CP (ring and Ulysses), DP and EP against the one-process model.
+"""The GPT model split over TP, SP, CP (ring, Ulysses and hierarchical), DP and EP against the one-process model.
 
 Each layout builds the model from the same seed, runs one forward and backward on its part of a fixed
 batch and reduces gradients as the training loop does (dense: mean over ``dp_cp``; experts: divided by
@@ -64,6 +64,14 @@ CASES = {
     "cp2-ring": ("tiny", {}, dict(cp=2), 2, {}),
     "cp2-ring-math": ("tiny", {}, dict(cp=2), 2, dict(cp_kernel="math")),
     "cp2-ulysses": ("tiny", {}, dict(cp=2), 2, dict(cp_attention="ulysses")),
+    "cp4-hierarchical-2x2": ("tiny", {}, dict(cp=4, cp_a2a=2), 4, dict(cp_attention="hierarchical")),
+    "cp4-hierarchical-2x2-math": (
+        "tiny",
+        {},
+        dict(cp=4, cp_a2a=2),
+        4,
+        dict(cp_attention="hierarchical", cp_kernel="math"),
+    ),
     "gpt2-cp2": ("tiny-gpt2", {}, dict(cp=2), 2, {}),
     "tp2-cp2-sp": ("tiny", {}, dict(tp=2, cp=2), 4, dict(sp=True)),
     "tp2-dp2-sp": ("tiny", {}, dict(tp=2), 4, dict(sp=True)),
@@ -74,6 +82,7 @@ CASES = {
     "mla-tp2-direct-q": ("tiny-mla", dict(q_lora_rank=None, rope_interleave=True), dict(tp=2), 2, {}),
     "mla-cp2-ring": ("tiny-mla", {}, dict(cp=2), 2, {}),
     "mla-cp2-ulysses": ("tiny-mla", {}, dict(cp=2), 2, dict(cp_attention="ulysses")),
+    "mla-cp4-hierarchical-2x2": ("tiny-mla", {}, dict(cp=4, cp_a2a=2), 4, dict(cp_attention="hierarchical")),
     "mla-tp2-cp2-sp": ("tiny-mla", dict(q_lora_rank=None, v_head_dim=20), dict(tp=2, cp=2), 4, dict(sp=True)),
 }
 

@@ -115,6 +115,7 @@ CASES = {
     "one-process": ("tiny", {}, 1, {}),
     "cp2-ring": ("tiny", dict(cp=2), 2, {}),
     "cp2-ulysses": ("tiny", dict(cp=2), 2, dict(cp_attention="ulysses")),
+    "cp4-hierarchical-2x2": ("tiny", dict(cp=4, cp_a2a=2), 4, dict(cp_attention="hierarchical")),
     "tp2-sp": ("tiny", dict(tp=2), 2, dict(sp=True)),
     "gpt2-cp2-learned-positions": ("tiny-gpt2", dict(cp=2), 2, {}),
     "cp2-ring-selective-recompute": ("tiny", dict(cp=2), 2, dict(recompute="selective")),

@@ -84,7 +84,7 @@ def test_the_best_command_parses_as_trainer_train_and_passes_check_run(capsys):
     best = json.loads(capsys.readouterr().out)["layouts"][0]
     args = build_parser().parse_args(best["command"].split()[1:])
     cfg = load_run_config(None, overrides_from(args))
-    assert check_run(cfg, 64) == best["layout"]["microbatches"]
+    assert check_run(cfg, 64).microbatches == best["layout"]["microbatches"]
     assert cfg.parallel.tp == best["layout"]["tp"] and cfg.train.zero == best["layout"]["zero"]
 
 
@@ -137,4 +137,26 @@ def test_a_config_json_model_comes_back_from_the_printed_command(tmp_path, capsy
     args = build_parser().parse_args([a.replace('"', "") for a in best["command"].split()[1:]])  # as a shell would
     cfg = load_run_config(None, overrides_from(args))
     assert parameter_count(cfg.model) == parameter_count(model)
-    assert check_run(cfg, 4) == best["layout"]["microbatches"]
+    assert check_run(cfg, 4).microbatches == best["layout"]["microbatches"]
+
+
+def test_hierarchical_cp_plans_choose_the_all_to_all_group_and_pass_check_run(capsys):
+    """With ``train.cp_attention='hierarchical'`` the search tries each inner all-to-all size that splits a
+    TP rank's heads; every printed command carries it and is a run ``check_run`` accepts."""
+    from trainer.cli import build_parser
+    from trainer.commands import overrides_from
+    from trainer.config import load_run_config
+
+    argv = ["plan", "--model", "llama3-8b", "--gpus", "64", "--seq-len", "32768", "--global-batch", "64",
+            "--cp", "4", "--set", 'train.cp_attention="hierarchical"', "--top", "4", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert layouts and all(item["layout"]["cp_a2a"] in (2, 4) for item in layouts)
+    for item in layouts:
+        L = item["layout"]
+        assert 8 // L["tp"] % L["cp_a2a"] == 0  # the key/value heads of a TP rank split over the group
+        assert f"--set parallel.cp_a2a={L['cp_a2a']}" in item["command"]
+        args = build_parser().parse_args(item["command"].split()[1:])
+        cfg = load_run_config(None, overrides_from(args))
+        assert cfg.train.cp_attention == "hierarchical" and cfg.parallel.cp_a2a == L["cp_a2a"]
+        assert check_run(cfg, 64).microbatches == L["microbatches"]

@@ -204,7 +204,7 @@ def test_search_never_proposes_a_layout_check_run_refuses(model, gpus, hardware,
         return
     cluster = Cluster(gpus, hardware)
     for found in plan(model, cluster, seq_len=seq_len, global_batch=batch, top=3):
-        assert check_run(found.layout.run_config(found.work), gpus) == found.microbatches
+        assert check_run(found.layout.run_config(found.work), gpus).microbatches == found.microbatches
         assert found.fits
         again = evaluate(found.work, found.layout, cluster.profile)  # evaluate mode agrees with the search
         assert again.to_dict() == found.to_dict()

@@ -1,5 +1,7 @@
 """Run configuration: TOML and overrides onto the typed sections, and the rules refused before launch."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pstate
-from trainer.config import OptimConfig, check_run, load_run_config, to_toml
+from trainer.config import OptimConfig, RunPlan, check_run, load_run_config, to_toml
 from trainer.errors import TrainerError
 from trainer.model import ModelGroups, build_chunks, preset
 from trainer.train.flops import flops_per_token
@@ -51,6 +53,7 @@ def test_printed_config_loads_back_to_the_same_run(tmp_path, model):
         ({"train": {"global_batch": 0}}, "train.global_batch=0: must be >= 1"),
         ({"train": {"seed": -1}}, "train.seed=-1: must be >= 0"),
         ({"train": {"cp_attention": "x"}}, "train.cp_attention=.x.: must be one of"),
+        ({"parallel": {"cp": 4, "cp_a2a": 3}}, "cp_a2a=3 must divide cp=4"),
         ({"train": {"cp_kernel": "flash"}}, r"train.cp_kernel='flash': must be one of \('auto', 'sdpa', 'math'\)"),
         ({"model": {"attention": "x"}}, "model.attention='x': must be one of"),
         ({"model": {"preset": "tiny-mla", "kv_heads": 2}}, r"model.kv_heads=2: MLA up-projects keys/values for every"),
@@ -97,6 +100,32 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
         ({"model": {"preset": "tiny-hybrid"}, "data": {"packing": "pack"}}, 1, "data.packing='pack' with a hybrid"),
         ({"model": {"preset": "tiny-hybrid", "mtp_depth": 1}}, 1, "model.mtp_depth=1 with a hybrid"),
+        (
+            {"parallel": {"cp": 4, "cp_a2a": 2}},
+            4,
+            r"parallel.cp_a2a=2 is the inner all-to-all group of train.cp_attention='hierarchical', but "
+            r"train.cp_attention='ring'",
+        ),
+        (
+            {"parallel": {"cp": 4}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            r"train.cp_attention='hierarchical' with cp=4 needs parallel.cp_a2a > 1",
+        ),
+        (
+            {"parallel": {"tp": 2, "cp": 2, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            r"parallel.cp_a2a=2 must divide the query heads \(2\) and key/value heads \(1\) per TP rank \(tp=2\)",
+        ),
+        (
+            {"parallel": {"tp": 2, "cp": 2}, "train": {"cp_attention": "ulysses"}},
+            4,
+            r"parallel.cp=2 must divide the query heads \(2\) and key/value heads \(1\) per TP rank",
+        ),
+        (
+            {"model": {"backend": "te"}, "parallel": {"cp": 4, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}},
+            4,
+            "model.backend='te' with train.cp_attention='hierarchical' is not supported yet",
+        ),
         ({"parallel": {"pp": 2, "pipeline_layout": [3, 2]}}, 2, "sums to 5 layers, but the model has layers=4"),
         ({"parallel": {"pp": 2}, "train": {"pipeline_schedule": "zb-v"}}, 2, "vpp must be 2, got vpp=1"),
         (
@@ -121,7 +150,7 @@ def test_a_pipeline_layout_names_every_virtual_stage():
     with pytest.raises(TrainerError, match=r"pipeline_layout\[1\]=-1 must be an integer >= 0"):
         load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [5, -1]}})
     cfg = load_run_config(overrides={"parallel": {"pp": 2, "pipeline_layout": [4, 0]}})
-    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2) >= 1
+    assert cfg.parallel.pipeline_layout == (4, 0) and check_run(cfg, 2).microbatches >= 1
 
 
 @pytest.mark.parametrize(
@@ -142,19 +171,37 @@ def test_a_pipeline_layout_names_every_virtual_stage():
 )
 def test_zero3_combines_with_tp_pp_tied_embeddings_and_fp16(overrides, world):
     overrides.setdefault("train", {})["zero"] = 3
-    assert check_run(load_run_config(overrides=overrides), world) >= 1
+    assert check_run(load_run_config(overrides=overrides), world).microbatches >= 1
 
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero1_and_2_combine_with_moe_experts(zero):
     overrides = {"model": {"preset": "tiny-moe"}, "parallel": {"tp": 2, "ep": 2}, "train": {"zero": zero}}
     overrides["train"]["sequence_parallel"] = True
-    assert check_run(load_run_config(overrides=overrides), 4) >= 1
+    assert check_run(load_run_config(overrides=overrides), 4).microbatches >= 1
 
 
 def test_microbatches_follow_from_the_global_batch():
     cfg = load_run_config(overrides={"train": {"global_batch": 32, "micro_batch": 2}, "parallel": {"tp": 2}})
-    assert check_run(cfg, 8) == 4  # dp = 4
+    assert check_run(cfg, 8).microbatches == 4  # dp = 4
+
+
+def test_check_run_resolves_a_frozen_plan_that_round_trips_and_names_its_changes():
+    overrides = {"train": {"micro_batch": 2, "precision": "bf16", "zero": 1}, "parallel": {"tp": 2, "pp": 2}}
+    plan = check_run(load_run_config(overrides=overrides), 8)
+    assert (plan.tp, plan.pp, plan.dp, plan.cp, plan.edp) == (2, 2, 2, 1, 2)
+    assert (plan.micro_batch, plan.microbatches, plan.global_batch) == (2, 1, 4)  # global batch: micro * dp
+    assert plan.tokens_per_step == 4 * plan.seq_len and plan.schedule == "1f1b"
+    assert (plan.param_dtype, plan.compute_dtype, plan.grad_reduce_dtype, plan.zero) == ("fp32", "bf16", "fp32", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.global_batch = 8
+    assert RunPlan.from_dict(json.loads(json.dumps(plan.as_dict()))) == plan
+    assert plan.describe_changes(plan) == "the run plan is the saved one"
+    other = check_run(load_run_config(overrides={**overrides, "train": {"micro_batch": 2, "global_batch": 8}}), 4)
+    assert other.describe_changes(plan) == (
+        "layout changed (world_size 8->4, dp 2->1, edp 2->1, microbatches 1->4, zero 1->0); "
+        "training changed (global_batch 4->8, precision bf16->fp32, compute_dtype bf16->fp32)"
+    )
 
 
 def test_lr_warmup_then_cosine_and_linear():
@@ -190,3 +237,11 @@ def test_mla_flops_per_token_are_the_counted_matmuls(run_ranks):
     PyTorch's counter, which counts attention scores in full as we do, finds the same total."""
     ((counted, ours),) = run_ranks(1, counted_forward_flops, "tiny-mla", 32)
     assert ours == counted
+
+
+def test_hierarchical_context_parallelism_is_accepted_where_the_heads_split():
+    cfg = load_run_config(overrides={"parallel": {"cp": 4, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}})
+    assert cfg.parallel.cp_a2a == 2 and check_run(cfg, 8).microbatches >= 1
+    cfg = load_run_config(overrides={"parallel": {"cp": 4, "cp_a2a": 4}, "train": {"cp_attention": "hierarchical"}})
+    with pytest.raises(TrainerError, match=r"parallel.cp_a2a=4 must divide the query heads \(4\)"):
+        check_run(cfg, 4)

@@ -45,6 +45,7 @@ LAYOUTS = {
     "tp2-sp": (2, {"parallel": {"tp": 2}, "train": {"sequence_parallel": True}}),
     "pp2": (2, {"parallel": {"pp": 2}}),
     "cp2": (2, {"parallel": {"cp": 2}}),
+    "cp4-hierarchical-2x2": (4, {"parallel": {"cp": 4, "cp_a2a": 2}, "train": {"cp_attention": "hierarchical"}}),
     "zero1-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 1}}),
     "zero2-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 2}}),
     "zero3-dp2": (2, {"parallel": {"dp": 2}, "train": {"zero": 3}}),

@@ -19,7 +19,7 @@ from dp_shard import parameter_shards
 from trainer.config import check_run, load_run_config
 from trainer.model import model_shards
 from trainer.model.shards import assemble
-from trainer.train.loop import train_step
+from trainer.train import train_step
 from trainer.train.setup import setup
 
 BATCH, SEQ, VOCAB, MICRO_BATCH = 16, 16, 97, 2
@@ -34,27 +34,27 @@ def one_step(model: str, parallel: dict, train: dict):
         "optim": {"clip_grad": 0.0},  # the norm is measured, the gradients left as they are
     }
     cfg = load_run_config(overrides=overrides)
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(11)).numpy()
     with pstate.initialize(cfg.parallel) as ps:
-        run = setup(cfg, ps, cfg.model, microbatches)
+        run = setup(cfg, ps, cfg.model, plan)
         rows = np.split(tokens, ps.dp.size)[ps.dp.rank]
-        loss, norm, skipped = train_step(run, np.split(rows, microbatches))
+        loss, norm, skipped = train_step(run, np.split(rows, plan.microbatches))
         assert not skipped
-        return loss, norm, fsdp_grads(run) if run.fsdp else model_shards(run.chunks, grads=True)
+        return loss, norm, fsdp_grads(run) if run.engine.zero == 3 else model_shards(run.chunks, grads=True)
 
 
 def fsdp_grads(run):
     """Each named piece of the gradient, from this rank's flat pieces gathered over ``dp_cp``."""
     out = {}
-    for chunk, pieces in zip(run.chunks, run.fsdp_pieces):
+    for i, chunk in enumerate(run.chunks):
         local = parameter_shards(chunk)
         for name, piece in chunk.named_parameters():
             shard = local[name]
             full = torch.zeros(shard.global_shape).reshape(-1)
             full[shard.flat_range[0] : shard.flat_range[1]] = piece.grad
             dist.all_reduce(full, group=run.ps.dp_cp.group)
-            out.update({p.name: p.shard(full.view(shard.global_shape)) for p in pieces[name]})
+            out.update({p.name: p.shard(full.view(shard.global_shape)) for p in run.pieces[f"chunk{i}.{name}"]})
     return out
 
 

@@ -1,13 +1,16 @@
-"""Context parallel attention in plain PyTorch: ring (p2p, zigzag) and all-to-all (Ulysses), sequence sharding.
+"""Context parallel attention in plain PyTorch: ring (p2p, zigzag), all-to-all (Ulysses) and the two combined
+(hierarchical), sequence sharding.
 
 Sequences are split along their sequence dimension over a CP group (:func:`shard_sequence`, zigzag by
-default); :func:`ring_attention` and :func:`ulysses_attention` attend over the whole sequence from each
-rank's part. Every function takes its group explicitly, as a ``pstate.Axis`` (``ps.cp``) or a
-``ProcessGroup``. Gradients of parameters replicated over CP ranks are reduced over ``ps.dp_cp``.
+default); :func:`ring_attention`, :func:`ulysses_attention` and :func:`hierarchical_attention` attend over
+the whole sequence from each rank's part. Every function takes its group explicitly, as a
+``pstate.Axis`` (``ps.cp``) or a ``ProcessGroup``. Gradients of parameters replicated over CP ranks are
+reduced over ``ps.dp_cp``.
 """
 
 from .all_to_all import all_to_all_hp2sp, all_to_all_sp2hp
 from .errors import ContextParallelError
+from .hierarchical import hierarchical_attention
 from .kernel import AttentionKernel, MathKernel
 from .kernel_choice import KERNEL_NAMES, make_kernel
 from .ring import ring_attention
@@ -24,6 +27,7 @@ __all__ = [
     "all_to_all_hp2sp",
     "all_to_all_sp2hp",
     "document_mask",
+    "hierarchical_attention",
     "make_kernel",
     "ring_attention",
     "shard_sequence",

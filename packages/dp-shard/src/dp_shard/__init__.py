@@ -13,6 +13,7 @@ models). :func:`make_engine` gives the one interface a training loop holds over 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
 from .engine import ClipGroups, DataParallelEngine, DDPEngine, FSDPEngine, ZeroEngine, make_engine
+from .engine_state import CheckpointPieces
 from .errors import DataParallelError
 from .fully_shard import (
     fully_shard,
@@ -25,6 +26,7 @@ from .loss_scaler import LossScaler
 from .sharded_optimizer import ShardedOptimizer
 
 __all__ = [
+    "CheckpointPieces",
     "ClipGroups",
     "DDPEngine",
     "DataParallel",

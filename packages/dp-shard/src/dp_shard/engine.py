@@ -19,6 +19,8 @@ The implementations differ only in where gradients live and which collectives re
 :class:`DDPEngine` (each chunk in :class:`~dp_shard.DataParallel`, any ``torch.optim`` optimizer),
 :class:`ZeroEngine` (:class:`~dp_shard.ShardedOptimizer`, stages 1 and 2) and :class:`FSDPEngine`
 (:func:`~dp_shard.fully_shard` per chunk). :func:`make_engine` builds the one a ``zero`` stage names.
+:meth:`DataParallelEngine.checkpoint_pieces` says, in one form for every mode, what a checkpoint saves
+and loads (:mod:`dp_shard.engine_state`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pstate
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
+from .engine_state import CheckpointPieces, fully_sharded_pieces, replicated_pieces, sharded_optimizer_pieces
 from .errors import DataParallelError
 from .fully_shard import fully_shard, sharded_state
 from .loss_scaler import LossScaler
@@ -96,6 +99,11 @@ class DataParallelEngine(ABC):
     def optimizer_step(self) -> None:
         """The optimizer's step (ZeRO-1/2: then the parameter gathers)."""
         self.optimizer.step()
+
+    @abstractmethod
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        """What a checkpoint saves and loads: each parameter's stored values and its optimizer state, by
+        the names in :attr:`named`, as views ``ckpt`` fills in place (:mod:`dp_shard.engine_state`)."""
 
     @abstractmethod
     def memory_bytes(self) -> dict[str, int]:
@@ -186,6 +194,9 @@ class DDPEngine(DataParallelEngine):
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return clip_grad_norm_(self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
 
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return replicated_pieces(self.named, self.optimizer)
+
     def memory_bytes(self) -> dict[str, int]:
         grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)
         params = sum(p.numel() * p.element_size() for p in self._params)
@@ -243,6 +254,9 @@ class ZeroEngine(DataParallelEngine):
         experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
         return self.optimizer.clip_grad_norm_(max_norm, tp_group=groups.tp, pp_group=groups.pp, **experts)
 
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return sharded_optimizer_pieces(self.named, self.optimizer)
+
     def memory_bytes(self) -> dict[str, int]:
         held = self.optimizer.memory_bytes()
         params = list(self.named.values())
@@ -298,6 +312,9 @@ class FSDPEngine(DataParallelEngine):
         return clip_grad_norm_(  # each rank holds other elements of the gradients over the group
             self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, model_parallel_groups=[self.group]
         )
+
+    def checkpoint_pieces(self) -> CheckpointPieces:
+        return fully_sharded_pieces(self.chunks, self.optimizer)
 
     def memory_bytes(self) -> dict[str, int]:
         units = [u for c in self.chunks for u in sharded_state(c).units]

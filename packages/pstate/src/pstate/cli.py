@@ -9,12 +9,13 @@ from dataclasses import asdict
 
 from .config import DEFAULT_ORDER, ParallelConfig
 from .errors import ParallelConfigError
-from .layout import ALL_AXES, AXIS_GROUPS, Layout, embedding_groups, layout
+from .layout import ALL_AXES, AXIS_GROUPS, CP_SUBGROUPS, Layout, embedding_groups, layout
 
 
 def describe(lay: Layout) -> dict:
     """The whole grid as plain data: config, sizes, every rank's coordinates, stages and groups."""
-    named = {name: lay.groups(spec) for name, spec in AXIS_GROUPS.items()}
+    split_cp = lay.config.cp_a2a > 1  # the hierarchical CP sub-groups only where CP is split
+    named = {n: lay.groups(spec) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS}
     named["embedding"] = embedding_groups(lay)
     member_of: list[dict[str, list[int]]] = [{} for _ in range(lay.world_size)]
     for name, groups in named.items():
@@ -47,7 +48,9 @@ def render(data: dict) -> str:
     s, c = data["sizes"], data["config"]
     lines = [
         f"world_size={data['world_size']}  order={c['order']}  vpp={c['vpp']}",
-        "decoder grid: " + "  ".join(f"{a}={s[a]}" for a in ("tp", "cp", "dp", "pp")),
+        "decoder grid: "
+        + "  ".join(f"{a}={s[a]}" for a in ("tp", "cp", "dp", "pp"))
+        + (f"  cp_a2a={c['cp_a2a']}" if c.get("cp_a2a", 1) > 1 else ""),
         "expert grid:  " + "  ".join(f"{a}={s[a]}" for a in ("etp", "ep", "edp", "pp")),
         "",
     ]
@@ -76,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--world-size", type=int, required=True)
     for name in ("tp", "pp", "vpp", "cp", "ep"):
         lay.add_argument(f"--{name}", type=int, default=1)
+    lay.add_argument("--cp-a2a", type=int, default=1, help="inner all-to-all group size of hierarchical CP")
     lay.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
     lay.add_argument("--dp", type=int, default=None, help="data parallel size (default: derived)")
     lay.add_argument("--order", default=DEFAULT_ORDER, help=f"rank order, first axis fastest (default {DEFAULT_ORDER})")
@@ -87,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = ParallelConfig(
-            tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, ep=args.ep, etp=args.etp, dp=args.dp, order=args.order
+            tp=args.tp,
+            pp=args.pp,
+            vpp=args.vpp,
+            cp=args.cp,
+            ep=args.ep,
+            etp=args.etp,
+            dp=args.dp,
+            order=args.order,
+            cp_a2a=args.cp_a2a,
         )
         data = describe(layout(config, args.world_size))
     except ParallelConfigError as exc:

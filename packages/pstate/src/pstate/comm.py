@@ -37,7 +37,22 @@ import torch.distributed as dist
 from .collectives import all_gather_single, reduce_scatter_single
 from .state import Axis, Group, ParallelState, as_group
 
-PREFERRED_NAMES = ("tp", "cp", "ep", "etp", "dp", "pp", "edp", "dp_cp", "tp_cp", "tp_dp", "tp_dp_cp", "mp")
+PREFERRED_NAMES = (
+    "tp",
+    "cp",
+    "ep",
+    "etp",
+    "dp",
+    "pp",
+    "edp",
+    "dp_cp",
+    "tp_cp",
+    "tp_dp",
+    "tp_dp_cp",
+    "mp",
+    "cp_a2a",
+    "cp_ring",
+)
 """The order in which a group that several axes share is named (the first that matches)."""
 
 _FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "broadcast": lambda n: 1.0, "send": lambda n: 1.0}

@@ -19,7 +19,9 @@ class ParallelConfig:
     ``ep`` expert, ``etp`` expert tensor (defaults to ``tp``), ``dp`` data parallel. ``order`` is the
     rank order of the axes, Megatron-LM style: the first axis varies fastest. ``pipeline_layout``, when
     given, names how many transformer layers each of the ``pp * vpp`` virtual stages holds (uneven
-    pipelines: the stages with the embedding and the head may hold fewer, even none).
+    pipelines: the stages with the embedding and the head may hold fewer, even none). ``cp_a2a`` splits each
+    CP group for hierarchical context parallelism: inner all-to-all groups of ``cp_a2a`` adjacent CP ranks
+    and outer rings of ``cp / cp_a2a`` ranks (see :meth:`pstate.Layout.groups`).
 
     Rules that need the world size are checked by :func:`pstate.layout`.
     """
@@ -42,9 +44,11 @@ class ParallelConfig:
     """rank order of the axes; the first varies fastest."""
     pipeline_layout: tuple[int, ...] | None = None
     """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
+    cp_a2a: int = 1
+    """ranks of each CP group's inner all-to-all groups (hierarchical context parallelism; divides cp)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):
+        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "cp_a2a"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -70,6 +74,11 @@ class ParallelConfig:
             self.require_in_order(name, getattr(self, name))
         if self.dp is not None:
             self.require_in_order("dp", self.dp)
+        if self.cp % self.cp_a2a:
+            raise ParallelConfigError(
+                f"cp_a2a={self.cp_a2a} must divide cp={self.cp}: each CP group splits into all-to-all groups of "
+                "cp_a2a adjacent ranks"
+            )
         if self.vpp > 1 and self.pp == 1:
             raise ParallelConfigError(f"vpp={self.vpp} needs pipeline parallelism, but pp=1")
         if self.pipeline_layout is not None:

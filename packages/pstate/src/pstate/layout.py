@@ -9,6 +9,12 @@ Two grids share the world. The *decoder* grid (``tp, cp, dp, pp``; ``ep`` is 1 t
 and dense layers; the *expert* grid (``etp, ep, edp, pp``; ``cp`` is 1 there) places MoE experts, with
 ``edp = world / (etp * ep * pp)``. Both use the same ``order`` (``etp`` sits where ``tp`` is, ``edp``
 where ``dp`` is), and their pipeline groups must agree.
+
+Hierarchical context parallelism cuts each CP group (listed in CP-rank order) into the two sub-groups
+``cp_a2a`` (``config.cp_a2a`` adjacent CP ranks: CP ranks ``j*a .. j*a+a-1``) and ``cp_ring`` (the CP
+ranks equal modulo ``a``), so that CP rank ``c`` is rank ``c % a`` of its ``cp_a2a`` group and rank
+``c // a`` of its ``cp_ring`` group. With the CP axis placed early in ``order`` the inner groups are near
+ranks (the same node), and only the rings cross nodes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ ALL_AXES = ("tp", "cp", "dp", "pp", "etp", "ep", "edp")
 AXIS_GROUPS = {
     "tp": "tp",
     "cp": "cp",
+    "cp_a2a": "cp_a2a",
+    "cp_ring": "cp_ring",
     "dp": "dp",
     "pp": "pp",
     "dp_cp": "cp-dp",
@@ -42,6 +50,8 @@ AXIS_GROUPS = {
     "etp_ep": "etp-ep",
     "etp_ep_pp": "etp-ep-pp",
 }
+#: The sub-groups of each CP group for hierarchical context parallelism (see the module notes).
+CP_SUBGROUPS = ("cp_a2a", "cp_ring")
 #: Expert axis names as the order string spells them.
 _EXPERT_TO_ORDER = {"etp": "tp", "ep": "ep", "edp": "dp", "pp": "pp"}
 
@@ -73,12 +83,28 @@ class Layout:
 
     def groups(self, axes: str) -> list[list[int]]:
         """Every group of ``axes``, a ``-``-joined subset of ``tp, cp, dp, pp`` (decoder grid; ``ep`` is
-        1 there) or of ``etp, ep, edp, pp`` (expert grid). Each group lists global ranks."""
+        1 there) or of ``etp, ep, edp, pp`` (expert grid), or one of ``cp_a2a``, ``cp_ring`` (the sub-groups
+        of each CP group, see the module notes). Each group lists global ranks."""
+        if axes in CP_SUBGROUPS:
+            return self._cp_subgroups(axes).tolist()
         return self._group_array(*_parse_axes(axes)).tolist()
+
+    def _cp_subgroups(self, which: str) -> np.ndarray:
+        """The ``cp_a2a`` or ``cp_ring`` groups, one per row: each CP group cut into ``cp/a`` rows of ``a``."""
+        a = self.config.cp_a2a
+        cp_groups = self._group_array(frozenset({"cp"}), expert=False)
+        blocks = cp_groups.reshape(cp_groups.shape[0], -1, a)  # [cp group, inner group j, inner rank i]
+        if which == "cp_a2a":
+            return blocks.reshape(-1, a)
+        return blocks.transpose(0, 2, 1).reshape(-1, blocks.shape[1])
 
     def group_of(self, rank: int, axes: str) -> list[int]:
         """The group of ``axes`` that holds ``rank``, in rank order; costs the group's size, not the world's."""
         self._check_rank(rank)
+        if axes in CP_SUBGROUPS:
+            cp_group, a = self.group_of(rank, "cp"), self.config.cp_a2a
+            c = cp_group.index(rank)
+            return cp_group[c - c % a : c - c % a + a] if axes == "cp_a2a" else cp_group[c % a :: a]
         masked, expert = _parse_axes(axes)
         tokens, sizes = self._grid(expert)
         members = [rank]

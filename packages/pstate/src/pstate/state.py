@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .config import ParallelConfig
 from .device import backend_for, default_device, device_for_backend
 from .errors import ParallelConfigError
-from .layout import AXIS_GROUPS, Layout, embedding_groups, layout
+from .layout import AXIS_GROUPS, CP_SUBGROUPS, Layout, embedding_groups, layout
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,18 @@ class ParallelState:
     """The process groups of one layout, as :class:`Axis` objects. Create it with :func:`initialize`.
 
     Decoder axes: ``tp, cp, dp, pp`` and the combinations ``dp_cp`` (gradient reduction under context
-    parallelism), ``tp_cp``, ``tp_dp``, ``tp_dp_cp`` and ``mp`` (tp+pp, model parallel). Expert axes:
+    parallelism), ``tp_cp``, ``tp_dp``, ``tp_dp_cp`` and ``mp`` (tp+pp, model parallel), and the two
+    sub-groups of ``cp`` for hierarchical context parallelism, ``cp_a2a`` (adjacent CP ranks) and
+    ``cp_ring`` (see :mod:`pstate.layout`; both ``None`` when ``config.cp_a2a == 1``, so that a run without
+    the split creates no extra groups). Expert axes:
     ``etp, ep, edp, etp_ep, etp_ep_pp``. ``embedding`` joins the first and last pipeline stage (``None``
     on ranks that hold neither). ``world`` is the default group.
     """
 
     tp: Axis
     cp: Axis
+    cp_a2a: Axis | None
+    cp_ring: Axis | None
     dp: Axis
     pp: Axis
     dp_cp: Axis
@@ -80,8 +85,10 @@ class ParallelState:
         self._created: list[dist.ProcessGroup] = []
         self._destroyed = False
         self.embedding = None  # stays None on ranks that hold neither pipeline end
+        self.cp_a2a = self.cp_ring = None  # stay None without a hierarchical CP split
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(lay.world_size)): dist.group.WORLD}
-        axes = [(name, lay.groups(spec)) for name, spec in AXIS_GROUPS.items()]
+        split_cp = lay.config.cp_a2a > 1
+        axes = [(n, lay.groups(spec)) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS]
         axes.append(("embedding", embedding_groups(lay)))
         # Every rank creates every distinct group in the same order (new_group is collective).
         for name, groups in axes:

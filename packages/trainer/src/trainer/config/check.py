@@ -7,6 +7,7 @@ from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
+from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
 from .run import RunConfig
 
 
@@ -39,9 +40,41 @@ def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
-def check_run(cfg: RunConfig, world_size: int) -> int:
-    """Raise :class:`TrainerError` naming the rule a run breaks; return the number of micro-batches per
-    step (``global_batch / (micro_batch * dp)``)."""
+def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """What the all-to-all context-parallel attentions need: each splits every TP rank's query and key/value
+    heads over its all-to-all group (Ulysses: the whole CP group; hierarchical: ``parallel.cp_a2a`` ranks)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    heads, kv_heads = m.heads // p.tp, m.num_kv_heads // p.tp  # per TP rank (tp | kv heads is checked before)
+    a2a = {"ulysses": ("cp", p.cp), "hierarchical": ("cp_a2a", p.cp_a2a)}.get(t.cp_attention)
+    hierarchical = t.cp_attention == "hierarchical"
+    rules = [
+        (
+            p.cp_a2a > 1 and not hierarchical,
+            f"parallel.cp_a2a={p.cp_a2a} is the inner all-to-all group of train.cp_attention='hierarchical', but "
+            f"train.cp_attention={t.cp_attention!r}; set cp_attention='hierarchical' or leave cp_a2a at 1",
+        ),
+        (
+            hierarchical and p.cp > 1 and p.cp_a2a == 1,
+            f"train.cp_attention='hierarchical' with cp={p.cp} needs parallel.cp_a2a > 1 (the size of the inner "
+            "all-to-all group, a divisor of cp; cp_a2a=1 is plain ring attention)",
+        ),
+    ]
+    if a2a is not None and p.cp > 1:
+        name, size = a2a
+        field = "parallel.cp" if name == "cp" else "parallel.cp_a2a"
+        rules.append(
+            (
+                heads % size or kv_heads % size,
+                f"{field}={size} must divide the query heads ({heads}) and key/value heads ({kv_heads}) per TP rank "
+                f"(tp={p.tp}): train.cp_attention={t.cp_attention!r} splits each TP rank's heads over {size} ranks",
+            )
+        )
+    return rules
+
+
+def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
+    """Raise :class:`TrainerError` naming the rule a run breaks; return the resolved :class:`RunPlan`
+    (layout sizes, ``microbatches = global_batch / (micro_batch * dp)``, dtypes, schedule)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     check_fast_paths(cfg)
     try:
@@ -75,10 +108,7 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
             f"layers, but the model has layers={m.layers}",
         ),
         (p.cp > 1 and t.seq_len % (2 * p.cp) != 0, f"seq_len={t.seq_len} must be divisible by 2*cp={2 * p.cp}"),
-        (
-            p.cp > 1 and t.cp_attention == "ulysses" and (m.heads % p.cp or m.num_kv_heads % p.cp),
-            f"cp_attention='ulysses' needs cp={p.cp} to divide the heads ({m.heads}) and kv heads ({m.num_kv_heads})",
-        ),
+        *_cp_attention_rules(cfg),
         (
             t.sequence_parallel and t.seq_len // p.cp % p.tp != 0,
             f"seq_len/cp={t.seq_len // p.cp} must be divisible by tp={p.tp} for sequence parallelism",
@@ -120,4 +150,11 @@ def check_run(cfg: RunConfig, world_size: int) -> int:
                 f"--zero 3 with --pipeline-schedule {t.pipeline_schedule} is not supported yet (its weight-gradient "
                 "pass runs after FSDP has freed the layer's gathered weights); use 1f1b, interleaved-1f1b or gpipe"
             )
-    return microbatches
+    sizes = lay.sizes
+    return RunPlan(
+        world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
+        etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
+        global_batch=global_batch, seq_len=t.seq_len, precision=t.precision, param_dtype=PARAM_DTYPES[t.precision],
+        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=GRAD_REDUCE_DTYPES[t.precision], zero=t.zero,
+        sequence_parallel=t.sequence_parallel, schedule=t.pipeline_schedule if p.pp > 1 else None,
+    )  # fmt: skip

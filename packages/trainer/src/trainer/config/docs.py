@@ -23,7 +23,7 @@ from ..data.build import DataConfig
 from ..model import ModelConfig
 from ..model.config import CHOICES as MODEL_CHOICES
 from ..model.presets import PRESETS
-from .run import DECAYS, FP8_RECIPES, ON_NAN, PRECISIONS, OptimConfig, RunConfig, TrainConfig
+from .run import CP_ATTENTION, DECAYS, FP8_RECIPES, ON_NAN, PRECISIONS, OptimConfig, RunConfig, TrainConfig
 
 #: The sections of a run, in the order of the TOML file and the reference.
 SECTION_TYPES: dict[str, type] = {
@@ -48,7 +48,7 @@ def choices(section: str, name: str) -> tuple[Any, ...] | None:
         "train.zero": (0, 1, 2, 3),
         "train.recompute": ("full", "selective"),
         "train.on_nan": ON_NAN,
-        "train.cp_attention": ("ring", "ulysses"),
+        "train.cp_attention": CP_ATTENTION,
         "train.cp_kernel": KERNEL_NAMES,
         "train.pipeline_schedule": tuple(SCHEDULES),
         "optim.decay": DECAYS,

@@ -22,6 +22,10 @@ def check_fast_paths(cfg: RunConfig) -> None:
         (te and t.zero == 3, "model.backend='te' with --zero 3 is not supported yet; use --zero 0, 1 or 2"),
         (te and m.attention == "mla", "model.backend='te' with model.attention='mla' is not supported yet"),
         (
+            te and t.cp_attention == "hierarchical" and cfg.parallel.cp > 1,
+            "model.backend='te' with train.cp_attention='hierarchical' is not supported yet; use 'ring' or 'ulysses'",
+        ),
+        (
             te and m.layer_pattern is not None,
             "model.backend='te' with a hybrid model.layer_pattern is not supported yet",
         ),

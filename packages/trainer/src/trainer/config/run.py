@@ -16,7 +16,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 FP8_RECIPES = ("current", "delayed", "mxfp8")
 DECAYS = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
-CP_ATTENTION = ("ring", "ulysses")
+CP_ATTENTION = ("ring", "ulysses", "hierarchical")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class TrainConfig:
     sequence_parallel: bool = False
     """split activations outside the TP regions along the sequence over TP ranks (needs tp > 1)."""
     cp_attention: str = "ring"
-    """context-parallel attention: ring (zigzag) or ulysses (all-to-all over heads)."""
+    """context-parallel attention: ring (zigzag), ulysses (all-to-all over heads), or hierarchical (all-to-all over
+    heads in groups of parallel.cp_a2a adjacent CP ranks, a ring across the groups)."""
     cp_kernel: str = "auto"
     """ring attention's block kernel: sdpa (PyTorch's fused ops), math (matmul + softmax), auto (sdpa where it runs)."""
     pipeline_schedule: str = "1f1b"

@@ -1,4 +1,4 @@
-"""Self-attention split over TP (heads), CP (sequence: ring or Ulysses) and SP (the projections' I/O)."""
+"""Self-attention split over TP (heads), CP (sequence: ring, Ulysses or both) and SP (the projections' I/O)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def causal_attention(
     if groups.cp_attention == "ulysses":
         return cp_ring.ulysses_attention(q, k, v, group=groups.cp, scale=scale, documents=documents)
     kernel = cp_ring.make_kernel(groups.cp_kernel, q.device)
+    if groups.cp_attention == "hierarchical":
+        return cp_ring.hierarchical_attention(
+            q, k, v, a2a_group=groups.cp_a2a, ring_group=groups.cp_ring, scale=scale, kernel=kernel, documents=documents
+        )
     return cp_ring.ring_attention(q, k, v, group=groups.cp, scale=scale, kernel=kernel, documents=documents)
 
 

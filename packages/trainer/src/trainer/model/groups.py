@@ -17,7 +17,9 @@ class ModelGroups:
     """Tensor (``tp``), context (``cp``), expert (``ep``) and expert-tensor (``etp``) parallel groups.
 
     ``sequence_parallel`` splits the activations between the TP regions along the sequence.
-    ``cp_attention`` is ``"ring"`` (p2p, any head count) or ``"ulysses"`` (all-to-all over heads).
+    ``cp_attention`` is ``"ring"`` (p2p, any head count), ``"ulysses"`` (all-to-all over heads) or
+    ``"hierarchical"`` (all-to-all over heads in ``cp_a2a``, a group of adjacent CP ranks, and a ring over
+    ``cp_ring``: ``cp_ring.hierarchical_attention``; both groups are needed then, with ``cp > 1``).
     ``tp_cp``: the TP x CP group (needed by :attr:`sequence_group` with both SP and CP).
     ``cp_kernel``: ring attention's block kernel by name (``cp_ring.make_kernel``).
     """
@@ -30,10 +32,17 @@ class ModelGroups:
     cp_attention: str = "ring"
     tp_cp: Group | None = None
     cp_kernel: str = "auto"
+    cp_a2a: Group | None = None
+    cp_ring: Group | None = None
 
     def __post_init__(self) -> None:
-        if self.cp_attention not in ("ring", "ulysses"):
-            raise TrainerError(f"cp_attention={self.cp_attention!r}: must be 'ring' or 'ulysses'")
+        if self.cp_attention not in ("ring", "ulysses", "hierarchical"):
+            raise TrainerError(f"cp_attention={self.cp_attention!r}: must be 'ring', 'ulysses' or 'hierarchical'")
+        if self.cp_attention == "hierarchical" and self.cp_size > 1 and (self.cp_a2a is None or self.cp_ring is None):
+            raise TrainerError(
+                "cp_attention='hierarchical' needs the cp_a2a and cp_ring groups (pstate makes them when "
+                "ParallelConfig.cp_a2a > 1)"
+            )
         if self.cp_kernel not in KERNEL_NAMES:
             raise TrainerError(f"cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.sequence_parallel and self.tp_size == 1:
@@ -43,7 +52,9 @@ class ModelGroups:
     def from_state(
         cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring", cp_kernel: str = "auto"
     ) -> ModelGroups:
-        return cls(ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel)
+        return cls(
+            ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel, ps.cp_a2a, ps.cp_ring
+        )
 
     @property
     def tp_size(self) -> int:

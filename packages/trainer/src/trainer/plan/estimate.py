@@ -97,7 +97,8 @@ class Estimate:
         L = self.layout
         return {
             "layout": {
-                "gpus": L.world, "tp": L.tp, "pp": L.pp, "vpp": L.vpp, "cp": L.cp, "ep": L.ep, "etp": L.etp,
+                "gpus": L.world, "tp": L.tp, "pp": L.pp, "vpp": L.vpp, "cp": L.cp, "cp_a2a": L.cp_a2a, "ep": L.ep,
+                "etp": L.etp,
                 "dp": L.dp, "zero": L.zero, "recompute": L.recompute, "sequence_parallel": L.sequence_parallel,
                 "micro_batch": L.micro_batch, "microbatches": self.microbatches, "pipeline_schedule": L.schedule,
             },

@@ -41,6 +41,7 @@ class Layout:
     sequence_parallel: bool = False
     micro_batch: int = 1
     schedule: str = "1f1b"
+    cp_a2a: int = 1  # hierarchical CP: the inner all-to-all group's size (a ring of cp / cp_a2a across)
 
     @property
     def dp(self) -> int:
@@ -54,7 +55,9 @@ class Layout:
         return global_batch // (self.micro_batch * self.dp)
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, ep=self.ep, etp=self.etp)
+        return ParallelConfig(
+            tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, ep=self.ep, etp=self.etp, cp_a2a=self.cp_a2a
+        )
 
     def run_config(self, work: Workload) -> RunConfig:
         train = TrainConfig(
@@ -70,8 +73,18 @@ class Layout:
         return cls(
             world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, zero=t.zero,
             recompute=t.recompute, sequence_parallel=t.sequence_parallel, micro_batch=t.micro_batch,
-            schedule=t.pipeline_schedule,
+            schedule=t.pipeline_schedule, cp_a2a=p.cp_a2a,
         )  # fmt: skip
+
+
+def a2a_size(layout: Layout, work: Workload) -> int:
+    """The ranks an all-to-all context-parallel attention splits each TP rank's heads over (1: none)."""
+    return {"ulysses": layout.cp, "hierarchical": layout.cp_a2a}.get(work.cp_attention, 1)
+
+
+def _heads_do_not_split(layout: Layout, work: Workload) -> bool:
+    m, a = work.model, a2a_size(layout, work)
+    return bool((m.heads // layout.tp) % a or (m.num_kv_heads // layout.tp) % a)
 
 
 def breaks_a_rule(layout: Layout, work: Workload) -> bool:
@@ -83,7 +96,9 @@ def breaks_a_rule(layout: Layout, work: Workload) -> bool:
         return True
     if L.sequence_parallel and (L.tp == 1 or s // L.cp % L.tp):
         return True
-    if L.cp > 1 and (s % (2 * L.cp) or (work.cp_attention == "ulysses" and (m.heads % L.cp or m.num_kv_heads % L.cp))):
+    if L.cp > 1 and (s % (2 * L.cp) or _heads_do_not_split(layout, work)):
+        return True
+    if (L.cp_a2a > 1) != (work.cp_attention == "hierarchical" and L.cp > 1) or L.cp % L.cp_a2a:
         return True
     if m.num_experts:
         if m.num_experts % L.ep or m.moe_ffn % L.etp or (L.tp > 1 and not L.sequence_parallel) or L.zero == 3:

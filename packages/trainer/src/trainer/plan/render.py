@@ -35,6 +35,8 @@ def command(e: Estimate, model_name: str, model: ModelConfig) -> str:
     flags.append(f"--precision {w.precision}")
     if w.cp_attention != "ring" and L.cp > 1:
         flags.append(f"--set train.cp_attention={json.dumps(w.cp_attention)}")
+    if L.cp_a2a > 1:
+        flags.append(f"--set parallel.cp_a2a={L.cp_a2a}")
     if L.world <= e.hardware.gpus_per_node:
         flags.append(f"--nproc {L.world}")
     return "trainer train " + " ".join(flags)
@@ -42,7 +44,8 @@ def command(e: Estimate, model_name: str, model: ModelConfig) -> str:
 
 def _row(i: int | str, e: Estimate) -> list[str]:
     L = e.layout
-    return [str(v) for v in (i, L.tp, L.pp, L.vpp, L.cp, L.ep, L.dp, L.zero, L.recompute or "-", L.micro_batch,
+    cp = f"{L.cp_a2a}x{L.cp // L.cp_a2a}" if L.cp_a2a > 1 else L.cp  # hierarchical: all-to-all x ring
+    return [str(v) for v in (i, L.tp, L.pp, L.vpp, cp, L.ep, L.dp, L.zero, L.recompute or "-", L.micro_batch,
             L.schedule if L.pp > 1 else "-", f"{e.memory_gib:.1f}", f"{e.step_s:.3f}", f"{100 * e.mfu:.1f}%",
             f"{100 * e.pipe.bubble_fraction:.0f}%")]  # fmt: skip
 

@@ -48,8 +48,20 @@ def _structures(work: Workload, world: int, hw: Hardware, fixed: dict[str, Any])
                         continue
                     for schedule, vpp in _schedules(pp, m.layers, fixed):
                         sp = fixed.get("sequence_parallel", tp > 1)
-                        yield dict(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, schedule=schedule, vpp=vpp,
-                                   sequence_parallel=sp)  # fmt: skip
+                        for a2a in _a2a_sizes(work, tp, cp, fixed):
+                            yield dict(tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, schedule=schedule, vpp=vpp,
+                                       sequence_parallel=sp, cp_a2a=a2a)  # fmt: skip
+
+
+def _a2a_sizes(work: Workload, tp: int, cp: int, fixed: dict[str, Any]) -> list[int]:
+    """Hierarchical CP's inner all-to-all sizes worth trying: divisors of ``cp`` above 1 that split each TP
+    rank's heads (the fixed one, if given); ``[1]`` for the other attentions and without CP."""
+    if work.cp_attention != "hierarchical" or cp == 1:
+        return [1]
+    if "cp_a2a" in fixed:
+        return [fixed["cp_a2a"]]
+    heads, kv_heads = work.model.heads // tp, work.model.num_kv_heads // tp
+    return [a for a in _powers(cp) if a > 1 and not cp % a and not heads % a and not kv_heads % a]
 
 
 def _schedules(pp: int, layers: int, fixed: dict[str, Any]) -> list[tuple[str, int]]:

@@ -121,6 +121,15 @@ def step_time(work: Workload, L: Layout, hw: Hardware, pipe: PipelineCost) -> St
         qkvo = tokens * (2 * m.heads + 2 * m.num_kv_heads) * m.head_dim * act / L.tp
         cp_total = cp_exposed = 2 * layers * collective("gather", qkvo, L.cp, *cp_link, eff)
         cp_volume = 2 * layers * ring_bytes("gather", qkvo, L.cp)
+    elif work.cp_attention == "hierarchical":  # Ulysses' all-to-alls over cp_a2a, a ring of cp/cp_a2a blocks
+        a, r = L.cp_a2a, L.cp // L.cp_a2a
+        a2a_link = (hw.intra_node_gbps, hw.intra_node_latency_us) if L.tp * a <= gpn else cp_link
+        qkvo = tokens * (2 * m.heads + 2 * m.num_kv_heads) * m.head_dim * act / L.tp
+        a2a_total = 2 * layers * collective("gather", qkvo, a, *a2a_link, eff)
+        ring_total = layers * (3 * r - 2) * collective("p2p", kv_bytes, 2, *cp_link, eff) if r > 1 else 0.0
+        cp_total = a2a_total + ring_total
+        cp_exposed = a2a_total + max(0.0, ring_total - secs["attention"])
+        cp_volume = 2 * layers * ring_bytes("gather", qkvo, a) + (layers * (3 * r - 2) * kv_bytes if r > 1 else 0.0)
     else:  # ring: cp-1 K/V blocks in forward; in backward cp-1 K/V blocks and cp gradient blocks (home)
         per_block = collective("p2p", kv_bytes, 2, *cp_link, eff)
         cp_total = layers * (3 * L.cp - 2) * per_block

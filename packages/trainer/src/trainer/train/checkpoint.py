@@ -1,75 +1,156 @@
 """A run's checkpoint state in layout-free names, so it saves at one layout and loads at any other.
 
 ``model``: every named piece of the parameters (:func:`trainer.model.model_pieces`). ``optimizer``:
-AdamW's moments under the same names (with ZeRO and FSDP, their flat-range shards split along the
-same pieces) and ``step`` as a replicated scalar; the fp32 master weights are the parameters, saved
-once as the model. So any of DDP, ZeRO-1/2 and FSDP loads what any other saved. ``progress``: the
-step and the data position (consumed samples, which resume at any DP size). ``rng``: each rank's
-generator. ``expert_bias``: the MoE routers' expert biases (aux-loss-free balancing; buffers, so
-neither model nor optimizer state), when the model has them. ``dropout``: each chunk's dropout
-generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run resumed at the
-layout that saved them restores them (at another layout the stages and shards draw other masks
-anyway, and start again from the seed).
+the optimizer's state under the same names (AdamW's moments, split along the same pieces, and ``step``
+as a replicated scalar). Both come from the data-parallel engine
+(:meth:`dp_shard.DataParallelEngine.checkpoint_pieces`), which says, whatever its mode, which elements
+of each parameter and of its optimizer state this rank stores (a whole parameter, or a ZeRO flat
+range); they are split here along the parameter's named pieces (``run.pieces``), so any of DDP,
+ZeRO-1/2 and FSDP loads what any other saved. ``plan``: the run's resolved :class:`RunPlan`, as
+values. ``progress``: the step and the data position (consumed samples, which resume at any DP size).
+``rng``: each rank's generator. ``expert_bias``: the MoE routers' expert biases (aux-loss-free
+balancing; buffers, so neither model nor optimizer state), when the model has them. ``dropout``: each
+chunk's dropout generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run
+resumed at the layout that saved them restores them (at another layout the stages and shards draw
+other masks anyway, and start again from the seed).
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
-``ckpt.load`` fills them in place; :func:`finish_load` then hands ZeRO state to the optimizer. With
+``ckpt.load`` fills them in place; :func:`finish_load` then lets the engine take what was loaded. With
 MoE, ZeRO shards the experts' state over ``edp``, and the flat range of their fused ``[gate; up]``
 weight is split into the ``gate`` and ``up`` tensors' flat ranges; those elements are not contiguous in
-the range, so they are copies (``state["_gathered"]``), written back into the optimizer's state dict
-before it is loaded.
+the range, so they are copies (``state["_gathered"]``), written back before the engine takes them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import ckpt
 from ckpt import PerRank
-from dp_shard import optimizer_state_shards, parameter_shards
+from dp_shard import CheckpointPieces
 from pstate import Shard
 
-from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards, model_pieces
+from ..config import RunPlan, to_toml
+from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards
+from .replicas import replicas
 from .setup import Run
 
-ADAM = ("exp_avg", "exp_avg_sq")
-MASTER = "master_param"
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_run` restored: the ``step`` and the ``data`` position to continue from (``None``: the
+    checkpoint held weights only, a new run starts from them), and ``plan_change``, one line saying how
+    this run's plan differs from the saved one."""
+
+    step: int
+    data: dict[str, Any] | None
+    plan_change: str
+
+
+def save_run(
+    run: Run,
+    step: int,
+    data_state: dict[str, Any],
+    path: Path,
+    *,
+    keep: int | None = None,
+    saver: ckpt.AsyncSaver | None = None,
+) -> Any:
+    """Save ``run`` at ``step`` to ``path`` (in the background with ``saver``: its handle, else ``None``);
+    each rank plans its writes alone, from the layout."""
+    state = saveable(run_state(run, step, data_state))
+    state["config"] = to_toml(run.cfg)
+    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)
+    layout = run.plan.layout_sizes()
+    if saver is None:
+        ckpt.save(state, path, layout=layout, keep=keep, replicas=held)
+        return None
+    return saver.save(state, path, layout=layout, keep=keep, replicas=held)
+
+
+def load_run(run: Run, found: Path, data_state: dict[str, Any]) -> Loaded:
+    """Load the checkpoint at ``found`` into ``run``, whatever layout and ZeRO mode saved it. A checkpoint
+    of weights only (``trainer convert``) loads the model (and imported routers' biases) alone."""
+    state = run_state(run, 0, data_state)
+    state.pop("plan")  # the saved plan is read from the index, only to report what changed
+    summary = ckpt.inspect(found)
+    saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
+    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
+        state.pop("dropout")
+    if not any(key.startswith("progress/") for key in summary["values"]):
+        weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
+        if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
+            weights["expert_bias"] = state["expert_bias"]  # imported routers' biases (DeepSeek-V3)
+        ckpt.load(weights, found)
+        return Loaded(0, None, "")
+    state.update(ckpt.load(saveable(state), found))
+    finish_load(run, state)
+    return Loaded(int(state["progress"]["step"]), state["progress"]["data"], plan_change(run.plan, summary))
+
+
+def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
+    """The run plan a checkpoint recorded (from ``ckpt.inspect``'s summary), or ``None`` if it has none."""
+    values = {k.split("/", 1)[1]: v for k, v in summary["values"].items() if k.startswith("plan/")}
+    return RunPlan.from_dict(values) if values else None
+
+
+def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:
+    """One line: how ``plan`` differs from the plan that saved the checkpoint ``summary`` describes."""
+    saved = saved_plan(summary)
+    return "no run plan saved" if saved is None else plan.describe_changes(saved)
 
 
 def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint state of ``run`` at ``step`` (views of the live tensors)."""
     state: dict[str, Any] = {
+        "plan": run.plan.as_dict(),
         "progress": {"step": step, "data": data_state},
         "rng": PerRank(torch.get_rng_state(), required=False),
         "dropout": {run.device.type: _dropout_states(run)},
     }
     if biases := expert_bias_shards(run.chunks):
         state["expert_bias"] = biases
-    if run.fsdp:
-        state["model"], state["optimizer"] = _fsdp_state(run)
-        return state
-    pieces = model_pieces(run.chunks)
-    by_param: dict[int, list[Piece]] = {}
-    for piece in pieces:
-        by_param.setdefault(id(piece.param), []).append(piece)
-    state["model"] = {piece.name: piece.shard(piece.param.data) for piece in pieces}
-    if run.sharded:
-        state["optimizer"], state["_zero"], state["_gathered"] = _zero_state(run, by_param)
-    else:
-        state["optimizer"] = _adam_state(run, by_param)
+    engine = run.engine.checkpoint_pieces()
+    gathered: list[Gathered] = []
+    state["model"], state["optimizer"] = {}, {}
+    for name, local in engine.params.items():
+        state["model"].update(_split(run.pieces[name], local, gathered))
+    for name, entries in engine.optimizer.items():
+        for key, value in entries.items():
+            if isinstance(value, Shard):
+                for piece_name, shard in _split(run.pieces[name], value, gathered).items():
+                    state["optimizer"].setdefault(piece_name, {})[key] = shard
+            else:  # a scalar (AdamW's step), the same for each piece
+                for piece in run.pieces[name]:
+                    state["optimizer"].setdefault(piece.name, {})[key] = value
+    state["_engine"], state["_gathered"] = engine, gathered
     return state
 
 
 def finish_load(run: Run, state: dict[str, Any]) -> None:
-    """After ``ckpt.load`` filled ``state``: give ZeRO state to the optimizer, restore the generator."""
-    if run.sharded:  # its entries carry no masters: it takes them from the parameters just loaded
-        for copy in state["_gathered"]:
-            copy.scatter()
-        run.optimizer.load_state_dict(state["_zero"])
+    """After ``ckpt.load`` filled ``state``: write back the copies, let the engine take its state (ZeRO-1/2
+    loads its optimizer's state dict, the masters from the parameters just loaded), restore the
+    generators."""
+    for copy in state["_gathered"]:
+        copy.scatter()
+    engine: CheckpointPieces = state["_engine"]
+    engine.finish_load()
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
     for chunk, states in zip(run.chunks, state.get("dropout", {}).get(run.device.type, {}).values()):
         values = {name: v.value if isinstance(v, PerRank) else v for name, v in states.items()}
         chunk.rng.tracker(run.device).set_states(values)
+
+
+def _split(pieces: list[Piece], local: Shard, gathered: list[Gathered]) -> dict[str, Shard]:
+    """``local`` (the engine's elements of one parameter, in the parameter's frame: all of it, or a flat
+    range) split along the parameter's named ``pieces``."""
+    if local.flat_range is None:
+        return {piece.name: piece.shard(local.data) for piece in pieces}
+    return flat_range_shards(pieces, local, gathered)
 
 
 def _dropout_states(run: Run) -> dict[str, dict[str, PerRank]]:
@@ -82,60 +163,3 @@ def _dropout_states(run: Run) -> dict[str, dict[str, PerRank]]:
 def saveable(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without the optimizer's own (layout-bound) state dict, which is only a load target."""
     return {k: v for k, v in state.items() if not k.startswith("_")}
-
-
-def _adam_state(run: Run, by_param: dict[int, list[Piece]]) -> dict[str, Any]:
-    _init_adam(run.optimizer)
-    out: dict[str, Any] = {}
-    for group in run.optimizer.param_groups:
-        for p in group["params"]:
-            s = run.optimizer.state[p]
-            for piece in by_param[id(p)]:
-                out[piece.name] = {name: piece.shard(s[name]) for name in ADAM} | {"step": s["step"]}
-    return out
-
-
-def _zero_state(run: Run, by_param: dict[int, list[Piece]]) -> tuple[dict[str, Any], dict[str, Any], list[Gathered]]:
-    own = run.optimizer.state_dict()  # expert entries: ranges of this rank's experts, sharded over edp
-    out: dict[str, Any] = {}
-    gathered: list[Gathered] = []
-    for key, entry in own["state"].items():
-        del entry[MASTER]  # the fp32 masters hold the model's values: saved once, as the model
-        _split_entries(by_param[id(run.named[key])], entry, out, gathered)
-    return out, own, gathered
-
-
-def _fsdp_state(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
-    """ZeRO-3: each parameter's flat piece (and AdamW's moments of it) split along its named pieces."""
-    _init_adam(run.optimizer)
-    model: dict[str, Any] = {}
-    optimizer: dict[str, Any] = {}
-    for chunk, pieces in zip(run.chunks, run.fsdp_pieces):
-        for name, local in parameter_shards(chunk).items():
-            model.update(flat_range_shards(pieces[name], local))
-        for name, entries in optimizer_state_shards(chunk, run.optimizer).items():
-            _split_entries(pieces[name], entries, optimizer)
-    return model, optimizer
-
-
-def _split_entries(
-    pieces: list[Piece], entries: dict[str, Any], out: dict[str, dict[str, Any]], gathered: list[Gathered] | None = None
-) -> None:
-    """One parameter's optimizer state into ``out[piece name][state]``: a flat-range ``Shard`` split along
-    the parameter's pieces, a scalar (``step``) given to each piece. ``gathered``: see ``flat_range_shards``."""
-    for key, value in entries.items():
-        if isinstance(value, Shard):
-            for piece_name, shard in flat_range_shards(pieces, value, gathered).items():
-                out.setdefault(piece_name, {})[key] = shard
-        else:
-            for piece in pieces:
-                out.setdefault(piece.name, {})[key] = value
-
-
-def _init_adam(optimizer: torch.optim.Optimizer) -> None:
-    """Give a fresh AdamW its state (zeros, step 0), which its first step would create the same way."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            s = optimizer.state[p]
-            if not s:
-                s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))

@@ -48,7 +48,7 @@ def dry_run(cfg: RunConfig, world_size: int, rank: int) -> dict[str, Any]:
         seconds[name] = round(time.perf_counter() - began, 4)
 
     with phase("config"):
-        microbatches = check_run(cfg, world_size)
+        plan = check_run(cfg, world_size)
     with phase("process_group"):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
@@ -63,11 +63,11 @@ def dry_run(cfg: RunConfig, world_size: int, rank: int) -> dict[str, Any]:
                 vocab = build_datasets(cfg.data, seq_len=cfg.train.seq_len, seed=cfg.train.seed).tokenizer.vocab_size
                 model = model.with_overrides(vocab_size=vocab)
             with phase("model_and_engine"):
-                run = setup(cfg, ps, model, microbatches)
+                run = setup(cfg, ps, model, plan)
             with phase("checkpoint_plan"):
                 figures = rank_figures(run, rank)
             return {"world_size": world_size, "rank": rank, "coords": ps.layout.coords(rank),
-                    "microbatches": microbatches, **figures, "seconds": seconds}  # fmt: skip
+                    "microbatches": plan.microbatches, **figures, "seconds": seconds}  # fmt: skip
     finally:
         dist.destroy_process_group()
 

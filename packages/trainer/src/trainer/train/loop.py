@@ -30,17 +30,16 @@ from dp_shard import ClipGroups
 from pstate import comm
 from pstate.comm import CommRecorder
 
-from ..config import RunConfig, check_run, to_toml
+from ..config import RunConfig, check_run
 from ..config.inputs import model_vocab
 from ..data import DataIterator, build_datasets
 from ..errors import TrainerError
-from .checkpoint import finish_load, run_state, saveable
+from .checkpoint import load_run, save_run
 from .flops import flops_per_token
 from .lr import lr_at
 from .metrics import Metrics
 from .peak import device_peak
 from .pipeline import scale_router_losses, split_batch, sync_sequence_parallel_grads, sync_tied_embedding_grads
-from .replicas import replicas
 from .report import banner, memory_mb
 from .resume import checkpoints_to_try
 from .setup import Run, setup
@@ -53,7 +52,7 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
     """Train as ``cfg`` says; return the per-step records (on every rank; the loss is global)."""
     if not dist.is_initialized():
         raise TrainerError("train() runs inside a process group: start it with torchrun or trainer train --nproc")
-    microbatches = check_run(cfg, dist.get_world_size())
+    plan = check_run(cfg, dist.get_world_size())
     t = cfg.train
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -63,35 +62,35 @@ def train(cfg: RunConfig, *, stream: TextIO = sys.stderr) -> list[dict[str, Any]
         say = functools.partial(print, file=stream, flush=True)
         datasets = build_datasets(cfg.data, seq_len=t.seq_len, seed=t.seed, log=say)
         model = model_vocab(cfg.model, datasets.tokenizer, list(datasets.sources))
-        run = setup(cfg, ps, model, microbatches)
-        global_batch = t.global_batch or t.micro_batch * ps.dp.size
-        data = DataIterator(
-            datasets.train, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
-        )
+        run = setup(cfg, ps, model, plan)
+        data = _data_iterator(run, datasets.train)
         metrics = Metrics(
             active=dist.get_rank() == 0, metrics_file=t.metrics_file, tensorboard=t.tensorboard, stream=stream
         )
         if metrics.active:
-            metrics.banner(banner(run, datasets, global_batch))
+            metrics.banner(banner(run, datasets))
         try:
             recorder = CommRecorder.for_state(ps) if t.comm_report else None
-            return _loop(run, data, datasets, metrics, global_batch, recorder)
+            return _loop(run, data, datasets, metrics, recorder)
         finally:
             metrics.close()
 
 
+def _data_iterator(run: Run, dataset: Any) -> DataIterator:
+    """This rank's micro-batches of ``dataset``, global batch by global batch, as the plan says."""
+    plan, ps = run.plan, run.ps
+    return DataIterator(
+        dataset, global_batch=plan.global_batch, micro_batch=plan.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
+    )
+
+
 def _loop(
-    run: Run,
-    data: DataIterator,
-    datasets: Any,
-    metrics: Metrics,
-    global_batch: int,
-    recorder: CommRecorder | None = None,
+    run: Run, data: DataIterator, datasets: Any, metrics: Metrics, recorder: CommRecorder | None = None
 ) -> list[dict[str, Any]]:
     cfg, t = run.cfg, run.cfg.train
     start = _resume(run, data, metrics)
     saver = ckpt.AsyncSaver() if t.save and t.async_save else None
-    tokens_per_step = global_batch * t.seq_len
+    tokens_per_step = run.plan.tokens_per_step
     one_device = device_peak(run.device, t.precision, t.peak_tflops)
     metrics.note(f"MFU peak: {one_device.describe()}")
     peak = one_device.flops * dist.get_world_size()
@@ -228,12 +227,9 @@ def _global_loss(run: Run, losses: list[torch.Tensor]) -> float:
 def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
     """Mean loss and perplexity over ``eval_steps`` global batches of the validation set."""
     ps, t = run.ps, run.cfg.train
-    global_batch = t.global_batch or t.micro_batch * ps.dp.size
     if dataset is None:
         raise TrainerError("evaluation needs a validation set: set data.valid_fraction > 0")
-    data = DataIterator(
-        dataset, global_batch=global_batch, micro_batch=t.micro_batch, dp_size=ps.dp.size, dp_rank=ps.dp.rank
-    )
+    data = _data_iterator(run, dataset)
     losses = []
     for _ in range(t.eval_steps):
         pairs = [
@@ -249,20 +245,8 @@ def evaluate(run: Run, dataset: Any, step: int) -> dict[str, Any]:
 
 def _save(run: Run, data: DataIterator, step: int, saver: ckpt.AsyncSaver | None) -> tuple[Path, Any]:
     """Save the run at ``step``; return the checkpoint's path and the background save's handle (or None)."""
-    t = run.cfg.train
-    state = saveable(run_state(run, step, data.state_dict()))
-    state["config"] = to_toml(run.cfg)
-    path = ckpt.step_dir(t.save, step)
-    held = replicas(run.ps.layout, run.ps.rank, run.model.tied_embeddings)  # each rank plans alone
-    if saver is None:
-        ckpt.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
-        return path, None
-    return path, saver.save(state, path, layout=_layout(run), keep=t.keep, replicas=held)
-
-
-def _layout(run: Run) -> dict[str, int]:
-    """The parallel sizes a checkpoint records."""
-    return {k: getattr(run.cfg.parallel, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp")} | {"dp": run.ps.dp.size}
+    path = ckpt.step_dir(run.cfg.train.save, step)
+    return path, save_run(run, step, data.state_dict(), path, keep=run.cfg.train.keep, saver=saver)
 
 
 def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
@@ -285,22 +269,10 @@ def _resume(run: Run, data: DataIterator, metrics: Metrics) -> int:
 
 
 def _resume_from(run: Run, data: DataIterator, metrics: Metrics, found: Path) -> int:
-    state = run_state(run, 0, data.state_dict())
-    summary = ckpt.inspect(found)
-    saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
-    if summary["layout"] != _layout(run) or not saved_dropout:  # streams per stage and TP rank: start anew
-        state.pop("dropout")
-    if not any(key.startswith("progress/") for key in summary["values"]):
-        weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
-        if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
-            weights["expert_bias"] = state["expert_bias"]  # imported routers' biases (DeepSeek-V3)
-        ckpt.load(weights, found)
+    loaded = load_run(run, found, data.state_dict())
+    if loaded.data is None:
         metrics.note(f"initialised the model from {found}")
         return 0
-    loaded = ckpt.load(saveable(state), found)
-    state.update(loaded)
-    finish_load(run, state)
-    data.load_state_dict(state["progress"]["data"])
-    step = int(state["progress"]["step"])
-    metrics.note(f"resumed from {found} at step {step}")
-    return step
+    data.load_state_dict(loaded.data)
+    metrics.note(f"resumed from {found} at step {loaded.step}: {loaded.plan_change}")
+    return loaded.step

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .setup import Run
 
 
-def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
+def banner(run: Run, datasets: Any) -> list[str]:
     """The lines that say what this run is, before its first step."""
     from ..plan import parameter_count  # plan imports train.flops: not at module level
 
@@ -31,7 +31,7 @@ def banner(run: Run, datasets: Any, global_batch: int) -> list[str]:
                      if cfg.parallel.vpp > 1 else ""))  # fmt: skip
     if t.recompute:
         modes.append(f"{t.recompute} recomputation")
-    tokens_per_step = global_batch * t.seq_len
+    global_batch, tokens_per_step = run.plan.global_batch, run.plan.tokens_per_step
     kv = f"MLA, latent {m.kv_lora_rank}" if m.attention == "mla" else f"{m.num_kv_heads} kv"
     lines = [
         f"model: {_count(dense + expert)} parameters{experts}; hidden {m.hidden}, {m.layers} layers, {m.heads} heads "

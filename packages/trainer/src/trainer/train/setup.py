@@ -1,5 +1,10 @@
-"""From a checked :class:`RunConfig` and a ``ParallelState`` to the parts of a run: the model chunks, their
-data-parallel engine (with the optimizer) and the pipeline executor.
+"""From a checked :class:`RunConfig`, its :class:`RunPlan` and a ``ParallelState`` to the parts of a run:
+the model chunks, their data-parallel engine (with the optimizer) and the pipeline executor.
+
+:func:`setup` is the list of steps, each a short function with one purpose: :func:`build_model`,
+:func:`apply_device`, the model's backend (:func:`trainer.model.apply_backend`), :func:`named_pieces`,
+:func:`apply_data_parallel` (the engine), :func:`apply_precision`, :func:`loss_scaler`,
+:func:`apply_pipeline` (the executor) and :func:`expert_bias`.
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
@@ -19,12 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dp_shard import DataParallelEngine, LossScaler, ZeroEngine, make_engine
+from dp_shard import DataParallelEngine, LossScaler, make_engine
 from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
 
-from ..config import RunConfig
+from ..config import RunConfig, RunPlan
 from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
@@ -35,10 +40,12 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16
 
 @dataclass
 class Run:
-    """Everything the loop steps: ``chunks`` (the bare model chunks, for checkpoints), ``modules`` (what
-    the executor calls: the engine's, under autocast for bf16/fp16), the data-parallel ``engine`` (one
-    interface whatever the ZeRO stage), the executor, the loss scaler (fp16), the ``device`` the model
-    and its batches are on, the MoE routers' expert-bias updater (``model.moe_expert_bias``), and the
+    """Everything the loop steps: the resolved ``plan`` (:func:`trainer.config.check_run`), ``chunks`` (the
+    bare model chunks), ``modules`` (what the executor calls: the engine's, under autocast for bf16/fp16),
+    the data-parallel ``engine`` (one interface whatever the ZeRO stage), the executor, the loss scaler
+    (fp16), ``pieces`` (each of the engine's parameter names to its layout-free named pieces, taken
+    before any sharding: what checkpoints split the engine's pieces along), the ``device`` the model and
+    its batches are on, the MoE routers' expert-bias updater (``model.moe_expert_bias``), and the
     executor's per-micro-batch main and MTP ``losses`` (cleared before each step)."""
 
     cfg: RunConfig
@@ -49,12 +56,16 @@ class Run:
     modules: list[nn.Module]
     engine: DataParallelEngine
     executor: PipelineExecutor
-    microbatches: int
+    plan: RunPlan
     scaler: LossScaler | None = None
-    fsdp_pieces: list[dict[str, list[Piece]]] | None = None
+    pieces: dict[str, list[Piece]] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     expert_bias: ExpertBiasUpdater | None = None
     losses: LossParts = field(default_factory=LossParts)
+
+    @property
+    def microbatches(self) -> int:
+        return self.plan.microbatches
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -63,17 +74,6 @@ class Run:
     @property
     def named(self) -> dict[str, nn.Parameter]:
         return self.engine.named
-
-    @property
-    def sharded(self) -> bool:
-        """Whether optimizer state is sharded by ZeRO-1/2 (checkpoints take it from its state dict)."""
-        return isinstance(self.engine, ZeroEngine)
-
-    @property
-    def fsdp(self) -> bool:
-        """Whether the chunks are fully sharded (ZeRO-3): ``fsdp_pieces`` then maps, per chunk, each
-        original parameter name to its named pieces (taken before sharding)."""
-        return self.fsdp_pieces is not None
 
 
 class Autocast(nn.Module):
@@ -111,12 +111,39 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: int) -> Run:
-    """Build the run's model chunks, wrappers, optimizer and executor (collective over the world)."""
-    t, o = cfg.train, cfg.optim
-    groups = ModelGroups.from_state(
+def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan) -> Run:
+    """Build the run's parts, one step each (collective over the world): the model chunks, their
+    backend, the named pieces, the data-parallel engine (with the optimizer), the precision wrappers,
+    the pipeline executor and the expert-bias updater."""
+    groups = model_groups(cfg, ps)
+    chunks = build_model(cfg, ps, model, groups)
+    device = apply_device(chunks)
+    context = apply_backend(
+        chunks, groups, backend=model.backend, precision=cfg.train.precision, fp8_recipe=cfg.train.fp8_recipe,
+        amax_group=ps.tp_dp_cp.group,
+    )  # fmt: skip
+    pieces = named_pieces(chunks)  # before the engine shards anything
+    engine = apply_data_parallel(cfg, ps, model, chunks)
+    modules = apply_precision(engine.modules, cfg.train.precision, context)
+    scaler = loss_scaler(cfg, ps)
+    losses = LossParts()
+    executor = apply_pipeline(cfg, ps, model, groups, plan, chunks, modules, engine, scaler, losses)
+    bias = expert_bias(cfg, ps, model, chunks)
+    return Run(cfg, model, ps, groups, chunks, modules, engine, executor, plan, scaler, pieces, device, bias, losses)
+
+
+def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
+    """The process groups and parallel options the model's layers take."""
+    t = cfg.train
+    return ModelGroups.from_state(
         ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention, cp_kernel=t.cp_kernel
     )
+
+
+def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups) -> list[GPTChunk]:
+    """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
+    ``train.init_from_hf``, read piece by piece from the Hugging Face weights."""
+    t = cfg.train
     chunks = build_chunks(
         model,
         groups,
@@ -133,20 +160,34 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         from ..hf.stream import load_hf_pieces
 
         load_hf_pieces(chunks, t.init_from_hf)
-    device = device_for_backend(dist.get_backend())  # the CPU under gloo, this rank's GPU under NCCL
+    return chunks
+
+
+def apply_device(chunks: list[GPTChunk]) -> torch.device:
+    """Move the chunks to this rank's device (the CPU under gloo, this rank's GPU under NCCL); return it."""
+    device = device_for_backend(dist.get_backend())
     for chunk in chunks:
         chunk.to(device)
-    context = apply_backend(
-        chunks, groups, backend=model.backend, precision=t.precision, fp8_recipe=t.fp8_recipe,
-        amax_group=ps.tp_dp_cp.group,
-    )  # fmt: skip
+    return device
+
+
+def named_pieces(chunks: list[GPTChunk]) -> dict[str, list[Piece]]:
+    """Each parameter's layout-free named pieces, by the name the engine gives it (``chunk{i}.{name}``)."""
+    out: dict[str, list[Piece]] = {}
+    for i, chunk in enumerate(chunks):
+        for name, pieces in _pieces_by_name(chunk).items():
+            out[f"chunk{i}.{name}"] = pieces
+    return out
+
+
+def apply_data_parallel(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, chunks: list[GPTChunk]
+) -> DataParallelEngine:
+    """The data-parallel engine of ``train.zero`` over ``dp_cp`` (experts over ``edp``), with AdamW."""
+    t, o = cfg.train, cfg.optim
     named = {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
-    adam = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    # an overflow on any rank skips the step on every rank
-    scaler = LossScaler(groups=[ps.world]) if t.precision == "fp16" else None
     decayed = {n for n, p in named.items() if p.dim() >= 2}  # by name: FSDP's pieces are 1-D
-    fsdp_pieces = [_pieces_by_name(c) for c in chunks] if t.zero == 3 else None  # taken before sharding
-    engine = make_engine(
+    return make_engine(
         t.zero,
         chunks,
         group=ps.dp_cp,
@@ -155,24 +196,59 @@ def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, microbatches: i
         optimizer_cls=torch.optim.AdamW,
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
-        **adam,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
     )
-    modules = engine.modules
-    if t.precision != "fp32":
-        modules = [Autocast(m, AUTOCAST[t.precision], context) for m in modules]
+
+
+def apply_precision(
+    modules: list[nn.Module], precision: str, context: Callable[[], AbstractContextManager] | None
+) -> list[nn.Module]:
+    """bf16/fp16/fp8: the modules' forwards under autocast (fp32 parameters are the master weights)."""
+    if precision == "fp32":
+        return modules
+    return [Autocast(m, AUTOCAST[precision], context) for m in modules]
+
+
+def loss_scaler(cfg: RunConfig, ps: ParallelState) -> LossScaler | None:
+    """fp16's dynamic loss scaler; an overflow on any rank skips the step on every rank."""
+    return LossScaler(groups=[ps.world]) if cfg.train.precision == "fp16" else None
+
+
+def apply_pipeline(
+    cfg: RunConfig,
+    ps: ParallelState,
+    model: ModelConfig,
+    groups: ModelGroups,
+    plan: RunPlan,
+    chunks: list[GPTChunk],
+    modules: list[nn.Module],
+    engine: DataParallelEngine,
+    scaler: LossScaler | None,
+    losses: LossParts,
+) -> PipelineExecutor:
+    """The executor running the plan's schedule over ``modules`` (accumulating inside the engine's
+    ``no_sync``), recording each micro-batch's losses in ``losses``."""
+    t = cfg.train
     scale = None if scaler is None else (lambda: scaler.scale)
-    losses, last_stage = LossParts(), next((c for c in chunks if c.mtp is not None), None)
-    executor = make_executor(
-        modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=microbatches, no_sync=engine.no_sync,
-        loss_scale=scale, last_stage=last_stage, parts=losses, autocast=AUTOCAST.get(t.precision),
+    last_stage = next((c for c in chunks if c.mtp is not None), None)
+    return make_executor(
+        modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
+        no_sync=engine.no_sync, loss_scale=scale, last_stage=last_stage, parts=losses,
+        autocast=AUTOCAST.get(t.precision),
     )  # fmt: skip
+
+
+def expert_bias(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, chunks: list[GPTChunk]
+) -> ExpertBiasUpdater | None:
+    """The MoE routers' aux-loss-free bias updater (``model.moe_expert_bias``), else ``None``."""
+    if not model.moe_expert_bias:
+        return None
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
-    tokens_group = ps.tp_dp_cp if t.sequence_parallel else ps.dp_cp
-    bias = ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate) if model.moe_expert_bias else None
-    return Run(
-        cfg, model, ps, groups, chunks, modules, engine, executor, microbatches, scaler, fsdp_pieces, device, bias,
-        losses,
-    )  # fmt: skip
+    tokens_group = ps.tp_dp_cp if cfg.train.sequence_parallel else ps.dp_cp
+    return ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate)
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:

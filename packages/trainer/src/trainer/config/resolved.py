@@ -1,0 +1,104 @@
+"""``RunPlan``: what a checked run resolved to (layout sizes, batch arithmetic, dtypes, ZeRO stage,
+schedule), computed once by :func:`trainer.config.check_run` and read everywhere else.
+
+The plan is plain data: it is saved in checkpoints as it is (``plan/<field>`` values), and a resumed run
+compares the saved plan with its own (:meth:`RunPlan.changes`): a new layout (parallel sizes, micro-batches, ZeRO
+stage, schedule) is allowed, since checkpoints load into any layout; a changed global batch, sequence
+length or precision changes what is trained and is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+TRAINING_FIELDS = ("global_batch", "seq_len", "precision", "param_dtype", "compute_dtype", "grad_reduce_dtype")
+"""The plan's fields that change what is trained (the samples and tokens of a step, the arithmetic); the
+others say how the same step is laid out (sizes, micro-batches, ZeRO stage, schedule): a resumed run may
+change those freely."""
+
+PARAM_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp32"}
+"""The stored parameters' dtype per ``train.precision`` (the fp32 parameters are the master weights)."""
+COMPUTE_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16+fp8"}
+"""The forward/backward compute dtype per ``train.precision`` (``bf16+fp8``: bf16 with fp8 matmuls)."""
+GRAD_REDUCE_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp32"}
+"""The dtype gradients are accumulated and reduced in per ``train.precision``."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run as it will execute (see the module notes). ``global_batch = micro_batch * microbatches * dp``
+    samples per optimizer step; ``schedule`` is the pipeline schedule, ``None`` without pipelining."""
+
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    edp: int
+    micro_batch: int
+    microbatches: int
+    global_batch: int
+    seq_len: int
+    precision: str
+    param_dtype: str
+    compute_dtype: str
+    grad_reduce_dtype: str
+    zero: int
+    sequence_parallel: bool
+    schedule: str | None
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks."""
+        return self.global_batch * self.seq_len
+
+    def layout_sizes(self) -> dict[str, int]:
+        """The parallel sizes (``tp``, ``pp``, ``vpp``, ``cp``, ``ep``, ``etp``, ``dp``) a checkpoint records."""
+        return {k: getattr(self, k) for k in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp")}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON values (what a checkpoint stores under ``plan/``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunPlan:
+        """The plan ``as_dict`` gave; fields a later version added and an older checkpoint lacks are ``None``."""
+        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+
+    def changes(self, saved: RunPlan) -> tuple[list[str], list[str]]:
+        """What differs from ``saved``, as ``field old->new`` strings: the layout changes (allowed: sizes,
+        micro-batches, ZeRO stage, schedule), then the training changes (:data:`TRAINING_FIELDS`: global
+        batch, sequence length, precision; reported)."""
+        layout, other = [], []
+        for f in fields(self):
+            old, new = getattr(saved, f.name), getattr(self, f.name)
+            if old != new and old is not None:
+                (other if f.name in TRAINING_FIELDS else layout).append(f"{f.name} {old}->{new}")
+        return layout, other
+
+    def describe_changes(self, saved: RunPlan) -> str:
+        """One line saying how this run differs from the plan that saved the checkpoint."""
+        layout, other = self.changes(saved)
+        if not layout and not other:
+            return "the run plan is the saved one"
+        parts = []
+        if layout:
+            parts.append(f"layout changed ({', '.join(layout)})")
+        if other:
+            parts.append(f"training changed ({', '.join(other)})")
+        return "; ".join(parts)
+
+    def describe(self) -> str:
+        """The plan in one line (the start banner and the resume note)."""
+        sizes = " x ".join(f"{k} {getattr(self, k)}" for k in ("tp", "cp", "ep", "dp", "pp"))
+        vpp = f" (vpp {self.vpp})" if self.vpp > 1 else ""
+        schedule = f", {self.schedule}" if self.schedule else ""
+        return (
+            f"{self.world_size} ranks = {sizes}{vpp}; global batch {self.global_batch} = {self.micro_batch} x "
+            f"{self.microbatches} micro-batches x dp {self.dp}, seq {self.seq_len}; params {self.param_dtype}, "
+            f"compute {self.compute_dtype}, grad reduce {self.grad_reduce_dtype}; zero {self.zero}{schedule}"
+        )
