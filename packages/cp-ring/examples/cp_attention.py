@@ -1,9 +1,11 @@
 """A causal self-attention block under context parallelism, checked against the same block on one process.
 
-    torchrun --nproc-per-node 2 packages/cp-ring/examples/cp_attention.py
+    torchrun --nproc-per-node 2 packages/cp-ring/examples/cp_attention.py [--ulysses]
+    torchrun --nproc-per-node 4 packages/cp-ring/examples/cp_attention.py --hierarchical
 
-Each CP rank holds its zigzag part of the sequence; ring attention (or Ulysses with ``--ulysses``) attends
-over the whole sequence; the replicated weights' gradients are summed over ``ps.dp_cp``.
+Each CP rank holds its zigzag part of the sequence; ring attention (or Ulysses with ``--ulysses``, or with
+``--hierarchical`` an all-to-all inside pairs of ranks and a ring across them, at CP4) attends over the
+whole sequence; the replicated weights' gradients are summed over ``ps.dp_cp``.
 """
 
 import sys
@@ -13,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import pstate
-from cp_ring import ring_attention, shard_sequence, ulysses_attention, unshard_sequence
+from cp_ring import hierarchical_attention, ring_attention, shard_sequence, ulysses_attention, unshard_sequence
 
 SEQ, BATCH, HIDDEN, HEADS = 64, 2, 32, 4
 
@@ -25,14 +27,24 @@ def block(x, qkv, proj, attention):
     return proj(out)
 
 
-with pstate.initialize(pstate.ParallelConfig(cp=2)) as ps:  # 2 ranks: cp=2, dp=1
+HIERARCHICAL = "--hierarchical" in sys.argv
+CONFIG = pstate.ParallelConfig(cp=4, cp_a2a=2) if HIERARCHICAL else pstate.ParallelConfig(cp=2)  # dp=1
+
+
+def cp_attention(q, k, v, ps):
+    if HIERARCHICAL:  # all-to-all over heads in ps.cp_a2a (adjacent ranks), ring over ps.cp_ring
+        return hierarchical_attention(q, k, v, a2a_group=ps.cp_a2a, ring_group=ps.cp_ring, causal=True)
+    attention = ulysses_attention if "--ulysses" in sys.argv else ring_attention
+    return attention(q, k, v, group=ps.cp, causal=True)
+
+
+with pstate.initialize(CONFIG) as ps:
     torch.manual_seed(0)  # same weights and data on every rank
     qkv, proj = torch.nn.Linear(HIDDEN, 3 * HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
     x = torch.randn(SEQ, BATCH, HIDDEN)  # [seq, batch, hidden]
-    cp_attention = ulysses_attention if "--ulysses" in sys.argv else ring_attention
 
     x_local = shard_sequence(x, group=ps.cp)  # zigzag: chunks r and 2cp-1-r of 2cp
-    y_local = block(x_local, qkv, proj, lambda q, k, v: cp_attention(q, k, v, group=ps.cp, causal=True))
+    y_local = block(x_local, qkv, proj, lambda q, k, v: cp_attention(q, k, v, ps))
     y_local.sum().backward()
     for p in (*qkv.parameters(), *proj.parameters()):  # replicated over CP: sum the token gradients
         dist.all_reduce(p.grad, group=ps.dp_cp.group)

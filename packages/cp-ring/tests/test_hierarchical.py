@@ -24,21 +24,23 @@ SEQ, BATCH, HEADS, DIM = 32, 2, 8, 8
 LENGTHS = ([5, 11, 3, 13], [6, 10, 8, 8])  # packed documents: boundaries inside and across zigzag chunks
 
 
-def data(kv_heads):
+def data(kv_heads, dtype=torch.float32):
     generator = torch.Generator().manual_seed(17)
     q = torch.randn(BATCH, HEADS, SEQ, DIM, generator=generator)
     k = torch.randn(BATCH, kv_heads, SEQ, DIM, generator=generator)
     v = torch.randn(BATCH, kv_heads, SEQ, DIM, generator=generator)
-    return q, k, v, torch.randn(BATCH, HEADS, SEQ, DIM, generator=generator)
+    c = torch.randn(BATCH, HEADS, SEQ, DIM, generator=generator)
+    return tuple(t.to(dtype) for t in (q, k, v, c))
 
 
 def documents():
     return torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in LENGTHS])
 
 
-def reference(causal, kv_heads, packed=False):
-    """out, dq, dk, dv of full-sequence SDPA (each document alone when ``packed``)."""
-    q, k, v, c = (t.requires_grad_() for t in data(kv_heads))
+def reference(causal, kv_heads, packed=False, dtype=torch.float32):
+    """out, dq, dk, dv of full-sequence SDPA in fp32 (each document alone when ``packed``; inputs rounded to
+    ``dtype`` first)."""
+    q, k, v, c = (t.float().requires_grad_() for t in data(kv_heads, dtype))
     if packed:
         out = torch.cat([per_document(q, k, v, b, lengths) for b, lengths in enumerate(LENGTHS)])
     else:
@@ -73,10 +75,10 @@ def sub_groups(a):
     return inner[rank // a], outer[rank % a]
 
 
-def run_hierarchical(a, causal, zigzag, kv_heads, kernel, packed=False):
+def run_hierarchical(a, causal, zigzag, kv_heads, kernel, packed=False, dtype=torch.float32):
     a2a, ring = sub_groups(a)
     world = dist.group.WORLD
-    q, k, v, c = data(kv_heads)
+    q, k, v, c = data(kv_heads, dtype)
     local = [shard_sequence(t, group=world, dim=2, zigzag=zigzag).clone().requires_grad_() for t in (q, k, v)]
     docs = shard_sequence(documents(), group=world, dim=1, zigzag=zigzag) if packed else None
     kernel = {"math": MathKernel(), "sdpa": SDPAKernel()}[kernel]
@@ -114,6 +116,17 @@ def test_other_splits_equal_full_sdpa(run_ranks, world, a):
 def test_packed_documents_at_2x2_equal_each_document_alone(run_ranks, kernel):
     expected = reference(True, 2, packed=True)
     check(run_ranks(4, run_hierarchical, 2, True, True, 2, kernel, True), expected, 4, True, "packed")
+
+
+@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+def test_bf16_at_2x2_is_close_to_the_fp32_reference(run_ranks, kernel):
+    """bf16 in and out, fp32 inside the ring: within bf16 rounding (rtol 1.6e-2, atol 2e-2, as for the ring
+    and Ulysses) of fp32 attention on the same bf16-rounded inputs."""
+    expected = reference(True, 4, dtype=torch.bfloat16)
+    for rank, got in enumerate(run_ranks(4, run_hierarchical, 2, True, True, 4, kernel, False, torch.bfloat16)):
+        for g, e in zip(got, expected):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g.float(), part(e, rank, 4, True), rtol=1.6e-2, atol=2e-2)
 
 
 def run_with_pstate_groups():

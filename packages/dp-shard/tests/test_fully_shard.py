@@ -215,7 +215,7 @@ def tags_of_the_pieces():
     tags.mark_sequence_parallel(block.norm.weight)
     tags.mark_expert_parallel(block.extra.weight)
     tags.mark_tied_copy(block.extra.bias)
-    fully_shard(model, group=dist.group.WORLD, units=Block)
+    fully_shard(model, group=dist.group.WORLD, units=Block, expert_group=dist.group.WORLD)
     pieces = dict(model.named_parameters())
     return {
         name: (

@@ -57,7 +57,8 @@ def measure(dispatcher: str, tokens: int, hidden: int, ffn: int, experts: int, t
         sent = 0.0
     elif dispatcher == "alltoall":
         me = dist.get_rank()
-        rows = (sum(d._send) - d._send[me]) + (sum(d._recv) - d._recv[me])  # dispatch + combine
+        r = d.routing
+        rows = (sum(r.send) - r.send[me]) + (sum(r.recv) - r.recv[me])  # dispatch + combine
         sent = 2 * rows * hidden * 4  # the backward sends the same rows back
     else:
         per_gather = (ep - 1) * tokens * ((hidden + experts) * 4 + experts)  # hidden, probs, map

@@ -161,3 +161,30 @@ def test_sequence_parallel_shared_expert_with_ep_and_etp_equals_one_process(run_
         torch.testing.assert_close(got["w1"], expert_slice(w1_total, first, local, q, 2, 1))
         torch.testing.assert_close(got["w2"], expert_slice(w2_total, first, local, q, 2, 2))
         assert got["router_sp"] and got["gate_sp"] == gate and got["fc_dims"] == (0, 1)
+
+
+def undrawn_pieces():
+    """TP2/ETP2 rank's undrawn weights: (shapes, all zero, storage bytes of the shared fc1's weight)."""
+    with pstate.initialize(pstate.ParallelConfig(tp=2)) as ps:
+        layer = MoELayer(
+            16, 32, 4, 2, etp_group=ps.etp, shared_ffn_hidden=64, shared_gate=True, tp_group=ps.tp,
+            sequence_parallel=True, seed=1, draw_experts=False,
+        )  # fmt: skip
+        weights = {
+            "weight1": layer.experts.weight1,
+            "weight2": layer.experts.weight2,
+            "fc1": layer.shared_expert.fc1.weight,
+            "fc2": layer.shared_expert.fc2.weight,
+            "gate": layer.shared_expert.gate_weight,
+        }
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        zero = all(not w.any() for w in weights.values())
+        return shapes, zero, weights["fc1"].untyped_storage().nbytes()
+
+
+def test_undrawn_experts_and_shared_expert_hold_only_this_ranks_zero_slices(run_ranks):
+    for shapes, zero, fc1_bytes in run_ranks(2, undrawn_pieces):
+        experts = {"weight1": (4, 32, 16), "weight2": (4, 16, 16)}  # ETP halves of 4 experts' [64, 16], [16, 32]
+        assert shapes == {**experts, "fc1": (64, 16), "fc2": (16, 32), "gate": (1, 16)}
+        assert zero
+        assert fc1_bytes == 64 * 16 * 4  # this rank's slice only, not the full [128, 16] weight

@@ -30,6 +30,15 @@ LAYOUTS = {
     ),
     "zero3-tp2-pp2-dp2": (8, {"parallel": {"tp": 2, "pp": 2}, "train": {"zero": 3}}),
     "tied-zero2-pp2-dp2": (4, {"model": {"preset": "tiny-gpt2"}, "parallel": {"pp": 2}, "train": {"zero": 2}}),
+    # HSDP 2x2 (flat ranges replicated across the shard groups) with experts sharded over edp
+    "hsdp-2x2-moe-ep2-tp2-sp": (
+        8,
+        {
+            "model": {"preset": "tiny-moe"},
+            "parallel": {"tp": 2, "ep": 2, "dp_shard": 2},
+            "train": {"zero": 3, "sequence_parallel": True},
+        },
+    ),
 }
 
 

@@ -38,6 +38,7 @@ def test_parameter_counts_of_known_models():
     assert sum(parameter_count(preset("llama3-8b"))) == 8_030_261_248  # Meta-Llama-3-8B
     assert sum(parameter_count(preset("llama3-70b"))) == 70_553_706_496  # Meta-Llama-3-70B
     assert sum(parameter_count(preset("mixtral-8x7b"))) == 46_702_792_704  # Mixtral-8x7B-v0.1
+    assert sum(parameter_count(preset("mixtral-8x22b"))) == 140_630_071_296  # Mixtral-8x22B-v0.1
 
 
 def test_plans_obey_the_rules_and_fit():

@@ -1,6 +1,6 @@
 """Resume across every pair of data-parallel modes: a run saved under each of DDP, ZeRO-1, ZeRO-2 and
-ZeRO-3 loads under each of them (16 pairs at DP2), and under another layout (DP4, TP2+SP x DP2), and
-continues with the uninterrupted run's losses.
+ZeRO-3 loads under each of them (16 pairs at DP2), and under another layout (DP4, TP2+SP x DP2; each of
+them into HSDP 2x2), and continues with the uninterrupted run's losses.
 
 One spawn of ranks serves a whole matrix: the ranks train ``K`` steps under each saving mode and save
 (the trainer's ``save_run``), then build a run of each loading mode, load (``load_run``), and train on to
@@ -140,6 +140,8 @@ def test_every_pair_of_modes_resumes_with_the_uninterrupted_losses(saved):
 LAYOUTS = {
     "dp4": ({"dp": 4}, {}, [(0, 1), (1, 2), (2, 3), (3, 0)]),
     "tp2-sp-dp2": ({"tp": 2}, {"sequence_parallel": True}, [(0, 3), (1, 0), (2, 1), (3, 2)]),
+    # HSDP 2x2 (ZeRO-3 sharded within pairs of ranks, replicated across them) from every mode
+    "hsdp-2x2": ({"dp": 4, "dp_shard": 2}, {}, [(0, 3), (1, 3), (2, 3), (3, 3)]),
 }
 
 

@@ -97,7 +97,8 @@ def test_missing_and_invalid_files_are_named(tmp_path):
             4,
             "--zero 3 with --pipeline-schedule zero-bubble",
         ),
-        ({"model": {"preset": "tiny-moe"}, "train": {"zero": 3}}, 2, "--zero 3 with MoE experts"),
+        ({"parallel": {"dp_shard": 2}, "train": {"zero": 1}}, 4, r"parallel.dp_shard=2 \(HSDP\) needs train.zero=3"),
+        ({"parallel": {"dp_shard": 3}, "train": {"zero": 3}}, 4, r"dp_shard=3 must divide dp=4 \(HSDP"),
         ({"model": {"preset": "tiny-hybrid"}, "data": {"packing": "pack"}}, 1, "data.packing='pack' with a hybrid"),
         ({"model": {"preset": "tiny-hybrid", "mtp_depth": 1}}, 1, "model.mtp_depth=1 with a hybrid"),
         (

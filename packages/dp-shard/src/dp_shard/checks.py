@@ -21,7 +21,9 @@ def check_same_parameters(named: Sequence[tuple[str, torch.nn.Parameter]], group
     when they differ are the full signatures gathered to name the first difference."""
     signature: Signature = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in named]
     digest = int.from_bytes(hashlib.sha256(repr(signature).encode()).digest()[:7], "little")
-    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=named[0][1].device)
+    device = named[0][1].device
+    device = torch.device("cpu") if device.type == "meta" else device  # a model built from shapes alone
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
     comm.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     if extremes[0].item() == -extremes[1].item():
         return

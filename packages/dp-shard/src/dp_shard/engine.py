@@ -135,7 +135,7 @@ def _bytes(tensors: Any) -> int:
     storages = {}
     for t in tensors:
         if torch.is_tensor(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
 
@@ -267,7 +267,10 @@ class ZeroEngine(DataParallelEngine):
 
 class FSDPEngine(DataParallelEngine):
     """ZeRO-3: each chunk passed to :func:`~dp_shard.fully_shard` over ``group`` with ``units(chunk)``;
-    ``optimizer_cls`` steps this rank's pieces."""
+    ``optimizer_cls`` steps this rank's pieces. HSDP: ``group`` is the shard group and
+    ``replicate_group`` the replicas across shard groups. Experts are sharded over ``expert_group``.
+    ``param_dtype``/``reduce_dtype``: the gather (compute) and gradient-reduction dtypes; the shards keep
+    the parameters' dtype (fp32 masters) and so does the optimizer state."""
 
     zero = 3
 
@@ -279,13 +282,20 @@ class FSDPEngine(DataParallelEngine):
         units: Callable[[nn.Module], list[nn.Module]],
         param_groups: GroupsFn,
         optimizer_cls: type[torch.optim.Optimizer],
+        replicate_group: pstate.Group | None = None,
+        expert_group: pstate.Group | None = None,
+        param_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype | None = torch.float32,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
-        for chunk in self.chunks:
-            fully_shard(chunk, group=group, units=units(chunk))  # the pieces keep the parameters' tags
+        for chunk in self.chunks:  # the pieces keep the parameters' tags
+            fully_shard(
+                chunk, group=group, units=units(chunk), replicate_group=replicate_group, expert_group=expert_group,
+                param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+            )  # fmt: skip
         self.modules = list(self.chunks)
-        self.group = group
+        self.group, self.replicate_group, self.expert_group = group, replicate_group, expert_group
         self.named = _named(self.chunks)
         self.optimizer = optimizer_cls(_plain(param_groups(self.named)), **optimizer_kwargs)
         self._params = list(self.named.values())
@@ -307,11 +317,13 @@ class FSDPEngine(DataParallelEngine):
         return [p.grad for p in self._params]
 
     def clip_grad_norm_(self, max_norm: float, groups: ClipGroups) -> torch.Tensor:
-        if groups.ep is not None:
-            raise DataParallelError("ZeRO-3 does not shard expert parameters yet: use zero=1 or 2 with experts")
-        return clip_grad_norm_(  # each rank holds other elements of the gradients over the group
-            self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, model_parallel_groups=[self.group]
-        )
+        # each rank holds other elements over the shard group (experts: over theirs); replicas the same ones
+        experts = dict(ep_group=groups.ep, etp_group=groups.etp) if groups.ep is not None else {}
+        expert_groups = [self.expert_group] if self.expert_group is not None else []
+        return clip_grad_norm_(
+            self._params, max_norm, tp_group=groups.tp, pp_group=groups.pp, dense_groups=[self.group],
+            expert_groups=expert_groups, **experts,
+        )  # fmt: skip
 
     def checkpoint_pieces(self) -> CheckpointPieces:
         return fully_sharded_pieces(self.chunks, self.optimizer)
@@ -334,16 +346,24 @@ def make_engine(
     optimizer_cls: type[torch.optim.Optimizer],
     aligned: Sequence[nn.Parameter] = (),
     units: Callable[[nn.Module], list[nn.Module]] | None = None,
+    replicate_group: pstate.Group | None = None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
     **optimizer_kwargs: Any,
 ) -> DataParallelEngine:
-    """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded)."""
+    """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded; with
+    ``replicate_group`` HSDP: sharded over ``group``, replicated over ``replicate_group``).
+    ``param_dtype``/``reduce_dtype``: ZeRO-3's gather and reduction dtypes (see :class:`FSDPEngine`)."""
+    if (replicate_group is not None or param_dtype is not None) and zero != 3:
+        raise DataParallelError(f"replicate_group and param_dtype are ZeRO-3's (HSDP, gathers); zero={zero}")
     common = dict(group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, **optimizer_kwargs)
     if zero == 0:
         return DDPEngine(chunks, expert_group=expert_group, **common)
     if zero in (1, 2):
         return ZeroEngine(chunks, stage=zero, expert_group=expert_group, aligned=aligned, **common)
     if zero == 3:
-        if expert_group is not None:
-            raise DataParallelError("ZeRO-3 does not shard expert parameters yet: use zero=1 or 2 with experts")
-        return FSDPEngine(chunks, units=units or (lambda chunk: []), **common)
+        return FSDPEngine(
+            chunks, units=units or (lambda chunk: []), replicate_group=replicate_group, expert_group=expert_group,
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, **common,
+        )  # fmt: skip
     raise DataParallelError(f"zero={zero!r}: expected 0, 1, 2 or 3")

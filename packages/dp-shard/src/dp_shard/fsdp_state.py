@@ -25,8 +25,29 @@ def sharded_state(module: nn.Module) -> FullyShardedState:
     return state
 
 
+class UnitShards:
+    """The flat shards one unit module holds (its dense parameters; its experts over their own group),
+    gathered and freed together."""
+
+    def __init__(self, module: nn.Module, flats: list[FlatUnit]) -> None:
+        self.module, self.flats = module, flats
+
+    def gather(self, *, async_op: bool) -> None:
+        for flat in self.flats:
+            flat.gather(async_op=async_op)
+
+    def install_views(self) -> None:
+        for flat in self.flats:
+            flat.install_views()
+
+    def free(self) -> None:
+        for flat in self.flats:
+            flat.free()
+
+
 class FullyShardedState:
-    """The units of one fully sharded module and the hooks that gather, free and reduce them."""
+    """The units of one fully sharded module and the hooks that gather, free and reduce them. ``units``
+    are the flat shards (:class:`FlatUnit`); ``modules`` the unit modules' :class:`UnitShards`."""
 
     def __init__(
         self,
@@ -39,22 +60,27 @@ class FullyShardedState:
     ) -> None:
         self.root, self.units, self.group = root, units, group
         self.prefetch, self.param_dtype = prefetch, param_dtype
-        self._unit_of = {id(u.module): u for u in units}
-        self._forward_order: list[FlatUnit] = list(units)  # predicted order of unit forwards
-        self._current: list[FlatUnit] = []  # pre-forward order in this forward
-        self._finished: list[FlatUnit] = []  # post-forward order in this forward
-        self._backward_order: list[FlatUnit] = []
+        by_module: dict[int, UnitShards] = {}
+        for flat in units:
+            by_module.setdefault(id(flat.module), UnitShards(flat.module, [])).flats.append(flat)
+        self.modules = list(by_module.values())
+        self._unit_of = by_module
+        self._forward_order: list[UnitShards] = list(self.modules)  # predicted order of unit forwards
+        self._current: list[UnitShards] = []  # pre-forward order in this forward
+        self._finished: list[UnitShards] = []  # post-forward order in this forward
+        self._backward_order: list[UnitShards] = []
         self._in_backward = False
-        self._reduced: set[int] = set()
-        self._pending: PendingReduce | None = None
+        self._reduced: set[int] = set()  # the flat shards reduced (or stashed) in this backward
+        self._pending: PendingReduce | None = None  # reduce-scatter in flight
+        self._replicating: PendingReduce | None = None  # HSDP: the one before, its all-reduce in flight
         self._sync = True
         self._hooks = []
-        hooked = [root] + [u.module for u in units if u.module is not root]
+        hooked = [root] + [u.module for u in self.modules if u.module is not root]
         for mod in hooked:
             self._hooks.append(mod.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
             self._hooks.append(mod.register_forward_hook(self._post_forward))
-        for unit in units:
-            self._hooks.append(unit.full.register_post_accumulate_grad_hook(self._make_post_backward(unit)))
+        for flat in units:
+            self._hooks.append(flat.full.register_post_accumulate_grad_hook(self._make_post_backward(flat)))
 
     # forward -----------------------------------------------------------------------------------
 
@@ -86,22 +112,25 @@ class FullyShardedState:
         if mod is self.root:
             if self._current:
                 self._forward_order = list(dict.fromkeys(self._current))
-            for other in self.units:  # prefetched but not used in this forward
+            for other in self.modules:  # prefetched but not used in this forward
                 other.free()
 
     # backward ----------------------------------------------------------------------------------
 
-    def _make_pre_backward(self, unit: FlatUnit | None):
+    def _done(self, unit: UnitShards) -> bool:
+        return all(id(flat) in self._reduced for flat in unit.flats)
+
+    def _make_pre_backward(self, unit: UnitShards | None):
         def hook(grad: torch.Tensor) -> None:
             self._start_backward()
-            if unit is None or id(unit) in self._reduced:
+            if unit is None or self._done(unit):
                 return
             unit.gather(async_op=False)
             if self.prefetch:
                 order = self._backward_order
                 position = order.index(unit) if unit in order else len(order)
                 for following in order[position + 1 :]:
-                    if following is not unit and id(following) not in self._reduced:
+                    if following is not unit and not self._done(following):
                         following.gather(async_op=True)
                         break
 
@@ -131,25 +160,31 @@ class FullyShardedState:
             if unit.unsharded_grad is not None:
                 unit.start_reduce().finish()
 
-    def _make_post_backward(self, unit: FlatUnit):
+    def _make_post_backward(self, flat: FlatUnit):
         def hook(full: torch.Tensor) -> None:
             self._start_backward()
             if not self._sync:
-                unit.stash_grad()
-                self._reduced.add(id(unit))
+                flat.stash_grad()
+                self._reduced.add(id(flat))
                 return
+            # a pipeline of reductions: the one before last finishes, the last moves on to its all-reduce
+            # across replicas (HSDP), and this one's reduce-scatter starts
+            if self._replicating is not None:
+                self._replicating.finish()
+            self._replicating = self._pending
             if self._pending is not None:
-                self._pending.finish()
-            self._pending = unit.start_reduce()
-            self._reduced.add(id(unit))
+                self._pending.replicate()
+            self._pending = flat.start_reduce()
+            self._reduced.add(id(flat))
 
         return hook
 
     def _end_backward(self) -> None:
-        if self._pending is not None:
-            self._pending.finish()
-            self._pending = None
-        for unit in self.units:
+        for pending in (self._replicating, self._pending):
+            if pending is not None:
+                pending.finish()
+        self._pending = self._replicating = None
+        for unit in self.modules:
             unit.free()
         self._reduced.clear()
         self._in_backward = False

@@ -1,5 +1,12 @@
 """One FSDP unit: the flat shard of a group of parameters, their gathered copy and its gradient reduction.
 
+Groups. ``group`` is the shard group (all of the data-parallel group for ZeRO-3, a slice of it for
+HSDP, the expert-data-parallel group for experts); ``replicate_group`` (HSDP) holds the ranks with the
+same shard in the other shard groups: each gradient element is reduce-scattered within the shard group
+and its shard then all-reduced across the replicate group, once per step. The gradient is divided by
+``divide_by`` before the reduction (default: the shard group's size times the replicate group's, the
+number of replicas averaged; experts divide by the dense data-parallel size, see ``fully_shard``).
+
 Layout. The unit's parameters, concatenated (row-major, in order) and padded with zeros to a multiple
 of the group size ``N``, form a flat tensor of ``padded`` elements; rank ``r`` stores elements
 ``[r * padded / N, (r + 1) * padded / N)`` of it in ``flat``, in the parameters' own dtype (the master
@@ -19,8 +26,9 @@ autograd's saved-tensor checks do not fire.
 
 Gradient. Every view's gradient accumulates into ``full.grad``; once autograd has finished with all
 of them (``full``'s post-accumulate-grad hook), :meth:`FlatUnit.start_reduce` casts it to the
-reduction dtype, divides by ``N`` and reduce-scatters it; :meth:`PendingReduce.finish` adds this
-rank's part into the pieces' ``.grad`` (accumulating across backward passes like plain parameters).
+reduction dtype, divides by ``divide_by`` and reduce-scatters it (then, HSDP, all-reduces the shard);
+:meth:`PendingReduce.finish` adds this rank's part into the pieces' ``.grad`` (accumulating across
+backward passes like plain parameters).
 Under ``no_sync`` :meth:`FlatUnit.stash_grad` keeps ``full.grad`` instead (in the reduction dtype,
 summed over the passes) and the next reduction of the unit includes it: one reduce-scatter per step
 whatever the number of micro-batches, at the price of the unit's unsharded gradient while a step runs.
@@ -62,14 +70,28 @@ class Slot:
 
 @dataclass
 class PendingReduce:
-    """A reduce-scatter in flight; :meth:`finish` waits and adds the result into the pieces' grads."""
+    """A gradient reduction in flight: the reduce-scatter over the shard group, then (HSDP) the all-reduce
+    of this rank's shard over the replicate group. :meth:`replicate` waits for the first and starts the
+    second; :meth:`finish` completes both and adds the result into the pieces' grads."""
 
     unit: FlatUnit
     work: Any
     out: torch.Tensor
-    source: torch.Tensor = field(repr=False)  # kept alive until the collective is done
+    source: torch.Tensor | None = field(repr=False)  # kept alive until the reduce-scatter is done
+    replicating: bool = False
+
+    def replicate(self) -> None:
+        """Wait for the reduce-scatter; with a replicate group, start the shard's all-reduce over it."""
+        if self.replicating:
+            return
+        if self.work is not None:
+            self.work.wait()
+        self.work, self.source, self.replicating = None, None, True
+        if self.unit.replicate_group is not None:
+            self.work = comm.all_reduce(self.out, group=self.unit.replicate_group, async_op=True)
 
     def finish(self) -> None:
+        self.replicate()
         if self.work is not None:
             self.work.wait()
         out = self.out.to(self.unit.flat.dtype)
@@ -94,9 +116,13 @@ class FlatUnit:
         group: dist.ProcessGroup,
         param_dtype: torch.dtype | None,
         reduce_dtype: torch.dtype | None,
+        replicate_group: dist.ProcessGroup | None = None,
+        divide_by: int | None = None,
     ) -> None:
-        self.name, self.module, self.group = name, module, group
+        self.name, self.module, self.group, self.replicate_group = name, module, group, replicate_group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        replicas = 1 if replicate_group is None else dist.get_world_size(replicate_group)
+        self.divide_by = divide_by or self.size * replicas  # the gradient is the mean over every replica
         first = params[0][2]
         self.dtype, self.device = first.dtype, first.device
         self.compute_dtype = param_dtype or self.dtype
@@ -189,8 +215,8 @@ class FlatUnit:
         source = grad.to(dtype)
         if kept is not None and kept is not grad:
             source = source + kept if source is grad else source.add_(kept)
-        if self.size > 1:
-            source.div_(self.size)
+        if self.divide_by > 1:
+            source.div_(self.divide_by)
         out = torch.empty(self.shard_numel, dtype=dtype, device=self.device)
         work = comm.reduce_scatter(out, source, group=self.group, async_op=True)
         self.free()

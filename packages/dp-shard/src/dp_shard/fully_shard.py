@@ -18,14 +18,22 @@ What the optimizer sees. ``module.parameters()`` yields, under the original name
 of each parameter (1-D, possibly empty). Any ``torch.optim`` optimizer built on them steps only the
 local shard, which is ZeRO-3's sharded optimizer step; parameter groups by name (weight decay on/off)
 work as usual. Gradients arrive averaged over the group; there is no ``finish_grad_sync`` to call.
+
+HSDP and experts. With a ``replicate_group`` the parameters are sharded within ``group`` and replicated
+across the replicate group: gathers stay within the shard group, and each gradient element is
+reduce-scattered there and its shard all-reduced across the replicas (once per step under ``no_sync``).
+Parameters tagged ``expert_parallel`` form flat shards of their own over ``expert_group``; a unit with
+both kinds gathers, frees and reduces the two together.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import pstate
+from pstate.tags import is_expert_parallel
 
 from .checks import check_same_parameters
 from .errors import DataParallelError
@@ -58,6 +66,8 @@ def fully_shard(
     prefetch: bool = True,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
+    replicate_group: pstate.Group | None = None,
+    expert_group: pstate.Group | None = None,
 ) -> nn.Module:
     """Shard ``module``'s trainable parameters over ``group`` (ZeRO-3), in place; returns ``module``.
 
@@ -69,6 +79,13 @@ def fully_shard(
     dtype parameters are gathered and computed in while shards stay in their own dtype (fp32 master
     weights); floating-point inputs of every unit are cast to it. ``reduce_dtype`` is the dtype of the
     gradient reduce-scatter (``None``: the compute dtype).
+
+    ``replicate_group`` (HSDP, e.g. ``ps.dp_replicate`` with ``group=ps.dp_shard``): the ranks holding
+    the same shards in the other shard groups; each unit's gradient shard is all-reduced over it after the
+    reduce-scatter, and gradients are averaged over both groups. ``expert_group`` (``ps.edp``): parameters
+    tagged ``expert_parallel`` get flat shards of their own in their unit, sharded over it (the ranks
+    holding the same experts), with gradients divided by the dense data-parallel size (``group`` times
+    ``replicate_group``), since every dense replica's tokens reach the experts.
 
     Every rank must call the wrapped module the same way: the same units, in the same order, with
     every unit's output reaching the loss on all ranks or on none (collectives match by order).
@@ -83,16 +100,31 @@ def fully_shard(
         raise DataParallelError(f"prefetch={prefetch!r} must be True or False")
     check_dtypes(param_dtype, reduce_dtype)
     process_group = pstate.as_group(group)
+    replicas = None if replicate_group is None else pstate.as_group(replicate_group)
+    experts = None if expert_group is None else pstate.as_group(expert_group)
     planned = resolve_units(module, units)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not named:
         raise DataParallelError(f"{type(module).__name__} has no trainable parameters to shard")
+    tagged = [n for n, p in named if is_expert_parallel(p)]
+    if tagged and experts is None:
+        raise DataParallelError(
+            f"{tagged[0]!r} is tagged expert_parallel but no expert_group was given: its ranks hold other "
+            "experts, so sharding it over the data-parallel group would mix them; pass expert_group=ps.edp"
+        )
     check_same_parameters(named, process_group)
     planned = assign_parameters(module, planned)
-    flat_units = [
-        FlatUnit(u.name, u.module, u.params, group=process_group, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        for u in planned
-    ]
+    dense_size = dist.get_world_size(process_group) * (1 if replicas is None else dist.get_world_size(replicas))
+    common = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    flat_units = []
+    for u in planned:
+        dense = [entry for entry in u.params if not is_expert_parallel(entry[2])]
+        expert = [entry for entry in u.params if is_expert_parallel(entry[2])]
+        if dense:
+            flat = FlatUnit(u.name, u.module, dense, group=process_group, replicate_group=replicas, **common)
+            flat_units.append(flat)
+        if expert:
+            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=dense_size, **common))
     state = FullyShardedState(module, flat_units, process_group, prefetch=prefetch, param_dtype=param_dtype)
     module.__dict__[STATE_ATTRIBUTE] = state
     return module

@@ -232,12 +232,12 @@ class ShardedGrads:
 
     def resident_bytes(self) -> int:
         """Bytes of gradient storage held now: shard buffers, local buffers and ``.grad`` of the parameters."""
-        storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in self.shard_buffers}
+        storages = {b.untyped_storage()._cdata: b.untyped_storage().nbytes() for b in self.shard_buffers}
         for slot in self.slots:
             tensors = [slot.local] + [p.grad for p in slot.bucket.params]
             for t in tensors:
                 if t is not None:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return sum(storages.values())
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:

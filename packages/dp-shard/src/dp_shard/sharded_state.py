@@ -194,7 +194,8 @@ def _replicated_scalars(opt: ShardedOptimizer) -> dict[tuple[Any, str], Any]:
                         slots.append((key, name, kind))
                         value = inner.get(name)
                         sums.append((0.0, 0.0) if value is None else (float(value), 1.0))
-        values = torch.tensor(sums, dtype=torch.float64, device=opt._device).reshape(-1, 2)
+        host = torch.device("cpu") if opt._device.type == "meta" else opt._device  # a model of shapes alone
+        values = torch.tensor(sums, dtype=torch.float64, device=host).reshape(-1, 2)
         if slots:
             comm.all_reduce(values, group=part.group)
         for (key, name, kind), (total, count) in zip(slots, values.tolist()):

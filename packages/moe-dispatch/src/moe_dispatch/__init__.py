@@ -17,22 +17,32 @@ from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
 from .layer import MoELayer, expert_parallel_params
+from .overlap import Compute, Exchange, OverlapTimes, StagedRun, chain, interleave
+from .overlap_stack import ResidualMoE, StagedStack
 from .router import TopKRouter
 from .shared_expert import SharedExpert
 
 __all__ = [
     "AllGatherDispatcher",
     "AllToAllDispatcher",
+    "Compute",
     "Dispatcher",
+    "Exchange",
     "FlexDispatcher",
     "GroupedExperts",
     "MoEError",
     "MoELayer",
+    "OverlapTimes",
+    "ResidualMoE",
     "SharedExpert",
+    "StagedRun",
+    "StagedStack",
     "TopKRouter",
     "aux_loss",
+    "chain",
     "expert_capacity",
     "expert_parallel_params",
+    "interleave",
     "is_expert_parallel",
     "mark_expert_parallel",
 ]

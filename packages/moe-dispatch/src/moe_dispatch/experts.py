@@ -14,10 +14,17 @@ group: the dispatcher's combine completes it (no all-reduce here).
 
 Initialisation is invariant to EP and ETP: expert ``e`` draws its full fc1 then fc2 (like ``nn.Linear``)
 from a generator seeded with ``seed * 1_000_003 + e``; with ``seed=None`` one base seed is drawn from the
-default generator (identical on every rank after the same ``torch.manual_seed``).
+default generator (identical on every rank after the same ``torch.manual_seed``). A rank draws only its
+own experts, and each of them as a stream of row chunks of at most :data:`DRAW_CHUNK_BYTES` from which it
+keeps its ETP slice (:func:`stream_linear`: the same values as drawing the whole weight), so it never holds
+more than its slices plus one chunk. With ``draw=False`` the
+weights start at zero, holding only this rank's slices, for a caller that draws or loads them itself.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,83 @@ ACTIVATIONS = ("swiglu", "gelu")
 def expert_seed(seed: int, expert: int) -> int:
     """The seed of global expert ``expert``'s weights."""
     return (seed * 1_000_003 + expert) % (2**63)
+
+
+DRAW_CHUNK_BYTES = 64 * 2**20
+"""The most a rank holds of an expert's weight beyond its own slice while drawing it (float32)."""
+
+
+def linear_bound(fan_in: int) -> float:
+    """The bound of ``nn.Linear``'s default weight, U(-bound, bound) (Kaiming uniform with ``a=sqrt(5)``),
+    computed as ``torch.nn.init.kaiming_uniform_`` does."""
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+
+
+def stream_linear(
+    shape: tuple[int, int], generator: torch.Generator | None, keep: Callable[[int, torch.Tensor], None]
+) -> None:
+    """Draw an ``nn.Linear`` weight of ``shape`` (what :func:`tp_layers.init.draw` with ``linear_init``
+    draws from ``generator``, leaving it in the same state) as consecutive row chunks of at most
+    :data:`DRAW_CHUNK_BYTES`, calling ``keep(first_row, chunk)`` with each: the uniform draw takes the
+    generator's numbers one element after the other, so the chunks are the whole weight's rows."""
+    rows, cols = shape
+    bound, per_chunk = linear_bound(cols), max(1, DRAW_CHUNK_BYTES // 4 // cols)
+    for start in range(0, rows, per_chunk):
+        keep(start, draw_chunk(min(per_chunk, rows - start), cols, bound, generator))
+
+
+def draw_chunk(rows: int, cols: int, bound: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``[rows, cols]`` float32 from U(-bound, bound), continuing ``generator``."""
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+
+def keep_rows(out: torch.Tensor, first: int) -> Callable[[int, torch.Tensor], None]:
+    """A ``keep`` for :func:`stream_linear` that copies rows ``[first, first + len(out))`` into ``out``."""
+
+    def keep(start: int, chunk: torch.Tensor) -> None:
+        lo, hi = max(start, first), min(start + chunk.size(0), first + out.size(0))
+        if lo < hi:
+            out[lo - first : hi - first] = chunk[lo - start : hi - start]
+
+    return keep
+
+
+def keep_columns(out: torch.Tensor, first: int) -> Callable[[int, torch.Tensor], None]:
+    """A ``keep`` for :func:`stream_linear` that copies columns ``[first, first + out.size(1))`` into ``out``."""
+
+    def keep(start: int, chunk: torch.Tensor) -> None:
+        out[start : start + chunk.size(0)] = chunk[:, first : first + out.size(1)]
+
+    return keep
+
+
+def draw_expert_slices(
+    seed: int, expert: int, fc1: torch.Tensor, fc2: torch.Tensor, activation: str, rank: int, parts: int
+) -> None:
+    """Fill ``fc1`` and ``fc2`` with ETP rank ``rank``'s slices (of ``parts``; gate and up split separately)
+    of global expert ``expert``'s weights, streamed (:func:`stream_linear`): what
+    :func:`shard_expert_weights` takes of :func:`full_expert_weights`, without the full weights."""
+    generator = torch.Generator().manual_seed(expert_seed(seed, expert))
+    hidden, f = fc1.size(1), fc2.size(1)  # f: this rank's slice of ffn_hidden
+    ffn_hidden = f * parts
+    halves = 2 if activation == "swiglu" else 1
+    stream_linear((halves * ffn_hidden, hidden), generator, keep_parts(fc1, halves, ffn_hidden, rank))
+    stream_linear((hidden, ffn_hidden), generator, keep_columns(fc2, rank * f))
+
+
+def keep_parts(out: torch.Tensor, parts: int, width: int, rank: int) -> Callable[[int, torch.Tensor], None]:
+    """A ``keep`` for :func:`stream_linear` of a weight made of ``parts`` blocks of ``width`` rows (``[gate;
+    up]``, or one): copies rank ``rank``'s slice of every block into ``out``, one after the other (the
+    rows a column-parallel rank holds)."""
+    f = out.size(0) // parts
+    keeps = [keep_rows(out[h * f : (h + 1) * f], h * width + rank * f) for h in range(parts)]
+
+    def keep(start: int, chunk: torch.Tensor) -> None:
+        for one in keeps:
+            one(start, chunk)
+
+    return keep
 
 
 def full_expert_weights(
@@ -83,6 +167,7 @@ class GroupedExperts(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        draw: bool = True,
     ) -> None:
         super().__init__()
         etp = size_of(etp_group)
@@ -97,21 +182,25 @@ class GroupedExperts(nn.Module):
         self.num_local_experts, self.activation, self.etp_group = num_local_experts, activation, etp_group
         self.gemm = gemm
         self.first_expert = first_expert
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        fc1s, fc2s = [], []
-        for e in range(first_expert, first_expert + num_local_experts):
-            fc1, fc2 = full_expert_weights(seed, e, hidden, ffn_hidden, activation)
-            fc1, fc2 = shard_expert_weights(fc1, fc2, activation, rank_in(etp_group), etp)
-            fc1s.append(fc1)
-            fc2s.append(fc2)
         kind = {"dtype": dtype or torch.get_default_dtype(), "device": device}
-        self.weight1 = nn.Parameter(torch.stack(fc1s).to(**kind))
-        self.weight2 = nn.Parameter(torch.stack(fc2s).to(**kind))
+        f_out = (2 if activation == "swiglu" else 1) * ffn_hidden // etp
+        self.weight1 = nn.Parameter(torch.zeros(num_local_experts, f_out, hidden, **kind))
+        self.weight2 = nn.Parameter(torch.zeros(num_local_experts, hidden, ffn_hidden // etp, **kind))
+        if draw:
+            self.draw(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
         mark_tensor_parallel(mark_expert_parallel(self.weight1), 1)
         mark_tensor_parallel(mark_expert_parallel(self.weight2), 2)
         if gemm == "grouped" and (reason := self._grouped_unsupported()):
             raise MoEError(f"gemm='grouped': {reason}; use gemm='auto' or 'loop'")
+
+    def draw(self, seed: int) -> None:
+        """Set the weights to the values drawn from ``seed`` (see the module), streamed: this rank's slices
+        of its experts only, holding at most one chunk beside them."""
+        rank, parts = rank_in(self.etp_group), size_of(self.etp_group)
+        with torch.no_grad():
+            for i in range(self.num_local_experts):
+                expert = self.first_expert + i
+                draw_expert_slices(seed, expert, self.weight1[i], self.weight2[i], self.activation, rank, parts)
 
     def _grouped_unsupported(self) -> str | None:
         sizes = (self.weight1.size(2), self.weight2.size(2))

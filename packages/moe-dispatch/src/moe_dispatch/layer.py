@@ -19,8 +19,10 @@ from .dispatch_alltoall import AllToAllDispatcher
 from .dispatch_flex import FlexDispatcher
 from .errors import MoEError
 from .experts import GroupedExperts
+from .overlap import Stage
 from .router import TopKRouter
 from .shared_expert import SharedExpert
+from .staged_layer import moe_pieces
 
 DISPATCHERS = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher, "flex": FlexDispatcher}
 ROUTER_OPTIONS = frozenset(inspect.signature(TopKRouter).parameters) - {
@@ -45,6 +47,8 @@ class MoELayer(nn.Module):
     ``local_tokens_per_expert`` the rows each local expert processed (padding included). Router options
     (``score``, ``num_groups``, ``topk_groups``, ``aux_loss_coeff``, ``capacity_factor``,
     ``pad_to_capacity``, ...) are passed to :class:`TopKRouter`; ``gemm`` to :class:`GroupedExperts`.
+    ``draw_experts=False``: the experts and the shared expert start at zero, holding only this rank's
+    slices, for a caller that draws (block by block) or loads their values itself.
 
     ``shared_ffn_hidden``: add a :class:`SharedExpert` of that width, which every token goes through
     (``shared_gate=True``: scaled by a per-token sigmoid gate), TP-split over ``tp_group`` when one is
@@ -72,6 +76,7 @@ class MoELayer(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        draw_experts: bool = True,
         **router_options,
     ) -> None:
         super().__init__()
@@ -99,6 +104,7 @@ class MoELayer(nn.Module):
             seed=None if seed is None else seed + 1,
             dtype=dtype,
             device=device,
+            draw=draw_experts,
         )
         self.shared_expert = None
         if shared_ffn_hidden is not None:
@@ -112,16 +118,27 @@ class MoELayer(nn.Module):
                 seed=None if seed is None else seed + 2,
                 dtype=dtype,
                 device=device,
+                draw=draw_experts,
             )
         if sequence_parallel:
             mark_sequence_parallel(self.router.weight)
         self.tokens_per_expert: torch.Tensor | None = None
         self.local_tokens_per_expert: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[seq, batch, hidden]`` in, the same shape out."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`MoEError` unless ``x`` is ``[seq, batch, hidden]``."""
         if x.dim() != 3 or x.size(-1) != self.hidden:
             raise MoEError(f"MoELayer: input has shape {tuple(x.shape)}, expected [seq, batch, {self.hidden}]")
+
+    def stages(self) -> list[Stage]:
+        """This layer cut at its two EP all-to-alls for one microbatch, ``(*carry, x) -> (*carry, layer(x))``
+        (see :mod:`moe_dispatch.staged_layer`; all-to-all dispatcher only): run them with
+        :class:`moe_dispatch.overlap.StagedRun` to overlap the all-to-alls with another microbatch."""
+        return moe_pieces(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[seq, batch, hidden]`` in, the same shape out."""
+        self.check_input(x)
         tokens = x.reshape(-1, x.size(-1))
         probs, routing_map = self.router(tokens)
         expert_input, counts = self.dispatcher.dispatch(tokens, probs, routing_map)

@@ -28,114 +28,21 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from pstate import Group
+from pstate import Group, interleave
 
 from .action import Action, Schedule
 from .errors import PipelineScheduleError
-from .p2p import Pending, StageP2P, TensorSpec
-from .plan import SHAPE, Message, Step, posting_orders
+from .overlap import can_stage, merge_split_backward
+from .p2p import StageP2P, TensorSpec
+from .plan import SHAPE, Message, posting_orders
 from .simulate import validate
-from .split_backward import SavedTensors, WeightGradient, input_backward
-
-
-@dataclass
-class StepResult:
-    """What one :meth:`PipelineExecutor.step` or :meth:`~PipelineExecutor.evaluate` did on this rank.
-
-    ``losses``: the unscaled loss of each microbatch, in microbatch order, on the rank that holds the last
-    stage (empty elsewhere). ``outputs``: the last stage's outputs per microbatch (``evaluate`` only).
-    ``peak_activations``: the most ``(microbatch, chunk)`` activation sets held at once (from ``F`` to its
-    ``B`` or ``I``); ``peak_pending_w``: the most sets whose ``I`` ran and ``W`` not yet (each holds only
-    what ``W`` needs). ``compute_s``: seconds spent computing (forward, loss, backward); ``wall_s``:
-    seconds the whole step took.
-    """
-
-    losses: list[torch.Tensor] = field(default_factory=list)
-    outputs: list[Any] = field(default_factory=list)
-    peak_activations: int = 0
-    peak_pending_w: int = 0
-    compute_s: float = 0.0
-    wall_s: float = 0.0
-
-
-@dataclass
-class _Held:
-    """One ``(microbatch, chunk)`` activation set: what its backward starts from."""
-
-    inputs: tuple[torch.Tensor, ...]  # received floating-point leaves whose gradients go back
-    outputs: tuple[torch.Tensor, ...]  # floating-point outputs (the scaled loss on the last stage)
-    saved: SavedTensors | None = None  # what autograd saved, for a split backward
-
-
-class _Feed:
-    """Microbatches from a list or an iterator, taken once each by index."""
-
-    def __init__(self, source: Iterable[Any] | None, name: str, count: int):
-        self._iter = None if source is None else iter(source)
-        self._cache: dict[int, Any] = {}
-        self._next = 0
-        self._name, self._count = name, count
-
-    @property
-    def given(self) -> bool:
-        return self._iter is not None
-
-    def take(self, microbatch: int) -> Any:
-        if self._iter is None:
-            raise PipelineScheduleError(f"this rank needs {self._name} (microbatch {microbatch}) but got none")
-        while microbatch not in self._cache:
-            try:
-                self._cache[self._next] = next(self._iter)
-            except StopIteration:
-                raise PipelineScheduleError(
-                    f"{self._name} ran out at microbatch {self._next}; the schedule has {self._count} microbatches"
-                ) from None
-            self._next += 1
-        return self._cache.pop(microbatch)
-
-
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _floats(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return tuple(t for t in tensors if t.is_floating_point())
-
-
-Tensors = tuple[torch.Tensor, ...]
-
-
-@dataclass(frozen=True)
-class _Op:
-    """One step of this rank's plan with what the executor needs to know about it, computed once."""
-
-    step: Step
-    stage: int
-    first: bool  # the stage is stage 0 (its input is the microbatch)
-    last: bool  # the stage is the last one (its output goes to the loss)
-    final: bool  # the chunk's last backward (B or W) of the step: its gradients are complete after it
-
-
-@dataclass
-class _StepState:
-    """Everything one :meth:`PipelineExecutor.step` or ``evaluate`` changes while it runs."""
-
-    train: bool
-    inputs: _Feed
-    targets: _Feed
-    result: StepResult = field(default_factory=StepResult)
-    held: dict[tuple[int, int], _Held] = field(default_factory=dict)  # (microbatch, chunk) -> activations
-    pending_w: dict[tuple[int, int], WeightGradient] = field(default_factory=dict)
-    posted: dict[Message, tuple[Pending, int]] = field(default_factory=dict)  # receive -> its batch, index
-    local: dict[Message, Tensors] = field(default_factory=dict)  # handed over on this rank (V turn)
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, Any] = field(default_factory=dict)
+from .split_backward import SavedTensors, input_backward
+from .step_state import StepResult, Tensors, _as_tuple, _Feed, _floats, _Held, _Op, _single, _StepState
 
 
 class PipelineExecutor:
@@ -156,6 +63,14 @@ class PipelineExecutor:
             when that chunk's ``.grad`` are final (a data-parallel all-reduce can start there).
         specs: declare the tensors of every stage-to-stage message instead of exchanging shapes once.
         device: where received tensors go (default: the first chunk's parameters' device).
+        overlap: run chunks that have ``staged_run()`` (see :mod:`pp_sched.overlap`) step by step, and each
+            pair of ``schedule.pairs`` whose chunks both have it as one unit, the forward and the backward
+            interleaved so that one's communication (MoE all-to-alls) travels while the other computes.
+            Both inputs of a pair are received before it starts and both outputs sent after it
+            (:func:`~pp_sched.validate` checks that pairs can run so). A split backward (``I``, ``W``) of
+            such a schedule runs as one ``B`` at the ``I``. Pairs of other chunks, and with ``pp > 1`` pairs on
+            devices other than CPU (where receives go in the plan's checked batches), run one action after
+            the other.
     """
 
     def __init__(
@@ -169,9 +84,13 @@ class PipelineExecutor:
         on_chunk_grads_ready: Callable[[int], None] | None = None,
         specs: Sequence[TensorSpec] | None = None,
         device: torch.device | None = None,
+        overlap: bool = False,
     ):
-        validate(schedule)
         chunks = list(chunks)
+        self._staged = tuple(overlap and can_stage(c) for c in chunks)
+        if any(self._staged):
+            schedule = merge_split_backward(schedule)
+        validate(schedule)
         if len(chunks) != schedule.vpp:
             raise PipelineScheduleError(f"got {len(chunks)} model chunks but the schedule has vpp={schedule.vpp}")
         if device is None:
@@ -186,6 +105,11 @@ class PipelineExecutor:
         self.actions: tuple[Action, ...] = schedule.actions[self.rank]
         self._declared = specs is not None
         self._programs: dict[bool, tuple[_Op, ...]] = {}  # train -> this rank's plan, derived once
+        self._pairs = frozenset(
+            k
+            for k in schedule.pairs[self.rank]
+            if self._staged[self.actions[k].chunk] and self._staged[self.actions[k + 1].chunk]
+        )
         self._run: dict[str, Callable[[_StepState, _Op, Tensors], Tensors | None]] = {
             "F": self._forward,
             "B": self._backward,
@@ -246,12 +170,19 @@ class PipelineExecutor:
         # (NCCL, which runs a rank's batches in order) they go with the sends, in the batches that
         # pp_sched.plan checks cannot hang.
         early = self.p2p.device.type == "cpu"
+        solo = self.schedule.pp == 1  # no p2p: a pair can run as a unit on any device
         if ops:
             self._post(state, ops[0].step.recvs, ())
-        for k, op in enumerate(ops):
+        k = 0
+        while k < len(ops):
+            if train and (early or solo) and k in self._pairs and self._post_pair(state, ops[k + 1]):
+                k = self._run_pair(state, ops, k)
+                continue
+            op = ops[k]
+            k += 1
             step = op.step
             received = self._take(state, step.needs)
-            following = ops[k + 1].step.recvs if k + 1 < len(ops) else ()
+            following = ops[k].step.recvs if k < len(ops) else ()
             ahead = early and all(m.kind != SHAPE and self.p2p.knows_shapes(m) for m in following)
             if ahead:
                 self._post(state, following, ())
@@ -287,6 +218,49 @@ class PipelineExecutor:
         for index, message in enumerate(data):
             state.posted[message] = (pending, index)
 
+    def _post_pair(self, state: _StepState, second: _Op) -> bool:
+        """Post the receives of a pair's second action ahead of the pair, if their shapes are known."""
+        if not all(m.kind != SHAPE and self.p2p.knows_shapes(m) for m in second.step.recvs):
+            return False
+        self._post(state, second.step.recvs, ())
+        return True
+
+    def _run_pair(self, state: _StepState, ops: tuple[_Op, ...], k: int) -> int:
+        """Run ``ops[k]`` (a forward) and ``ops[k + 1]`` (a backward) interleaved; both outputs are sent after
+        both ran. Returns the index of the next op."""
+        first, second, result = ops[k], ops[k + 1], state.result
+        received = self._take(state, first.step.needs), self._take(state, second.step.needs)
+        following = ops[k + 2].step.recvs if k + 2 < len(ops) else ()
+        ahead = all(m.kind != SHAPE and self.p2p.knows_shapes(m) for m in following)
+        if ahead:
+            self._post(state, following, ())
+        begin = time.perf_counter()
+        produced = self._pair(state, first, received[0], second, received[1])
+        result.compute_s += time.perf_counter() - begin
+        result.peak_activations = max(result.peak_activations, len(state.held) + 1)  # both sets were held
+        sends = []
+        for op, out in zip((first, second), produced):
+            if out is not None and op.step.out is not None:
+                if op.step.out.local:
+                    state.local[op.step.out] = out
+                else:
+                    sends.append((op.step.out, out))
+        self._post(state, () if ahead else following, sends)
+        return k + 2
+
+    def _pair(
+        self, state: _StepState, first: _Op, got_first: Tensors, second: _Op, got_second: Tensors
+    ) -> tuple[Tensors | None, Tensors | None]:
+        """The forward ``first`` and the backward ``second`` of two staged chunks' runs, interleaved."""
+        args, leaves = self._forward_args(state, first, got_first)
+        run = self.chunks[first.step.action.chunk].staged_run()
+        entry, outs, out_grads = self._gradients(state, second, got_second)
+        with self._sync(second):
+            output, _ = interleave(run.forward(*args), entry.run.backward(outs, out_grads))
+        self._grads_ready(second)
+        sent = self._forward_done(state, first, _single(output), leaves, None, run)
+        return sent, self._input_grads(second, entry.inputs, [x.grad for x in entry.inputs])
+
     @staticmethod
     def _take(state: _StepState, need: Message | None) -> Tensors:
         """The tensors of the message an action waits for (empty when it needs none)."""
@@ -300,29 +274,42 @@ class PipelineExecutor:
     # -- the actions: each returns what it sends (its output or input gradient), or None --
 
     def _forward(self, state: _StepState, op: _Op, received: Tensors) -> Tensors | None:
-        action, train = op.step.action, state.train
-        mb = action.microbatch
-        if op.first:
-            args, leaves = _as_tuple(state.inputs.take(mb)), ()
-        else:
-            args = received if not op.step.needs.local else tuple(t.detach() for t in received)
-            leaves = tuple(t.requires_grad_() for t in _floats(args)) if train else ()
-        saved = SavedTensors() if train and self.schedule.split_backward else None
+        args, leaves = self._forward_args(state, op, received)
+        chunk, run = self.chunks[op.step.action.chunk], None
+        if state.train and self._staged[op.step.action.chunk]:
+            run = chunk.staged_run()
+            output, saved = _single(interleave(run.forward(*args))[0]), None
+            return self._forward_done(state, op, output, leaves, saved, run)
+        saved = SavedTensors() if state.train and self.schedule.split_backward else None
         with saved.recording() if saved is not None else contextlib.nullcontext():
-            output = self.chunks[action.chunk](*args)
-            if not op.last:
-                sent = _as_tuple(output)
-                if train:
-                    state.held[(mb, action.chunk)] = _Held(leaves, _floats(sent), saved)
-                return sent
-            if not train:
-                state.outputs[mb] = output
-            if self.loss_fn is not None:
-                target = state.targets.take(mb) if state.targets.given else None
-                loss = self.loss_fn(output) if target is None else self.loss_fn(output, target)
-                state.losses[mb] = loss.detach()
-                if train:
-                    state.held[(mb, action.chunk)] = _Held(leaves, (loss / self.schedule.microbatches,), saved)
+            return self._forward_done(state, op, chunk(*args), leaves, saved, None)
+
+    @staticmethod
+    def _forward_args(state: _StepState, op: _Op, received: Tensors) -> tuple[Tensors, Tensors]:
+        """A forward's chunk arguments and the received leaves whose gradients go back."""
+        if op.first:
+            return _as_tuple(state.inputs.take(op.step.action.microbatch)), ()
+        args = received if not op.step.needs.local else tuple(t.detach() for t in received)
+        return args, tuple(t.requires_grad_() for t in _floats(args)) if state.train else ()
+
+    def _forward_done(
+        self, state: _StepState, op: _Op, output: Any, leaves: Tensors, saved: SavedTensors | None, run: Any
+    ) -> Tensors | None:
+        """Hold a forward's activations and return what it sends, or (last stage) take its loss."""
+        mb, chunk, train = op.step.action.microbatch, op.step.action.chunk, state.train
+        if not op.last:
+            sent = _as_tuple(output)
+            if train:
+                state.held[(mb, chunk)] = _Held(leaves, _floats(sent), saved, run)
+            return sent
+        if not train:
+            state.outputs[mb] = output
+        if self.loss_fn is not None:
+            target = state.targets.take(mb) if state.targets.given else None
+            loss = self.loss_fn(output) if target is None else self.loss_fn(output, target)
+            state.losses[mb] = loss.detach()
+            if train:
+                state.held[(mb, chunk)] = _Held(leaves, (loss / self.schedule.microbatches,), saved, run)
         return None
 
     def _gradients(self, state: _StepState, op: _Op, received: Tensors) -> tuple[_Held, list, list]:
@@ -336,7 +323,9 @@ class PipelineExecutor:
         """``B``: the whole backward into ``.grad`` and the stage input."""
         entry, outs, out_grads = self._gradients(state, op, received)
         with self._sync(op):
-            if outs:
+            if entry.run is not None:
+                interleave(entry.run.backward(outs, out_grads))
+            elif outs:
                 torch.autograd.backward(outs, out_grads)
         self._grads_ready(op)
         return self._input_grads(op, entry.inputs, [x.grad for x in entry.inputs])

@@ -12,8 +12,9 @@ Every message has its own tag, but NCCL ignores tags and matches a pair's messag
 the order is what makes them match: receives of one :meth:`StageP2P.exchange` are posted in the order
 given (a boundary's shape message right before its first activation), and the executor posts them in
 the sender's order (:mod:`pp_sched.plan`). Sends and receives of one :meth:`StageP2P.exchange`
-go out as one ``batch_isend_irecv``. Sends are never waited for until :meth:`StageP2P.wait_sends` when the
-backend returns one request per operation (gloo), so a rank only ever waits for data it needs.
+go out as one ``batch_isend_irecv`` (through ``pstate.comm``: recorded, and simulated in dry runs). Sends
+are never waited for until :meth:`StageP2P.wait_sends` when the backend returns one request per operation
+(gloo), so a rank only ever waits for data it needs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pstate import Group, as_group
+from pstate import Group, as_group, comm
 from pstate.device import device_for_backend
 
 from .errors import PipelineScheduleError
@@ -136,6 +137,8 @@ class StageP2P:
         self._specs: dict[int, tuple[TensorSpec, ...]] = {}  # boundary -> specs of its activation message
         self._sending: list[tuple[dist.Work, object]] = []  # a send request and the tensors it reads
         self._prune_at = 64
+        #: Under ``pstate.comm.simulate`` (dry runs), the tensors a shape message would have announced.
+        self.simulated_specs: tuple[TensorSpec, ...] | None = None
 
     # -- addressing: boundary b joins stage b and stage b + 1 --
 
@@ -220,12 +223,15 @@ class StageP2P:
             if specs is None:  # the boundary's shapes come first: post what is gathered, wait for them
                 meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, meta, peer, self.group, boundary))
-                works = dist.batch_isend_irecv(ops)
+                works = comm.batch_isend_irecv(ops)
                 works = self._keep_sends(works, ops[:num_sends], len(ops))
                 works[-1].wait()  # the shape message (on NCCL, the one coalesced request)
                 recv_works += works[:-1]
                 ops, num_sends = [], 0
-                self._specs[boundary] = _decode(meta)
+                decoded = _decode(meta)
+                if not decoded and self.simulated_specs is not None and comm.simulating():
+                    decoded = self.simulated_specs  # a simulated receive holds zeros: no shapes in it
+                self._specs[boundary] = decoded
                 specs = self._message_specs(direction, boundary)
             tensors = tuple(torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs)
             for i, tensor in enumerate(tensors):
@@ -233,7 +239,7 @@ class StageP2P:
                 ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group, tag))
             buffers.append(tensors)
         if ops:
-            works = dist.batch_isend_irecv(ops)
+            works = comm.batch_isend_irecv(ops)
             recv_works += self._keep_sends(works, ops[:num_sends], len(ops))
         return Pending(recv_works, buffers)
 

@@ -90,40 +90,52 @@ def _describe(schedule: Schedule, need: tuple[str, int, int], position: list[int
 
 
 def _run(
-    schedule: Schedule, costs: dict[str, Real], comm: Real, scale: Sequence[Real] | None = None
+    schedule: Schedule, costs: dict[str, Real], comm: Real, scale: Sequence[Real] | None = None, joint: bool = False
 ) -> list[list[Slot]]:
-    """Execute every rank in order; raise :class:`PipelineScheduleError` naming the stuck actions."""
+    """Execute every rank in order; raise :class:`PipelineScheduleError` naming the stuck actions.
+
+    ``joint``: each pair of ``Schedule.pairs`` runs as one unit, as an executor that interleaves the two
+    (MoE all-to-all overlap) runs it: it starts once both actions' inputs are there, and both results
+    are sent when the pair ends."""
     done: dict[tuple[str, int, int], tuple[Real, int]] = {}  # result -> (finish time, producing rank)
     position = [0] * schedule.pp
     free: list[Real] = [0] * schedule.pp
     timelines: list[list[Slot]] = [[] for _ in range(schedule.pp)]
+    paired = [set(p) if joint else set() for p in schedule.pairs]
     progress = True
     while progress:
         progress = False
         for rank, actions in enumerate(schedule.actions):
             while position[rank] < len(actions):
-                action = actions[position[rank]]
-                needs = _needs(schedule, rank, action)
+                unit = actions[position[rank] : position[rank] + (2 if position[rank] in paired[rank] else 1)]
+                needs = [need for action in unit for need in _needs(schedule, rank, action)]
                 if any(need not in done for need in needs):
                     break
                 start = free[rank]
                 for need in needs:
                     end, producer = done[need]
                     start = max(start, end + (comm if producer != rank else 0))
-                stage = schedule.stage_of(rank, action.chunk)
-                end = start + (costs[action.kind] if scale is None else costs[action.kind] * scale[stage])
-                timelines[rank].append(Slot(action, start, end))
-                result = "G" if action.kind in "BI" else action.kind
-                done[(result, action.microbatch, stage)] = (end, rank)
+                results = []
+                for action in unit:
+                    stage = schedule.stage_of(rank, action.chunk)
+                    end = start + (costs[action.kind] if scale is None else costs[action.kind] * scale[stage])
+                    timelines[rank].append(Slot(action, start, end))
+                    results.append(("G" if action.kind in "BI" else action.kind, action.microbatch, stage))
+                    start = end
+                for result in results:
+                    done[result] = (end, rank)
                 free[rank] = end
-                position[rank] += 1
+                position[rank] += len(unit)
                 progress = True
     stuck = [r for r in range(schedule.pp) if position[r] < len(schedule.actions[r])]
     if stuck:
         lines = []
         for rank in stuck:
             action = schedule.actions[rank][position[rank]]
-            missing = [n for n in _needs(schedule, rank, action) if n not in done]
+            unit = schedule.actions[rank][
+                position[rank] : position[rank] + (2 if position[rank] in paired[rank] else 1)
+            ]
+            missing = [n for a in unit for n in _needs(schedule, rank, a) if n not in done]
             waits = "; ".join(_describe(schedule, n, position) for n in missing)
             lines.append(f"  rank {rank} is stuck at action {position[rank]} {action}, waiting for {waits}")
         raise PipelineScheduleError("deadlock: no rank can make progress\n" + "\n".join(lines))
@@ -207,6 +219,13 @@ def simulate(
 def validate(schedule: Schedule) -> None:
     """Check a (possibly hand-edited) schedule before it runs: every ``(microbatch, stage)`` has exactly
     one ``F`` and one ``B`` (or one ``I`` and one ``W``), each rank's order is consistent, and the
-    cross-rank dependencies cannot deadlock. Raises :class:`PipelineScheduleError` naming the action."""
+    cross-rank dependencies cannot deadlock, also with each pair of ``Schedule.pairs`` run as one unit (both
+    inputs before it starts, both outputs after it ends). Raises :class:`PipelineScheduleError` naming the action."""
     check_structure(schedule)
-    _run(schedule, action_costs(schedule.vpp, 1, 2, None), 0)
+    costs = action_costs(schedule.vpp, 1, 2, None)
+    _run(schedule, costs, 0)
+    if any(schedule.pairs):
+        try:
+            _run(schedule, costs, 0, joint=True)
+        except PipelineScheduleError as error:
+            raise PipelineScheduleError(f"the pairs cannot run as units (overlapped): {error}") from None

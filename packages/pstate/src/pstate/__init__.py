@@ -9,6 +9,7 @@ The multi-rank test harness lives in :mod:`pstate.testing`.
 from .config import DEFAULT_ORDER, ParallelConfig
 from .errors import ParallelConfigError
 from .layout import Layout, layout
+from .overlap import interleave
 from .shards import Shard, tensor_parallel_shard
 from .state import Axis, Group, ParallelState, as_group, initialize
 
@@ -23,6 +24,7 @@ __all__ = [
     "Shard",
     "as_group",
     "initialize",
+    "interleave",
     "layout",
     "tensor_parallel_shard",
 ]

@@ -22,6 +22,9 @@ its ``wait()`` (the work object returned is a thin wrapper that does the timing)
 The active recorder is process-wide (a recorder is a context manager that installs itself there)
 rather than a context variable, so that collectives issued from autograd hooks, which run on the
 autograd engine's device threads under CUDA, are recorded too.
+
+Simulation. Under :func:`simulate` (:mod:`pstate.simulated`) no call reaches ``torch.distributed``: each
+fills its output from this rank's input and is recorded as it would be, with zero seconds.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from . import simulated
 from .collectives import all_gather_single, reduce_scatter_single
+from .simulated import DoneWork, Simulation, simulate, simulating
 from .state import Axis, Group, ParallelState, as_group
 
 PREFERRED_NAMES = (
@@ -52,6 +57,8 @@ PREFERRED_NAMES = (
     "mp",
     "cp_a2a",
     "cp_ring",
+    "dp_shard",
+    "dp_replicate",
 )
 """The order in which a group that several axes share is named (the first that matches)."""
 
@@ -175,15 +182,31 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def _call(
-    kind: str, group: Group | None, dtype: torch.dtype, nbytes: int, fn: Any, async_op: bool, /, *args: Any, **kw: Any
+    kind: str,
+    group: Group | None,
+    dtype: torch.dtype,
+    nbytes: int,
+    fn: Any,
+    fill: Any,
+    async_op: bool,
+    /,
+    *args: Any,
+    **kw: Any,
 ) -> Any:
-    if not CommRecorder._active:
+    """Call ``fn(*args, **kw)`` (recorded when a recorder is active), or under :func:`pstate.simulated.simulate`
+    ``fill()`` instead (``None``: nothing to fill)."""
+    if not CommRecorder._active and not Simulation.active:
         return fn(*args, **kw)
-    recorder = CommRecorder._active[-1]
-    pg = None if group is None else as_group(group)
-    size = dist.get_world_size(pg)
-    record = CommRecord(kind, recorder.name_of(group), dtype, nbytes, size)
-    recorder.records.append(record)
+    if CommRecorder._active:
+        recorder = CommRecorder._active[-1]
+        pg = None if group is None else as_group(group)
+        size = dist.get_world_size(pg)
+        record = CommRecord(kind, recorder.name_of(group), dtype, nbytes, size)
+        recorder.records.append(record)
+    if Simulation.active:
+        if fill is not None:
+            fill()
+        return DoneWork() if async_op else None
     began = time.perf_counter()
     work = fn(*args, **kw)
     if async_op and work is not None:
@@ -203,6 +226,7 @@ def all_reduce(
         tensor.dtype,
         _nbytes(tensor),
         dist.all_reduce,
+        None,
         async_op,
         tensor,
         op=op,
@@ -216,10 +240,11 @@ def reduce_scatter(
 ) -> Any:
     """Sum ``input`` over ``group`` and keep this rank's equal piece in ``output``, recorded."""
     pg = None if group is None else as_group(group)
-    fn = reduce_scatter_single
+    fn, fill = reduce_scatter_single, lambda: simulated.fill_reduce_scatter(output, input, pg)
     return _call(
-        "reduce_scatter", group, input.dtype, _nbytes(input), fn, async_op, output, input, group=pg, async_op=async_op
-    )
+        "reduce_scatter", group, input.dtype, _nbytes(input), fn, fill, async_op,
+        output, input, group=pg, async_op=async_op,
+    )  # fmt: skip
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, *, group: Group | None = None, async_op: bool = False) -> Any:
@@ -231,6 +256,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, *, group: Group | None
         output.dtype,
         _nbytes(output),
         all_gather_single,
+        lambda: simulated.fill_all_gather(output, input, pg),
         async_op,
         output,
         input,
@@ -248,6 +274,7 @@ def broadcast(tensor: torch.Tensor, src: int, *, group: Group | None = None, asy
         tensor.dtype,
         _nbytes(tensor),
         dist.broadcast,
+        None,
         async_op,
         tensor,
         src,
@@ -268,7 +295,8 @@ def all_to_all_single(
     """``dist.all_to_all_single``, recorded (bytes: ``input``)."""
     pg = None if group is None else as_group(group)
     return _call(
-        "all_to_all", group, input.dtype, _nbytes(input), dist.all_to_all_single, async_op,
+        "all_to_all", group, input.dtype, _nbytes(input), dist.all_to_all_single,
+        lambda: simulated.fill_all_to_all(output, input, output_split_sizes, input_split_sizes, pg), async_op,
         output, input, output_split_sizes, input_split_sizes, group=pg, async_op=async_op,
     )  # fmt: skip
 
@@ -279,22 +307,31 @@ def all_gather_list(
     """``dist.all_gather`` into a list of tensors, recorded (bytes: all of ``tensors``)."""
     pg = None if group is None else as_group(group)
     nbytes = _nbytes(input) * len(tensors)
-    fn = dist.all_gather
-    return _call("all_gather", group, input.dtype, nbytes, fn, async_op, tensors, input, group=pg, async_op=async_op)
+
+    fn, fill = dist.all_gather, lambda: simulated.fill_list(tensors, input)
+    return _call(
+        "all_gather", group, input.dtype, nbytes, fn, fill, async_op, tensors, input, group=pg, async_op=async_op
+    )
 
 
 def batch_isend_irecv(ops: list[dist.P2POp]) -> list[Any]:
     """``dist.batch_isend_irecv``, each op recorded as a ``send`` or ``recv`` on its group."""
-    if not CommRecorder._active:
+    if not CommRecorder._active and not Simulation.active:
         return dist.batch_isend_irecv(ops)
-    recorder = CommRecorder._active[-1]
     records = []
-    for op in ops:
-        kind = "send" if op.op in (dist.isend, dist.send) else "recv"
-        size = dist.get_world_size(op.group)
-        nbytes = op.tensor.numel() * op.tensor.element_size()
-        records.append(CommRecord(kind, recorder.name_of(op.group), op.tensor.dtype, nbytes, size))
-    recorder.records.extend(records)
+    if CommRecorder._active:
+        recorder = CommRecorder._active[-1]
+        for op in ops:
+            kind = "send" if op.op in (dist.isend, dist.send) else "recv"
+            size = dist.get_world_size(op.group)
+            nbytes = op.tensor.numel() * op.tensor.element_size()
+            records.append(CommRecord(kind, recorder.name_of(op.group), op.tensor.dtype, nbytes, size))
+        recorder.records.extend(records)
+    if Simulation.active:
+        for op in ops:
+            if op.op not in (dist.isend, dist.send):
+                simulated.fill_recv(op.tensor)
+        return [DoneWork() for _ in ops]
     began = time.perf_counter()
     works = dist.batch_isend_irecv(ops)
     if len(works) == len(records):
@@ -305,13 +342,14 @@ def batch_isend_irecv(ops: list[dist.P2POp]) -> list[Any]:
 def send(tensor: torch.Tensor, dst: int, *, group: Group | None = None) -> None:
     """``dist.send`` to global rank ``dst``, recorded."""
     pg = None if group is None else as_group(group)
-    _call("send", group, tensor.dtype, _nbytes(tensor), dist.send, False, tensor, dst, group=pg)
+    _call("send", group, tensor.dtype, _nbytes(tensor), dist.send, None, False, tensor, dst, group=pg)
 
 
 def recv(tensor: torch.Tensor, src: int, *, group: Group | None = None) -> None:
     """``dist.recv`` from global rank ``src``, recorded."""
     pg = None if group is None else as_group(group)
-    _call("recv", group, tensor.dtype, _nbytes(tensor), dist.recv, False, tensor, src, group=pg)
+    fill = lambda: simulated.fill_recv(tensor)  # noqa: E731
+    _call("recv", group, tensor.dtype, _nbytes(tensor), dist.recv, fill, False, tensor, src, group=pg)
 
 
 __all__ = [
@@ -328,4 +366,6 @@ __all__ = [
     "recv",
     "reduce_scatter",
     "send",
+    "simulate",
+    "simulating",
 ]

@@ -21,7 +21,9 @@ class ParallelConfig:
     given, names how many transformer layers each of the ``pp * vpp`` virtual stages holds (uneven
     pipelines: the stages with the embedding and the head may hold fewer, even none). ``cp_a2a`` splits each
     CP group for hierarchical context parallelism: inner all-to-all groups of ``cp_a2a`` adjacent CP ranks
-    and outer rings of ``cp / cp_a2a`` ranks (see :meth:`pstate.Layout.groups`).
+    and outer rings of ``cp / cp_a2a`` ranks (see :meth:`pstate.Layout.groups`). ``dp_shard`` (HSDP)
+    splits the data-parallel ranks into shard groups of that many adjacent ranks (with their CP ranks)
+    and replicate groups across them (:meth:`pstate.Layout.hsdp_groups`).
 
     Rules that need the world size are checked by :func:`pstate.layout`.
     """
@@ -46,9 +48,11 @@ class ParallelConfig:
     """transformer layers per virtual pipeline stage, e.g. [3, 4, 4, 3] (default: an even split)."""
     cp_a2a: int = 1
     """ranks of each CP group's inner all-to-all groups (hierarchical context parallelism; divides cp)."""
+    dp_shard: int | None = None
+    """HSDP: adjacent data-parallel ranks one ZeRO-3 shard group spans, replicated across the rest (default: dp)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "cp_a2a"):
+        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp", "cp_a2a", "dp_shard"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -131,6 +131,43 @@ class Layout:
                 stride *= size
         return {name: out[name] for name in ALL_AXES}
 
+    @property
+    def dp_shard(self) -> int:
+        """HSDP: data-parallel ranks per shard group (``config.dp_shard``, default all of ``dp``)."""
+        return self.config.dp_shard or self.dp
+
+    @property
+    def dp_replicate(self) -> int:
+        """HSDP: shard groups each parameter shard is replicated over (1: no HSDP)."""
+        return self.dp // self.dp_shard
+
+    def hsdp_groups(self) -> tuple[list[list[int]], list[list[int]]]:
+        """The HSDP split of every ``cp-dp`` group: shard groups (``dp_shard`` adjacent dp coordinates with
+        all of their CP ranks) and replicate groups (one rank of each shard group: the same CP coordinate
+        and the same place in its block). Both are slices of the one grid, listed in rank order."""
+        shard: list[list[int]] = []
+        replicate: list[list[int]] = []
+        for group in self.groups("cp-dp"):
+            s, r = self._split_dp(group)
+            shard += s
+            replicate += r
+        return shard, replicate
+
+    def hsdp_group_of(self, rank: int) -> tuple[list[int], list[int]]:
+        """The shard group and the replicate group that hold ``rank`` (see :meth:`hsdp_groups`)."""
+        shard, replicate = self._split_dp(self.group_of(rank, "cp-dp"))
+        return next(g for g in shard if rank in g), next(g for g in replicate if rank in g)
+
+    def _split_dp(self, group: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        shard: dict[int, list[int]] = {}
+        replicate: dict[tuple[int, int], list[int]] = {}
+        for member in sorted(group):
+            c = self.coords(member)
+            block, place = divmod(c["dp"], self.dp_shard)
+            shard.setdefault(block, []).append(member)
+            replicate.setdefault((c["cp"], place), []).append(member)
+        return list(shard.values()), list(replicate.values())
+
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ParallelConfigError(f"rank={rank} is outside world_size={self.world_size}")
@@ -188,6 +225,11 @@ def layout(config: ParallelConfig, world_size: int) -> Layout:
     if world_size % expert_model:
         raise ParallelConfigError(
             f"etp*ep*pp={expert_model} (etp={c.etp}, ep={c.ep}, pp={c.pp}) does not divide world_size={world_size}"
+        )
+    if c.dp_shard is not None and dp % c.dp_shard:
+        raise ParallelConfigError(
+            f"dp_shard={c.dp_shard} must divide dp={dp} (HSDP: shard groups of dp_shard adjacent data-parallel "
+            "ranks, replicated across dp/dp_shard groups)"
         )
     edp = world_size // expert_model
     if edp > 1 and "dp" not in c.order.split("-"):

@@ -52,7 +52,9 @@ class ParallelState:
     sub-groups of ``cp`` for hierarchical context parallelism, ``cp_a2a`` (adjacent CP ranks) and
     ``cp_ring`` (see :mod:`pstate.layout`; both ``None`` when ``config.cp_a2a == 1``, so that a run without
     the split creates no extra groups). Expert axes:
-    ``etp, ep, edp, etp_ep, etp_ep_pp``. ``embedding`` joins the first and last pipeline stage (``None``
+    ``etp, ep, edp, etp_ep, etp_ep_pp``. HSDP (``config.dp_shard``): ``dp_shard`` (a slice of ``dp_cp``
+    that ZeRO-3 shards over; ``dp_cp`` itself without HSDP) and ``dp_replicate`` (across the shard groups;
+    ``None`` without HSDP). ``embedding`` joins the first and last pipeline stage (``None``
     on ranks that hold neither). ``world`` is the default group.
     """
 
@@ -72,10 +74,20 @@ class ParallelState:
     edp: Axis
     etp_ep: Axis
     etp_ep_pp: Axis
+    dp_shard: Axis
+    dp_replicate: Axis | None
     embedding: Axis | None
     world: Axis
 
-    def __init__(self, lay: Layout, *, device: torch.device, owns_default_group: bool, timeout: timedelta):
+    def __init__(
+        self,
+        lay: Layout,
+        *,
+        device: torch.device,
+        owns_default_group: bool,
+        timeout: timedelta,
+        local_groups: bool = False,
+    ):
         self.layout = lay
         self.config = lay.config
         self.device = device
@@ -88,19 +100,33 @@ class ParallelState:
         self.cp_a2a = self.cp_ring = None  # stay None without a hierarchical CP split
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(lay.world_size)): dist.group.WORLD}
         split_cp = lay.config.cp_a2a > 1
-        axes = [(n, lay.groups(spec)) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS]
-        axes.append(("embedding", embedding_groups(lay)))
-        # Every rank creates every distinct group in the same order (new_group is collective).
+        specs = [(n, spec) for n, spec in AXIS_GROUPS.items() if split_cp or n not in CP_SUBGROUPS]
+        if local_groups:  # only this rank's groups: the cost follows what this rank holds, not the world
+            axes = [(name, [lay.group_of(self.rank, spec)]) for name, spec in specs]
+            pipeline = lay.group_of(self.rank, "pp")
+            axes.append(("embedding", [sorted({pipeline[0], pipeline[-1]})]))
+        else:
+            axes = [(name, lay.groups(spec)) for name, spec in specs]
+            axes.append(("embedding", embedding_groups(lay)))
+        if lay.dp_replicate > 1:  # HSDP: the dp_cp groups split into shard and replicate groups
+            split = [[g] for g in lay.hsdp_group_of(self.rank)] if local_groups else lay.hsdp_groups()
+            axes += zip(("dp_shard", "dp_replicate"), split)
+        # Every rank creates every distinct group in the same order (new_group is collective), or, with
+        # local_groups, only its own with a barrier among their members (torch's use_local_synchronization).
+        extra = {"use_local_synchronization": True} if local_groups else {}
         for name, groups in axes:
             for ranks in map(tuple, groups):
-                if ranks not in by_ranks:
-                    group = dist.new_group(list(ranks), timeout=timeout)
+                if ranks not in by_ranks and (not local_groups or self.rank in ranks):
+                    group = dist.new_group(list(ranks), timeout=timeout, **extra)
                     by_ranks[ranks] = group
                     if self.rank in ranks:
                         self._created.append(group)
                 if self.rank in ranks:
                     setattr(self, name, Axis(name, by_ranks[ranks], ranks, ranks.index(self.rank)))
         self.world = Axis("world", dist.group.WORLD, tuple(range(lay.world_size)), self.rank)
+        if lay.dp_replicate == 1:  # no HSDP: ZeRO-3 shards over all of dp_cp
+            self.dp_shard = Axis("dp_shard", self.dp_cp.group, self.dp_cp.ranks, self.dp_cp.rank)
+            self.dp_replicate = None
 
     # -- pipeline stage queries (looped placement: chunk c of pipeline rank r is stage c*pp + r) --
 
@@ -161,6 +187,7 @@ def initialize(
     *,
     device: torch.device | str | None = None,
     timeout: timedelta = timedelta(minutes=10),
+    local_groups: bool | None = None,
 ) -> ParallelState:
     """Create every process group of ``config`` and return them as a :class:`ParallelState`.
 
@@ -168,11 +195,17 @@ def initialize(
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) with the backend that suits ``device``
     (NCCL on CUDA, gloo on CPU; by default the GPU of ``LOCAL_RANK`` if there is one). The config is
     validated against the world size before any group is created.
+
+    ``local_groups``: create only the groups that hold this rank (``new_group`` with
+    ``use_local_synchronization``), so setup costs what the rank holds rather than the world's group count.
+    Default: only under PyTorch's ``fake`` backend (dry runs), where no other rank exists to call it.
     """
     if dist.is_initialized():
         lay = layout(config, dist.get_world_size())
-        resolved = torch.device(device) if device is not None else device_for_backend(dist.get_backend())
-        return ParallelState(lay, device=resolved, owns_default_group=False, timeout=timeout)
+        backend = dist.get_backend()
+        resolved = torch.device(device) if device is not None else device_for_backend(backend)
+        local = backend == "fake" if local_groups is None else local_groups
+        return ParallelState(lay, device=resolved, owns_default_group=False, timeout=timeout, local_groups=local)
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ParallelConfigError(
@@ -184,4 +217,5 @@ def initialize(
     if resolved.type != "cpu":
         torch.cuda.set_device(resolved)
     dist.init_process_group(backend_for(resolved), timeout=timeout)
-    return ParallelState(lay, device=resolved, owns_default_group=True, timeout=timeout)
+    local = bool(local_groups)
+    return ParallelState(lay, device=resolved, owns_default_group=True, timeout=timeout, local_groups=local)

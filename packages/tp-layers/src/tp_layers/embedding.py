@@ -62,7 +62,7 @@ class VocabParallelEmbedding(nn.Module):
                     f"VocabParallelEmbedding: full_weight has shape {tuple(full_weight.shape)}, "
                     f"expected {(num_embeddings, embedding_dim)}"
                 )
-            table = full_weight.detach().to("cpu", torch.float32)
+            table = full_weight.detach().to(init.host(full_weight), torch.float32)
         else:
             fill = init_method or init.normal_init(1.0)
             table = init.draw((num_embeddings, embedding_dim), fill, init.generator_for(seed))

@@ -46,6 +46,12 @@ def generator_for(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
+def host(tensor: torch.Tensor) -> torch.device:
+    """Where a given full tensor is sliced: the CPU, or the meta device for a meta tensor (a model built
+    from shapes alone, as dry runs do)."""
+    return tensor.device if tensor.is_meta else torch.device("cpu")
+
+
 def draw(shape: tuple[int, ...], init_method: InitMethod, generator: torch.Generator | None) -> torch.Tensor:
     """The full float32 CPU tensor of ``shape`` filled by ``init_method``."""
     full = torch.empty(shape, dtype=torch.float32)

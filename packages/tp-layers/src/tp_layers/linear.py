@@ -224,7 +224,7 @@ def _full_params(
     generator = init.generator_for(seed)
     if full_weight is not None:
         _check_shape(layer, "full_weight", full_weight, (out_features, in_features))
-        weight = full_weight.detach().to("cpu", torch.float32)
+        weight = full_weight.detach().to(init.host(full_weight), torch.float32)
     else:
         weight = init.draw((out_features, in_features), init_method, generator)
     if not bias:
@@ -233,7 +233,7 @@ def _full_params(
         return weight, None
     if full_bias is not None:
         _check_shape(layer, "full_bias", full_bias, (out_features,))
-        return weight, full_bias.detach().to("cpu", torch.float32)
+        return weight, full_bias.detach().to(init.host(full_bias), torch.float32)
     if bias_init is None:
         return weight, init.linear_bias(in_features, out_features, generator)
     return weight, init.draw((out_features,), bias_init, generator)

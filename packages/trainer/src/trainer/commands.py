@@ -43,6 +43,7 @@ FLAGS = {
     "ep": ("parallel", "ep"),
     "etp": ("parallel", "etp"),
     "dp": ("parallel", "dp"),
+    "dp_shard": ("parallel", "dp_shard"),
     "zero": ("train", "zero"),
     "pipeline_schedule": ("train", "pipeline_schedule"),
     "precision": ("train", "precision"),
@@ -71,7 +72,7 @@ METAVARS = {
 }
 SWITCHES = {"sequence_parallel": ("train", "sequence_parallel"), "comm_report": ("train", "comm_report")}
 INTS = {"steps", "seed", "seq_len", "micro_batch", "global_batch", "tp", "pp", "vpp", "cp", "ep", "etp", "dp",
-        "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
+        "dp_shard", "save_every", "eval_every", "warmup_steps", "zero"}  # fmt: skip
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -104,6 +105,11 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here; report it")
     p.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the job's world size (required there)")
     p.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: the rank to build")
+    p.add_argument(
+        "--dry-run-device", choices=("auto", "real", "meta"), default="auto",
+        help="with --dry-run: build the model at real size (and run one simulated step), on the meta device "
+        "(shapes only), or real when it fits here (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(run=run_train)
 
 
@@ -297,7 +303,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         if args.world_size is None:
             raise TrainerError("--dry-run needs --world-size N")
-        print(json.dumps(dry_run(cfg, args.world_size, args.rank), indent=2))
+        print(json.dumps(dry_run(cfg, args.world_size, args.rank, device=args.dry_run_device), indent=2))
         return 0
     world = world_size(args.nproc)
     check_run(cfg, world)

@@ -25,10 +25,12 @@ from .config import RunConfig, parse_run_config, to_toml
 from .data import load_tokenizer
 from .errors import TrainerError
 from .hf import adapter, family, hf_config, model_from_hf
-from .hf.names import drop_ignored, fuse_mamba, fuse_qkv
+from .hf.names import drop_ignored, fuse_parts
 from .hf.stream import hf_tensor_names, load_hf_pieces
 from .launch import default_group
 from .model import ModelConfig, ModelGroups, build_chunks, weights_state
+from .model.pieces import Piece
+from .model.shards import model_pieces
 
 
 def _one_process_model(cfg: RunConfig, model: ModelConfig, ps: pstate.ParallelState):
@@ -54,14 +56,12 @@ def export_to_hf(path: str | Path, out: str | Path, *, max_shard_bytes: int = MA
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         if model.vocab_size is None:
             model = model.with_overrides(vocab_size=tokenizer.vocab_size)
-        kind = family(model)
-        weights = weights_state([_one_process_model(cfg, model, ps)])
+        family(model)  # refuses a model no family holds
+        chunk = _one_process_model(cfg, model, ps)
+        weights = weights_state([chunk])
         ckpt.load(weights, found)
         state = {name: s.data for part in weights.values() for name, s in part.items()}
-        if kind == "gpt2":
-            fuse_qkv(state, model.layers)
-        if kind == "mamba2":
-            fuse_mamba(state, model)
+        fuse_parts(state, model_pieces([chunk]), model)
         extra = {"generation_config.json": _generation_config(tokenizer.eos_id)}
         if str(cfg.data.tokenizer) != "byte":
             folder = Path(tokenizer.path).parent
@@ -97,7 +97,8 @@ def import_from_hf(
         groups = ModelGroups.from_state(ps, sequence_parallel=ps.tp.size > 1 and model.num_experts > 0)
         chunks = build_chunks(model, groups, pp_rank=ps.pp.rank, pp=ps.pp.size, seed=cfg.train.seed, draw=False)
         weights = weights_state(chunks)
-        _refuse_extra_tensors(hf_dir, model, {n: s for part in weights.values() for n, s in part.items()})
+        shards = {n: s for part in weights.values() for n, s in part.items()}
+        _refuse_extra_tensors(hf_dir, model, shards, model_pieces(chunks))
         try:
             load_hf_pieces(chunks, hf_dir)
             failed = None
@@ -111,14 +112,11 @@ def import_from_hf(
         return ckpt.save({**weights, "config": to_toml(cfg)}, ckpt.step_dir(save, 0), layout=layout)
 
 
-def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict) -> None:
+def _refuse_extra_tensors(hf_dir: str | Path, model: ModelConfig, shards: dict, pieces: list[Piece]) -> None:
     """Every tensor in the folder's files must be one the model holds (a dropped weight is an error);
     the names every rank holds are gathered, so the check is the same at any layout."""
     state = {name: torch.empty(s.global_shape, device="meta") for name, s in shards.items()}
-    if family(model) == "gpt2":
-        fuse_qkv(state, model.layers)
-    if family(model) == "mamba2":
-        fuse_mamba(state, model)
+    fuse_parts(state, pieces, model)
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(adapter(model).to_hf(state)))
     expected = set().union(*names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..action import Schedule
 from ..errors import PipelineScheduleError
-from .basic import gpipe, one_f_one_b
+from .basic import gpipe, one_f_one_b, one_f_one_b_paired
 from .interleaved import check as check_interleaved
 from .interleaved import interleaved_1f1b
 from .v_shape import dualpipe_v, zb_v
@@ -12,6 +12,8 @@ from .zero_bubble import zero_bubble_h1
 
 #: The schedule names :func:`build` accepts.
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zb-v", "dualpipe-v")
+#: The schedules that can pair a forward with another microbatch's backward (``build(..., overlap=True)``).
+PAIRED_SCHEDULES = ("1f1b", "dualpipe-v")
 #: The schedules with two chunks per rank in a V (``Schedule.layout == "v"``).
 V_SCHEDULES = ("zb-v", "dualpipe-v")
 
@@ -30,6 +32,7 @@ def build(
     vpp: int | None = None,
     num_layers: int | None = None,
     group_size: int | None = None,
+    overlap: bool = False,
 ) -> Schedule:
     """The schedule ``name`` (one of :data:`SCHEDULES`) for ``pp`` ranks, ``microbatches`` and ``vpp`` chunks.
 
@@ -38,10 +41,17 @@ def build(
     ``num_layers``, when given, must split evenly over the ``pp * vpp`` stages (use
     :func:`pp_sched.split_layers` for uneven splits). ``group_size`` is the number of consecutive
     microbatches an interleaved rank runs per chunk (Megatron's ``microbatch_group_size_per_vp_stage``,
-    default ``pp``). Raises :class:`PipelineScheduleError` naming the rule a request breaks.
+    default ``pp``). ``overlap=True`` asks for overlapped ``(F, B)`` pairs (``Schedule.pairs``, run
+    interleaved by an executor with ``overlap=True`` to hide MoE all-to-alls): ``"1f1b"`` then warms up
+    with one more forward per rank and pairs its steady state; ``"dualpipe-v"`` always has pairs.
+    Raises :class:`PipelineScheduleError` naming the rule a request breaks.
     """
     if name not in SCHEDULES:
         raise PipelineScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if overlap and name not in PAIRED_SCHEDULES:
+        raise PipelineScheduleError(
+            f"overlap=True: schedule {name!r} has no overlapped (F, B) pairs; use one of {', '.join(PAIRED_SCHEDULES)}"
+        )
     pp = _positive("pp", pp)
     microbatches = _positive("microbatches", microbatches)
     vpp = _positive("vpp", (2 if name in V_SCHEDULES else 1) if vpp is None else vpp)
@@ -75,6 +85,9 @@ def build(
         return Schedule(name, pp, vpp, microbatches, tuple(map(tuple, actions)), "v", tuple(map(tuple, pairs)))
     if name == "gpipe":
         actions = gpipe(pp, microbatches)
+    elif name == "1f1b" and overlap:
+        actions, pairs = one_f_one_b_paired(pp, microbatches)
+        return Schedule(name, pp, vpp, microbatches, tuple(map(tuple, actions)), pairs=tuple(map(tuple, pairs)))
     elif name == "1f1b":
         actions = one_f_one_b(pp, microbatches)
     elif name == "zero-bubble":

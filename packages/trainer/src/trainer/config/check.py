@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 from pp_sched import PipelineScheduleError, build
+from pp_sched.schedules import PAIRED_SCHEDULES
 from pstate import ParallelConfigError, layout
 
 from ..errors import TrainerError
 from .fast_paths import check_fast_paths
 from .resolved import COMPUTE_DTYPES, GRAD_REDUCE_DTYPES, PARAM_DTYPES, RunPlan
-from .run import RunConfig
+from .run import RunConfig, TrainConfig
+
+
+def _moe_overlap_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """What ``train.moe_overlap`` (MoE all-to-alls hidden behind another micro-batch) needs, and why."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not t.moe_overlap:
+        return []
+    flag = "train.moe_overlap=true"
+    return [
+        (p.ep == 1, f"{flag} needs parallel.ep > 1, got ep={p.ep}: with one EP rank there is no all-to-all to hide"),
+        (
+            m.num_experts > 0 and m.moe_dispatcher != "alltoall",
+            f"{flag} needs model.moe_dispatcher='alltoall', got {m.moe_dispatcher!r}",
+        ),
+        (
+            p.pp > 1 and t.pipeline_schedule not in PAIRED_SCHEDULES,
+            f"{flag} needs a schedule with overlapped pairs ({', '.join(PAIRED_SCHEDULES)}), got "
+            f"--pipeline-schedule {t.pipeline_schedule}",
+        ),
+        (
+            t.precision != "fp32",
+            f"{flag} with train.precision={t.precision!r} is not supported yet (the cut chunks run outside autocast)",
+        ),
+        (
+            m.dropout > 0,
+            f"{flag} needs model.dropout=0, got {m.dropout}: interleaved micro-batches would draw their dropout masks "
+            "in another order",
+        ),
+        (t.recompute == "full", f"{flag} with train.recompute='full' is not supported (cut layers are not recomputed)"),
+        (t.zero == 3, f"{flag} with --zero 3 is not supported (the cut layers bypass FSDP's per-layer gathers)"),
+        (m.mtp_depth > 0, f"{flag} with model.mtp_depth={m.mtp_depth} is not supported yet"),
+        (m.layer_pattern is not None, f"{flag} with a hybrid model.layer_pattern is not supported yet"),
+    ]
 
 
 def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
@@ -40,12 +74,17 @@ def _mtp_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _grad_reduce_dtype(t: TrainConfig) -> str:
+    """ZeRO-3 reduces in ``train.grad_reduce_dtype``; the other modes in their precision's dtype."""
+    return t.grad_reduce_dtype if t.zero == 3 else GRAD_REDUCE_DTYPES[t.precision]
+
+
 def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
     """What the all-to-all context-parallel attentions need: each splits every TP rank's query and key/value
     heads over its all-to-all group (Ulysses: the whole CP group; hierarchical: ``parallel.cp_a2a`` ranks)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     heads, kv_heads = m.heads // p.tp, m.num_kv_heads // p.tp  # per TP rank (tp | kv heads is checked before)
-    a2a = {"ulysses": ("cp", p.cp), "hierarchical": ("cp_a2a", p.cp_a2a)}.get(t.cp_attention)
+    a2a = {"ulysses": ("parallel.cp", p.cp), "hierarchical": ("parallel.cp_a2a", p.cp_a2a)}.get(t.cp_attention)
     hierarchical = t.cp_attention == "hierarchical"
     rules = [
         (
@@ -60,8 +99,7 @@ def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
         ),
     ]
     if a2a is not None and p.cp > 1:
-        name, size = a2a
-        field = "parallel.cp" if name == "cp" else "parallel.cp_a2a"
+        field, size = a2a
         rules.append(
             (
                 heads % size or kv_heads % size,
@@ -124,8 +162,12 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
             m.position == "learned" and t.seq_len > m.max_seq_len,
             f"seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
         ),
-        (t.zero == 3 and m.num_experts > 0, "--zero 3 with MoE experts is not supported yet; use --zero 0"),
+        (
+            p.dp_shard is not None and p.dp_shard != dp and t.zero != 3,
+            f"parallel.dp_shard={p.dp_shard} (HSDP) needs train.zero=3; with zero={t.zero} leave it out",
+        ),
         *_mtp_rules(cfg),
+        *_moe_overlap_rules(cfg),
         (
             t.eval_every > 0 and cfg.data.valid_fraction == 0,
             f"train.eval_every={t.eval_every} needs a validation set: set data.valid_fraction > 0",
@@ -142,7 +184,7 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
     microbatches = global_batch // (t.micro_batch * dp)
     if p.pp > 1:
         try:
-            schedule = build(t.pipeline_schedule, pp=p.pp, microbatches=microbatches, vpp=p.vpp)
+            schedule = build(t.pipeline_schedule, pp=p.pp, microbatches=microbatches, vpp=p.vpp, overlap=t.moe_overlap)
         except PipelineScheduleError as error:
             raise TrainerError(f"--pipeline-schedule {t.pipeline_schedule}: {error}") from None
         if t.zero == 3 and any(a.kind == "W" for actions in schedule.actions for a in actions):
@@ -155,6 +197,6 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
         world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
         etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
         global_batch=global_batch, seq_len=t.seq_len, precision=t.precision, param_dtype=PARAM_DTYPES[t.precision],
-        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=GRAD_REDUCE_DTYPES[t.precision], zero=t.zero,
+        compute_dtype=COMPUTE_DTYPES[t.precision], grad_reduce_dtype=_grad_reduce_dtype(t), zero=t.zero,
         sequence_parallel=t.sequence_parallel, schedule=t.pipeline_schedule if p.pp > 1 else None,
     )  # fmt: skip

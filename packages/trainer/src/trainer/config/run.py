@@ -14,6 +14,7 @@ from .fields import check_number, check_types
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 FP8_RECIPES = ("current", "delayed", "mxfp8")
+GRAD_REDUCE_DTYPES = ("fp32", "bf16")
 DECAYS = ("cosine", "linear", "constant")
 ON_NAN = ("stop", "skip")
 CP_ATTENTION = ("ring", "ulysses", "hierarchical")
@@ -66,14 +67,15 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The loop: ``steps`` is the total (a resumed run continues to it); global batch =
-    ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded.
-    ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
-    ``steps``; a later run with ``load`` continues). ``init_from_hf``: a Hugging Face folder whose
-    weights the model starts from (each rank reads only its pieces). ``on_nan="stop"`` stops on a
-    non-finite loss, or a non-finite gradient that is not an fp16 loss-scale overflow (those steps are
-    skipped and counted), or after ``max_skipped_steps`` skipped steps in a row; ``"skip"`` skips any
-    such step. ``stall_timeout``: seconds without progress on some rank after which every rank dumps its
-    stack and the job stops, naming the stalled rank(s); collectives time out a little later."""
+        ``micro_batch * microbatches * dp``. ``zero``: 0 DDP, 1/2 sharded optimizer, 3 fully sharded (HSDP
+    with ``parallel.dp_shard`` below dp: sharded within groups of that many data-parallel ranks).
+        ``exit_interval``: save and stop when the step is a multiple of it (the schedule still spans
+        ``steps``; a later run with ``load`` continues). ``init_from_hf``: a Hugging Face folder whose
+        weights the model starts from (each rank reads only its pieces). ``on_nan="stop"`` stops on a
+        non-finite loss, or a non-finite gradient that is not an fp16 loss-scale overflow (those steps are
+        skipped and counted), or after ``max_skipped_steps`` skipped steps in a row; ``"skip"`` skips any
+        such step. ``stall_timeout``: seconds without progress on some rank after which every rank dumps its
+        stack and the job stops, naming the stalled rank(s); collectives time out a little later."""
 
     steps: int = 100
     """total optimizer steps of the run (a resumed run continues to it)."""
@@ -89,6 +91,8 @@ class TrainConfig:
     """parameter and compute precision (fp16 adds dynamic loss scaling; fp8: bf16 with fp8 matmuls)."""
     fp8_recipe: str = "current"
     """fp8 scaling: current (per-tensor, this step's amax), delayed (amax history; te) or mxfp8 (te, Blackwell)."""
+    grad_reduce_dtype: str = "fp32"
+    """Gradient reduction dtype: fp32 (default) or bf16."""
     peak_tflops: float | None = None
     """peak dense TFLOP/s of one device for MFU (default: the GPU's datasheet figure; measured on CPUs)."""
     zero: int = 0
@@ -102,6 +106,8 @@ class TrainConfig:
     """ring attention's block kernel: sdpa (PyTorch's fused ops), math (matmul + softmax), auto (sdpa where it runs)."""
     pipeline_schedule: str = "1f1b"
     """pipeline schedule when pp > 1 (interleaved ones need vpp > 1)."""
+    moe_overlap: bool = False
+    """overlap MoE all-to-alls with another micro-batch's compute (paired 1F1B or dualpipe-v; ep > 1, fp32)."""
     recompute: str | None = None
     """activation recomputation: full (whole layers) or selective (attention core); default: none."""
     eval_every: int = 0
@@ -159,6 +165,10 @@ class TrainConfig:
             raise TrainerError(f"train.precision={self.precision!r}: must be one of {PRECISIONS}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise TrainerError(f"train.fp8_recipe={self.fp8_recipe!r}: must be one of {FP8_RECIPES}")
+        if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+            raise TrainerError(
+                f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}: must be one of {GRAD_REDUCE_DTYPES}"
+            )
         if self.peak_tflops is not None:
             check_number("train", "peak_tflops", self.peak_tflops, above=0)
         if self.zero not in (0, 1, 2, 3):

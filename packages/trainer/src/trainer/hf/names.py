@@ -2,9 +2,10 @@
 
 The mapping is a ``ckpt.Adapter`` of invertible rules built from the model's choices (which biases,
 QK-norm, experts, a shared expert, tied embeddings), so a tensor the model has and the rules do not
-name is an error rather than a dropped weight. GPT-2's fused, transposed ``c_attn`` is handled by
-:func:`fuse_qkv` / :func:`split_qkv` around its adapter, Mamba-2's fused ``in_proj`` and ``conv1d`` by
-:func:`fuse_mamba` (export) and :func:`mamba_source` (streaming import).
+name is an error rather than a dropped weight. A family that stores some of our tensors fused (GPT-2's
+transposed ``c_attn``, Mamba-2's ``in_proj`` and ``conv1d``) names the fused tensor, which the layers
+declare beside their pieces (``Piece.fused``): :func:`fuse_parts` builds it on export, and streaming
+import reads each part's rows of it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import re
 import torch
 
 from ckpt import Adapter, Rename, Stack, Transpose
+from ckpt.convert import Template
 
 from ..model import ModelConfig
+from ..model.pieces import Piece
 from .config import MOE, family
 
 IGNORED_HF = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -28,10 +31,6 @@ def adapter(model: ModelConfig) -> Adapter:
     if kind == "mamba2":
         return _mamba2(model)
     return _gpt2() if kind == "gpt2" else _llama_like(model, kind)
-
-
-MAMBA_IN = ("z", "x", "B", "C", "dt")
-"""The parts of Mamba-2's fused ``in_proj``, in its row order (the convolution's: ``x, B, C``)."""
 
 
 def _mamba2(model: ModelConfig) -> Adapter:
@@ -48,41 +47,33 @@ def _mamba2(model: ModelConfig) -> Adapter:
     return Adapter(tuple(rules))
 
 
-def _mamba_rows(model: ModelConfig) -> tuple[dict[str, int], dict[str, int]]:
-    """The first row of each part in the fused ``in_proj`` and ``conv1d``."""
-    inner, bc = model.mamba_inner, model.mamba_groups * model.mamba_state
-    inputs = dict(zip(MAMBA_IN, (0, inner, 2 * inner, 2 * inner + bc, 2 * inner + 2 * bc)))
-    return inputs, {"x": 0, "B": inner, "C": inner + bc}
-
-
-def mamba_source(name: str, model: ModelConfig) -> tuple[str, tuple[int, ...], int] | None:
-    """For a part of a Mamba-2 fused tensor (``layers.3.mamba.x.weight``, ``layers.3.mamba.conv.B.bias``):
-    the fused tensor's name, its full shape as stored (``conv1d.weight`` ``[channels, 1, width]``) and the
-    part's first row in it; ``None`` for any other name."""
-    if model.layer_pattern is None:
-        return None
-    inputs, conv = _mamba_rows(model)
-    inner, bc, heads = model.mamba_inner, model.mamba_groups * model.mamba_state, model.mamba_heads
-    if found := re.fullmatch(r"layers\.(\d+)\.mamba\.(z|x|B|C|dt)\.weight", name):
-        fused = f"layers.{found[1]}.mamba.in_proj.weight"
-        return fused, (2 * inner + 2 * bc + heads, model.hidden), inputs[found[2]]
-    if found := re.fullmatch(r"layers\.(\d+)\.mamba\.conv\.(x|B|C)\.(weight|bias)", name):
-        shape = (inner + 2 * bc, 1, model.mamba_conv) if found[3] == "weight" else (inner + 2 * bc,)
-        return f"layers.{found[1]}.mamba.conv.{found[3]}", shape, conv[found[2]]
+def unsqueezed_dim(name: str, model: ModelConfig) -> int | None:
+    """The dimension of size one that the family's file adds to our tensor ``name`` (Mamba-2 stores the
+    convolution weight ``[channels, width]`` as ``conv1d.weight`` ``[channels, 1, width]``), else ``None``."""
+    if model.layer_pattern is not None and re.fullmatch(r"layers\.\d+\.mamba\.conv\.weight", name):
+        return 1
     return None
 
 
-def fuse_mamba(state: dict[str, torch.Tensor], model: ModelConfig) -> None:
-    """Mamba-2: our parts of ``in_proj`` and of the convolution into the fused tensors its adapter maps."""
-    for i in range(model.layers):
-        parts = [state.pop(f"layers.{i}.mamba.{p}.weight", None) for p in MAMBA_IN]
-        if all(p is not None for p in parts):
-            state[f"layers.{i}.mamba.in_proj.weight"] = torch.cat(parts)
-        for w in ("weight", "bias"):
-            parts = [state.pop(f"layers.{i}.mamba.conv.{p}.{w}", None) for p in "xBC"]
-            if all(p is not None for p in parts):
-                fused = torch.cat(parts)
-                state[f"layers.{i}.mamba.conv.{w}"] = fused.unsqueeze(1) if w == "weight" else fused
+def mapped(rules: tuple, name: str) -> bool:
+    """Whether one of the adapter's ``rules`` maps our tensor ``name``."""
+    return any(Template(rule.ours).match(name) is not None for rule in rules)
+
+
+def fuse_parts(state: dict[str, torch.Tensor], pieces: list[Piece], model: ModelConfig) -> None:
+    """Our tensors that the pieces declare as rows of a fused tensor (:class:`~trainer.model.pieces.Fused`)
+    into that tensor, where the family's names map the fused tensor and not the parts (GPT-2's ``c_attn``,
+    Mamba-2's ``in_proj`` and ``conv1d``)."""
+    rules = adapter(model).rules
+    fused: dict[str, dict[int, str]] = {}
+    for piece in pieces:
+        if piece.fused is not None and piece.name in state:
+            fused.setdefault(piece.fused.name, {})[piece.fused.first] = piece.name
+    for name, parts in fused.items():
+        if mapped(rules, name) and not any(mapped(rules, part) for part in parts.values()):
+            tensor = torch.cat([state.pop(parts[first]) for first in sorted(parts)])
+            dim = unsqueezed_dim(name, model)
+            state[name] = tensor if dim is None else tensor.unsqueeze(dim)
 
 
 def _gpt2() -> Adapter:
@@ -180,24 +171,3 @@ def drop_ignored(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str
     if model.tied_embeddings:
         out.pop("lm_head.weight", None)
     return out
-
-
-def fuse_qkv(state: dict[str, torch.Tensor], layers: int) -> None:
-    """GPT-2: our separate ``q``, ``k``, ``v`` into the fused ``qkv`` its adapter maps."""
-    for i in range(layers):
-        for w in ("weight", "bias"):
-            parts = [state.pop(f"layers.{i}.attn.{p}.{w}", None) for p in "qkv"]
-            if all(p is not None for p in parts):
-                state[f"layers.{i}.attn.qkv.{w}"] = torch.cat(parts)
-
-
-def split_qkv(state: dict[str, torch.Tensor], model: ModelConfig) -> None:
-    """GPT-2: the fused ``qkv`` back into our ``q``, ``k``, ``v``."""
-    d = model.head_dim
-    sizes = [model.heads * d, model.num_kv_heads * d, model.num_kv_heads * d]
-    for i in range(model.layers):
-        for w in ("weight", "bias"):
-            fused = state.pop(f"layers.{i}.attn.qkv.{w}", None)
-            if fused is not None:
-                for p, piece in zip("qkv", fused.split(sizes)):
-                    state[f"layers.{i}.attn.{p}.{w}"] = piece.contiguous()

@@ -3,10 +3,10 @@ that rank holds (``safetensors``' ``safe_open(...).get_slice``), so no process h
 
 Each named piece (:func:`trainer.model.shards.model_pieces`: layout-free name, global shape, this
 rank's offsets) is looked up through the family's name mapping: a renamed tensor is sliced directly, a
-transposed one (GPT-2) with its indices swapped, an expert of a stacked tensor one per expert, and
-GPT-2's fused ``c_attn`` at the part's column offset, a part of Mamba-2's ``in_proj`` or ``conv1d`` at its
-row offset. Shapes are checked against the file before any
-data is read; a missing tensor or file is named.
+transposed one (GPT-2) with its indices swapped, an expert of a stacked tensor one per expert, and a
+part the layer declares as rows of a fused tensor (``Piece.fused``) that the family stores fused
+(GPT-2's ``c_attn``, Mamba-2's ``in_proj`` and ``conv1d``) at its rows of that tensor. Shapes are
+checked against the file before any data is read; a missing tensor or file is named.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ckpt.convert import HF_INDEX, HF_SINGLE, Template
 from ..errors import TrainerError
 from ..model import GPTChunk, ModelConfig
 from ..model.shards import expert_bias_shards, model_pieces
-from .names import adapter, mamba_source
+from .names import adapter, mapped, unsqueezed_dim
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 """The safetensors dtypes a weight may have (converted to the model's dtype on load)."""
@@ -105,27 +105,17 @@ def load_hf_pieces(chunks: list[GPTChunk], hf_dir: str | Path) -> None:
         return
     model: ModelConfig = chunks[0].cfg
     files, rules = _Files(Path(hf_dir)), adapter(model).rules
-    sizes = {"q": model.heads * model.head_dim, "k": model.num_kv_heads * model.head_dim}
     with torch.no_grad():
         for piece in model_pieces(chunks):
             target = piece.of(piece.param.data)
-            name, shape, offsets = piece.name, piece.global_shape, piece.offsets
-            head, _, tail = name.rpartition(".")
-            layer, _, part = head.rpartition(".")
-            if (
-                model.position == "learned" and layer.endswith(".attn") and part in ("q", "k", "v")
-            ):  # GPT-2's fused c_attn
-                first = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[part]
-                width = sizes["q"] + 2 * sizes["k"]
-                name, shape = f"{layer}.qkv.{tail}", (width, *shape[1:])
-                offsets = (offsets[0] + first, *offsets[1:])
-            fused = mamba_source(name, model)
-            if fused is not None:  # a part of Mamba-2's in_proj or conv1d: its rows of the fused tensor
-                name, shape, first = fused
-                offsets, size = (offsets[0] + first, *(0,) * (len(shape) - 1)), (target.size(0), *shape[1:])
-                data = _source(files, rules, name, shape, offsets, size).reshape(target.shape)
-            else:
-                data = _source(files, rules, name, shape, offsets, tuple(target.shape))
-            target.copy_(data.to(target.dtype))
+            name, shape, offsets, size = piece.name, piece.global_shape, piece.offsets, tuple(target.shape)
+            if piece.fused is not None and not mapped(rules, name):  # stored as rows of a fused tensor
+                name, shape = piece.fused.name, piece.fused.global_shape
+                offsets = (offsets[0] + piece.fused.first, *offsets[1:])
+            dim = unsqueezed_dim(name, model)
+            if dim is not None:
+                shape, offsets, size = ((*t[:dim], one, *t[dim:]) for t, one in ((shape, 1), (offsets, 0), (size, 1)))
+            data = _source(files, rules, name, shape, offsets, size)
+            target.copy_((data if dim is None else data.squeeze(dim)).to(target.dtype))
         for name, bias in expert_bias_shards(chunks).items():  # buffers: whole on every rank
             bias.data.copy_(_source(files, rules, name, bias.global_shape, bias.offsets, tuple(bias.shape)))

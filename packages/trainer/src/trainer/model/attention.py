@@ -14,6 +14,7 @@ from . import init
 from .config import ModelConfig
 from .groups import ModelGroups
 from .kv_cache import KVCache
+from .pieces import Init, Piece, fused_rows, module_pieces, row_split
 from .rotary import apply_rotary, inverse_frequencies, rotary_angles, rotary_scale
 
 
@@ -34,7 +35,7 @@ class Attention(nn.Module):
         tp = groups.tp_size
         if cfg.num_kv_heads % tp:
             raise TrainerError(f"tp={tp} must divide the key/value heads ({cfg.num_kv_heads}) of the model")
-        self.cfg, self.groups, self.selective_recompute = cfg, groups, selective_recompute
+        self.cfg, self.groups, self.layer, self.selective_recompute = cfg, groups, layer, selective_recompute
         self.heads, self.kv_heads, d = cfg.heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
         sp, rows = groups.sequence_parallel, (cfg.heads + 2 * cfg.num_kv_heads) * d
         full = init.placeholder((rows, cfg.hidden))  # values drawn per piece (trainer.model.seeded)
@@ -53,6 +54,18 @@ class Attention(nn.Module):
             cfg.heads * d, cfg.hidden, group=groups.tp, bias=proj_bias, input_is_parallel=True,
             sequence_parallel=sp, full_weight=proj, full_bias=torch.zeros(cfg.hidden) if proj_bias else None,
         )  # fmt: skip
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """``q``, ``k``, ``v`` (this rank's heads of each; GPT-2 stores them fused as ``qkv``), ``proj``
+        (this rank's columns) and the replicated QK-norm weights."""
+        cfg, tp, rank, d = self.cfg, self.groups.tp_size, self.groups.tp_rank, self.cfg.head_dim
+        inits = {p: Init(self.layer, p, cfg.init_std) for p in "qkv"}
+        sizes = {"q": self.heads * d, "k": self.kv_heads * d, "v": self.kv_heads * d}
+        out = fused_rows(prefix, self.qkv, sizes, rank, tp, inits, fused=f"{prefix}.qkv")
+        out += row_split(f"{prefix}.proj", self.proj, rank, tp, Init(self.layer, "proj", init.output_std(cfg)))
+        if self.q_norm is not None:
+            out += module_pieces(f"{prefix}.q_norm", self.q_norm) + module_pieces(f"{prefix}.k_norm", self.k_norm)
+        return out
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None

@@ -16,6 +16,7 @@ from .groups import ModelGroups
 from .kv_cache import KVCache
 from .mla import LatentAttention
 from .mlp import MLP, moe_layer
+from .pieces import Piece, module_pieces
 
 RECOMPUTE = (None, "full", "selective")
 
@@ -57,6 +58,11 @@ class TransformerLayer(nn.Module):
         self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
         self.rng = DropoutRNG(seed, groups, layer) if rng is None else rng  # the chunk's, shared by its layers
         self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """The norms', the attention's and the MLP's pieces, under ``prefix`` (``layers.<global layer>``)."""
+        norms = module_pieces(f"{prefix}.norm1", self.norm1) + module_pieces(f"{prefix}.norm2", self.norm2)
+        return norms + self.attn.pieces(f"{prefix}.attn") + self.mlp.pieces(f"{prefix}.mlp")
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moe_dispatch import StagedRun
 from pp_sched import StageLayers, split_layers
 from pstate.tags import mark_sequence_parallel, mark_tied_copy
 from tp_layers import (
@@ -38,7 +39,9 @@ from .hybrid import HybridLayer
 from .kv_cache import KVCache, check_caches
 from .mla_cache import LatentCache
 from .mtp import MTPModule
+from .pieces import Init, Piece, module_pieces, vocab_rows, whole
 from .ssm_cache import PositionCache, SSMCache
+from .staged import staged_run
 
 
 class GPTChunk(nn.Module):
@@ -91,6 +94,28 @@ class GPTChunk(nn.Module):
                 MTPModule(cfg, groups, k, seed, recompute=recompute, rng=self.rng) for k in range(cfg.mtp_depth)
             )
 
+    def pieces(self) -> list[Piece]:
+        """Every named piece this chunk holds: the embedding table and the output head (this rank's rows of
+        the vocabulary, without padding), the learned positions, the final norm, the layers
+        (``layers.<global layer>``) and the MTP modules (``mtp.<depth - 1>``)."""
+        cfg, rank, out = self.cfg, self.groups.tp_rank, []
+        embedding = init.EMBEDDING_LAYER
+        if self.embedding is not None:
+            table = Init(embedding, "embedding", cfg.init_std)  # a tied copy draws the same values
+            out.append(vocab_rows("embedding.weight", self.embedding.weight, cfg.vocab_size, rank, table))
+        if self.position is not None:
+            out.append(whole("position.weight", self.position, Init(embedding, "position", cfg.init_std)))
+        if self.final_norm is not None:
+            out += module_pieces("final_norm", self.final_norm)
+        if self.head is not None:
+            head = Init(embedding, "head", cfg.init_std)
+            out.append(vocab_rows("head.weight", self.head.weight, cfg.vocab_size, rank, head))
+        for layer in self.layers:
+            out += layer.pieces(f"layers.{layer.layer}")
+        for k, module in enumerate(self.mtp or ()):
+            out += module.pieces(f"mtp.{k}")
+        return out
+
     def forward(
         self,
         x: torch.Tensor,
@@ -118,6 +143,11 @@ class GPTChunk(nn.Module):
             logits = self.logits(self.final_norm(x))
             return (logits, x) if self.mtp is not None and caches is None else logits
         return x if documents is None else (x, documents)
+
+    def staged_run(self) -> StagedRun:
+        """One training microbatch through this chunk cut at its MoE all-to-alls, for a pipeline executor
+        that overlaps them with another microbatch (``train.moe_overlap``; see :mod:`.staged`)."""
+        return staged_run(self)
 
     def kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache] | list[LatentCache]:
         """Empty caches for this chunk's layers: ``batch`` sequences of up to ``max_len`` (``max_seq_len``)

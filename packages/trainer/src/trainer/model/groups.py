@@ -77,6 +77,18 @@ class ModelGroups:
         return dist.get_world_size(as_group(self.ep))
 
     @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(as_group(self.ep))
+
+    @property
+    def etp_size(self) -> int:
+        return dist.get_world_size(as_group(self.etp))
+
+    @property
+    def etp_rank(self) -> int:
+        return dist.get_rank(as_group(self.etp))
+
+    @property
     def sequence_group(self) -> Group | None:
         """The ranks that hold other tokens of the same sequences (TP under SP, and CP), or ``None``."""
         split_tp, split_cp = self.sequence_parallel, self.cp_size > 1

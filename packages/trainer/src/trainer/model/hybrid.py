@@ -22,6 +22,7 @@ from .groups import ModelGroups
 from .kv_cache import KVCache
 from .mamba import Mamba2Mixer
 from .mlp import MLP, moe_layer
+from .pieces import Piece, module_pieces
 from .ssm_cache import PositionCache, SSMCache
 
 
@@ -54,6 +55,14 @@ class HybridLayer(nn.Module):
             self.mlp = moe_layer(cfg, groups, layer, seed) if self.is_moe else MLP(cfg, groups, layer, seed)
         self.rng = DropoutRNG(seed, groups, layer) if rng is None else rng
         self.dropout = Dropout(cfg.dropout, self.rng, sharded=groups.sequence_parallel)
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """The norm's pieces and its one block's (``mamba``, ``attn`` or ``mlp``), under ``prefix``."""
+        out = module_pieces(f"{prefix}.norm1", self.norm1)
+        for name in ("mamba", "attn", "mlp"):
+            if getattr(self, name) is not None:
+                out += getattr(self, name).pieces(f"{prefix}.{name}")
+        return out
 
     def forward(
         self,

@@ -14,8 +14,12 @@ and the pieces are drawn afterwards.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 ROLES = (
     "embedding",
@@ -95,9 +99,10 @@ def placeholder(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.zeros(()).expand(shape)
 
 
-def output_std(std: float, num_layers: int) -> float:
-    """GPT-2's smaller standard deviation for the projections that write into the residual stream."""
-    return std / math.sqrt(2.0 * num_layers)
+def output_std(cfg: ModelConfig) -> float:
+    """GPT-2's smaller standard deviation for the projections that write into the residual stream:
+    ``init_std / sqrt(2 * layers)``."""
+    return cfg.init_std / math.sqrt(2.0 * cfg.layers)
 
 
 def interleave_for_tp(parts: list[torch.Tensor], tp: int) -> torch.Tensor:

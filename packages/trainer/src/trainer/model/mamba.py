@@ -31,6 +31,7 @@ from ..errors import TrainerError
 from . import init
 from .config import ModelConfig
 from .groups import ModelGroups
+from .pieces import Init, Piece, fused_rows, row_split
 from .ssd import causal_conv, ssd_scan
 from .ssm_cache import SSMCache
 
@@ -78,7 +79,7 @@ class Mamba2Mixer(nn.Module):
         tp, cp, sp = groups.tp_size, groups.cp_size, groups.sequence_parallel
         if cfg.mamba_groups % (tp * cp):
             raise TrainerError(f"tp*cp={tp * cp} must divide the model's mamba_groups ({cfg.mamba_groups})")
-        self.cfg, self.groups = cfg, groups
+        self.cfg, self.groups, self.layer = cfg, groups, layer
         self.heads, self.ngroups = cfg.mamba_heads // tp, cfg.mamba_groups // tp
         self.inner, self.bc = self.heads * cfg.mamba_head_dim, self.ngroups * cfg.mamba_state
         self.sizes = {"z": self.inner, "x": self.inner, "B": self.bc, "C": self.bc, "dt": self.heads}
@@ -99,6 +100,27 @@ class Mamba2Mixer(nn.Module):
             self.inner * tp, cfg.hidden, group=groups.tp, bias=False, input_is_parallel=True, sequence_parallel=sp,
             full_weight=init.placeholder((cfg.hidden, self.inner * tp)),
         )  # fmt: skip
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """``in_proj`` as its parts ``z, x, B, C, dt`` (fused as ``in_proj`` in the one-process model), the
+        convolution as its ``x, B, C`` channels (fused as ``conv``), ``out_proj`` row-parallel, and this
+        rank's heads of ``A_log``, ``D``, ``dt_bias`` and of the norm. The projections are drawn as the
+        attention's, the convolution with the variance of PyTorch's default ``Conv1d`` initialisation
+        (``1/(3*width)``), ``dt_bias`` by :func:`initial_dt_bias`; ``A_log`` and ``D`` are set as built."""
+        cfg, tp, rank, layer = self.cfg, self.groups.tp_size, self.groups.tp_rank, self.layer
+        inits = {p: Init(layer, p, cfg.init_std) for p in self.sizes}
+        out = fused_rows(prefix, self.in_proj, self.sizes, rank, tp, inits, fused=f"{prefix}.in_proj")
+        conv = {p: self.sizes[p] for p in ("x", "B", "C")}
+        conv_inits = {p: Init(layer, f"conv_{p}", (3.0 * cfg.mamba_conv) ** -0.5) for p in conv}
+        out += fused_rows(f"{prefix}.conv", self.conv, conv, rank, tp, conv_inits, fused=f"{prefix}.conv")
+        dt_bias = Init(layer, "dt_bias", full=lambda shape, seed: initial_dt_bias(shape[0], seed))
+        for name, p, first in (
+            ("A_log", self.A_log, None), ("D", self.D, None), ("dt_bias", self.dt_bias, dt_bias),
+            ("norm.weight", self.norm.weight, None),
+        ):  # fmt: skip
+            out.append(Piece(f"{prefix}.{name}", p, (p.size(0) * tp,), (rank * p.size(0),), init=first))
+        out_init = Init(layer, "out_proj", init.output_std(cfg))
+        return out + row_split(f"{prefix}.out_proj", self.out_proj, rank, tp, out_init)
 
     def forward(self, x: torch.Tensor, cache: SSMCache | None = None) -> torch.Tensor:
         """``cache`` (inference, TP=CP=1): continue from its states and leave the new ones in it."""

@@ -31,6 +31,7 @@ from .attention import causal_attention, rotary_for, sequence_positions
 from .config import ModelConfig
 from .groups import ModelGroups
 from .mla_cache import LatentCache
+from .pieces import Init, Piece, fused_rows, module_pieces, row_split, whole
 from .rotary import apply_rotary, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6
@@ -68,7 +69,7 @@ class LatentAttention(nn.Module):
         tp = groups.tp_size
         if cfg.heads % tp:
             raise TrainerError(f"tp={tp} must divide the attention heads ({cfg.heads}) of the model")
-        self.cfg, self.groups, self.selective_recompute = cfg, groups, selective_recompute
+        self.cfg, self.groups, self.layer, self.selective_recompute = cfg, groups, layer, selective_recompute
         self.heads = cfg.heads // tp
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
@@ -90,6 +91,24 @@ class LatentAttention(nn.Module):
             cfg.heads * dv, cfg.hidden, group=groups.tp, bias=False, input_is_parallel=True,
             sequence_parallel=groups.sequence_parallel, full_weight=init.placeholder((cfg.hidden, cfg.heads * dv)),
         )  # fmt: skip
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """``q`` or ``q_down``, ``q_down_norm``, ``q_up``; ``kv_down``, ``kv_down_norm``, ``kv_up``; ``proj``: the
+        up-projections split by heads over TP (rows), ``proj`` by its columns, the rest replicated."""
+        cfg, tp, rank = self.cfg, self.groups.tp_size, self.groups.tp_rank
+        out = []
+        for name in ("q", "q_up", "kv_up"):
+            linear = getattr(self, name)
+            if linear is not None:
+                inits = {name: Init(self.layer, name, cfg.init_std)}
+                out += fused_rows(prefix, linear, {name: linear.weight.size(0)}, rank, tp, inits)
+        for name in ("q_down", "kv_down"):
+            if (linear := getattr(self, name)) is not None:
+                out.append(whole(f"{prefix}.{name}.weight", linear.weight, Init(self.layer, name, cfg.init_std)))
+        for name in ("q_down_norm", "kv_down_norm"):
+            if getattr(self, name) is not None:
+                out += module_pieces(f"{prefix}.{name}", getattr(self, name))
+        return out + row_split(f"{prefix}.proj", self.proj, rank, tp, Init(self.layer, "proj", init.output_std(cfg)))
 
     def forward(
         self, x: torch.Tensor, cache: LatentCache | None = None, documents: torch.Tensor | None = None

@@ -28,6 +28,7 @@ from .block import TransformerLayer, norm
 from .config import ModelConfig
 from .dropout import DropoutRNG
 from .groups import ModelGroups
+from .pieces import Init, Piece, fused_rows, module_pieces
 
 if TYPE_CHECKING:
     from .gpt import GPTChunk
@@ -51,13 +52,22 @@ class MTPModule(nn.Module):
         rng: DropoutRNG | None = None,
     ) -> None:
         super().__init__()
-        self.groups = groups
+        self.cfg, self.groups, self.layer = cfg, groups, cfg.layers + depth
         self.enorm, self.hnorm = norm(cfg, groups), norm(cfg, groups)
         self.proj = ColumnParallelLinear(
             2 * cfg.hidden, cfg.hidden, group=groups.tp, bias=False, gather_output=True,
             sequence_parallel=groups.sequence_parallel, full_weight=init.placeholder((cfg.hidden, 2 * cfg.hidden)),
         )  # fmt: skip
         self.block = TransformerLayer(cfg, groups, cfg.layers + depth, seed, recompute=recompute, rng=rng)
+
+    def pieces(self, prefix: str) -> list[Piece]:
+        """The norms, the ``2H -> H`` projection ``proj`` (this rank's rows) and the block as a layer
+        (``{prefix}.block.*``); its tensors are drawn as those of global layer ``layers + depth``."""
+        tp, rank = self.groups.tp_size, self.groups.tp_rank
+        out = module_pieces(f"{prefix}.enorm", self.enorm) + module_pieces(f"{prefix}.hnorm", self.hnorm)
+        inits = {"proj": Init(self.layer, "eh_proj", self.cfg.init_std)}
+        out += fused_rows(prefix, self.proj, {"proj": self.proj.weight.size(0)}, rank, tp, inits)
+        return out + self.block.pieces(f"{prefix}.block")
 
     def forward(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """``hidden`` and ``embedded``: ``[seq(/tp), batch, hidden]``; returns the depth's hidden state."""

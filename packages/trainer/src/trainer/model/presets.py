@@ -99,6 +99,20 @@ PRESETS: dict[str, ModelConfig] = {
         moe_ffn_hidden=14336,
         **_LLAMA,
     ),
+    "mixtral-8x22b": ModelConfig(
+        hidden=6144,
+        layers=56,
+        heads=48,
+        kv_heads=8,
+        ffn_hidden=16384,
+        vocab_size=32768,
+        max_seq_len=65536,
+        rope_theta=1e6,
+        num_experts=8,
+        moe_topk=2,
+        moe_ffn_hidden=16384,
+        **_LLAMA,
+    ),
 }
 
 

@@ -40,6 +40,11 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
         "layout (default: search, K=5, when no layout flag is given)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="every figure as JSON")
+    p.add_argument(
+        "--check", action="store_true",
+        help="dry-run the layouts found (ranks 0, the middle one and the last; see trainer train --dry-run) and "
+        "report each rank's bytes beside the planner's; a layout the trainer refuses exits 2",
+    )  # fmt: skip
 
 
 def run_plan(args: argparse.Namespace, overrides: dict) -> int:
@@ -74,6 +79,8 @@ def run_plan(args: argparse.Namespace, overrides: dict) -> int:
             "global_batch": t.global_batch, "precision": t.precision}  # fmt: skip
     if given and args.top is None:
         result = evaluate(work, Layout.from_run_config(cfg, args.gpus), hw)
+        if args.check:
+            return _checked([result], args.json)
         if args.json:
             print(render_json([result], model_name, model, {**head, "mode": "evaluate"}))
         else:
@@ -83,6 +90,8 @@ def run_plan(args: argparse.Namespace, overrides: dict) -> int:
             print("\ncommand: " + command(result, model_name, model))
         return 0 if result.fits else 1
     found = search(work, args.gpus, hw, top=args.top or 5, fixed=given)
+    if found and args.check:
+        return _checked(found, args.json)
     if found:
         print(render_json(found, model_name, model, {**head, "mode": "search"}) if args.json else
               render(found, model_name, model))  # fmt: skip
@@ -97,3 +106,12 @@ def run_plan(args: argparse.Namespace, overrides: dict) -> int:
     message = f"no layout fits {model_name} on {args.gpus} x {hw.name} ({hw.memory_gib:g} GiB){where}"
     print(json.dumps({**head, "mode": "search", "layouts": [], "message": message}) if args.json else message)
     return 1
+
+
+def _checked(found: list, as_json: bool) -> int:
+    """``--check``: the dry-run report of each layout (see :mod:`trainer.plan.check`)."""
+    from .check import check_layouts, render_checks
+
+    checks = check_layouts(found)
+    print(json.dumps(checks, indent=2) if as_json else render_checks(checks))
+    return 0

@@ -48,6 +48,7 @@ def make_executor(
     last_stage: GPTChunk | None = None,
     parts: LossParts | None = None,
     autocast: torch.dtype | None = None,
+    overlap: bool = False,
 ) -> PipelineExecutor:
     """The executor of ``schedule`` (``1f1b`` etc.; any name gives a one-stage schedule at ``pp=1``).
 
@@ -55,10 +56,13 @@ def make_executor(
     (``model.mtp_depth > 0``) the loss is the main loss plus ``mtp_loss_weight`` times the MTP loss, which
     the MTP modules of ``last_stage`` (this rank's last-stage chunk; found among ``chunks`` when they are bare)
     compute from the last stage's hidden state, under autocast to ``autocast`` when given; ``parts``
-    collects both losses of each micro-batch for the metrics."""
+    collects both losses of each micro-batch for the metrics. ``overlap`` (``train.moe_overlap``): the
+    schedule's overlapped pairs (paired 1F1B, DualPipe-V) run with each forward interleaved with the other
+    micro-batch's backward, the MoE all-to-alls of one in flight while the other computes; ``chunks`` (or
+    what they wrap, ``.module``) must then be :class:`GPTChunk` s."""
     vpp = len(chunks)
     name = schedule if ps.pp.size > 1 else "1f1b"
-    plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp)
+    plan = build(name, pp=ps.pp.size, microbatches=microbatches, vpp=vpp, overlap=overlap)
     if last_stage is None:
         last_stage = next((c for c in chunks if isinstance(c, GPTChunk) and c.mtp is not None), None)
 
@@ -77,7 +81,29 @@ def make_executor(
             loss = loss + cfg.mtp_loss_weight * extra
         return loss if loss_scale is None else loss * loss_scale()
 
-    return PipelineExecutor(plan, chunks, ps.pp, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_chunk_grads_ready)
+    if overlap:
+        chunks = [_Staged(c) for c in chunks]
+    return PipelineExecutor(
+        plan, chunks, ps.pp, loss_fn, no_sync=no_sync, on_chunk_grads_ready=on_chunk_grads_ready, overlap=overlap
+    )
+
+
+class _Staged(nn.Module):
+    """What the executor calls with ``overlap``: ``module`` (a data-parallel wrapper, or the chunk) for a
+    whole forward, and the wrapped :class:`GPTChunk`'s ``staged_run`` for a cut one."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        chunk = module
+        while not isinstance(chunk, GPTChunk) and isinstance(getattr(chunk, "module", None), nn.Module):
+            chunk = chunk.module
+        if not isinstance(chunk, GPTChunk):
+            raise TrainerError(f"train.moe_overlap: {type(module).__name__} holds no GPTChunk to cut")
+        self.staged_run = chunk.staged_run
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
 
 
 @dataclass

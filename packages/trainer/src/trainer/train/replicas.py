@@ -5,7 +5,7 @@ this pipeline stage that agree with this rank on every axis the piece is split a
 
 - dense tensors: split along ``tp`` when the piece is smaller than the tensor; a rectangle (the model,
   and AdamW's moments without ZeRO) is the same on every ``dp`` and ``cp`` rank, a ZeRO/FSDP flat range
-  differs there;
+  differs there, except across HSDP's replicate group (``parallel.dp_shard``), whose ranks hold the same;
 - expert tensors (``.experts.``): split along ``ep`` and, when their inner dimensions are smaller, along
   ``etp``; a rectangle is the same on every ``edp`` rank, a flat range differs there;
 - scalars (AdamW's ``step``) are the same on every rank of the stage;
@@ -40,9 +40,16 @@ def replicas(layout: Layout, rank: int, tied_embeddings: bool) -> Callable[[str,
             tp_split = tuple(shard.shape) != tuple(shard.global_shape)
             axes = (() if tp_split else ("tp",)) + (() if flat else ("cp", "dp"))
         tied = tied_embeddings and layout.config.pp > 1 and name.split("/")[1:2] == [TIED]
-        key = (axes, tied)
+        hsdp = flat and not expert and layout.dp_replicate > 1  # the same flat range on every replica
+        key = (axes, tied, hsdp)
         if key not in cache:
             group = layout.group_of(rank, "-".join(axes)) if axes else [rank]
+            if hsdp:
+                group = [
+                    p
+                    for m in layout.hsdp_group_of(rank)[1]
+                    for p in (layout.group_of(m, "-".join(axes)) if axes else [m])
+                ]
             if tied:  # the same ranks on the first and the last stage
                 group = [p for m in group for p in _ends(layout.group_of(m, "pp"))]
             cache[key] = sorted(group)

@@ -8,8 +8,10 @@ the model chunks, their data-parallel engine (with the optimizer) and the pipeli
 
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
-chunks); experts are reduced (and sharded) over ``edp``. Mixed precision (``bf16``/``fp16``) is autocast
-compute over fp32 parameters, which are the master weights; ``fp16`` adds a dynamic
+chunks over ``dp_shard``: ``dp_cp`` itself, or for HSDP (``parallel.dp_shard``) a slice of it, replicated
+across ``dp_replicate``); experts are reduced (and sharded) over ``edp``. Mixed precision
+(``bf16``/``fp16``) is autocast compute over fp32 parameters, which are the master weights (ZeRO-3
+gathers them in the 16-bit dtype and reduces gradients in ``train.grad_reduce_dtype``); ``fp16`` adds a dynamic
 :class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
 """
 
@@ -29,13 +31,14 @@ from pp_sched import PipelineExecutor
 from pstate import ParallelState
 from pstate.device import device_for_backend
 
-from ..config import RunConfig, RunPlan
+from ..config import RunConfig, RunPlan, TrainConfig
 from ..model import GPTChunk, ModelConfig, ModelGroups, apply_backend, build_chunks, tied_embedding_params
 from ..model.shards import Piece, model_pieces
 from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -111,13 +114,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def setup(cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan) -> Run:
+def setup(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, plan: RunPlan, *, device: torch.device | None = None
+) -> Run:
     """Build the run's parts, one step each (collective over the world): the model chunks, their
     backend, the named pieces, the data-parallel engine (with the optimizer), the precision wrappers,
-    the pipeline executor and the expert-bias updater."""
+    the pipeline executor and the expert-bias updater.
+
+    ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
+    default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
+    meta = device is not None and torch.device(device).type == "meta"
     groups = model_groups(cfg, ps)
-    chunks = build_model(cfg, ps, model, groups)
-    device = apply_device(chunks)
+    chunks = build_model(cfg, ps, model, groups, meta=meta)
+    device = apply_device(chunks, device)
     context = apply_backend(
         chunks, groups, backend=model.backend, precision=cfg.train.precision, fp8_recipe=cfg.train.fp8_recipe,
         amax_group=ps.tp_dp_cp.group,
@@ -140,9 +149,11 @@ def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
     )
 
 
-def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups) -> list[GPTChunk]:
+def build_model(
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, *, meta: bool = False
+) -> list[GPTChunk]:
     """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
-    ``train.init_from_hf``, read piece by piece from the Hugging Face weights."""
+    ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
     t = cfg.train
     chunks = build_chunks(
         model,
@@ -152,20 +163,20 @@ def build_model(cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: M
         vpp=cfg.parallel.vpp,
         seed=t.seed,
         recompute=t.recompute,
-        draw=t.init_from_hf is None,
+        draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
         uneven=cfg.parallel.pipeline_layout,
     )
-    if t.init_from_hf is not None:  # each rank reads only its pieces of the Hugging Face weights
+    if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
 
         load_hf_pieces(chunks, t.init_from_hf)
     return chunks
 
 
-def apply_device(chunks: list[GPTChunk]) -> torch.device:
-    """Move the chunks to this rank's device (the CPU under gloo, this rank's GPU under NCCL); return it."""
-    device = device_for_backend(dist.get_backend())
+def apply_device(chunks: list[GPTChunk], device: torch.device | None = None) -> torch.device:
+    """Move the chunks to ``device`` (default: this rank's, the CPU under gloo, its GPU under NCCL); return it."""
+    device = device_for_backend(dist.get_backend()) if device is None else torch.device(device)
     for chunk in chunks:
         chunk.to(device)
     return device
@@ -190,12 +201,13 @@ def apply_data_parallel(
     return make_engine(
         t.zero,
         chunks,
-        group=ps.dp_cp,
+        group=ps.dp_shard if t.zero == 3 else ps.dp_cp,  # dp_shard: a slice of dp_cp under HSDP, else dp_cp
         expert_group=ps.edp if model.num_experts > 0 else None,  # experts reduced (and sharded) over edp
         param_groups=lambda named: param_groups(named, o.weight_decay, decayed),
         optimizer_cls=torch.optim.AdamW,
         aligned=tied_embedding_params(chunks),  # ZeRO-1/2: both stages own the same elements of the copies
         units=_fsdp_units,
+        **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
@@ -236,7 +248,7 @@ def apply_pipeline(
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
         no_sync=engine.no_sync, loss_scale=scale, last_stage=last_stage, parts=losses,
-        autocast=AUTOCAST.get(t.precision),
+        autocast=AUTOCAST.get(t.precision), overlap=t.moe_overlap,
     )  # fmt: skip
 
 
@@ -249,6 +261,17 @@ def expert_bias(
     # the ranks of the stage that route other tokens: DP (EP included), CP, and TP under SP
     tokens_group = ps.tp_dp_cp if cfg.train.sequence_parallel else ps.dp_cp
     return ExpertBiasUpdater(chunks, tokens_group, model.moe_expert_bias_rate)
+
+
+def _fsdp_options(t: TrainConfig, ps: ParallelState) -> dict[str, Any]:
+    """ZeRO-3's replicas (HSDP) and dtypes: 16-bit runs gather the parameters in the model dtype (the
+    fp32 shards stay the master weights, and AdamW's state with them), gradients are reduced in
+    ``train.grad_reduce_dtype``; fp8 keeps fp32 gathers (its matmuls cast the weights themselves)."""
+    return {
+        "replicate_group": ps.dp_replicate,
+        "param_dtype": AUTOCAST[t.precision] if t.precision in ("bf16", "fp16") else None,
+        "reduce_dtype": REDUCE_DTYPES[t.grad_reduce_dtype],
+    }
 
 
 def _fsdp_units(chunk: GPTChunk) -> list[nn.Module]:
