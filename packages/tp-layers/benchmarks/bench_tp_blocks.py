@@ -6,7 +6,21 @@ plus ``SequenceParallel`` for the norm under SP), on CPU over gloo, in one run.
 
 Both versions start from the same full weights and their outputs are compared before timing. Each
 measurement is the slowest rank's time for ``--iters`` steps; the versions alternate over ``--rounds``
-rounds and the median round is reported. ratio = ours / DTensor (below 1.0: ours is faster).
+rounds (A B A B ...) and the median round is reported. ratio = ours / DTensor (below 1.0: ours is faster).
+Next to the wall time, the CPU time of a step summed over both ranks' processes (``time.process_time``,
+gloo's threads included): it counts work, not waits, so it moves much less with the machine's load.
+
+A step is the same work on both sides: forward, backward, and the gradients of the sequence-parallel
+parameters (the norm's, replicated over TP but used on a sequence shard) completed over TP. Ours sums
+them in one all-reduce (``allreduce_sequence_parallel_grads``); DTensor leaves them as ``Partial`` and
+its step redistributes them to ``Replicate`` (one all-reduce each), which an optimizer step needs.
+The row ``dt partial`` is DTensor without that completion, the comparison this benchmark made before.
+Under SP two variants of ours: the default re-gathers the input of the column layer in backward (the
+memory of one sequence shard kept per layer); ``keep`` keeps the gathered input, as DTensor does.
+
+Each block's step is also profiled once per version (``torch.profiler``): the collectives per step
+(all-gathers / reduce-scatters / all-reduces) and the copies (``copy_``, ``clone``, ``cat``, with their
+MiB); these counts do not depend on the load of the machine, unlike the times.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -55,12 +69,13 @@ class Block(nn.Module):
         return x + self.down(out.permute(2, 0, 1, 3).reshape(seq, batch, -1))
 
 
-def ours(kind: str, hidden: int, heads: int, sp: bool) -> nn.Module:
+def ours(kind: str, hidden: int, heads: int, sp: bool, keep: bool = False) -> nn.Module:
     group = dist.group.WORLD
 
     def linear(n_in: int, n_out: int, style: str) -> nn.Module:
-        layer = ColumnParallelLinear if style == "column" else RowParallelLinear
-        return layer(n_in, n_out, group=group, sequence_parallel=sp)
+        if style == "column":
+            return ColumnParallelLinear(n_in, n_out, group=group, sequence_parallel=sp, keep_gathered_input=keep)
+        return RowParallelLinear(n_in, n_out, group=group, sequence_parallel=sp)
 
     block = Block(kind, hidden, heads, linear)
     if sp:
@@ -82,39 +97,94 @@ def dtensor(kind: str, hidden: int, heads: int, sp: bool) -> nn.Module:
     return parallelize_module(block, mesh, plan)
 
 
-def step(block: nn.Module, x: torch.Tensor, sp: bool, reduce_sp: bool) -> torch.Tensor:
+def step(block: nn.Module, x: torch.Tensor, sp: bool, mode: str) -> torch.Tensor:
+    """Forward, backward and (``mode`` ``"ours"`` or ``"dtensor"``) the SP gradients completed; ``"partial"``
+    leaves DTensor's ``Partial`` gradients as they are (what this benchmark measured before)."""
     y = block(x)
     y.sum().backward()
-    if sp and reduce_sp:
+    if sp and mode == "dtensor":
+        for param in block.parameters():
+            if param.grad is not None and any(isinstance(p, Partial) for p in param.grad.placements):
+                param.grad = param.grad.redistribute(placements=[Replicate()])
+    elif sp and mode == "ours":
         allreduce_sequence_parallel_grads(block, group=dist.group.WORLD)
     return y
 
 
+COPIES = ("aten::copy_", "aten::clone", "aten::cat")
+
+
+def op_counts(block: nn.Module, x: torch.Tensor, sp: bool, mode: str) -> dict[str, float]:
+    """Collectives (all-gather, reduce-scatter, all-reduce calls) and copies (calls, MiB) of one step."""
+    block.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        step(block, x, sp, mode)
+    counts = {"allgather": 0, "reduce_scatter": 0, "allreduce": 0, "copies": 0, "copy MiB": 0.0}
+    for event in prof.events():
+        name = event.name
+        if name.startswith("c10d::"):
+            for kind in ("allgather", "reduce_scatter", "allreduce"):
+                counts[kind] += kind in name
+        elif name in COPIES and not _nested_copy(event):
+            counts["copies"] += 1
+            counts["copy MiB"] += 4 * _numel(event.input_shapes[0]) / 2**20 if event.input_shapes[0] else 0.0
+    return counts
+
+
+def _numel(shape: list) -> int:
+    n = 1
+    for size in shape if shape and isinstance(shape[0], int) else []:
+        n *= size
+    return n
+
+
+def _nested_copy(event) -> bool:
+    """A copy inside another copy (``clone`` calls ``copy_``): counted once, as the outer one."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in COPIES:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def measure(kind: str, sp: bool, hidden: int, heads: int, seq: int, batch: int, iters: int, rounds: int):
     rank, tp = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    mine = ours(kind, hidden, heads, sp)
+    versions = {}
+    for name, keep in (("ours", False), ("ours keep", True))[: 2 if sp else 1]:
+        torch.manual_seed(0)
+        versions[name] = (ours(kind, hidden, heads, sp, keep), "ours")
     torch.manual_seed(0)  # same seed, same draws: the DTensor block starts from the full weights we slice
-    theirs = dtensor(kind, hidden, heads, sp)
+    block = dtensor(kind, hidden, heads, sp)
+    versions["dtensor"] = (block, "dtensor")
+    if sp:
+        versions["dt partial"] = (block, "partial")
     x = torch.randn(seq, batch, hidden, generator=torch.Generator().manual_seed(1))
     if sp:
         x = x.chunk(tp, 0)[rank].contiguous()
     x.requires_grad_()
-    difference = (step(mine, x, sp, True) - step(theirs, x, sp, False)).abs().max().item()
-    times = {"ours": [], "dtensor": []}
+    outputs = [step(block, x, sp, mode) for block, mode in versions.values()]
+    difference = max((out - outputs[-1]).abs().max().item() for out in outputs[:-1])
+    counts = {name: op_counts(block, x, sp, mode) for name, (block, mode) in versions.items()}
+    times = {name: [] for name in versions}
+    cpu = {name: [] for name in versions}
     for _ in range(rounds):
-        for name, block, reduce_sp in (("ours", mine, True), ("dtensor", theirs, False)):
+        for name, (block, mode) in versions.items():
             for _ in range(3):  # warm-up
-                step(block, x, sp, reduce_sp)
+                step(block, x, sp, mode)
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 block.zero_grad(set_to_none=True)
-                step(block, x, sp, reduce_sp)
+                step(block, x, sp, mode)
             elapsed = torch.tensor([time.perf_counter() - start])
+            used = torch.tensor([time.process_time() - cpu_start])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(used)
             times[name].append(elapsed.item() / iters)
-    return difference, {name: statistics.median(t) for name, t in times.items()}
+            cpu[name].append(used.item() / iters)
+    medians = {name: (statistics.median(times[name]), statistics.median(cpu[name])) for name in versions}
+    return difference, medians, counts
 
 
 def main() -> None:
@@ -126,22 +196,31 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--blocks", nargs="+", default=["mlp", "attention"], choices=["mlp", "attention"])
+    parser.add_argument("--sp", nargs="+", default=["off", "on"], choices=["off", "on"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, tp={args.tp} over gloo, one thread per rank")
     print(
         f"hidden={args.hidden} heads={args.heads} seq={args.seq} batch={args.batch}, {args.iters} steps x {args.rounds}"
     )
-    print(f"{'block':<10} {'sp':<5} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7} {'max |diff|':>11}")
-    with Harness(timeout_s=1800) as harness:
-        for kind in ("mlp", "attention"):
-            for sp in (False, True):
+    header = (
+        f"{'block':<10} {'sp':<5} {'version':<10} {'ms':>8} {'ratio':>6} {'CPU ms':>8} {'ratio':>6} {'AG/RS/AR':>9}"
+    )
+    print(f"{header} {'copies':>7} {'MiB':>6} {'max |diff|':>11}")
+    with Harness(timeout_s=3600) as harness:
+        for kind in args.blocks:
+            for sp in (mode == "on" for mode in args.sp):
                 shape = (args.hidden, args.heads, args.seq, args.batch, args.iters, args.rounds)
-                difference, times = harness.run(args.tp, measure, kind, sp, *shape)[0]
-                ratio = times["ours"] / times["dtensor"]
-                print(
-                    f"{kind:<10} {sp!s:<5} {times['ours'] * 1e3:>9.2f} {times['dtensor'] * 1e3:>11.2f} "
-                    f"{ratio:>7.3f} {difference:>11.2e}"
-                )
+                difference, times, counts = harness.run(args.tp, measure, kind, sp, *shape)[0]
+                wall_dt, cpu_dt = times["dtensor"]
+                for name, (seconds, used) in times.items():
+                    c = counts[name]
+                    collectives = f"{c['allgather']}/{c['reduce_scatter']}/{c['allreduce']}"
+                    print(
+                        f"{kind:<10} {sp!s:<5} {name:<10} {seconds * 1e3:>8.2f} {seconds / wall_dt:>6.3f} "
+                        f"{used * 1e3:>8.2f} {used / cpu_dt:>6.3f} {collectives:>9} {c['copies']:>7} "
+                        f"{c['copy MiB']:>6.2f} {difference:>11.2e}"
+                    )
 
 
 if __name__ == "__main__":

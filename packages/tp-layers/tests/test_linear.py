@@ -12,8 +12,10 @@ same products in another order, which changes only the last bits.
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from pstate.comm import CommRecorder
 from pstate.testing import error_messages
 from tp_layers import ColumnParallelLinear, RowParallelLinear, TensorParallelError, allreduce_sequence_parallel_grads
 
@@ -64,6 +66,56 @@ def test_column_parallel_equals_nn_linear(run_ranks, tp, sequence_parallel, gath
         torch.testing.assert_close(b_grad_r, b_grad.chunk(tp, 0)[rank])
 
 
+def run_column_variant(sequence_parallel, keep_gathered_input, hooked):
+    """The column layer with ``keep_gathered_input`` and/or a local matmul (plain ``F.linear`` that records
+    the shapes it is given): its result, the shapes the hook saw, and the collectives per operation."""
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(SEED)
+    layer = ColumnParallelLinear(
+        IN, OUT, group=dist.group.WORLD, sequence_parallel=sequence_parallel, keep_gathered_input=keep_gathered_input
+    )
+    seen = []
+    if hooked:
+        layer.set_local_matmul(lambda x: seen.append(tuple(x.shape)) or F.linear(x, layer.weight, layer.bias))
+    x_full, c = data()
+    x = (x_full.chunk(tp, 0)[rank] if sequence_parallel else x_full).clone().requires_grad_()
+    initial = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with CommRecorder() as recorder:
+        y = layer(x)
+        (y * c.chunk(tp, -1)[rank]).sum().backward()
+    calls = {op: int(totals["calls"]) for op, totals in recorder.by_op().items()}
+    return (y.detach(), x.grad, layer.weight.grad, layer.bias.grad, *initial), seen, calls
+
+
+@pytest.mark.parametrize(
+    ("sequence_parallel", "keep_gathered_input", "hooked"),
+    [(True, True, False), (True, False, True), (False, False, True), (True, True, True)],
+    ids=str,
+)
+def test_column_parallel_options_equal_nn_linear(run_ranks, sequence_parallel, keep_gathered_input, hooked):
+    """Keeping the gathered input saves the backward's all-gather; a local matmul runs on this rank's whole
+    (gathered) input inside the layer's communication, which stays one gather forward and one
+    reduce-scatter (SP) or all-reduce backward. Both give ``nn.Linear``'s outputs and gradients."""
+    tp = 2
+    y, x_grad, w_grad, b_grad, weight, _ = reference()
+    for rank, (result, seen, calls) in enumerate(
+        run_ranks(tp, run_column_variant, sequence_parallel, keep_gathered_input, hooked)
+    ):
+        y_r, x_grad_r, w_grad_r, b_grad_r, weight_r, _ = result
+        torch.testing.assert_close(weight_r, weight.chunk(tp, 0)[rank], rtol=0, atol=0)
+        torch.testing.assert_close(y_r, y.chunk(tp, -1)[rank])
+        torch.testing.assert_close(x_grad_r, x_grad.chunk(tp, 0)[rank] if sequence_parallel else x_grad)
+        torch.testing.assert_close(w_grad_r, w_grad.chunk(tp, 0)[rank])
+        torch.testing.assert_close(b_grad_r, b_grad.chunk(tp, 0)[rank])
+        assert seen == ([(SEQ, BATCH, IN)] if hooked else [])
+        if not sequence_parallel:
+            assert calls == {"all_reduce": 1}
+        elif hooked or keep_gathered_input:
+            assert calls == {"all_gather": 1, "reduce_scatter": 1}
+        else:
+            assert calls == {"all_gather": 2, "reduce_scatter": 1}
+
+
 def run_row(sequence_parallel, input_is_parallel, reduce_sp_grads):
     rank, tp = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(SEED)
@@ -94,6 +146,56 @@ def test_row_parallel_equals_nn_linear(run_ranks, tp, sequence_parallel, input_i
         torch.testing.assert_close(x_grad_r, x_grad.chunk(tp, -1)[rank] if input_is_parallel else x_grad)
         torch.testing.assert_close(w_grad_r, w_grad.chunk(tp, 1)[rank])
         torch.testing.assert_close(b_grad_r, b_grad)
+
+
+def run_row_hooked(sequence_parallel):
+    """The row layer with a local matmul that records its input's shape; the bias stays outside it."""
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(SEED)
+    layer = RowParallelLinear(IN, OUT, group=dist.group.WORLD, sequence_parallel=sequence_parallel)
+    seen = []
+    layer.set_local_matmul(lambda x: seen.append(tuple(x.shape)) or F.linear(x, layer.weight))
+    x_full, c = data()
+    x = x_full.chunk(tp, -1)[rank].clone().requires_grad_()
+    y = layer(x)
+    (y * (c.chunk(tp, 0)[rank] if sequence_parallel else c)).sum().backward()
+    allreduce_sequence_parallel_grads(layer, group=dist.group.WORLD)
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad, seen, sorted(layer.state_dict())
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_row_parallel_with_a_local_matmul_equals_nn_linear(run_ranks, sequence_parallel):
+    tp = 2
+    y, x_grad, w_grad, b_grad = reference()[:4]
+    for rank, (y_r, x_grad_r, w_grad_r, b_grad_r, seen, names) in enumerate(
+        run_ranks(tp, run_row_hooked, sequence_parallel)
+    ):
+        torch.testing.assert_close(y_r, y.chunk(tp, 0)[rank] if sequence_parallel else y)
+        torch.testing.assert_close(x_grad_r, x_grad.chunk(tp, -1)[rank])
+        torch.testing.assert_close(w_grad_r, w_grad.chunk(tp, 1)[rank])
+        torch.testing.assert_close(b_grad_r, b_grad)
+        assert seen == [(SEQ, BATCH, IN // tp)] and names == ["bias", "weight"]
+
+
+def module_as_local_matmul():
+    """A module sharing the layer's weight (as an fp8 linear does) used as the local matmul."""
+    layer = ColumnParallelLinear(IN, OUT, group=dist.group.WORLD)
+    names = sorted(layer.state_dict())
+    doubled = nn.Linear(IN, OUT)
+    doubled.weight, doubled.bias = layer.weight, layer.bias
+    layer.set_local_matmul(lambda x: 2 * doubled(x))
+    x = data()[0]
+    hooked = layer(x)
+    layer.set_local_matmul(doubled)
+    registered = sorted(layer.state_dict()), [n for n, _ in layer.named_modules()]
+    layer.set_local_matmul(None)
+    return names, registered, torch.equal(hooked, 2 * layer(x))
+
+
+def test_a_local_matmul_runs_and_a_module_is_not_registered_as_a_submodule(run_ranks):
+    names, (names_with_module, modules), doubled = run_ranks(1, module_as_local_matmul)[0]
+    assert doubled
+    assert names == names_with_module == ["bias", "weight"] and modules == [""]
 
 
 def test_row_parallel_bias_gradient_under_sp_is_partial_until_reduced(run_ranks):

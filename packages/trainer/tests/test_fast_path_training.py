@@ -38,6 +38,7 @@ def convert_tiny_to_fp8() -> tuple[int, bool, bool]:
     """(layers converted, names unchanged, the same parameter objects) for the tiny model in one process."""
     import pstate
     from trainer.model import ModelGroups, apply_backend, build_chunks, model_shards, preset
+    from trainer.model.float8 import Float8Matmul
 
     with pstate.initialize(pstate.ParallelConfig()) as ps:
         groups = ModelGroups.from_state(ps)
@@ -46,7 +47,7 @@ def convert_tiny_to_fp8() -> tuple[int, bool, bool]:
         names = sorted(model_shards(chunks))
         apply_backend(chunks, groups, backend="torch", precision="fp8", fp8_recipe="current")
         after = dict(chunks[0].named_parameters())
-        converted = sum(hasattr(m, "fp8") for m in chunks[0].modules())
+        converted = sum(isinstance(getattr(m, "local_matmul", None), Float8Matmul) for m in chunks[0].modules())
         same = all(after[n] is p for n, p in before.items()) and len(after) == len(before)
         return converted, sorted(model_shards(chunks)) == names, same
 

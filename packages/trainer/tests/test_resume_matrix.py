@@ -126,7 +126,7 @@ def check(results, reference, pairs):
 
 
 def test_every_pair_of_modes_resumes_with_the_uninterrupted_losses(saved):
-    _, results = saved
+    root, results = saved
     reference = results[0]["reference"]
     assert reference[-1] < reference[0]
     for zero in MODES:  # each saving run is the uninterrupted one up to K
@@ -135,6 +135,8 @@ def test_every_pair_of_modes_resumes_with_the_uninterrupted_losses(saved):
     lines = {pair: line for pair, (_, _, line) in results[0]["pairs"].items()}
     assert lines[(1, 1)] == "the run plan is the saved one"
     assert lines[(0, 3)] == "layout changed (zero 0->3)"
+    values = ckpt.inspect(f"{root}/zero2")["values"]  # the plan, as saved (what ckpt inspect shows)
+    assert (values["plan/zero"], values["plan/global_batch"], values["plan/microbatches"]) == (2, BATCH, 2)
 
 
 LAYOUTS = {

@@ -243,7 +243,14 @@ class DDPEngine(DataParallelEngine):
                     self._masters[id(p)].copy_(p)
 
     def checkpoint_pieces(self) -> CheckpointPieces:
-        return replicated_pieces(self.named, self.optimizer, masters=self._masters)
+        finish = self._masters_to_params if self._masters else None  # after a load filled the masters
+        return replicated_pieces(self.named, self.optimizer, master=self.master, finish=finish)
+
+    def _masters_to_params(self) -> None:
+        with torch.no_grad():
+            for p in self._params:
+                if id(p) in self._masters:
+                    p.copy_(self._masters[id(p)])
 
     def memory_bytes(self) -> dict[str, int]:
         grads = _bytes(b.data for m in self.modules for b in m.grad_buffers)

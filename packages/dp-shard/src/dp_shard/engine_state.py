@@ -28,6 +28,7 @@ from torch import nn
 
 from pstate import Shard
 
+from .errors import DataParallelError
 from .fsdp_checkpoint import optimizer_state_shards, parameter_shards
 from .sharded_state import MASTER, probe_state_kinds
 
@@ -53,29 +54,26 @@ def whole(param: torch.Tensor, data: torch.Tensor | None = None) -> Shard:
 
 
 def replicated_pieces(
-    named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, masters: dict[int, torch.Tensor] | None = None
+    named: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    master: Callable[[nn.Parameter], torch.Tensor] = lambda p: p,
+    finish: Callable[[], None] | None = None,
 ) -> CheckpointPieces:
-    """DDP: every parameter and its optimizer state whole. ``masters`` (by ``id(param)``): the fp32 masters
-    the optimizer steps for 16-bit parameters; they are saved as the parameters' values and, once loaded,
-    copied into the parameters."""
-    masters = masters or {}
+    """DDP: every parameter and its optimizer state whole. ``master(param)``: the tensor the optimizer
+    steps for ``param`` (an fp32 master copy of a 16-bit parameter; the parameter itself by default),
+    whose values are saved as the parameter's; ``finish``: what copies loaded masters into the parameters."""
     fill_optimizer_state(optimizer)
-    states = {id(p): optimizer.state[p] for group in optimizer.param_groups for p in group["params"]}
-    stepped = {name: masters.get(id(p), p) for name, p in named.items()}
-    params = {name: whole(p, stepped[name].detach()) for name, p in named.items()}
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    masters = {name: master(p) for name, p in named.items()}
+    unknown = sorted(name for name, m in masters.items() if id(m) not in stepped)
+    if unknown:
+        raise DataParallelError(f"the optimizer does not step the parameters {unknown[:3]} (or their masters)")
+    params = {name: whole(named[name], m.detach()) for name, m in masters.items()}
     optimizer_pieces = {
-        name: {k: whole(p, v) if _per_element(p, v) else v for k, v in states[id(stepped[name])].items()}
-        for name, p in named.items()
-        if id(stepped[name]) in states
+        name: {k: whole(named[name], v) if _per_element(m, v) else v for k, v in optimizer.state[m].items()}
+        for name, m in masters.items()
     }
-
-    def finish() -> None:
-        with torch.no_grad():
-            for p in named.values():
-                if id(p) in masters:
-                    p.copy_(masters[id(p)])
-
-    return CheckpointPieces(params, optimizer_pieces, finish if masters else None)
+    return CheckpointPieces(params, optimizer_pieces, finish)
 
 
 def sharded_optimizer_pieces(named: dict[str, nn.Parameter], optimizer: Any) -> CheckpointPieces:

@@ -4,9 +4,14 @@ Weights keep ``nn.Linear``'s ``[out, in]`` shape. Column-parallel rank ``r`` hol
 ``[r*out/tp, (r+1)*out/tp)`` (and that slice of the bias); row-parallel rank ``r`` holds that slice of
 the columns, and the full bias, added once after the partial outputs are summed. See :mod:`.init` for
 how both are initialised so that ``tp=N`` holds the slices of the ``tp=1`` weights.
+
+Both layers take an optional *local matmul*: a callable that replaces this rank's ``F.linear`` (an fp8
+matmul, for instance) while the layer keeps its communication around it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,15 +22,32 @@ from . import comm, init
 from .errors import TensorParallelError
 from .linear_fn import column_parallel_linear
 from .mappings import (
+    copy_to_region,
     gather_from_region,
+    gather_sequence_unchecked,
     reduce_from_region,
     reduce_scatter_to_sequence_region,
     scatter_to_region,
 )
 from .params import mark_sequence_parallel, mark_tensor_parallel
 
+LocalMatmul = Callable[[torch.Tensor], torch.Tensor]
+"""This rank's matmul: called with the layer's local input, returns what ``F.linear`` of that input with
+the layer's local weight would (and its bias: the column layer's, none for the row layer, whose bias is
+added once after the sum), differentiable to the input and to the layer's own parameters."""
 
-class ColumnParallelLinear(nn.Module):
+
+class _LocalMatmulMixin:
+    local_matmul: LocalMatmul | None
+
+    def set_local_matmul(self, matmul: LocalMatmul | None) -> None:
+        """Run ``matmul`` (see :data:`LocalMatmul`) in place of this rank's ``F.linear``, inside the layer's
+        communication; ``None`` restores the built-in one. A module given here is not registered as a
+        submodule: it must compute with this layer's parameters, which keep their names."""
+        object.__setattr__(self, "local_matmul", matmul)
+
+
+class ColumnParallelLinear(_LocalMatmulMixin, nn.Module):
     """A linear layer split by output features: ``[..., in] -> [..., out/tp]`` on each rank.
 
     Args:
@@ -34,6 +56,10 @@ class ColumnParallelLinear(nn.Module):
         bias: whether to add a bias (split like the output).
         gather_output: all-gather the output to ``[..., out]`` on every rank.
         sequence_parallel: the input is ``[seq/tp, batch, in]`` and is all-gathered along dimension 0.
+        keep_gathered_input: under sequence parallelism, keep the gathered input for backward instead of
+            gathering it again there (``tp`` times the shard's memory for one all-gather fewer).
+        local_matmul: replaces this rank's ``F.linear(x, weight, bias)`` (see :data:`LocalMatmul`); the
+            input is then gathered (or entered) with the sequence-parallel mappings around it.
         init_method: fills the full weight (default: ``nn.Linear``'s); see :mod:`tp_layers.init`.
         bias_init: fills the full bias (default: ``nn.Linear``'s uniform, bound ``1/sqrt(in)``).
         seed: draw the full weight and bias from a generator seeded with this (default: the CPU generator).
@@ -50,6 +76,8 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        keep_gathered_input: bool = False,
+        local_matmul: LocalMatmul | None = None,
         init_method: init.InitMethod = init.linear_init,
         bias_init: init.InitMethod | None = None,
         seed: int | None = None,
@@ -63,6 +91,8 @@ class ColumnParallelLinear(nn.Module):
         _check_split("ColumnParallelLinear", "out_features", out_features, self.tp)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.keep_gathered_input = keep_gathered_input
+        self.set_local_matmul(local_matmul)
         weight, bias_full = _full_params(
             "ColumnParallelLinear",
             in_features,
@@ -81,9 +111,21 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_tensor_parallel(_param(init.shard(bias_full, 0, rank, self.tp), dtype, device), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = column_parallel_linear(
-            x, self.weight, self.bias, group=self.group, sequence_parallel=self.sequence_parallel
-        )
+        if self.local_matmul is None:
+            out = column_parallel_linear(
+                x,
+                self.weight,
+                self.bias,
+                group=self.group,
+                sequence_parallel=self.sequence_parallel,
+                keep_gathered_input=self.keep_gathered_input,
+            )
+        else:
+            if self.sequence_parallel:
+                x = gather_sequence_unchecked(x, group=self.group)
+            else:
+                x = copy_to_region(x, group=self.group)
+            out = self.local_matmul(x)
         return gather_from_region(out, group=self.group) if self.gather_output else out
 
     def extra_repr(self) -> str:
@@ -94,7 +136,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_LocalMatmulMixin, nn.Module):
     """A linear layer split by input features: ``[..., in/tp] -> [..., out]``, partial outputs summed.
 
     Args:
@@ -105,6 +147,7 @@ class RowParallelLinear(nn.Module):
             :class:`ColumnParallelLinear`); otherwise it is full and each rank keeps its slice.
         sequence_parallel: reduce-scatter the output along dimension 0 to ``[seq/tp, batch, out]`` instead
             of all-reducing it; the bias is then tagged sequence parallel (its gradient is a partial sum).
+        local_matmul: replaces this rank's ``F.linear(x, weight)`` (see :data:`LocalMatmul`; no bias).
         init_method, bias_init, seed, full_weight, full_bias, dtype, device: as for :class:`ColumnParallelLinear`.
     """
 
@@ -117,6 +160,7 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
+        local_matmul: LocalMatmul | None = None,
         init_method: init.InitMethod = init.linear_init,
         bias_init: init.InitMethod | None = None,
         seed: int | None = None,
@@ -132,6 +176,7 @@ class RowParallelLinear(nn.Module):
         _check_split("RowParallelLinear", "in_features", in_features, self.tp)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
+        self.set_local_matmul(local_matmul)
         weight, bias_full = _full_params(
             "RowParallelLinear", in_features, out_features, bias, init_method, bias_init, seed, full_weight, full_bias
         )
@@ -143,7 +188,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_region(x, group=self.group)
-        partial = torch.nn.functional.linear(x, self.weight)
+        matmul = self.local_matmul or (lambda t: torch.nn.functional.linear(t, self.weight))
+        partial = matmul(x)
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_region(partial, group=self.group)
         else:

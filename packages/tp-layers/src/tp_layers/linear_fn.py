@@ -3,7 +3,9 @@
 Forward: ``y = x W^T + b`` on this rank's output rows; under sequence parallelism ``x`` is first
 all-gathered along the sequence (dimension 0). Backward, in order:
 
-1. under SP, start re-gathering the input (it is not kept gathered, to save memory);
+1. under SP, start re-gathering the input (by default it is not kept gathered: that saves ``tp - 1``
+   shards of activation memory per layer for one all-gather per backward; ``keep_gathered_input``
+   keeps the gathered input instead, as DTensor's tensor parallel does);
 2. compute the input gradient ``dy W``;
 3. start its all-reduce (or, under SP, its reduce-scatter back to the sequence shard);
 4. compute the weight and bias gradients while that collective runs;
@@ -34,19 +36,21 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 class _ColumnLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel):
-        ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+    def forward(ctx, x, weight, bias, group, sequence_parallel, keep_gathered):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.regather = sequence_parallel and not keep_gathered
+        ctx.sequence_parallel = sequence_parallel
         x, weight, bias = _autocast(x, weight, bias)
-        ctx.save_for_backward(x, weight)
         total = comm.all_gather(x, 0, group) if sequence_parallel else x
+        ctx.save_for_backward(x if ctx.regather else total, weight)
         return torch.nn.functional.linear(total, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # x: the input shard, or the gathered input when kept
         group, sp = ctx.group, ctx.sequence_parallel
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        gather = comm.all_gather_async(x, group) if sp and need_weight else None
+        gather = comm.all_gather_async(x, group) if ctx.regather and need_weight else None
         grad_input, reduce_work = None, None
         if need_input:
             grad_total = grad_out.matmul(weight)
@@ -68,7 +72,7 @@ class _ColumnLinear(torch.autograd.Function):
             grad_bias = flat_grad.sum(0)
         if reduce_work is not None:
             reduce_work.wait()
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def column_parallel_linear(
@@ -78,14 +82,17 @@ def column_parallel_linear(
     *,
     group: Group,
     sequence_parallel: bool = False,
+    keep_gathered_input: bool = False,
 ) -> torch.Tensor:
     """``x W^T + b`` for a weight split by output rows over ``group``; the input is replicated over the
     group (its gradient is all-reduced) or, with ``sequence_parallel``, split along dimension 0 (it is
     all-gathered, and its gradient reduce-scattered). The output is split along the last dimension.
+    Under sequence parallelism backward gathers the input again, unless ``keep_gathered_input`` keeps
+    the forward's gathered copy (``tp`` times the shard's memory, one all-gather fewer per backward).
 
     This is :class:`ColumnParallelLinear`'s computation, exposed for weights that live elsewhere, such
     as an output layer tied to a :class:`VocabParallelEmbedding`.
     """
     if comm.size_of(group) == 1:
         return torch.nn.functional.linear(x, weight, bias)
-    return _ColumnLinear.apply(x, weight, bias, group, sequence_parallel)
+    return _ColumnLinear.apply(x, weight, bias, group, sequence_parallel, keep_gathered_input)

@@ -5,10 +5,10 @@ the transformer layers' four linear layers (``qkv``, ``proj``, ``fc1``, ``fc2``)
 per-tensor scales from the current amax (torchao's ``tensorwise`` recipe: inputs and weights in e4m3,
 output gradients in e5m2). The embeddings, the output layer and the experts stay bf16.
 
-Each layer keeps its class's parameters and their names (checkpoints are the same as bf16's); its
-communication is the tensor-parallel mappings (copy or sequence gather before, reduce or reduce-scatter
-after) around one torchao ``Float8Linear`` made by torchao's public ``convert_to_float8_training`` over a
-linear layer that shares this layer's weight. Dynamic scaling keeps no state, so a checkpoint holds
+Each layer keeps its class, its parameters and their names (checkpoints are the same as bf16's) and
+its tensor-parallel communication: ``tp_layers``' local-matmul hook runs one torchao ``Float8Linear``
+(made by torchao's public ``convert_to_float8_training`` over a linear layer that shares this layer's
+weight) in place of the layer's own ``F.linear``. Dynamic scaling keeps no state, so a checkpoint holds
 nothing fp8-specific. ``torch._scaled_mm`` runs on CPUs too, so this path is tested on CPU.
 """
 
@@ -19,16 +19,7 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from tp_layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    copy_to_region,
-    gather_from_region,
-    gather_from_sequence_region,
-    reduce_from_region,
-    reduce_scatter_to_sequence_region,
-    scatter_to_region,
-)
+from tp_layers import ColumnParallelLinear, RowParallelLinear
 
 #: the trainer's fp8 recipes that torchao implements, by torchao's recipe name.
 TORCHAO_RECIPES = {"current": "tensorwise"}
@@ -51,40 +42,16 @@ def _fp8_linear(weight: nn.Parameter, bias: nn.Parameter | None, recipe: str) ->
     return holder[0]
 
 
-def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the autocast dtype of its device when autocast is on there (as ``F.linear`` would be)."""
-    kind = x.device.type
-    return x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x
+class Float8Matmul:
+    """A layer's local matmul in fp8: the input in the autocast dtype of its device when autocast is on
+    there (as ``F.linear`` would cast it), then torchao's ``Float8Linear``."""
 
+    def __init__(self, fp8: nn.Module) -> None:
+        self.fp8 = fp8
 
-class Float8ColumnParallelLinear(ColumnParallelLinear):
-    """:class:`ColumnParallelLinear` with an fp8 matmul (see the module); built by :func:`to_float8`."""
-
-    fp8: nn.Module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_region(x, group=self.group)
-        else:
-            x = copy_to_region(x, group=self.group)
-        out = self.fp8(_in_autocast_dtype(x))
-        return gather_from_region(out, group=self.group) if self.gather_output else out
-
-
-class Float8RowParallelLinear(RowParallelLinear):
-    """:class:`RowParallelLinear` with an fp8 matmul (see the module); built by :func:`to_float8`."""
-
-    fp8: nn.Module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_region(x, group=self.group)
-        partial = self.fp8(_in_autocast_dtype(x))
-        if self.sequence_parallel:
-            out = reduce_scatter_to_sequence_region(partial, group=self.group)
-        else:
-            out = reduce_from_region(partial, group=self.group)
-        return out if self.bias is None else out + self.bias
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        return self.fp8(x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x)
 
 
 def to_float8(chunks: list[nn.Module], recipe: str = "current") -> int:
@@ -95,14 +62,14 @@ def to_float8(chunks: list[nn.Module], recipe: str = "current") -> int:
         for name, module in chunk.named_modules():
             if name.rsplit(".", 1)[-1] not in LAYERS or ".experts" in name:
                 continue
+            if getattr(module, "local_matmul", None) is not None:
+                continue  # converted already
             if type(module) is ColumnParallelLinear:
-                module.__class__ = Float8ColumnParallelLinear
                 fp8 = _fp8_linear(module.weight, module.bias, recipe)
             elif type(module) is RowParallelLinear:
-                module.__class__ = Float8RowParallelLinear
                 fp8 = _fp8_linear(module.weight, None, recipe)  # the bias is added once, after the sum
             else:
                 continue
-            object.__setattr__(module, "fp8", fp8)  # not a submodule: the parameters keep their one name
+            module.set_local_matmul(Float8Matmul(fp8))
             count += 1
     return count
