@@ -21,12 +21,9 @@ import torch
 
 from pstate import Group
 
-from . import comm
-from .all_to_all import all_to_all
-from .errors import ContextParallelError
 from .kernel import AttentionKernel
-from .ring import check_documents, check_qkv, ring_attention
-from .ulysses import zigzag_permutation
+from .ring import ring_attention
+from .ulysses import over_heads
 
 _WHAT = "hierarchical_attention"
 
@@ -60,30 +57,12 @@ def hierarchical_attention(
     :func:`~cp_ring.ring_attention`; ``a = 1`` is ring attention, ``r = 1`` is Ulysses attention.
     Differentiable (autograd through the all-to-alls and the ring's own backward).
     """
-    check_qkv(q, k, v, _WHAT)
-    check_documents(documents, q, _WHAT)
-    a, _ = comm.size_and_rank(a2a_group)
-    for name, heads in (("query", q.size(1)), ("key/value", k.size(1))):
-        if heads % a:
-            raise ContextParallelError(
-                f"{_WHAT}: {heads} {name} heads do not divide evenly over the all-to-all group's {a} ranks; "
-                "use a smaller all-to-all group (cp_a2a) or ring_attention"
-            )
-    reorder = causal and zigzag and a > 1
-    if reorder and q.size(2) % 2:
-        raise ContextParallelError(
-            f"{_WHAT}: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
+    hint = "use a smaller all-to-all group (cp_a2a) or ring_attention"
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
+        return ring_attention(
+            q, k, v, group=ring_group, causal=causal, scale=scale, zigzag=zigzag, kernel=kernel, documents=docs
         )
-    q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=a2a_group, what=_WHAT) for t in (q, k, v))
-    if documents is not None and a > 1:
-        documents = torch.cat(comm.all_gather(documents, 1, a2a_group), dim=1)
-    if reorder:
-        to_ring_part, to_rank_order = zigzag_permutation(a, q.size(2) // (2 * a), q.device)
-        q, k, v = (t.index_select(2, to_ring_part) for t in (q, k, v))
-        documents = None if documents is None else documents.index_select(1, to_ring_part)
-    out = ring_attention(
-        q, k, v, group=ring_group, causal=causal, scale=scale, zigzag=zigzag, kernel=kernel, documents=documents
-    )
-    if reorder:
-        out = out.index_select(2, to_rank_order)
-    return all_to_all(out, scatter_dim=2, gather_dim=1, group=a2a_group, what=_WHAT)
+
+    return over_heads(attend, q, k, v, a2a_group, causal=causal, zigzag=zigzag, documents=documents,
+                      what=_WHAT, ranks="the all-to-all group's {size} ranks", hint=hint)  # fmt: skip

@@ -14,6 +14,8 @@ explicit mask "same document" (and causal) instead of ``is_causal``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -55,35 +57,62 @@ def ulysses_attention(
     (autograd through the all-to-alls and ``scaled_dot_product_attention``). ``documents``: as for
     :func:`~cp_ring.ring_attention`.
     """
-    check_qkv(q, k, v, "ulysses_attention")
-    check_documents(documents, q, "ulysses_attention")
-    cp, _ = comm.size_and_rank(group)
+    hint = "use ring_attention, or a head count that is a multiple of cp"
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
+        if k.size(1) != q.size(1):
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        if docs is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs, causal), scale=scale)
+
+    return over_heads(attend, q, k, v, group, causal=causal, zigzag=zigzag, documents=documents,
+                      what="ulysses_attention", ranks="cp={size} ranks", hint=hint)  # fmt: skip
+
+
+def over_heads(
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Group,
+    *,
+    causal: bool,
+    zigzag: bool,
+    documents: torch.Tensor | None,
+    what: str,
+    ranks: str,
+    hint: str,
+) -> torch.Tensor:
+    """Run ``attend(q, k, v, documents)`` on ``group``'s positions with ``1/size`` of the heads: the checks,
+    the all-to-all from sequence to head sharding (and the documents' all-gather), the zigzag permutation
+    into sequence order for causal attention, and the way back. Ulysses' ``attend`` is one full attention;
+    hierarchical CP's is ring attention across the inner groups. The head-count refusal names the group as
+    ``ranks`` (``{size}`` filled in) and ends with ``hint``."""
+    check_qkv(q, k, v, what)
+    check_documents(documents, q, what)
+    size, _ = comm.size_and_rank(group)
     for name, heads in (("query", q.size(1)), ("key/value", k.size(1))):
-        if heads % cp:
+        if heads % size:
             raise ContextParallelError(
-                f"ulysses_attention: {heads} {name} heads do not divide evenly over cp={cp} ranks; "
-                "use ring_attention, or a head count that is a multiple of cp"
+                f"{what}: {heads} {name} heads do not divide evenly over {ranks.format(size=size)}; {hint}"
             )
-    reorder = causal and zigzag and cp > 1
+    reorder = causal and zigzag and size > 1
     if reorder and q.size(2) % 2:
         raise ContextParallelError(
-            f"ulysses_attention: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
+            f"{what}: local sequence length {q.size(2)} is odd; a zigzag part holds two equal chunks"
         )
-    q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=group, what="ulysses_attention") for t in (q, k, v))
-    docs = None if documents is None else torch.cat(comm.all_gather(documents, 1, group), dim=1)
+    q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=2, group=group, what=what) for t in (q, k, v))
+    if documents is not None and size > 1:
+        documents = torch.cat(comm.all_gather(documents, 1, group), dim=1)
     if reorder:
-        to_global, to_rank_order = zigzag_permutation(cp, q.size(2) // (2 * cp), q.device)
-        q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
-        docs = None if docs is None else docs.index_select(1, to_global)
-    if k.size(1) != q.size(1):
-        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    if docs is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs, causal), scale=scale)
+        to_sequence, to_rank_order = zigzag_permutation(size, q.size(2) // (2 * size), q.device)
+        q, k, v = (t.index_select(2, to_sequence) for t in (q, k, v))
+        documents = None if documents is None else documents.index_select(1, to_sequence)
+    out = attend(q, k, v, documents)
     if reorder:
         out = out.index_select(2, to_rank_order)
-    return all_to_all(out, scatter_dim=2, gather_dim=1, group=group, what="ulysses_attention")
+    return all_to_all(out, scatter_dim=2, gather_dim=1, group=group, what=what)
 
 
 def document_mask(documents: torch.Tensor, causal: bool = True) -> torch.Tensor:
