@@ -14,8 +14,9 @@ gives the table of bytes per parameter per rank).
 
 from .clip import clip_grad_norm_
 from .data_parallel import DataParallel
-from .engine import ClipGroups, DataParallelEngine, DDPEngine, FSDPEngine, ZeroEngine, make_engine
+from .engine import ClipGroups, DataParallelEngine
 from .engine_state import CheckpointPieces
+from .engines import DDPEngine, FSDPEngine, ZeroEngine, make_engine
 from .errors import DataParallelError
 from .fully_shard import (
     fully_shard,
