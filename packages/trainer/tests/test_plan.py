@@ -65,7 +65,7 @@ def test_nothing_fits_names_the_smallest_cluster(capsys):
                  "--global-batch", "8"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 1 and "no layout fits" in out
-    assert "the smallest cluster of h100-sxm that holds it has 32 GPUs (4 nodes)" in out
+    assert "the smallest cluster of h100-sxm that holds it has 64 GPUs (8 nodes)" in out
 
 
 def test_plan_command_prints_the_best_as_a_train_command(capsys):
