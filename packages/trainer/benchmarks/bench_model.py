@@ -131,7 +131,7 @@ def main() -> None:
         t_ours, t_plain = statistics.median(ours_s), statistics.median(plain_s)
         tokens_per_step = args.batch * args.seq
         flops = flops_per_token(cfg, args.seq) * tokens_per_step
-        peak = measured_matmul_flops()
+        peak = measured_matmul_flops().flops
         params = sum(p.numel() for p in ours.parameters()) / 1e6
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {params:.1f}M parameters")
         shape = f"heads {cfg.heads}/{cfg.num_kv_heads}, ffn {cfg.ffn}, vocab {cfg.vocab_size}"

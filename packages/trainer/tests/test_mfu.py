@@ -2,6 +2,8 @@
 training precision, from the planner's hardware profiles on known GPUs, ``train.peak_tflops`` when set,
 and a measured matmul (labelled so) on CPUs."""
 
+import re
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def test_the_override_wins_and_the_cpu_falls_back_to_a_labelled_measurement():
     assert (peak.flops, peak.source) == (123.0e12, "override")
     measured = device_peak(torch.device("cpu"), "fp32")
     assert measured.source == "measured" and measured.flops > 0
-    assert "measured: CPU: 1024^3 float32 matmul" in measured.describe()
+    assert re.search(r"measured: CPU: (128|256|512|1024)\^3 float32 matmul", measured.describe())
 
 
 def test_peak_tflops_is_validated():

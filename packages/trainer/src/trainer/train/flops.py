@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -58,23 +59,43 @@ def mamba_flops(cfg: ModelConfig) -> float:
     return projections + 2 * chunk * heads * n + 2 * chunk * inner + 2 * 2 * inner * n
 
 
+class MatmulRate(NamedTuple):
+    """A measured matmul rate: ``flops`` per second on square ``n x n`` operands."""
+
+    flops: float
+    n: int
+
+
+#: the growing square sizes tried; growth stops once one multiply takes ``_ENOUGH_S``.
+_SIZES = (128, 256, 512, 1024)
+_ENOUGH_S = 0.02
+
+
 @cache
-def measured_matmul_flops(
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 1024
-) -> float:
-    """FLOP/s of a square ``n x n`` matmul on ``device`` (best of a few): MFU's peak where no datasheet
-    figure is known (CPUs, unknown GPUs). Measured
-    once per process and argument set: a property of the machine, not of the run (a warm test worker or a
-    resumed loop does not pay for it again)."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(5):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> MatmulRate:
+    """FLOP/s of a square matmul on ``device`` (best of three): MFU's peak where no datasheet figure is
+    known (CPUs, unknown GPUs). The size grows from 128 to at most 1024 until one multiply takes 20 ms, so
+    a dtype without a fast kernel (fp16 on most CPUs: about 2 s per 1024^3 multiply) costs a fraction of a
+    second, not seconds per process. Measured once per process and argument set: a property of the
+    machine, not of the run (a warm test worker or a resumed loop does not pay for it again)."""
+    cuda = torch.device(device).type == "cuda"
+
+    def best_of(n: int, tries: int) -> float:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        best = float("inf")
+        for _ in range(tries):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    for n in _SIZES:
+        seconds = best_of(n, 3)
+        if seconds >= _ENOUGH_S:
+            break
+    return MatmulRate(2 * n**3 / seconds, n)

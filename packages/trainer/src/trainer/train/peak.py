@@ -64,4 +64,5 @@ def device_peak(device: torch.device, precision: str, override_tflops: float | N
         label = "CPU"
     dtype = MATMUL_DTYPE[precision]
     rate = measured_matmul_flops(dtype, device)
-    return Peak(rate, "measured", f"{label}: 1024^3 {str(dtype).removeprefix('torch.')} matmul at start-up")
+    detail = f"{label}: {rate.n}^3 {str(dtype).removeprefix('torch.')} matmul at start-up"
+    return Peak(rate.flops, "measured", detail)
