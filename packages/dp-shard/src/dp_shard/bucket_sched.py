@@ -15,10 +15,18 @@ takes part with what its gradient holds: zeros, or its accumulation) and waits f
 once per step whatever the number of micro-batches. With ``finish_in_backward`` the first hook of a pass
 queues an autograd-engine callback that finishes the reduction when the pass ends.
 
-Averaging divides each bucket by ``divisor`` before it is reduced (pre-division, as torch DDP does: the
-sum stays in the range of the local gradients, and gloo has no AVG). ``reduce_dtype`` (default: the
-bucket's) is the dtype the collective moves: a bf16 reduction of fp32 main gradients casts the bucket
-for the collective and adds the result back in fp32.
+Averaging divides by ``divisor`` before the reduction (pre-division, as torch DDP does: the sum stays
+in the range of the local gradients, and gloo has no AVG), folded into a pass over the gradients that
+happens anyway, so it costs none of its own where there is one: a bucket whose gradients all arrive
+through the hook (ZeRO-2's staging buckets, 16-bit parameters' fp32 main gradients) gets each gradient
+added in times ``1/divisor``; a bucket the collective moves in another dtype (``reduce_dtype``) is
+divided while it is cast. Only a bucket autograd accumulates into in place and that is reduced in its
+own dtype (fp32 DDP / ZeRO-1) is divided by a pass of its own; a training loop that owns its loss
+avoids that by scaling the loss instead and reducing sums (``average=False``; see
+:attr:`~dp_shard.DataParallelEngine.loss_factor`). For a power-of-two divisor every way gives the same
+bits (scaling by a power of two is exact); otherwise ``g * (1/d)`` may differ from ``g / d`` in the
+last bit. ``reduce_dtype`` (default: the bucket's) is the dtype the collective moves: a bf16 reduction
+of fp32 main gradients casts the bucket for the collective and adds the result back in fp32.
 """
 
 from __future__ import annotations
@@ -70,10 +78,11 @@ class Slot:
 
 
 class Reduction(Protocol):
-    """How a bucket is reduced: :meth:`launch` starts the collective (async) and returns what
-    :meth:`complete` needs once it is waited."""
+    """How a bucket is reduced: :meth:`launch` starts the collective (async) on the local gradients
+    divided by ``divisor`` (``None``: as they are) and returns what :meth:`complete` needs once it is
+    waited."""
 
-    def launch(self, slot: Slot) -> tuple[Any, Any]: ...
+    def launch(self, slot: Slot, divisor: int | None) -> tuple[Any, Any]: ...
 
     def complete(self, slot: Slot, token: Any) -> None: ...
 
@@ -84,8 +93,8 @@ class AllReduce:
     def __init__(self, reduce_dtype: torch.dtype | None = None) -> None:
         self.reduce_dtype = reduce_dtype
 
-    def launch(self, slot: Slot) -> tuple[Any, Any]:
-        data = _cast(slot.local, self.reduce_dtype)
+    def launch(self, slot: Slot, divisor: int | None) -> tuple[Any, Any]:
+        data = _prepare(slot.local, self.reduce_dtype, divisor)
         return comm.all_reduce(data, group=slot.group, async_op=True), data
 
     def complete(self, slot: Slot, data: torch.Tensor) -> None:
@@ -101,8 +110,8 @@ class ReduceScatter:
     def __init__(self, *, use_all_reduce: bool, reduce_dtype: torch.dtype | None = None) -> None:
         self.use_all_reduce, self.reduce_dtype = use_all_reduce, reduce_dtype
 
-    def launch(self, slot: Slot) -> tuple[Any, Any]:
-        data = _cast(slot.local, self.reduce_dtype)
+    def launch(self, slot: Slot, divisor: int | None) -> tuple[Any, Any]:
+        data = _prepare(slot.local, self.reduce_dtype, divisor)
         size, rank = dist.get_world_size(slot.group), dist.get_rank(slot.group)
         piece = slot.bucket.numel // size
         if self.use_all_reduce:
@@ -157,6 +166,16 @@ class BucketScheduler:
         # id(param) -> (param, its .grad view), for the parameters whose gradient is a buffer view
         params = [p for s in self.slots for p in s.bucket.params]
         self._viewed = {id(p): (p, self._views[id(p)]) for p in params if id(p) in self._views}
+        # per slot: what the hook multiplies each gradient by as it adds it in (1/divisor where no gradient
+        # of the slot is a buffer view, so the whole bucket arrives through the hook), and the divisor
+        # left for the launch (None: nothing left to divide)
+        self._alpha: list[float] = []
+        self._divisor: list[int | None] = []
+        for slot in self.slots:
+            divides = average and slot.divisor > 1
+            hooked = not any(id(p) in self._views for p in slot.bucket.params)
+            self._alpha.append(1 / slot.divisor if divides and hooked else 1.0)
+            self._divisor.append(slot.divisor if divides and not hooked else None)
         self.syncing = True
         self._in_pass = False
         self._unreduced = False  # local gradients not reduced yet
@@ -231,7 +250,7 @@ class BucketScheduler:
                 param.grad = view
         else:
             slot.ensure_local()
-            slot.local_view(param).add_(param.grad)
+            slot.local_view(param).add_(param.grad, alpha=self._alpha[index])
             param.grad = None
         self._unreduced = True
         if not self.syncing:
@@ -268,9 +287,7 @@ class BucketScheduler:
         index, self._next = self._next, self._next + 1
         slot = self.slots[index]
         slot.ensure_local()
-        if self.average and slot.divisor > 1:
-            slot.local.div_(slot.divisor)
-        work, token = self.reduction.launch(slot)
+        work, token = self.reduction.launch(slot, self._divisor[index])
         self._works.append((work, index, token))
 
     def _wait(self) -> None:
@@ -289,8 +306,14 @@ class BucketScheduler:
         self._unreduced = False
 
 
-def _cast(data: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return data if dtype is None or dtype == data.dtype else data.to(dtype)
+def _prepare(data: torch.Tensor, dtype: torch.dtype | None, divisor: int | None) -> torch.Tensor:
+    """What the collective moves: ``data`` in ``dtype`` divided by ``divisor``, the division folded into
+    the cast where there is one (a pass of its own, in place, only where there is none)."""
+    if dtype is None or dtype == data.dtype:
+        return data if divisor is None else data.div_(divisor)
+    if divisor is None:
+        return data.to(dtype)
+    return torch.div(data, divisor, out=torch.empty(data.shape, dtype=dtype, device=data.device))
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -61,6 +61,10 @@ class DataParallelEngine(ABC):
     parameters; ``optimizer`` holds the param groups (the learning rate is set there)."""
 
     zero: int
+    loss_factor: float = 1.0
+    """What the loop multiplies its loss by (and every gradient it injects besides, e.g. routers'
+    auxiliary losses): ``1 / dp`` for an engine built with ``average_in_loss`` (the reductions then sum,
+    and the loss's scaling is the only division, a scalar), else 1 (the engine averages)."""
     chunks: list[nn.Module]
     modules: list[nn.Module]
     named: dict[str, nn.Parameter]

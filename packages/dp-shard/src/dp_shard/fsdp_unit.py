@@ -3,9 +3,12 @@
 Groups. ``group`` is the shard group (all of the data-parallel group for ZeRO-3, a slice of it for
 HSDP, the expert-data-parallel group for experts); ``replicate_group`` (HSDP) holds the ranks with the
 same shard in the other shard groups: each gradient element is reduce-scattered within the shard group
-and its shard then all-reduced across the replicate group, once per step. The gradient is divided by
-``divide_by`` before the reduction (default: the shard group's size times the replicate group's, the
-number of replicas averaged; experts divide by the dense data-parallel size, see ``fully_shard``).
+and its shard then all-reduced across the replicate group, once per step. The reduced shard is divided
+by ``divide_by`` (default: the shard group's size times the replicate group's, the number of replicas
+averaged; experts divide by the dense data-parallel size, see ``fully_shard``; 1: sums, for a loop
+that scales its loss instead): after the reduction, so the division touches 1/N of the gradient, and
+folded into the cast to the shard's dtype where there is one (for a power-of-two divisor the same bits
+as dividing before; the sums of fp32 or bf16 gradients of a few replicas stay far from overflow).
 
 Layout. The unit's parameters, concatenated (row-major, in order) and padded with zeros to a multiple
 of the group size ``N``, form a flat tensor of ``padded`` elements; rank ``r`` stores elements
@@ -26,8 +29,8 @@ autograd's saved-tensor checks do not fire.
 
 Gradient. Every view's gradient accumulates into ``full.grad``; once autograd has finished with all
 of them (``full``'s post-accumulate-grad hook), :meth:`FlatUnit.start_reduce` casts it to the
-reduction dtype, divides by ``divide_by`` and reduce-scatters it (then, HSDP, all-reduces the shard);
-:meth:`PendingReduce.finish` adds this rank's part into the pieces' ``.grad`` (accumulating across
+reduction dtype and reduce-scatters it (then, HSDP, all-reduces the shard); :meth:`PendingReduce.finish`
+divides this rank's part by ``divide_by`` and adds it into the pieces' ``.grad`` (accumulating across
 backward passes like plain parameters).
 Under ``no_sync`` :meth:`FlatUnit.stash_grad` keeps ``full.grad`` instead (in the reduction dtype,
 summed over the passes) and the next reduction of the unit includes it: one reduce-scatter per step
@@ -94,7 +97,13 @@ class PendingReduce:
         self.replicate()
         if self.work is not None:
             self.work.wait()
-        out = self.out.to(self.unit.flat.dtype)
+        out, dtype, divisor = self.out, self.unit.flat.dtype, self.unit.divide_by
+        if divisor == 1:
+            out = out.to(dtype)
+        elif out.dtype == dtype:  # the shard only: 1/N of the gradient
+            out = out.div_(divisor)
+        else:  # folded into the cast
+            out = torch.div(out, divisor, out=torch.empty_like(out, dtype=dtype))
         for slot in self.unit.slots:
             size = slot.local[1] - slot.local[0]
             part = out[slot.shard_offset : slot.shard_offset + size]
@@ -205,8 +214,8 @@ class FlatUnit:
         self.free()
 
     def start_reduce(self) -> PendingReduce:
-        """Take ``full.grad`` (plus what ``no_sync`` kept), start its averaged reduce-scatter and free the
-        gathered copy."""
+        """Take ``full.grad`` (plus what ``no_sync`` kept), start its reduce-scatter (summing; the finish
+        divides the shard) and free the gathered copy."""
         grad, self.full.grad = self.full.grad, None
         kept, self.unsharded_grad = self.unsharded_grad, None
         if grad is None:
@@ -215,8 +224,6 @@ class FlatUnit:
         source = grad.to(dtype)
         if kept is not None and kept is not grad:
             source = source + kept if source is grad else source.add_(kept)
-        if self.divide_by > 1:
-            source.div_(self.divide_by)
         out = torch.empty(self.shard_numel, dtype=dtype, device=self.device)
         work = comm.reduce_scatter(out, source, group=self.group, async_op=True)
         self.free()

@@ -68,6 +68,7 @@ def fully_shard(
     reduce_dtype: torch.dtype | None = torch.float32,
     replicate_group: pstate.Group | None = None,
     expert_group: pstate.Group | None = None,
+    average: bool = True,
 ) -> nn.Module:
     """Shard ``module``'s trainable parameters over ``group`` (ZeRO-3), in place; returns ``module``.
 
@@ -85,7 +86,8 @@ def fully_shard(
     reduce-scatter, and gradients are averaged over both groups. ``expert_group`` (``ps.edp``): parameters
     tagged ``expert_parallel`` get flat shards of their own in their unit, sharded over it (the ranks
     holding the same experts), with gradients divided by the dense data-parallel size (``group`` times
-    ``replicate_group``), since every dense replica's tokens reach the experts.
+    ``replicate_group``), since every dense replica's tokens reach the experts. ``average=False`` reduces
+    sums instead (for a loop that multiplies its loss by ``1 / (group size x replicate group size)``).
 
     Every rank must call the wrapped module the same way: the same units, in the same order, with
     every unit's output reaching the loss on all ranks or on none (collectives match by order).
@@ -96,8 +98,9 @@ def fully_shard(
         getattr(p, PIECE_ATTRIBUTE, False) for p in module.parameters()
     ):
         raise DataParallelError(f"this {type(module).__name__} is already (partly) fully sharded")
-    if not isinstance(prefetch, bool):
-        raise DataParallelError(f"prefetch={prefetch!r} must be True or False")
+    for option, value in (("prefetch", prefetch), ("average", average)):
+        if not isinstance(value, bool):
+            raise DataParallelError(f"{option}={value!r} must be True or False")
     check_dtypes(param_dtype, reduce_dtype)
     process_group = pstate.as_group(group)
     replicas = None if replicate_group is None else pstate.as_group(replicate_group)
@@ -116,15 +119,20 @@ def fully_shard(
     planned = assign_parameters(module, planned)
     dense_size = dist.get_world_size(process_group) * (1 if replicas is None else dist.get_world_size(replicas))
     common = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    dense_divisor = None if average else 1  # None: the unit's own replicas
     flat_units = []
     for u in planned:
         dense = [entry for entry in u.params if not is_expert_parallel(entry[2])]
         expert = [entry for entry in u.params if is_expert_parallel(entry[2])]
         if dense:
-            flat = FlatUnit(u.name, u.module, dense, group=process_group, replicate_group=replicas, **common)
+            flat = FlatUnit(
+                u.name, u.module, dense, group=process_group, replicate_group=replicas, divide_by=dense_divisor,
+                **common,
+            )  # fmt: skip
             flat_units.append(flat)
         if expert:
-            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=dense_size, **common))
+            divisor = dense_size if average else 1
+            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=divisor, **common))
     state = FullyShardedState(module, flat_units, process_group, prefetch=prefetch, param_dtype=param_dtype)
     module.__dict__[STATE_ATTRIBUTE] = state
     return module

@@ -190,7 +190,8 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [split_batch(b, ps) for b in batches]
     engine.zero_grad()
-    scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
+    # the executor's loss_fn scales by these: fp16's loss scale and the data-parallel average (1/dp_cp)
+    scale = (1.0 if run.scaler is None else run.scaler.scale) * engine.loss_factor
     # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
     scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
     run.losses.clear()

@@ -225,6 +225,7 @@ def apply_data_parallel(
         units=_fsdp_units,
         reduce_dtype=REDUCE_DTYPES[t.grad_reduce_dtype],  # every mode's gradient reduction
         overlap_param_gather=True,  # ZeRO-1/2: the next forward waits for each bucket of weights it uses
+        average_in_loss=True,  # the loss carries 1/dp (engine.loss_factor): no division over the gradients
         **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -259,9 +260,11 @@ def apply_pipeline(
     losses: LossParts,
 ) -> PipelineExecutor:
     """The executor running the plan's schedule over ``modules`` (accumulating inside the engine's
-    ``no_sync``), recording each micro-batch's losses in ``losses``."""
+    ``no_sync``), recording each micro-batch's losses in ``losses``. The loss is multiplied by the engine's
+    ``loss_factor`` (the data-parallel average) and fp16's loss scale."""
     t = cfg.train
-    scale = None if scaler is None else (lambda: scaler.scale)
+    factor = engine.loss_factor
+    scale = (lambda: scaler.scale * factor) if scaler is not None else (lambda: factor) if factor != 1.0 else None
     last_stage = next((c for c in chunks if c.mtp is not None), None)
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
