@@ -32,21 +32,29 @@ def inputs(hidden: int, batch: int) -> torch.Tensor:
     return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
 
 
-def alternate_rounds(steps: dict[str, Callable[[], Any]], iters: int, rounds: int) -> dict[str, float]:
+def alternate_rounds(
+    steps: dict[str, Callable[[], Any]], iters: int, rounds: int, cpu: dict[str, float] | None = None
+) -> dict[str, float]:
     """Seconds per step of each entry: the slowest rank's time for ``iters`` steps after two warm-up
-    steps; the entries take turns for ``rounds`` rounds and the median round is returned."""
+    steps; the entries take turns for ``rounds`` rounds and the median round is returned. ``cpu``, when
+    given, receives the same for the CPU time of the rank's process (its threads included, waiting not):
+    what a step costs a rank whatever the other processes on an oversubscribed machine are doing."""
     times: dict[str, list[float]] = {kind: [] for kind in steps}
+    cpu_times: dict[str, list[float]] = {kind: [] for kind in steps}
     for _ in range(rounds):
         for kind, step in steps.items():
             for _ in range(2):
                 step()
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 step()
-            elapsed = torch.tensor([time.perf_counter() - start])
+            elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - start_cpu])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times[kind].append(elapsed.item() / iters)
+            times[kind].append(elapsed[0].item() / iters)
+            cpu_times[kind].append(elapsed[1].item() / iters)
+    if cpu is not None:
+        cpu.update({kind: statistics.median(t) for kind, t in cpu_times.items()})
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 

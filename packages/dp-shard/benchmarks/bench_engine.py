@@ -18,9 +18,17 @@ tests' factors), divided by the minimum for the mode: DDP one all-reduce of the 
 * 4P``), ZeRO-1/2 a reduce-scatter of 4P and an all-gather of 4P (the same), ZeRO-3 a reduce-scatter of 4P and
 an all-gather of 4P for each micro-batch's forward and for its backward: ``(1 + 2m)(n-1)/n * 4P``. ZeRO-1/2
 are measured with both collective choices: ``reduce_scatter`` (the minimum) and ``auto`` (over gloo: all-
-reduce and broadcasts, faster there but more bytes). Step time: the slowest rank's, the median of alternating
-rounds, against ``DistributedDataParallel`` (with ``no_sync``), ``ZeroRedundancyOptimizer`` over DDP, and
-FSDP2 ``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last micro-batch).
+reduce and broadcasts, faster there but more bytes: the same collectives ``ZeroRedundancyOptimizer`` over
+DDP uses, so ``-auto`` is the like-for-like step time). Step time: the slowest rank's, the median of
+alternating rounds, against ``DistributedDataParallel`` (with ``no_sync``), ``ZeroRedundancyOptimizer``
+over DDP, and FSDP2 ``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last
+micro-batch). Both sides do what a training step does: the engine as the trainer builds it
+(``average_in_loss``: the loss carries ``1/dp``, the reductions sum) and ``engine.step``, whose global
+gradient norm and clipping at ``--max-norm`` the torch side does too (``clip_grad_norm_`` over its
+gradients: whole on every rank under DDP and ``ZeroRedundancyOptimizer``, DTensor shards under FSDP2).
+Bucket sizes are both libraries' defaults: 25 MiB (torch DDP's first bucket is 1 MiB). ``cpu``: the
+same ratio for the CPU time of a rank's process per step (its threads included, waiting not), which an
+oversubscribed machine (8 ranks on 2 cores, shared) disturbs far less than the wall time.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from pstate.comm import CommRecorder
 from pstate.testing import Harness
 
 LR = 1e-3
+MAX_NORM = 1.0
 
 
 def mlp(layers: int, hidden: int) -> nn.Sequential:
@@ -50,7 +59,7 @@ def groups(named):
     return [{"params": list(named.items())}]
 
 
-ZERO = {"ddp": 0, "zero1": 1, "zero1-auto": 1, "zero2": 2, "zero3": 3}
+ZERO = {"ddp": 0, "zero1": 1, "zero1-auto": 1, "zero2": 2, "zero2-auto": 2, "zero3": 3}
 
 
 def split(mode: str) -> tuple[str, torch.dtype]:
@@ -61,7 +70,7 @@ def split(mode: str) -> tuple[str, torch.dtype]:
 def ours(mode: str, layers: int, hidden: int):
     base, dtype = split(mode)
     zero = ZERO[base]
-    extra = {"collectives": "reduce_scatter"} if base in ("zero1", "zero2") else {}
+    extra = {"collectives": "reduce_scatter"} if base in ("zero1", "zero2") else {}  # -auto: "auto"
     engine = make_engine(
         zero,
         [mlp(layers, hidden).to(dtype)],
@@ -69,6 +78,7 @@ def ours(mode: str, layers: int, hidden: int):
         param_groups=groups,
         optimizer_cls=torch.optim.AdamW,
         units=lambda chunk: list(chunk),
+        average_in_loss=True,
         lr=LR,
         **extra,
     )
@@ -79,9 +89,9 @@ def engine_step(engine, xs: list[torch.Tensor]) -> None:
     engine.zero_grad()
     for i, x in enumerate(xs):
         with engine.no_sync(0) if i < len(xs) - 1 else contextlib.nullcontext():
-            engine.modules[0](x).square().mean().backward()
+            (engine.modules[0](x).square().mean() * engine.loss_factor).backward()
     engine.finish_grad_sync()
-    engine.step(float("inf"), ClipGroups())
+    engine.step(MAX_NORM, ClipGroups())
 
 
 def torch_native(mode: str, layers: int, hidden: int, dtype: torch.dtype = torch.float32):
@@ -103,6 +113,7 @@ def torch_native(mode: str, layers: int, hidden: int, dtype: torch.dtype = torch
             for i, x in enumerate(xs):
                 model.set_requires_gradient_sync(i == len(xs) - 1)
                 model(x).square().mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
             optimizer.step()
             optimizer.zero_grad()
 
@@ -119,13 +130,14 @@ def torch_native(mode: str, layers: int, hidden: int, dtype: torch.dtype = torch
         for i, x in enumerate(xs):
             with ddp.no_sync() if i < len(xs) - 1 else contextlib.nullcontext():
                 ddp(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
         optimizer.zero_grad()
 
     return step
 
 
-TORCH = {"ddp": "ddp", "zero1": "zero", "zero1-auto": "zero", "zero2": "zero", "zero3": "zero3"}
+TORCH = {"ddp": "ddp", "zero1": "zero", "zero1-auto": "zero", "zero2": "zero", "zero2-auto": "zero", "zero3": "zero3"}
 
 
 def resident_bytes() -> int:
@@ -169,14 +181,17 @@ def measure(modes: list[str], layers: int, hidden: int, batch: int, micro: int, 
             engine_step(engine, xs)
         wire = sum(r.wire_bytes for r in recorder.records if r.axis == "dp" and r.size > 1 and r.bytes > 8)
         native = torch_native(TORCH[base], layers, hidden, dtype)
+        cpu: dict[str, float] = {}
         times = alternate_rounds(
-            {"ours": lambda e=engine, b=xs: engine_step(e, b), "torch": lambda f=native, b=xs: f(b)}, iters, rounds
+            {"ours": lambda e=engine, b=xs: engine_step(e, b), "torch": lambda f=native, b=xs: f(b)}, iters, rounds, cpu
         )
         sixteen = dtype.itemsize == 2 and base != "zero3"
         master = torch.float32 if sixteen else None
         table = bytes_per_param(ZERO[base], n, weight_dtype=dtype, master_dtype=master)["total"]
         minimum = minimum_bytes(mode, numel, n, micro)
-        out[mode] = (wire / minimum, times["ours"], times["torch"], engine.bytes_per_param(), table, resident)
+        cpu_ratio = cpu["ours"] / cpu["torch"]
+        held = engine.bytes_per_param()
+        out[mode] = (wire / minimum, times["ours"], times["torch"], cpu_ratio, held, table, resident)
         del engine, native
         gc.collect()
     return out
@@ -191,7 +206,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    modes = ["ddp", "zero1", "zero1-auto", "zero2", "zero3", "ddp-bf16", "zero1-bf16", "zero2-bf16"]
+    modes = ["ddp", "zero1", "zero1-auto", "zero2", "zero2-auto", "zero3", "ddp-bf16", "zero1-bf16", "zero2-bf16"]
     parser.add_argument("--modes", nargs="+", default=modes)
     args = parser.parse_args()
     numel = args.layers * (args.hidden + 1) * args.hidden
@@ -203,16 +218,18 @@ def main() -> None:
         with Harness(timeout_s=1800) as harness:
             results.update(harness.run(args.world, measure, [mode], *shape[1:])[0])
     native = {"ddp": "torch DDP", "zero": "ZeroRedundancyOpt", "zero3": "FSDP2"}
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(
-        f"{'mode':<11} {'bytes/min':>9} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  {'vs':<17} "
+        f"{'mode':<11} {'bytes/min':>9} {'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'cpu':>5}  {'vs':<17} "
         f"{'bytes/param held':<24} {'table':>6} {'resident':>8}"
     )
-    for mode, (ratio, ours_s, torch_s, per, table, resident) in results.items():
+    for mode, (ratio, ours_s, torch_s, cpu_ratio, per, table, resident) in results.items():
         held = f"{per['params']:.2f}+{per['grads']:.2f}+{per['optimizer']:.2f}={per['total']:.2f}"
         print(
-            f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>8.1f} {torch_s * 1e3:>8.1f} {ours_s / torch_s:>6.2f}  "
-            f"{native[TORCH[split(mode)[0]]]:<17} {held:<24} {table:>6.2f} {resident:>8.2f}"
+            f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>8.1f} {torch_s * 1e3:>8.1f} {ours_s / torch_s:>6.2f} "
+            f"{cpu_ratio:>5.2f}  {native[TORCH[split(mode)[0]]]:<17} {held:<24} {table:>6.2f} {resident:>8.2f}"
         )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
