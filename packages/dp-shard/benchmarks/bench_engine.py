@@ -213,12 +213,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, cores: {os.cpu_count()}, world {args.world} over gloo, one thread per rank")
     print(f"{args.layers} x Linear({args.hidden}) (P = {numel:,}), {args.micro} micro-batches of {args.batch} per rank")
     shape = (args.modes, args.layers, args.hidden, args.batch, args.micro, args.iters, args.rounds)
+    load = os.getloadavg()[0]
     results = {}
     for mode in args.modes:  # fresh processes per mode: the resident set then grows by this mode's tensors only
         with Harness(timeout_s=1800) as harness:
             results.update(harness.run(args.world, measure, [mode], *shape[1:])[0])
     native = {"ddp": "torch DDP", "zero": "ZeroRedundancyOpt", "zero3": "FSDP2"}
-    print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(
         f"{'mode':<11} {'bytes/min':>9} {'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'cpu':>5}  {'vs':<17} "
         f"{'bytes/param held':<24} {'table':>6} {'resident':>8}"
@@ -229,7 +229,7 @@ def main() -> None:
             f"{mode:<11} {ratio:>9.3f} {ours_s * 1e3:>8.1f} {torch_s * 1e3:>8.1f} {ours_s / torch_s:>6.2f} "
             f"{cpu_ratio:>5.2f}  {native[TORCH[split(mode)[0]]]:<17} {held:<24} {table:>6.2f} {resident:>8.2f}"
         )
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print(f"load average (1 min) before: {load:.1f}, after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
