@@ -176,6 +176,13 @@ class BucketScheduler:
             hooked = not any(id(p) in self._views for p in slot.bucket.params)
             self._alpha.append(1 / slot.divisor if divides and hooked else 1.0)
             self._divisor.append(slot.divisor if divides and not hooked else None)
+        # id(param) -> what its hook needs: slot index, .grad view (or None), span within the bucket
+        self._hook_of: dict[int, tuple[int, torch.Tensor | None, int, int]] = {}
+        for index, slot in enumerate(self.slots):
+            for p in slot.bucket.params:
+                start, end = slot.layout.span(p)
+                offset = slot.bucket.start
+                self._hook_of[id(p)] = (index, self._views.get(id(p)), start - offset, end - offset)
         self.syncing = True
         self._in_pass = False
         self._unreduced = False  # local gradients not reduced yet
@@ -241,26 +248,25 @@ class BucketScheduler:
         if self.finish_in_backward and not self._in_pass:
             self._in_pass = True
             Variable._execution_engine.queue_callback(self._end_pass)
-        index = self._slot_of[id(param)]
-        slot = self.slots[index]
-        view = self._views.get(id(param))
+        key = id(param)
+        index, view, start, end = self._hook_of[key]
         if view is not None:
             if param.grad is not view:  # .grad was reset (e.g. set to None): this gradient replaces it
                 view.copy_(param.grad)
                 param.grad = view
         else:
-            slot.ensure_local()
-            slot.local_view(param).add_(param.grad, alpha=self._alpha[index])
+            local = self.slots[index].ensure_local()
+            local[start:end].view(param.shape).add_(param.grad, alpha=self._alpha[index])
             param.grad = None
         self._unreduced = True
         if not self.syncing:
             return
-        if id(param) in self._ready:
+        if key in self._ready:
             raise DataParallelError(
                 "a parameter received a second gradient before the step's reduction finished: run every "
                 "backward but the last of a step inside no_sync(), then finish_grad_sync()"
             )
-        self._ready.add(id(param))
+        self._ready.add(key)
         self._pending[index] -= 1
         if self.overlap:
             while self._next < len(self.slots) and self._pending[self._next] == 0:
