@@ -28,8 +28,12 @@ def banner(run: Run, datasets: Any) -> list[str]:
         sizes += f", ep {ps.ep.size}"
     modes = ["sequence parallel"] if t.sequence_parallel else []
     modes.append({0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 (FSDP)"}[t.zero])
-    if ps.dp_replicate is not None:  # HSDP: shard groups x their replicas
-        modes[-1] = f"HSDP (ZeRO-3 over {ps.dp_shard.size} ranks x {ps.dp_replicate.size} replicas)"
+    plan = run.plan
+    if plan.dp_replicate > 1:  # HSDP: shard groups x their replicas
+        modes[-1] = f"HSDP (ZeRO-3 over {ps.dp_shard.size} ranks x {plan.dp_replicate} replicas)"
+    if plan.cp > 1:
+        a2a = f" in all-to-all groups of {plan.cp_a2a}" if plan.cp_attention == "hierarchical" else ""
+        modes.append(f"{plan.cp_attention} CP attention{a2a}")
     if ps.pp.size > 1:
         modes.append(f"{t.pipeline_schedule} over {run.microbatches} micro-batches" + (f", vpp {cfg.parallel.vpp}"
                      if cfg.parallel.vpp > 1 else ""))  # fmt: skip
