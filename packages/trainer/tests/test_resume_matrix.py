@@ -180,9 +180,7 @@ def test_a_layout_change_resumes_every_mode(saved, rank_harness, layout):
     if layout == "dp4":
         assert "dp 2->4" in line and "microbatches 2->1" in line
     if layout == "hsdp-2x2":
-        assert (
-            line == "layout changed (world_size 2->4, dp 2->4, edp 2->4, microbatches 2->1, zero 0->3)"
-        )
+        assert line == "layout changed (world_size 2->4, dp 2->4, edp 2->4, microbatches 2->1, zero 0->3)"
         assert results[0]["pairs"][(HSDP, 1)][2] == "layout changed (dp_shard 2->4, zero 3->1)"
         assert ckpt.inspect(folder(root, HSDP))["layout"]["dp_shard"] == 2
 
