@@ -182,7 +182,9 @@ def test_a_layout_change_resumes_every_mode(saved, rank_harness, layout):
     if layout == "hsdp-2x2":
         assert line == "layout changed (world_size 2->4, dp 2->4, edp 2->4, microbatches 2->1, zero 0->3)"
         assert results[0]["pairs"][(HSDP, 1)][2] == "layout changed (dp_shard 2->4, zero 3->1)"
-        assert ckpt.inspect(folder(root, HSDP))["layout"]["dp_shard"] == 2
+        summary = ckpt.inspect(folder(root, HSDP))  # what ckpt inspect shows: the layout record and the plan
+        layout, values = summary["layout"], summary["values"]
+        assert (layout["dp_shard"], layout["cp_a2a"], values["plan/dp_shard"], values["plan/zero"]) == (2, 1, 2, 3)
 
 
 def test_a_changed_global_batch_is_reported(saved, rank_harness):
