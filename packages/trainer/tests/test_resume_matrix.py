@@ -192,3 +192,24 @@ def test_a_changed_global_batch_is_reported(saved, rank_harness):
     results = rank_harness.run(2, save_then_resume, root, {"dp": 2}, {"global_batch": 16}, [(1, 2)], [], False)
     line = results[0]["pairs"][(1, 2)][2]
     assert line == "layout changed (microbatches 2->4, zero 1->2); training changed (global_batch 8->16)"
+
+
+def uneven_stages(root: str) -> list[str]:
+    """PP2 with layers 3+1 saved after ``K`` steps, then resumed at 3+1 and at even stages: the resume lines."""
+    lines = []
+    for number, stages in enumerate(([3, 1], [3, 1], None)):
+        cfg = config(0, {"pp": 2, "pipeline_layout": stages})
+        with pstate.initialize(cfg.parallel) as ps:
+            torch.manual_seed(3)
+            run = setup(cfg, ps, cfg.model, check_run(cfg, dist.get_world_size()))
+            if number == 0:
+                train_steps(run, 0, K)
+                save_run(run, K, {"consumed": K * BATCH}, f"{root}/uneven")
+            else:
+                lines.append(load_run(run, f"{root}/uneven", {"consumed": 0}).plan_change)
+    return lines
+
+
+def test_layers_per_stage_are_saved_and_compared_on_resume(rank_harness, tmp_path):
+    lines = rank_harness.run(2, uneven_stages, str(tmp_path))[0]
+    assert lines == ["the run plan is the saved one", "layout changed (pipeline_layout (3, 1)->None)"]
