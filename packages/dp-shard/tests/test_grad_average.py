@@ -72,7 +72,7 @@ def _groups(ranks: list[list[int]]) -> dist.ProcessGroup:
     return mine
 
 
-def grads(mode: str, how: str):
+def grads(mode: str, how: str, world: int = WORLD):
     options = dict(MODES[mode])
     zero, hsdp = options.pop("zero"), options.pop("hsdp", False)
     group, replicas = (_groups([[0, 1], [2, 3]]), _groups([[0, 2], [1, 3]])) if hsdp else (dist.group.WORLD, None)
@@ -102,7 +102,7 @@ def grads(mode: str, how: str):
         engine.finish_grad_sync()
     reduced = [g.detach().clone() for g in engine.main_grads() if g is not None]
     if how == "sum":
-        reduced = [g / WORLD for g in reduced]
+        reduced = [g / world for g in reduced]
     return reduced, counter.elements, engine.loss_factor
 
 
@@ -128,3 +128,14 @@ def test_counter_sees_the_division_pass_of_fp32_ddp(run_ranks):
     pass left; the trainer's loss scaling avoids it)."""
     for _, elements, _ in run_ranks(WORLD, grads, "ddp", "engine"):
         assert elements == P
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+def test_a_divisor_of_three_agrees_to_rounding(run_ranks, mode):
+    """At world 3 ``g * (1/3)`` and ``g / 3`` may round apart, and scaling the loss rounds every backward
+    op on other values: the ways agree to fp32 rounding (``torch.testing``'s fp32 default)."""
+    results = {how: run_ranks(3, grads, mode, how, 3) for how in ("loss", "engine", "sum")}
+    for rank in range(3):
+        for how in ("loss", "engine"):
+            for a, b in zip(results[how][rank][0], results["sum"][rank][0], strict=True):
+                torch.testing.assert_close(a, b)
