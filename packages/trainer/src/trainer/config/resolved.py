@@ -29,7 +29,7 @@ GRAD_REDUCE_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp
 def param_dtype(precision: str, zero: int) -> str:
     """The stored parameters' dtype: bf16 weights with bf16 under ZeRO 0/1/2 (Megatron's mixed precision),
     else :data:`PARAM_DTYPES`."""
-    return "bf16" if precision == "bf16" and zero < 3 else PARAM_DTYPES[precision]
+    return precision if precision in ("bf16", "fp16") and zero < 3 else PARAM_DTYPES[precision]
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-WEIGHTS = {"bf16": torch.bfloat16}  # the model's weights under zero 0/1/2 (fp16: autocast, see the module)
+WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the model's weights under zero 0/1/2
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -225,6 +225,7 @@ def apply_data_parallel(
         units=_fsdp_units,
         reduce_dtype=REDUCE_DTYPES[t.grad_reduce_dtype],  # every mode's gradient reduction
         overlap_param_gather=True,  # ZeRO-1/2: the next forward waits for each bucket of weights it uses
+        average=False,  # summed over the ranks: each rank's losses are weighted by 1 / dp_cp (loss_weight)
         **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -246,6 +247,17 @@ def loss_scaler(cfg: RunConfig, ps: ParallelState) -> LossScaler | None:
     return LossScaler(groups=[ps.world]) if cfg.train.precision == "fp16" else None
 
 
+def loss_weight(ps: ParallelState, scaler: LossScaler | None) -> float:
+    """What each micro-batch's loss is multiplied by before backward, besides the executor's
+    ``1 / microbatches``: the loss scale (fp16) over the data-parallel size ``dp_cp``. The engine sums the
+    gradients over ``dp_cp`` (``average=False``), so the step's gradient is the mean over every micro-batch
+    of the global batch, and each micro-batch's 16-bit parameter gradients are those one process computes:
+    with the data-parallel average applied after backward, a rank's fp16 gradients would be ``dp_cp`` times
+    the one-process run's and overflow at a loss scale that run passes (the fp16 embedding gradient does at
+    DP2 and the default scale), skipping other steps."""
+    return (1.0 if scaler is None else scaler.scale) / ps.dp_cp.size
+
+
 def apply_pipeline(
     cfg: RunConfig,
     ps: ParallelState,
@@ -261,7 +273,7 @@ def apply_pipeline(
     """The executor running the plan's schedule over ``modules`` (accumulating inside the engine's
     ``no_sync``), recording each micro-batch's losses in ``losses``."""
     t = cfg.train
-    scale = None if scaler is None else (lambda: scaler.scale)
+    scale = lambda: loss_weight(ps, scaler)  # noqa: E731
     last_stage = next((c for c in chunks if c.mtp is not None), None)
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
