@@ -14,6 +14,11 @@ The tiny model trains ``test_train_parity``'s ten steps (AdamW, warmup, cosine, 
   add in another order (a few fp32 ulps), and where that moves a master across an fp16 rounding boundary
   the next forward's weight differs by one fp16 ulp (2^-11 relative) in a few elements, which moves the
   mean loss far less than 2^-11 = 4.9e-4; a step skipped or a gradient off by the DP size is off by more.
+- Gradient norms against one process: rtol 1e-2 (seen 2.9e-3 at step 5 under ZeRO-1/2). The norm is
+  dominated by the embedding's gradient, which the fp16 embedding backward sums over every occurrence
+  of a token in fp16 (about 2e-3 relative error for 500 occurrences, against 3e-4 in fp32); a weight one
+  fp16 ulp off changes those roundings. A gradient left averaged as well (off by the DP size 2) or a
+  skipped step is far outside.
 - fp16 against fp32: rtol 1e-2 (20 fp16 epsilons, half the bf16 test's 2e-2 for 3 more significant
   bits): each forward rounds weights and activations to 11 significant bits; the fp32 masters keep the
   updates, so the runs do not drift apart over ten steps.
@@ -21,6 +26,8 @@ The tiny model trains ``test_train_parity``'s ten steps (AdamW, warmup, cosine, 
   runs match at the tolerance above; a ZeRO-1 run stopped after step 4 and resumed equals the
   uninterrupted run (rtol 1e-6: the checkpoint keeps the fp32 masters and the loss scale; a resumed run
   back at 2**20 would skip step 5 again).
+- ZeRO-1 moves 6 bytes per parameter per step over DP: the fp32 gradient reduction (4) and the fp16
+  weight gather (2).
 - The banner's states line and the measured bytes per parameter are ``dp_shard.bytes_per_param``'s
   table for 16-bit weights: DDP 18, ZeRO-1 ``6 + 12/d``, ZeRO-2 ``2 + 16/d``; ZeRO-3 keeps fp32 shards
   that are their own masters (``16/d``).
@@ -58,6 +65,7 @@ def run_training(overrides: dict, tmp: str, scaler: dict | None = None) -> dict:
     def setup(*args, **kwargs):
         run = setup_of(*args, **kwargs)
         seen["weights"] = {str(p.dtype) for c in run.chunks for p in c.parameters()}
+        seen["numel"] = sum(p.numel() for c in run.chunks for p in c.parameters())
         return run
 
     def banner(run, datasets):
@@ -80,6 +88,8 @@ def run_training(overrides: dict, tmp: str, scaler: dict | None = None) -> dict:
     seen["losses"] = [r["loss"] for r in records]
     seen["skipped"] = [r["skipped"] for r in records]
     seen["scales"] = [r.get("loss_scale") for r in records]
+    seen["norms"] = [r["grad_norm"] for r in records]
+    seen["comm_dp_bytes"] = [r.get("comm_dp_bytes") for r in records]
     return seen
 
 
@@ -105,6 +115,7 @@ def test_fp16_weights_match_the_one_process_fp16_run_and_fp32(run_ranks, referen
     for result in results:
         assert result["skipped"] == fp16["skipped"]
         assert result["losses"] == pytest.approx(fp16["losses"], rel=1e-3)
+        assert result["norms"] == pytest.approx(fp16["norms"], rel=1e-2)
         assert result["weights"] == {"torch.float32" if zero == 3 else "torch.float16"}
     sixteen = {"weight_dtype": torch.float16} if zero < 3 else {"weight_dtype": torch.float32, "master_dtype": None}
     table = bytes_per_param(zero, 2, **sixteen)
@@ -141,3 +152,11 @@ def test_fp16_zero1_resume_equals_the_uninterrupted_run(run_ranks, tmp_path):
     assert head["skipped"] + tail["skipped"] == full["skipped"] == [True] + [False] * 9
     assert head["scales"] + tail["scales"] == full["scales"]  # the scale came back from the checkpoint
     assert head["losses"] + tail["losses"] == pytest.approx(full["losses"], rel=1e-6)
+
+
+def test_fp16_zero1_reduces_fp32_gradients_and_gathers_fp16_weights(run_ranks, tmp_path):
+    """Per step at DP2: the fp32 main gradients reduced (4N bytes), the fp16 weights gathered (2N)."""
+    overrides = at(1, {"steps": 3, "comm_report": True})
+    for result in run_ranks(2, run_training, overrides, str(tmp_path)):
+        n = result["numel"]
+        assert result["comm_dp_bytes"] == pytest.approx([6 * n] * 3, rel=1e-3)
