@@ -160,3 +160,14 @@ def test_fp16_zero1_reduces_fp32_gradients_and_gathers_fp16_weights(run_ranks, t
     for result in run_ranks(2, run_training, overrides, str(tmp_path)):
         n = result["numel"]
         assert result["comm_dp_bytes"] == pytest.approx([6 * n] * 3, rel=1e-3)
+
+
+def test_a_bf16_checkpoint_resumes_as_fp16_from_the_initial_scale(run_ranks, references, tmp_path):
+    """A checkpoint without a loss scale (bf16) loads into an fp16 run, whose scaler starts afresh; the
+    fp32 masters come back, so the run continues with the fp16 run's losses within fp16-vs-bf16 (2e-2)."""
+    cache, save = str(tmp_path / "cache"), str(tmp_path / "ckpt")
+    bf16 = {"parallel": {"dp": 2}, "train": {"precision": "bf16", "zero": 1}}
+    run_ranks(2, run_training, with_save(bf16, save, exit_interval=4), cache)
+    tail = run_ranks(2, run_training, with_save(at(1), save, load=True), cache)[0]
+    assert tail["scales"] == [2.0**16] * 6 and not any(tail["skipped"])
+    assert tail["losses"] == pytest.approx(references[0]["losses"][4:], rel=2e-2)
