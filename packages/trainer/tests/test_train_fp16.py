@@ -42,7 +42,7 @@ import torch
 import trainer.train.loop as loop
 import trainer.train.setup as run_setup
 from dp_shard import LossScaler, bytes_per_param
-from trainer.config import load_run_config
+from trainer.config import check_run, load_run_config
 from trainer.train.loop import train
 
 FP16 = {"train": {"precision": "fp16"}}
@@ -95,6 +95,13 @@ def run_training(overrides: dict, tmp: str, scaler: dict | None = None) -> dict:
 
 def at(zero: int, extra: dict | None = None) -> dict:
     return {"parallel": {"dp": 2}, "train": {"precision": "fp16", "zero": zero, **(extra or {})}}
+
+
+@pytest.mark.parametrize(("zero", "stored"), [(0, "fp16"), (1, "fp16"), (2, "fp16"), (3, "fp32")])
+def test_the_run_plan_stores_fp16_weights_except_under_zero3(zero, stored):
+    plan = check_run(load_run_config(overrides=at(zero)), 2)
+    assert (plan.param_dtype, plan.compute_dtype, plan.grad_reduce_dtype) == (stored, "fp16", "fp32")
+    assert f"params {stored}, compute fp16" in plan.describe()
 
 
 @pytest.fixture(scope="module")
