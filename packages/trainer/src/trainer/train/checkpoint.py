@@ -37,6 +37,7 @@ from dp_shard import CheckpointPieces
 from pstate import Shard
 
 from ..config import RunPlan, to_toml
+from ..config.resolved import GRID
 from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards
 from .replicas import replicas
 from .setup import Run
@@ -81,7 +82,7 @@ def load_run(run: Run, found: Path, data_state: dict[str, Any]) -> Loaded:
     state.pop("plan")  # the saved plan is read from the index, only to report what changed
     summary = ckpt.inspect(found)
     saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
-    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
+    if not same_stages(run.plan, summary) or not saved_dropout:  # streams per stage and TP rank
         state.pop("dropout")
     if "loss_scaler" in state and not any(key.startswith("loss_scaler/") for key in summary["values"]):
         state.pop("loss_scaler")  # saved by a run without fp16: the scale starts afresh
@@ -100,6 +101,15 @@ def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
     """The run plan a checkpoint recorded (from ``ckpt.inspect``'s summary), or ``None`` if it has none."""
     values = {k.split("/", 1)[1]: v for k, v in summary["values"].items() if k.startswith("plan/")}
     return RunPlan.from_dict(values) if values else None
+
+
+def same_stages(plan: RunPlan, summary: dict[str, Any]) -> bool:
+    """Whether each rank of ``plan`` holds the stage, layers and slices the same rank held in the checkpoint
+    ``summary`` describes: the same grid sizes and layers per stage (HSDP's and hierarchical CP's sub-groups
+    place nothing). A checkpoint that did not record its layers per stage passes only with even stages."""
+    saved = saved_plan(summary)
+    stages = None if saved is None else saved.pipeline_layout
+    return {k: summary["layout"].get(k) for k in GRID} == plan.grid_sizes() and stages == plan.pipeline_layout
 
 
 def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:

@@ -131,8 +131,8 @@ def setup(
     ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
     default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
     meta = device is not None and torch.device(device).type == "meta"
-    groups = model_groups(cfg, ps)
-    chunks = build_model(cfg, ps, model, groups, meta=meta)
+    groups = model_groups(cfg, ps, plan)
+    chunks = build_model(cfg, ps, model, groups, plan, meta=meta)
     device = apply_device(chunks, device)
     apply_param_dtype(chunks, plan.param_dtype)
     context = apply_backend(
@@ -149,31 +149,30 @@ def setup(
     return Run(cfg, model, ps, groups, chunks, modules, engine, executor, plan, scaler, pieces, device, bias, losses)
 
 
-def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
-    """The process groups and parallel options the model's layers take."""
-    t = cfg.train
+def model_groups(cfg: RunConfig, ps: ParallelState, plan: RunPlan) -> ModelGroups:
+    """The process groups and parallel options the model's layers take (the plan's CP attention)."""
     return ModelGroups.from_state(
-        ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention, cp_kernel=t.cp_kernel
+        ps, sequence_parallel=plan.sequence_parallel, cp_attention=plan.cp_attention, cp_kernel=cfg.train.cp_kernel
     )
 
 
 def build_model(
-    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, *, meta: bool = False
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, plan: RunPlan, *, meta: bool = False
 ) -> list[GPTChunk]:
-    """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
-    ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
+    """This rank's model chunks (its stage's layers, as the plan lays them out; TP/EP slices), drawn from the
+    seed or, with ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
     t = cfg.train
     chunks = build_chunks(
         model,
         groups,
         pp_rank=ps.pp.rank,
         pp=ps.pp.size,
-        vpp=cfg.parallel.vpp,
+        vpp=plan.vpp,
         seed=t.seed,
         recompute=t.recompute,
         draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
-        uneven=cfg.parallel.pipeline_layout,
+        uneven=plan.pipeline_layout,
     )
     if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
