@@ -78,7 +78,7 @@ def ours(mode: str, layers: int, hidden: int):
         param_groups=groups,
         optimizer_cls=torch.optim.AdamW,
         units=lambda chunk: list(chunk),
-        average_in_loss=True,
+        average=False,  # as the trainer: the loss carries 1/dp (engine.loss_factor)
         lr=LR,
         **extra,
     )

@@ -85,7 +85,7 @@ def grads(mode: str, how: str, world: int = WORLD):
         group=group,
         param_groups=lambda named: [{"params": list(named.items())}],
         optimizer_cls=torch.optim.SGD,
-        average_in_loss=how != "engine",
+        average=how == "engine",
         lr=0.1,
         **options,
     )

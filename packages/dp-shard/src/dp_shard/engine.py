@@ -63,8 +63,9 @@ class DataParallelEngine(ABC):
     zero: int
     loss_factor: float = 1.0
     """What the loop multiplies its loss by (and every gradient it injects besides, e.g. routers'
-    auxiliary losses): ``1 / dp`` for an engine built with ``average_in_loss`` (the reductions then sum,
-    and the loss's scaling is the only division, a scalar), else 1 (the engine averages)."""
+    auxiliary losses) for the step's gradient to be the data-parallel mean: ``1 / dp`` for an engine
+    built with ``average=False`` (the reductions then sum, and the loss's scaling is the only division,
+    a scalar), else 1 (the engine averages)."""
     chunks: list[nn.Module]
     modules: list[nn.Module]
     named: dict[str, nn.Parameter]

@@ -41,9 +41,9 @@ def _named(chunks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
     return {f"chunk{i}.{n}": p for i, c in enumerate(chunks) for n, p in c.named_parameters() if p.requires_grad}
 
 
-def _loss_factor(average_in_loss: bool, group: pstate.Group) -> float:
-    """``1 / dp`` (the dense data-parallel group's size) where the loss carries the average, else 1."""
-    return 1.0 / dist.get_world_size(pstate.as_group(group)) if average_in_loss else 1.0
+def _loss_factor(average: bool, group: pstate.Group) -> float:
+    """1 where the engine averages; ``1 / dp`` (the dense data-parallel group's size) where it sums."""
+    return 1.0 if average else 1.0 / dist.get_world_size(pstate.as_group(group))
 
 
 def _plain(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -67,17 +67,15 @@ class DDPEngine(DataParallelEngine):
         param_groups: GroupsFn,
         optimizer_cls: type[torch.optim.Optimizer],
         reduce_dtype: torch.dtype | None = None,
-        average_in_loss: bool = False,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
         self.modules = [
-            DataParallel(
-                c, group=group, expert_group=expert_group, reduce_dtype=reduce_dtype, average=not average_in_loss
-            )
+            DataParallel(c, group=group, expert_group=expert_group, reduce_dtype=reduce_dtype, average=average)
             for c in self.chunks
         ]
-        self.loss_factor = _loss_factor(average_in_loss, group)
+        self.loss_factor = _loss_factor(average, group)
         self.named = _named(self.chunks)
         self._params = list(self.named.values())
         self._masters: dict[int, torch.Tensor] = {}  # id(16-bit parameter) -> its fp32 master
@@ -164,11 +162,11 @@ class ZeroEngine(DataParallelEngine):
         aligned: Sequence[nn.Parameter] = (),
         reduce_dtype: torch.dtype | None = None,
         overlap_param_gather: bool = False,
-        average_in_loss: bool = False,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.zero = stage
-        self.loss_factor = _loss_factor(average_in_loss, group)
+        self.loss_factor = _loss_factor(average, group)
         self.chunks = list(chunks)
         self.modules = list(self.chunks)
         self.named = _named(self.chunks)
@@ -181,7 +179,7 @@ class ZeroEngine(DataParallelEngine):
             expert_group=expert_group,
             finish_in_backward=False,  # finish_grad_sync reduces once, after every chunk's backward
             reduce_dtype=reduce_dtype,
-            average=not average_in_loss,
+            average=average,
             **optimizer_kwargs,
         )
         if overlap_param_gather:
@@ -244,18 +242,17 @@ class FSDPEngine(DataParallelEngine):
         expert_group: pstate.Group | None = None,
         param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = torch.float32,
-        average_in_loss: bool = False,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
         for chunk in self.chunks:  # the pieces keep the parameters' tags
             fully_shard(
                 chunk, group=group, units=units(chunk), replicate_group=replicate_group, expert_group=expert_group,
-                param_dtype=param_dtype, reduce_dtype=reduce_dtype, average=not average_in_loss,
+                param_dtype=param_dtype, reduce_dtype=reduce_dtype, average=average,
             )  # fmt: skip
         replicas = 1 if replicate_group is None else dist.get_world_size(pstate.as_group(replicate_group))
-        if average_in_loss:  # HSDP: the mean over shard x replicate
-            self.loss_factor = _loss_factor(True, group) / replicas
+        self.loss_factor = _loss_factor(average, group) / (1 if average else replicas)  # HSDP: shard x replicate
         self.modules = list(self.chunks)
         self.group, self.replicate_group, self.expert_group = group, replicate_group, expert_group
         self.named = _named(self.chunks)
@@ -312,7 +309,7 @@ def make_engine(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
     overlap_param_gather: bool = False,
-    average_in_loss: bool = False,
+    average: bool = True,
     **optimizer_kwargs: Any,
 ) -> DataParallelEngine:
     """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded; with
@@ -320,15 +317,16 @@ def make_engine(
     ``reduce_dtype``: the dtype gradient reductions move (every mode; fp32 is the main gradients');
     ``param_dtype``: ZeRO-3's gather dtype (see :class:`FSDPEngine`); ``overlap_param_gather`` (ZeRO-1/2):
     the step only starts the parameter gathers and the next forward waits for each bucket where it is
-    first used. ``average_in_loss``: the reductions sum and the loop multiplies its loss by
-    :attr:`~dp_shard.DataParallelEngine.loss_factor` (``1 / dp``), which folds the average into the
-    loss's scaling instead of a division over the gradients (see :mod:`dp_shard.bucket_sched`)."""
+    first used. ``average=False``: every mode sums the gradients over the data-parallel ranks instead of
+    averaging them, for a caller that weights each rank's loss by one over the data-parallel size (so a
+    16-bit backward sees the gradients one process would, whatever the layout): that weight is
+    :attr:`~dp_shard.DataParallelEngine.loss_factor`, and the data-parallel average then costs a scalar
+    multiply instead of a division over the gradients (see :mod:`dp_shard.bucket_sched`)."""
     if (replicate_group is not None or param_dtype is not None) and zero != 3:
         raise DataParallelError(f"replicate_group and param_dtype are ZeRO-3's (HSDP, gathers); zero={zero}")
     common = dict(
-        group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, average_in_loss=average_in_loss,
-        **optimizer_kwargs,
-    )  # fmt: skip
+        group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, average=average, **optimizer_kwargs
+    )
     if zero == 0:
         return DDPEngine(chunks, expert_group=expert_group, reduce_dtype=reduce_dtype, **common)
     if zero in (1, 2):

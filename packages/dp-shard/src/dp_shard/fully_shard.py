@@ -86,8 +86,8 @@ def fully_shard(
     reduce-scatter, and gradients are averaged over both groups. ``expert_group`` (``ps.edp``): parameters
     tagged ``expert_parallel`` get flat shards of their own in their unit, sharded over it (the ranks
     holding the same experts), with gradients divided by the dense data-parallel size (``group`` times
-    ``replicate_group``), since every dense replica's tokens reach the experts. ``average=False`` reduces
-    sums instead (for a loop that multiplies its loss by ``1 / (group size x replicate group size)``).
+    ``replicate_group``), since every dense replica's tokens reach the experts. ``average=False`` sums the
+    gradients over the groups instead (the caller weighted each rank's loss by one over the dense size).
 
     Every rank must call the wrapped module the same way: the same units, in the same order, with
     every unit's output reaching the loss on all ranks or on none (collectives match by order).
@@ -98,9 +98,10 @@ def fully_shard(
         getattr(p, PIECE_ATTRIBUTE, False) for p in module.parameters()
     ):
         raise DataParallelError(f"this {type(module).__name__} is already (partly) fully sharded")
-    for option, value in (("prefetch", prefetch), ("average", average)):
-        if not isinstance(value, bool):
-            raise DataParallelError(f"{option}={value!r} must be True or False")
+    if not isinstance(prefetch, bool):
+        raise DataParallelError(f"prefetch={prefetch!r} must be True or False")
+    if not isinstance(average, bool):
+        raise DataParallelError(f"average={average!r} must be True or False")
     check_dtypes(param_dtype, reduce_dtype)
     process_group = pstate.as_group(group)
     replicas = None if replicate_group is None else pstate.as_group(replicate_group)
@@ -119,20 +120,19 @@ def fully_shard(
     planned = assign_parameters(module, planned)
     dense_size = dist.get_world_size(process_group) * (1 if replicas is None else dist.get_world_size(replicas))
     common = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    dense_divisor = None if average else 1  # None: the unit's own replicas
     flat_units = []
     for u in planned:
         dense = [entry for entry in u.params if not is_expert_parallel(entry[2])]
         expert = [entry for entry in u.params if is_expert_parallel(entry[2])]
         if dense:
+            divide = None if average else 1  # None: the shard group's size times the replicas'
             flat = FlatUnit(
-                u.name, u.module, dense, group=process_group, replicate_group=replicas, divide_by=dense_divisor,
-                **common,
-            )  # fmt: skip
+                u.name, u.module, dense, group=process_group, replicate_group=replicas, divide_by=divide, **common
+            )
             flat_units.append(flat)
         if expert:
-            divisor = dense_size if average else 1
-            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=divisor, **common))
+            divide = dense_size if average else 1
+            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=divide, **common))
     state = FullyShardedState(module, flat_units, process_group, prefetch=prefetch, param_dtype=param_dtype)
     module.__dict__[STATE_ATTRIBUTE] = state
     return module

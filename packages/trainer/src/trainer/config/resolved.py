@@ -20,8 +20,9 @@ others say how the same step is laid out (sizes, micro-batches, ZeRO stage, sche
 change those freely."""
 
 PARAM_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp32"}
-"""The stored parameters' dtype per ``train.precision`` under autocast (the fp32 parameters are the master
-weights); :func:`param_dtype` gives bf16 under ZeRO 0/1/2 (fp32 masters kept by the engine)."""
+"""The stored parameters' dtype per ``train.precision`` where they are the fp32 master weights (ZeRO-3's
+shards, fp8's autocast); :func:`param_dtype` gives bf16/fp16 under ZeRO 0/1/2 (fp32 masters kept by the
+engine)."""
 COMPUTE_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16+fp8"}
 """The forward/backward compute dtype per ``train.precision`` (``bf16+fp8``: bf16 with fp8 matmuls)."""
 GRID = ("tp", "pp", "vpp", "cp", "ep", "etp", "dp")
@@ -31,9 +32,9 @@ GRAD_REDUCE_DTYPES = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp32", "fp8": "fp
 
 
 def param_dtype(precision: str, zero: int) -> str:
-    """The stored parameters' dtype: bf16 weights with bf16 under ZeRO 0/1/2 (Megatron's mixed precision),
-    else :data:`PARAM_DTYPES`."""
-    return "bf16" if precision == "bf16" and zero < 3 else PARAM_DTYPES[precision]
+    """The stored parameters' dtype: 16-bit weights with bf16 and fp16 under ZeRO 0/1/2 (Megatron's mixed
+    precision), else :data:`PARAM_DTYPES`."""
+    return precision if precision in ("bf16", "fp16") and zero < 3 else PARAM_DTYPES[precision]
 
 
 @dataclass(frozen=True)
