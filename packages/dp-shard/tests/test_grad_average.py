@@ -2,14 +2,14 @@
 
 At world 4 (a power of two, so dividing before or after the sum, or scaling the loss, gives the same
 bits: scaling by 2**-k is exact) every mode reduces the gradients of a small MLP over 2 micro-batches
-three ways: ``average_in_loss`` (sums reduced, the loss multiplied by ``engine.loss_factor``: what the
+three ways: ``average=False`` (sums reduced, the loss multiplied by ``engine.loss_factor``: what the
 trainer does), the engine's own average (folded into a copy that happens anyway where there is one), and
 the reference: the summed reduction divided by 4 afterwards, which for this divisor is bit for bit what
 dividing each rank's gradients before the reduction gave. Gradients must be equal bit for bit.
 
 The division passes are counted with a dispatch mode over the backward and ``finish_grad_sync``: every
 ``div``/``mul`` whose result has as many elements as a gradient piece or more and keeps its input's dtype
-(a cast that divides on the way is not a pass of its own). With ``average_in_loss`` there are none in any
+(a cast that divides on the way is not a pass of its own). With ``average=False`` there are none in any
 mode. The engine's own average: none where gradients reach the bucket through a hook (ZeRO-2) or are cast
 for the collective (a bf16 reduction); ZeRO-3 and HSDP divide the reduced shard only (1/4 of the
 gradient); fp32 DDP and ZeRO-1, whose buckets autograd fills in place, keep one pass (what the loss
