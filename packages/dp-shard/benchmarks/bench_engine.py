@@ -24,7 +24,7 @@ alternating rounds, against ``DistributedDataParallel`` (with ``no_sync``), ``Ze
 over DDP, and FSDP2 ``fully_shard`` per layer (``set_requires_gradient_sync(False)`` for all but the last
 micro-batch). Both sides do what a training step does: the engine as the trainer builds it
 (``average=False``: the loss carries ``1/dp``, the reductions sum) and ``engine.step``, whose global
-gradient norm and clipping at ``--max-norm`` the torch side does too (``clip_grad_norm_`` over its
+gradient norm and clipping at ``MAX_NORM`` (1.0) the torch side does too (``clip_grad_norm_`` over its
 gradients: whole on every rank under DDP and ``ZeroRedundancyOptimizer``, DTensor shards under FSDP2).
 Bucket sizes are both libraries' defaults: 25 MiB (torch DDP's first bucket is 1 MiB). ``cpu``: the
 same ratio for the CPU time of a rank's process per step (its threads included, waiting not), which an
