@@ -43,6 +43,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from pstate.comm import IN_PLACE_REDUCE_SCATTER
 from pstate.testing import Harness
 from tp_layers import ColumnParallelLinear, RowParallelLinear, allreduce_sequence_parallel_grads, mark_sequence_parallel
 
@@ -123,8 +124,9 @@ def op_counts(block: nn.Module, x: torch.Tensor, sp: bool, mode: str) -> dict[st
     for event in prof.events():
         name = event.name
         if name.startswith("c10d::"):
+            in_place = event.cpu_parent is not None and event.cpu_parent.name == IN_PLACE_REDUCE_SCATTER
             for kind in ("allgather", "reduce_scatter", "allreduce"):
-                counts[kind] += kind in name
+                counts[kind] += (kind == "reduce_scatter") if in_place else kind in name
         elif name in COPIES and not _nested_copy(event):
             counts["copies"] += 1
             counts["copy MiB"] += 4 * _numel(event.input_shapes[0]) / 2**20 if event.input_shapes[0] else 0.0
