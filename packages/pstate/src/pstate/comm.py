@@ -251,7 +251,7 @@ def reduce_scatter(
     the reduce-scatter it is; other backends ignore the flag."""
     pg = None if group is None else as_group(group)
     fn, fill = reduce_scatter_single, lambda: simulated.fill_reduce_scatter(output, input, pg)
-    if scratch_input and input.is_contiguous() and dist.get_backend(pg) == "gloo":
+    if scratch_input and not Simulation.active and input.is_contiguous() and dist.get_backend(pg) == "gloo":
         fn = _reduce_scatter_in_place
     return _call(
         "reduce_scatter", group, input.dtype, _nbytes(input), fn, fill, async_op,

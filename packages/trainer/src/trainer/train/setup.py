@@ -151,7 +151,11 @@ def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
     """The process groups and parallel options the model's layers take."""
     t = cfg.train
     return ModelGroups.from_state(
-        ps, sequence_parallel=t.sequence_parallel, cp_attention=t.cp_attention, cp_kernel=t.cp_kernel
+        ps,
+        sequence_parallel=t.sequence_parallel,
+        cp_attention=t.cp_attention,
+        cp_kernel=t.cp_kernel,
+        keep_gathered_input=t.keep_gathered_input,
     )
 
 
