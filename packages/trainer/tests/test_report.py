@@ -3,8 +3,9 @@ on a terminal, checkpoint lines once each save is complete, grouped TensorBoard 
 
 import io
 
+from trainer.config import check_run, load_run_config
 from trainer.train.metrics import GROUPS, Metrics
-from trainer.train.report import Checkpoints, ProgressBar
+from trainer.train.report import Checkpoints, ProgressBar, layout_modes
 
 
 class Terminal(io.StringIO):
@@ -80,3 +81,16 @@ def test_every_record_field_has_a_tensorboard_group():
     assert {GROUPS["loss"], GROUPS["step_time_s"], GROUPS["memory_reserved_mb"], GROUPS["eval_loss"]} == {
         "train", "perf", "memory", "eval",
     }  # fmt: skip
+
+
+def test_the_layout_line_says_how_the_plan_runs():
+    def modes(world, parallel, train=None):
+        return layout_modes(check_run(load_run_config(overrides={"parallel": parallel, "train": train or {}}), world))
+
+    assert modes(2, {}) == ["DDP"]
+    hsdp = modes(8, {"cp": 2, "dp_shard": 2}, {"zero": 3})
+    assert hsdp == ["HSDP (ZeRO-3 over 4 ranks x 2 replicas)", "ring CP attention"]  # a shard group: 2 dp x 2 cp
+    hierarchical = modes(8, {"cp": 4, "cp_a2a": 2, "pp": 2}, {"cp_attention": "hierarchical", "zero": 1})
+    assert hierarchical[:2] == ["ZeRO-1", "hierarchical CP attention in all-to-all groups of 2"]
+    uneven = modes(2, {"pp": 2, "pipeline_layout": [3, 1]}, {"global_batch": 8, "micro_batch": 2})
+    assert uneven == ["DDP", "1f1b over 4 micro-batches, layers per stage [3, 1]"]

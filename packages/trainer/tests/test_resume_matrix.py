@@ -1,6 +1,7 @@
 """Resume across every pair of data-parallel modes: a run saved under each of DDP, ZeRO-1, ZeRO-2 and
 ZeRO-3 loads under each of them (16 pairs at DP2), and under another layout (DP4, TP2+SP x DP2; each of
-them into HSDP 2x2), and continues with the uninterrupted run's losses.
+them into HSDP 2x2, and HSDP 2x2 into ZeRO-1 and ZeRO-2 at DP4), and continues with the uninterrupted
+run's losses.
 
 One spawn of ranks serves a whole matrix: the ranks train ``K`` steps under each saving mode and save
 (the trainer's ``save_run``), then build a run of each loading mode, load (``load_run``), and train on to
@@ -17,6 +18,7 @@ The resume line names what changed between the saved and the new run plan.
 """
 
 import copy
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -34,6 +36,7 @@ from trainer.train.setup import setup
 STEPS, K = 4, 2
 BATCH, SEQ, VOCAB, MICRO = 8, 16, 97, 2
 MODES = (0, 1, 2, 3)
+HSDP = "hsdp"  # ZeRO-3 sharded within pairs of data-parallel ranks, replicated across the pairs (dp_shard 2)
 
 
 def config(zero: int, parallel: dict, train: dict | None = None):
@@ -53,6 +56,17 @@ def config(zero: int, parallel: dict, train: dict | None = None):
             "optim": {"lr": 1e-2, "clip_grad": 1.0},
         }
     )
+
+
+def mode_config(mode, parallel: dict, train: dict | None = None):
+    """The run of ``mode``: ``train.zero`` at ``parallel``, or :data:`HSDP` (ZeRO-3 with ``dp_shard`` 2)."""
+    if mode == HSDP:
+        return config(3, {**parallel, "dp_shard": 2}, train)
+    return config(mode, parallel, train)
+
+
+def folder(root: str, mode) -> str:
+    return f"{root}/{mode}" if mode == HSDP else f"{root}/zero{mode}"
 
 
 def tokens(step: int) -> np.ndarray:
@@ -81,30 +95,34 @@ def differences(run, path) -> list[str]:
     return [name for name, leaf in flatten(live).items() if not torch.equal(leaf.shard().data, want[name].shard().data)]
 
 
-def save_then_resume(root: str, parallel: dict, train: dict, pairs: list[tuple[int, int]], save: bool):
-    """On every rank: with ``save``, the uninterrupted DDP run and a ``K``-step run per saving mode, saved
-    under ``root``; then each ``(saving mode, loading mode)`` pair resumed at this layout. Returns the
-    reference losses and, per pair, the resumed losses, the differing leaves and the resume line."""
+def save_then_resume(root: str, parallel: dict, train: dict, pairs: list[tuple], saves: list, reference: bool):
+    """On every rank: with ``reference``, the uninterrupted DDP run; a ``K``-step run of each mode in ``saves``,
+    saved under ``root``; then each ``(saving mode, loading mode)`` pair resumed at this layout (a mode:
+    ``train.zero`` or :data:`HSDP`). Returns the reference losses and, per pair, the resumed losses, the
+    differing leaves and the resume line."""
     out: dict = {"pairs": {}}
-    with pstate.initialize(config(0, parallel, train).parallel) as ps:
+    with ExitStack() as stack:
+        states: dict = {}  # the process groups of each parallel config (HSDP's has its shard groups)
 
-        def build(zero: int):
-            cfg = config(zero, parallel, train)
+        def build(mode):
+            cfg = mode_config(mode, parallel, train)
+            if cfg.parallel not in states:
+                states[cfg.parallel] = stack.enter_context(pstate.initialize(cfg.parallel))
             torch.manual_seed(3)
-            return setup(cfg, ps, cfg.model, check_run(cfg, dist.get_world_size()))
+            return setup(cfg, states[cfg.parallel], cfg.model, check_run(cfg, dist.get_world_size()))
 
-        if save:
+        if reference:
             out["reference"] = train_steps(build(0), 0, STEPS)
-            for zero in sorted({a for a, _ in pairs}):
-                run = build(zero)
-                out[f"head{zero}"] = train_steps(run, 0, K)
-                save_run(run, K, {"consumed": K * BATCH}, f"{root}/zero{zero}")
-        for saved, zero in pairs:
-            run = build(zero)
-            loaded = load_run(run, f"{root}/zero{saved}", {"consumed": 0})
+        for mode in saves:
+            run = build(mode)
+            out[f"head{mode}"] = train_steps(run, 0, K)
+            save_run(run, K, {"consumed": K * BATCH}, folder(root, mode))
+        for saved, mode in pairs:
+            run = build(mode)
+            loaded = load_run(run, folder(root, saved), {"consumed": 0})
             assert loaded.step == K and loaded.data == {"consumed": K * BATCH}
-            wrong = differences(run, f"{root}/zero{saved}")
-            out["pairs"][(saved, zero)] = (train_steps(run, K, STEPS), wrong, loaded.plan_change)
+            wrong = differences(run, folder(root, saved))
+            out["pairs"][(saved, mode)] = (train_steps(run, K, STEPS), wrong, loaded.plan_change)
     return out
 
 
@@ -113,7 +131,7 @@ def saved(rank_harness, tmp_path_factory):
     """All 16 pairs at DP2 (world 2), in one spawn; the checkpoints stay for the layout changes."""
     root = str(tmp_path_factory.mktemp("resume-matrix"))
     pairs = [(a, b) for a in MODES for b in MODES]
-    results = rank_harness.run(2, save_then_resume, root, {"dp": 2}, {}, pairs, True)
+    results = rank_harness.run(2, save_then_resume, root, {"dp": 2}, {}, pairs, list(MODES), True)
     return root, results
 
 
@@ -140,27 +158,58 @@ def test_every_pair_of_modes_resumes_with_the_uninterrupted_losses(saved):
 
 
 LAYOUTS = {
-    "dp4": ({"dp": 4}, {}, [(0, 1), (1, 2), (2, 3), (3, 0)]),
-    "tp2-sp-dp2": ({"tp": 2}, {"sequence_parallel": True}, [(0, 3), (1, 0), (2, 1), (3, 2)]),
-    # HSDP 2x2 (ZeRO-3 sharded within pairs of ranks, replicated across them) from every mode
-    "hsdp-2x2": ({"dp": 4, "dp_shard": 2}, {}, [(0, 3), (1, 3), (2, 3), (3, 3)]),
+    "dp4": ({"dp": 4}, {}, [(0, 1), (1, 2), (2, 3), (3, 0)], []),
+    "tp2-sp-dp2": ({"tp": 2}, {"sequence_parallel": True}, [(0, 3), (1, 0), (2, 1), (3, 2)], []),
+    # HSDP 2x2 from every mode at DP2; then HSDP 2x2, saved here, into ZeRO-1 and ZeRO-2 at DP4 (shards of
+    # pairs of ranks resharded over all four)
+    "hsdp-2x2": ({"dp": 4}, {}, [*((zero, HSDP) for zero in MODES), (HSDP, 1), (HSDP, 2)], [HSDP]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_layout_change_resumes_every_mode(saved, rank_harness, layout):
     root, first = saved
-    parallel, train, pairs = LAYOUTS[layout]
-    results = rank_harness.run(4, save_then_resume, root, parallel, train, pairs, False)
-    check(results, first[0]["reference"], pairs)
+    parallel, train, pairs, saves = LAYOUTS[layout]
+    reference = first[0]["reference"]
+    results = rank_harness.run(4, save_then_resume, root, parallel, train, pairs, saves, False)
+    for mode in saves:  # a saving run here is the uninterrupted one up to K
+        assert results[0][f"head{mode}"] == pytest.approx(reference[:K], rel=2e-5)
+    check(results, reference, pairs)
     line = results[0]["pairs"][pairs[0]][2]
     assert line.startswith("layout changed (") and "training changed" not in line
     if layout == "dp4":
         assert "dp 2->4" in line and "microbatches 2->1" in line
+    if layout == "hsdp-2x2":
+        assert line == "layout changed (world_size 2->4, dp 2->4, edp 2->4, microbatches 2->1, zero 0->3)"
+        assert results[0]["pairs"][(HSDP, 1)][2] == "layout changed (dp_shard 2->4, zero 3->1)"
+        summary = ckpt.inspect(folder(root, HSDP))  # what ckpt inspect shows: the layout record and the plan
+        layout, values = summary["layout"], summary["values"]
+        assert (layout["dp_shard"], layout["cp_a2a"], values["plan/dp_shard"], values["plan/zero"]) == (2, 1, 2, 3)
 
 
 def test_a_changed_global_batch_is_reported(saved, rank_harness):
     root, _ = saved
-    results = rank_harness.run(2, save_then_resume, root, {"dp": 2}, {"global_batch": 16}, [(1, 2)], False)
+    results = rank_harness.run(2, save_then_resume, root, {"dp": 2}, {"global_batch": 16}, [(1, 2)], [], False)
     line = results[0]["pairs"][(1, 2)][2]
     assert line == "layout changed (microbatches 2->4, zero 1->2); training changed (global_batch 8->16)"
+
+
+def uneven_stages(root: str) -> list[str]:
+    """PP2 with layers 3+1 saved after ``K`` steps, then resumed at 3+1 and at even stages: the resume lines."""
+    lines = []
+    for number, stages in enumerate(([3, 1], [3, 1], None)):
+        cfg = config(0, {"pp": 2, "pipeline_layout": stages})
+        with pstate.initialize(cfg.parallel) as ps:
+            torch.manual_seed(3)
+            run = setup(cfg, ps, cfg.model, check_run(cfg, dist.get_world_size()))
+            if number == 0:
+                train_steps(run, 0, K)
+                save_run(run, K, {"consumed": K * BATCH}, f"{root}/uneven")
+            else:
+                lines.append(load_run(run, f"{root}/uneven", {"consumed": 0}).plan_change)
+    return lines
+
+
+def test_layers_per_stage_are_saved_and_compared_on_resume(rank_harness, tmp_path):
+    lines = rank_harness.run(2, uneven_stages, str(tmp_path))[0]
+    assert lines == ["the run plan is the saved one", "layout changed (pipeline_layout (3, 1)->None)"]

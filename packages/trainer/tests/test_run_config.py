@@ -200,9 +200,58 @@ def test_check_run_resolves_a_frozen_plan_that_round_trips_and_names_its_changes
     assert plan.describe_changes(plan) == "the run plan is the saved one"
     other = check_run(load_run_config(overrides={**overrides, "train": {"micro_batch": 2, "global_batch": 8}}), 4)
     assert other.describe_changes(plan) == (
-        "layout changed (world_size 8->4, dp 2->1, edp 2->1, microbatches 1->4, zero 1->0); "
+        "layout changed (world_size 8->4, dp 2->1, edp 2->1, dp_shard 2->1, microbatches 1->4, zero 1->0); "
         "training changed (global_batch 4->8, precision bf16->fp32, param_dtype bf16->fp32, compute_dtype bf16->fp32)"
     )
+
+
+def test_the_plan_records_hsdp_hierarchical_cp_and_the_layers_per_stage():
+    """The sub-group sizes (HSDP's shard groups, hierarchical CP's all-to-all groups), the CP attention and
+    the layers per stage are in the plan, its JSON round trip, the checkpoint's layout record and the resume
+    line; a plan saved before they existed reads them as None and reports no change of them."""
+    hsdp = check_run(load_run_config(overrides={"parallel": {"dp_shard": 2}, "train": {"zero": 3}}), 8)
+    assert (hsdp.dp, hsdp.dp_shard, hsdp.dp_replicate, hsdp.cp_a2a, hsdp.cp_attention) == (8, 2, 4, 1, "ring")
+    assert hsdp.layout_sizes() == {**hsdp.grid_sizes(), "dp_shard": 2, "cp_a2a": 1}
+    assert "zero 3 (HSDP: shard 2 x replicate 4)" in hsdp.describe()
+    zero1 = check_run(load_run_config(overrides={"train": {"zero": 1}}), 8)
+    assert zero1.dp_shard == 8 and zero1.describe_changes(hsdp) == "layout changed (dp_shard 2->8, zero 3->1)"
+    overrides = {
+        "model": {"layers": 6},
+        "parallel": {"cp": 4, "cp_a2a": 2, "pp": 2, "pipeline_layout": [4, 2]},
+        "train": {"cp_attention": "hierarchical", "seq_len": 32},
+    }
+    cp = check_run(load_run_config(overrides=overrides), 8)
+    assert (cp.cp_a2a, cp.cp_attention, cp.pipeline_layout, cp.dp_shard) == (2, "hierarchical", (4, 2), 1)
+    assert "layers per stage [4, 2]; hierarchical attention (all-to-all groups of 2)" in cp.describe()
+    assert RunPlan.from_dict(json.loads(json.dumps(cp.as_dict()))) == cp  # the layers per stage: a tuple again
+    ring = {**overrides, "parallel": {"cp": 4, "pp": 2}, "train": {"seq_len": 32}}
+    assert check_run(load_run_config(overrides=ring), 8).describe_changes(cp) == (
+        "layout changed (cp_a2a 2->1, cp_attention hierarchical->ring, pipeline_layout (4, 2)->None)"
+    )
+    old = {k: v for k, v in cp.as_dict().items() if k not in ("dp_shard", "cp_a2a", "cp_attention", "pipeline_layout")}
+    saved = RunPlan.from_dict(json.loads(json.dumps(old)))  # a checkpoint from before the fields
+    assert saved.dp_shard is None and cp.describe_changes(saved) == "the run plan is the saved one"
+
+
+def test_a_checkpoint_restores_dropout_streams_only_where_each_rank_holds_the_same_layers():
+    from trainer.train.checkpoint import same_stages
+
+    def summary(plan, values=True):
+        return {
+            "layout": plan.grid_sizes(),
+            "values": {f"plan/{k}": v for k, v in plan.as_dict().items()} if values else {},
+        }
+
+    def plan(parallel, layers=4):
+        return check_run(load_run_config(overrides={"model": {"layers": layers}, "parallel": parallel}), 4)
+
+    even, uneven = plan({"pp": 2}), plan({"pp": 2, "pipeline_layout": [3, 1]})
+    assert same_stages(even, summary(even)) and same_stages(uneven, summary(uneven))
+    assert not same_stages(uneven, summary(even)) and not same_stages(even, summary(uneven))
+    assert same_stages(even, summary(even, values=False)) and not same_stages(uneven, summary(uneven, values=False))
+    assert not same_stages(plan({"dp": 4}), summary(even))
+    hsdp = check_run(load_run_config(overrides={"parallel": {"dp_shard": 2}, "train": {"zero": 3}}), 4)
+    assert same_stages(hsdp, summary(plan({}))) and same_stages(plan({}), summary(hsdp))  # the same grid
 
 
 def test_lr_warmup_then_cosine_and_linear():

@@ -61,11 +61,13 @@ class DDPEngine(DataParallelEngine):
         param_groups: GroupsFn,
         optimizer_cls: type[torch.optim.Optimizer],
         reduce_dtype: torch.dtype | None = None,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
         self.modules = [
-            DataParallel(c, group=group, expert_group=expert_group, reduce_dtype=reduce_dtype) for c in self.chunks
+            DataParallel(c, group=group, expert_group=expert_group, reduce_dtype=reduce_dtype, average=average)
+            for c in self.chunks
         ]
         self.named = _named(self.chunks)
         self._params = list(self.named.values())
@@ -153,6 +155,7 @@ class ZeroEngine(DataParallelEngine):
         aligned: Sequence[nn.Parameter] = (),
         reduce_dtype: torch.dtype | None = None,
         overlap_param_gather: bool = False,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.zero = stage
@@ -168,6 +171,7 @@ class ZeroEngine(DataParallelEngine):
             expert_group=expert_group,
             finish_in_backward=False,  # finish_grad_sync reduces once, after every chunk's backward
             reduce_dtype=reduce_dtype,
+            average=average,
             **optimizer_kwargs,
         )
         if overlap_param_gather:
@@ -230,13 +234,14 @@ class FSDPEngine(DataParallelEngine):
         expert_group: pstate.Group | None = None,
         param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = torch.float32,
+        average: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self.chunks = list(chunks)
         for chunk in self.chunks:  # the pieces keep the parameters' tags
             fully_shard(
                 chunk, group=group, units=units(chunk), replicate_group=replicate_group, expert_group=expert_group,
-                param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                param_dtype=param_dtype, reduce_dtype=reduce_dtype, average=average,
             )  # fmt: skip
         self.modules = list(self.chunks)
         self.group, self.replicate_group, self.expert_group = group, replicate_group, expert_group
@@ -294,6 +299,7 @@ def make_engine(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
     overlap_param_gather: bool = False,
+    average: bool = True,
     **optimizer_kwargs: Any,
 ) -> DataParallelEngine:
     """The engine of ZeRO stage ``zero`` (0: DDP, 1/2: sharded optimizer, 3: fully sharded; with
@@ -301,10 +307,14 @@ def make_engine(
     ``reduce_dtype``: the dtype gradient reductions move (every mode; fp32 is the main gradients');
     ``param_dtype``: ZeRO-3's gather dtype (see :class:`FSDPEngine`); ``overlap_param_gather`` (ZeRO-1/2):
     the step only starts the parameter gathers and the next forward waits for each bucket where it is
-    first used."""
+    first used. ``average=False``: every mode sums the gradients over the data-parallel ranks instead of
+    averaging them, for a caller that weights each rank's loss by one over the data-parallel size (so a
+    16-bit backward sees the gradients one process would, whatever the layout)."""
     if (replicate_group is not None or param_dtype is not None) and zero != 3:
         raise DataParallelError(f"replicate_group and param_dtype are ZeRO-3's (HSDP, gathers); zero={zero}")
-    common = dict(group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, **optimizer_kwargs)
+    common = dict(
+        group=group, param_groups=param_groups, optimizer_cls=optimizer_cls, average=average, **optimizer_kwargs
+    )
     if zero == 0:
         return DDPEngine(chunks, expert_group=expert_group, reduce_dtype=reduce_dtype, **common)
     if zero in (1, 2):

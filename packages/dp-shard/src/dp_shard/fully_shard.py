@@ -68,6 +68,7 @@ def fully_shard(
     reduce_dtype: torch.dtype | None = torch.float32,
     replicate_group: pstate.Group | None = None,
     expert_group: pstate.Group | None = None,
+    average: bool = True,
 ) -> nn.Module:
     """Shard ``module``'s trainable parameters over ``group`` (ZeRO-3), in place; returns ``module``.
 
@@ -85,7 +86,8 @@ def fully_shard(
     reduce-scatter, and gradients are averaged over both groups. ``expert_group`` (``ps.edp``): parameters
     tagged ``expert_parallel`` get flat shards of their own in their unit, sharded over it (the ranks
     holding the same experts), with gradients divided by the dense data-parallel size (``group`` times
-    ``replicate_group``), since every dense replica's tokens reach the experts.
+    ``replicate_group``), since every dense replica's tokens reach the experts. ``average=False`` sums the
+    gradients over the groups instead (the caller weighted each rank's loss by one over the dense size).
 
     Every rank must call the wrapped module the same way: the same units, in the same order, with
     every unit's output reaching the loss on all ranks or on none (collectives match by order).
@@ -98,6 +100,8 @@ def fully_shard(
         raise DataParallelError(f"this {type(module).__name__} is already (partly) fully sharded")
     if not isinstance(prefetch, bool):
         raise DataParallelError(f"prefetch={prefetch!r} must be True or False")
+    if not isinstance(average, bool):
+        raise DataParallelError(f"average={average!r} must be True or False")
     check_dtypes(param_dtype, reduce_dtype)
     process_group = pstate.as_group(group)
     replicas = None if replicate_group is None else pstate.as_group(replicate_group)
@@ -121,10 +125,14 @@ def fully_shard(
         dense = [entry for entry in u.params if not is_expert_parallel(entry[2])]
         expert = [entry for entry in u.params if is_expert_parallel(entry[2])]
         if dense:
-            flat = FlatUnit(u.name, u.module, dense, group=process_group, replicate_group=replicas, **common)
+            divide = None if average else 1  # None: the shard group's size times the replicas'
+            flat = FlatUnit(
+                u.name, u.module, dense, group=process_group, replicate_group=replicas, divide_by=divide, **common
+            )
             flat_units.append(flat)
         if expert:
-            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=dense_size, **common))
+            divide = dense_size if average else 1
+            flat_units.append(FlatUnit(u.name, u.module, expert, group=experts, divide_by=divide, **common))
     state = FullyShardedState(module, flat_units, process_group, prefetch=prefetch, param_dtype=param_dtype)
     module.__dict__[STATE_ATTRIBUTE] = state
     return module

@@ -37,6 +37,7 @@ from .errors import DataParallelError
 from .grad_shards import ShardedGrads, master_dtype
 from .loss_scaler import LossScaler
 from .param_groups import read_param_groups
+from .param_waits import GatherWaits
 from .sharded_state import ParamEntry, ShardedState, probe_state_kinds
 
 _REFUSED = {
@@ -161,7 +162,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             device=self._device,
             publish=self._publish,
         )
-        self._deferred: list[Any] = []  # forward pre-hooks waiting for the parameter gathers
+        self._ids = {id(p) for p in everything}
+        self._waits = GatherWaits(self._parts, self._slot)  # what a forward waits for (overlapped gathers)
 
     def grads_of(self, param: torch.nn.Parameter) -> ShardedGrads:
         """The :class:`~dp_shard.grad_shards.ShardedGrads` that shards ``param`` (dense or expert)."""
@@ -309,24 +311,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def overlap_param_gather(self, modules: Iterable[torch.nn.Module]) -> None:
         """Overlap the parameter gathers of :meth:`step` with the next forward of ``modules`` (the model
         chunks holding this optimizer's parameters). From now on :meth:`step` only starts the gathers,
-        bucket by bucket in the order ``modules``' submodules are registered (about the order the forward
-        uses them), and a forward pre-hook on each submodule holding parameters directly waits for the
-        buckets of those parameters. Anything else that reads the parameters after a step calls
-        :meth:`wait_param_gather` first (:meth:`step`, :meth:`state_dict` and :meth:`load_state_dict` do)."""
-        if self._deferred:
+        bucket by bucket in the order ``modules``' submodules register the parameters (about the order the
+        forward uses them), and the forward waits for each bucket the first time it reads one of its
+        parameters: on entering a module that registers it (tied aliases included), or on reading it as
+        an attribute of such a module from anywhere else (see :mod:`dp_shard.param_waits`). Anything else
+        that reads the parameters after a step calls :meth:`wait_param_gather` first (:meth:`step`,
+        :meth:`state_dict` and :meth:`load_state_dict` do)."""
+        if self._waits.active:
             raise DataParallelError("overlap_param_gather() was already called")
-        ours = {id(p) for g in self._groups for p in g.params}
-        order: dict[tuple[int, int], None] = {}
-        for module in modules:
-            for sub in module.modules():
-                waits = {}
-                for p in sub.parameters(recurse=False):
-                    if id(p) in ours:
-                        part = self._parts.index(self.grads_of(p))
-                        waits[(part, self._parts[part].slot_index(p))] = None
-                if waits:
-                    order.update(waits)
-                    self._deferred.append(sub.register_forward_pre_hook(_Waiter(self, list(waits))))
+        order = dict.fromkeys(self._waits.watch(modules))
         for number, part in enumerate(self._parts):  # buckets no module holds directly: last
             order.update({(number, index): None for index in range(len(part.slots))})
         self._gather_order = [[i for n, i in order if n == number] for number in range(len(self._parts))]
@@ -348,6 +341,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Wait for every parameter gather still in flight (a no-op without :meth:`overlap_param_gather`)."""
         for part in self._parts:
             part.wait_param_gather()
+        self._waits.waited_all()
+
+    def param_gather_pending(self, param: torch.nn.Parameter) -> bool:
+        """Whether ``param``'s bucket is still being gathered (read now, it would be stale)."""
+        return self._waits.is_pending(param)
 
     def pending_param_gathers(self) -> int:
         """How many buckets' parameter gathers are in flight (not waited yet)."""
@@ -357,23 +355,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for master, piece in self._copies:
                 piece.copy_(master)
-        if not self._deferred:
+        if not self._waits.active:
             for part in self._parts:
                 part.all_gather_params()
             return
-        for part, order in zip(self._parts, self._gather_order):
+        for number, (part, order) in enumerate(zip(self._parts, self._gather_order)):
             part.start_param_gather(order)
+            self._waits.started((number, index) for index in order)
 
-
-class _Waiter:
-    """A forward pre-hook that waits for the parameter gathers of some buckets of a ShardedOptimizer."""
-
-    def __init__(self, optimizer: ShardedOptimizer, slots: list[tuple[int, int]]) -> None:
-        self.parts, self.slots = optimizer._parts, slots
-
-    def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        for part, index in self.slots:
-            self.parts[part].wait_param_gather((index,))
+    def _slot(self, param: torch.nn.Parameter) -> tuple[int, int] | None:
+        """``param``'s (part number, bucket index), or ``None`` when this optimizer does not hold it."""
+        if id(param) not in self._ids:
+            return None
+        part = self.grads_of(param)
+        return self._parts.index(part), part.slot_index(param)
 
 
 def _check_optimizer(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:

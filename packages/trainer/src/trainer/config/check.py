@@ -107,7 +107,8 @@ def _cp_attention_rules(cfg: RunConfig) -> list[tuple[bool, str]]:
 
 def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
     """Raise :class:`TrainerError` naming the rule a run breaks; return the resolved :class:`RunPlan`
-    (layout sizes, ``microbatches = global_batch / (micro_batch * dp)``, dtypes, schedule)."""
+    (layout sizes, HSDP and hierarchical-CP groups, CP attention, layers per stage,
+    ``microbatches = global_batch / (micro_batch * dp)``, dtypes, schedule)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     check_fast_paths(cfg)
     try:
@@ -194,7 +195,9 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
     sizes = lay.sizes
     return RunPlan(
         world_size=world_size, tp=sizes["tp"], pp=sizes["pp"], vpp=p.vpp, cp=sizes["cp"], ep=sizes["ep"],
-        etp=sizes["etp"], dp=dp, edp=sizes["edp"], micro_batch=t.micro_batch, microbatches=microbatches,
+        etp=sizes["etp"], dp=dp, edp=sizes["edp"], dp_shard=lay.dp_shard, cp_a2a=p.cp_a2a,
+        cp_attention=t.cp_attention, pipeline_layout=p.pipeline_layout, micro_batch=t.micro_batch,
+        microbatches=microbatches,
         global_batch=global_batch, seq_len=t.seq_len, precision=t.precision,
         param_dtype=param_dtype(t.precision, t.zero), compute_dtype=COMPUTE_DTYPES[t.precision],
         grad_reduce_dtype=t.grad_reduce_dtype, zero=t.zero,

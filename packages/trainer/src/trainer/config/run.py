@@ -88,9 +88,10 @@ class TrainConfig:
     global_batch: int | None = None
     """samples per optimizer step over all ranks, a multiple of micro_batch*dp (default: micro_batch*dp)."""
     precision: str = "fp32"
-    """parameter and compute precision. bf16 with zero 0/1/2: bf16 weights, fp32 main gradients, fp32
-    master weights and optimizer state (sharded by ZeRO); bf16 with zero 3 and fp16: autocast over fp32
-    parameters (fp16 adds dynamic loss scaling); fp8: bf16 autocast over fp32 parameters, fp8 matmuls."""
+    """parameter and compute precision. bf16/fp16 with zero 0/1/2: 16-bit weights, fp32 main gradients,
+    fp32 master weights and optimizer state (sharded by ZeRO); with zero 3: fp32 shards (the masters)
+    gathered in 16 bits. fp16 adds dynamic loss scaling; fp8: bf16 autocast over fp32 parameters, fp8
+    matmuls."""
     fp8_recipe: str = "current"
     """fp8 scaling: current (per-tensor, this step's amax), delayed (amax history; te) or mxfp8 (te, Blackwell)."""
     grad_reduce_dtype: str = "fp32"

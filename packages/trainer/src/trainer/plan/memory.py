@@ -1,7 +1,7 @@
 """Memory per GPU of one layout, broken down, for the pipeline stage that holds the most.
 
 Model states as this trainer keeps them (``dp_shard.bytes_per_param``): fp32 parameters that are also
-the master weights, or under ``bf16`` with ZeRO 0/1/2 bf16 weights with fp32 masters; fp32
+the master weights, or under ``bf16``/``fp16`` with ZeRO 0/1/2 16-bit weights with fp32 masters; fp32
 gradients, AdamW's two fp32 moments. Dense states shard over ``dp*cp`` (the ``dp_cp`` group), experts'
 over ``edp``: ZeRO-1 the masters and moments (its reduced gradient shard lives in the full local
 gradient buffer), ZeRO-2 also the gradients, ZeRO-3 everything (plus the gathered unit being
@@ -140,8 +140,8 @@ def memory(work: Workload, L: Layout, pipe: PipelineCost, usable: float) -> Memo
     d, e = L.dp * L.cp, L.edp
     params = dense + expert
     # dp_shard.bytes_per_param's table: ZeRO-1's reduced shard lives in its full local gradient buffer;
-    # bf16 under zero 0/1/2 means bf16 weights with fp32 masters (sharded like the moments)
-    w = 2 if work.precision == "bf16" and L.zero < 3 else 4
+    # bf16/fp16 under zero 0/1/2 means 16-bit weights with fp32 masters (sharded like the moments)
+    w = 2 if work.precision in ("bf16", "fp16") and L.zero < 3 else 4
     master = 4 if w == 2 else 0
     dense_b, expert_b = bytes_per_param(L.zero, d, **_dtypes(w)), bytes_per_param(L.zero, e, **_dtypes(w))
     masters = master / (d if L.zero else 1), master / (e if L.zero else 1)

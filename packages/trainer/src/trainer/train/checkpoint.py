@@ -12,7 +12,9 @@ values. ``progress``: the step and the data position (consumed samples, which re
 balancing; buffers, so neither model nor optimizer state), when the model has them. ``dropout``: each
 chunk's dropout generator states (:class:`trainer.model.dropout.DropoutRNG`), by device type; a run
 resumed at the layout that saved them restores them (at another layout the stages and shards draw
-other masks anyway, and start again from the seed).
+other masks anyway, and start again from the seed). ``loss_scaler``: fp16's dynamic loss scale and its count
+of clean steps (the same on every rank), so a resumed run scales and skips as the uninterrupted one; a
+checkpoint without it (another precision's) leaves the scaler at its start.
 
 :func:`run_state` builds the state as views of the live tensors: ``ckpt.save`` reads them and
 ``ckpt.load`` fills them in place; :func:`finish_load` then lets the engine take what was loaded. With
@@ -35,6 +37,7 @@ from dp_shard import CheckpointPieces
 from pstate import Shard
 
 from ..config import RunPlan, to_toml
+from ..config.resolved import GRID
 from ..model.shards import Gathered, Piece, expert_bias_shards, flat_range_shards
 from .replicas import replicas
 from .setup import Run
@@ -79,8 +82,10 @@ def load_run(run: Run, found: Path, data_state: dict[str, Any]) -> Loaded:
     state.pop("plan")  # the saved plan is read from the index, only to report what changed
     summary = ckpt.inspect(found)
     saved_dropout = any(key.startswith("dropout/") for key in summary["rank_tensors"])
-    if summary["layout"] != run.plan.layout_sizes() or not saved_dropout:  # streams per stage and TP rank
+    if not same_stages(run.plan, summary) or not saved_dropout:  # streams per stage and TP rank
         state.pop("dropout")
+    if "loss_scaler" in state and not any(key.startswith("loss_scaler/") for key in summary["values"]):
+        state.pop("loss_scaler")  # saved by a run without fp16: the scale starts afresh
     if not any(key.startswith("progress/") for key in summary["values"]):
         weights = {"model": state["model"]}  # weights only (trainer convert): a new run from them
         if "expert_bias" in state and any(t["name"].startswith("expert_bias/") for t in summary["tensors"]):
@@ -98,6 +103,15 @@ def saved_plan(summary: dict[str, Any]) -> RunPlan | None:
     return RunPlan.from_dict(values) if values else None
 
 
+def same_stages(plan: RunPlan, summary: dict[str, Any]) -> bool:
+    """Whether each rank of ``plan`` holds the stage, layers and slices the same rank held in the checkpoint
+    ``summary`` describes: the same grid sizes and layers per stage (HSDP's and hierarchical CP's sub-groups
+    place nothing). A checkpoint that did not record its layers per stage passes only with even stages."""
+    saved = saved_plan(summary)
+    stages = None if saved is None else saved.pipeline_layout
+    return {k: summary["layout"].get(k) for k in GRID} == plan.grid_sizes() and stages == plan.pipeline_layout
+
+
 def plan_change(plan: RunPlan, summary: dict[str, Any]) -> str:
     """One line: how ``plan`` differs from the plan that saved the checkpoint ``summary`` describes."""
     saved = saved_plan(summary)
@@ -112,6 +126,8 @@ def run_state(run: Run, step: int, data_state: dict[str, Any]) -> dict[str, Any]
         "rng": PerRank(torch.get_rng_state(), required=False),
         "dropout": {run.device.type: _dropout_states(run)},
     }
+    if run.scaler is not None:
+        state["loss_scaler"] = run.scaler.state_dict()
     if biases := expert_bias_shards(run.chunks):
         state["expert_bias"] = biases
     engine = run.engine.checkpoint_pieces()
@@ -139,6 +155,8 @@ def finish_load(run: Run, state: dict[str, Any]) -> None:
         copy.scatter()
     engine: CheckpointPieces = state["_engine"]
     engine.finish_load()
+    if run.scaler is not None and "loss_scaler" in state:
+        run.scaler.load_state_dict(state["loss_scaler"])
     torch.set_rng_state(state["rng"].value if isinstance(state["rng"], PerRank) else state["rng"])
     for chunk, states in zip(run.chunks, state.get("dropout", {}).get(run.device.type, {}).values()):
         values = {name: v.value if isinstance(v, PerRank) else v for name, v in states.items()}

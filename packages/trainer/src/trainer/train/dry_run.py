@@ -43,7 +43,7 @@ from dp_shard import FSDPEngine
 from pp_sched.p2p import TensorSpec
 from pstate import comm
 
-from ..config import RunConfig, check_run
+from ..config import RunConfig, RunPlan, check_run
 from ..errors import TrainerError
 from .checkpoint import run_state, saveable
 from .loop import train_step
@@ -113,7 +113,7 @@ def dry_run(
                 with phase("step"):
                     report["comm"] = simulated_step(run)
             elif step:
-                report["comm"] = analytic_traffic(cfg, model, world_size)
+                report["comm"] = analytic_traffic(cfg, model, plan)
             if meta:
                 first_step_state(run)
             with phase("checkpoint_plan"):  # a meta model's dropout RNG states: the CPU's, as at real size
@@ -159,15 +159,13 @@ def estimated_bytes(cfg: RunConfig, model: Any) -> float:
     return 16.0 * per_rank
 
 
-def analytic_traffic(cfg: RunConfig, model: Any, world_size: int) -> dict[str, Any]:
+def analytic_traffic(cfg: RunConfig, model: Any, plan: RunPlan) -> dict[str, Any]:
     """For a meta model, which runs no step: the bytes per axis one GPU sends per step by ``trainer plan``'s
     traffic model (ring volumes; calibrated against recorded bytes), not a simulation."""
     from ..plan import Layout, Workload, estimate, load_hardware
 
-    t = cfg.train
-    global_batch = t.global_batch or t.micro_batch * world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
-    work = Workload(model, t.seq_len, global_batch, t.precision, t.cp_attention)
-    traffic = estimate(work, Layout.from_run_config(cfg, world_size), load_hardware("h100-sxm")).time.traffic
+    work = Workload(model, plan.seq_len, plan.global_batch, plan.precision, plan.cp_attention)
+    traffic = estimate(work, Layout.from_run_config(cfg, plan.world_size), load_hardware("h100-sxm")).time.traffic
     return {
         "source": "analytic: trainer.plan's traffic model (a meta model runs no step; build at real size to "
         "simulate one)",

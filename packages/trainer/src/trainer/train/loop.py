@@ -42,7 +42,7 @@ from .peak import device_peak
 from .pipeline import scale_router_losses, split_batch, sync_sequence_parallel_grads, sync_tied_embedding_grads
 from .report import banner, memory_mb
 from .resume import checkpoints_to_try
-from .setup import Run, setup
+from .setup import Run, loss_weight, setup
 from .signals import stop_on_signal
 from .skips import SkipCounter
 from .watchdog import collective_timeout, watch
@@ -190,9 +190,9 @@ def train_step(run: Run, micro: list[np.ndarray]) -> tuple[float, float, bool]:
     batches = [torch.from_numpy(np.asarray(m, dtype=np.int64)).to(run.device) for m in micro]
     pairs = [split_batch(b, ps) for b in batches]
     engine.zero_grad()
-    scale = 1.0 if run.scaler is None else run.scaler.scale  # the executor's loss_fn scales by it
-    # CP ranks' gradients are averaged over dp_cp, but a router's share adds up over CP to the whole loss
-    scale_router_losses(run.chunks, scale / run.microbatches * ps.cp.size)
+    # the executor weights each micro-batch's loss by loss_weight / microbatches (gradients summed over
+    # dp_cp); a router's share adds up over CP to the whole loss, so its weight is cp times that
+    scale_router_losses(run.chunks, loss_weight(run.ps, run.scaler) / run.microbatches * ps.cp.size)
     run.losses.clear()
     run.executor.step([i for i, _ in pairs], [lab for _, lab in pairs])
     engine.finish_grad_sync()

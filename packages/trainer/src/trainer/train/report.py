@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from dp_shard import bytes_per_param
 
+from ..config import RunPlan
 from .setup import Run
 
 
@@ -26,15 +27,7 @@ def banner(run: Run, datasets: Any) -> list[str]:
     sizes = f"tp {ps.tp.size} x pp {ps.pp.size} x dp {ps.dp.size} x cp {ps.cp.size}"
     if m.num_experts:
         sizes += f", ep {ps.ep.size}"
-    modes = ["sequence parallel"] if t.sequence_parallel else []
-    modes.append({0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 (FSDP)"}[t.zero])
-    if ps.dp_replicate is not None:  # HSDP: shard groups x their replicas
-        modes[-1] = f"HSDP (ZeRO-3 over {ps.dp_shard.size} ranks x {ps.dp_replicate.size} replicas)"
-    if ps.pp.size > 1:
-        modes.append(f"{t.pipeline_schedule} over {run.microbatches} micro-batches" + (f", vpp {cfg.parallel.vpp}"
-                     if cfg.parallel.vpp > 1 else ""))  # fmt: skip
-    if t.recompute:
-        modes.append(f"{t.recompute} recomputation")
+    modes = layout_modes(run.plan, t.recompute)
     global_batch, tokens_per_step = run.plan.global_batch, run.plan.tokens_per_step
     kv = f"MLA, latent {m.kv_lora_rank}" if m.attention == "mla" else f"{m.num_kv_heads} kv"
     lines = [
@@ -50,6 +43,26 @@ def banner(run: Run, datasets: Any) -> list[str]:
         f"metrics: {_metrics(t)}",
     ]
     return lines
+
+
+def layout_modes(plan: RunPlan, recompute: str | None = None) -> list[str]:
+    """How the plan runs, for the banner's layout line: SP, the data-parallel mode (HSDP: the ranks of a
+    shard group, CP ranks included, x its replicas), the CP attention, the pipeline schedule and stages,
+    the recomputation."""
+    modes = ["sequence parallel"] if plan.sequence_parallel else []
+    modes.append({0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 (FSDP)"}[plan.zero])
+    if plan.dp_replicate > 1:
+        modes[-1] = f"HSDP (ZeRO-3 over {plan.dp_shard * plan.cp} ranks x {plan.dp_replicate} replicas)"
+    if plan.cp > 1:
+        a2a = f" in all-to-all groups of {plan.cp_a2a}" if plan.cp_attention == "hierarchical" else ""
+        modes.append(f"{plan.cp_attention} CP attention{a2a}")
+    if plan.pp > 1:
+        vpp = f", vpp {plan.vpp}" if plan.vpp > 1 else ""
+        stages = f", layers per stage {list(plan.pipeline_layout)}" if plan.pipeline_layout else ""
+        modes.append(f"{plan.schedule} over {plan.microbatches} micro-batches{vpp}{stages}")
+    if recompute:
+        modes.append(f"{recompute} recomputation")
+    return modes
 
 
 def _states(run: Run) -> str:

@@ -9,14 +9,16 @@ the model chunks, their data-parallel engine (with the optimizer) and the pipeli
 The engine (:func:`dp_shard.make_engine`) is one interface whatever ``zero`` is: DDP (``zero=0``, bucketed
 all-reduce over ``dp_cp``), ZeRO-1/2 (a sharded optimizer owns the reduction) or ZeRO-3 (fully sharded
 chunks over ``dp_shard``: ``dp_cp`` itself, or for HSDP (``parallel.dp_shard``) a slice of it, replicated
-across ``dp_replicate``); experts are reduced (and sharded) over ``edp``. ``bf16`` with ``zero`` 0/1/2 is
-Megatron's mixed precision: bf16 weights, gradients accumulated and reduced in fp32 main-gradient buffers
-(``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW state (sharded by
-ZeRO). With ``zero=3``, and for ``fp16`` and ``fp8``, it is autocast over fp32 parameters, the master
-weights (ZeRO-3 gathers them in the 16-bit dtype and reduces gradients in ``train.grad_reduce_dtype``;
-fp16 weights would give fp16 parameter gradients, which overflow at the loss scale where fp32 ones do
-not). ``fp16`` adds a dynamic
-:class:`dp_shard.LossScaler`; ``fp8`` is ``bf16`` with fp8 matmuls (:func:`trainer.model.apply_backend`).
+across ``dp_replicate``); experts are reduced (and sharded) over ``edp``. The engine sums the gradients
+over the data-parallel ranks and :func:`loss_weight` weights each micro-batch's loss by ``1/dp_cp``, so a
+rank's 16-bit gradients are the ones one process computes for the micro-batch. ``bf16`` and ``fp16`` with
+``zero`` 0/1/2 are Megatron's mixed precision: 16-bit weights, gradients accumulated and reduced in fp32
+main-gradient buffers (``train.grad_reduce_dtype="bf16"`` reduces in bf16), fp32 master weights and AdamW
+state (sharded by ZeRO). With ``zero=3`` the fp32 shards are the masters, gathered in the 16-bit dtype,
+gradients reduced in ``train.grad_reduce_dtype``. The forward runs under autocast to the 16-bit dtype
+(the ops autocast keeps in fp32 stay there). ``fp16`` adds a dynamic :class:`dp_shard.LossScaler` over the
+fp32 main gradients; ``fp8`` is ``bf16`` autocast over fp32 parameters with fp8 matmuls
+(:func:`trainer.model.apply_backend`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .expert_bias import ExpertBiasUpdater
 from .pipeline import LossParts, make_executor, stage_layout
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-WEIGHTS = {"bf16": torch.bfloat16}  # the model's weights under zero 0/1/2 (fp16: autocast, see the module)
+WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the model's weights under zero 0/1/2
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -85,9 +87,9 @@ class Run:
 
 
 class Autocast(nn.Module):
-    """Runs ``module``'s forward under autocast to ``dtype`` (its backward then follows the same casts);
-    the parameters stay fp32 and are the master weights; ``context`` (Transformer Engine's fp8 autocast)
-    is entered inside. Other attributes come from ``module``."""
+    """Runs ``module``'s forward under autocast to ``dtype`` (its backward then follows the same casts), over
+    16-bit weights or fp32 parameters alike (the ops autocast keeps in fp32 stay there); ``context``
+    (Transformer Engine's fp8 autocast) is entered inside. Other attributes come from ``module``."""
 
     def __init__(
         self, module: nn.Module, dtype: torch.dtype, context: Callable[[], AbstractContextManager] | None = None
@@ -129,8 +131,8 @@ def setup(
     ``device``: where the model lives (default: the process group's device). ``meta`` (entered as the
     default device around the call, as dry runs do) builds every tensor from its shape and dtype alone."""
     meta = device is not None and torch.device(device).type == "meta"
-    groups = model_groups(cfg, ps)
-    chunks = build_model(cfg, ps, model, groups, meta=meta)
+    groups = model_groups(cfg, ps, plan)
+    chunks = build_model(cfg, ps, model, groups, plan, meta=meta)
     device = apply_device(chunks, device)
     apply_param_dtype(chunks, plan.param_dtype)
     context = apply_backend(
@@ -147,35 +149,34 @@ def setup(
     return Run(cfg, model, ps, groups, chunks, modules, engine, executor, plan, scaler, pieces, device, bias, losses)
 
 
-def model_groups(cfg: RunConfig, ps: ParallelState) -> ModelGroups:
-    """The process groups and parallel options the model's layers take."""
-    t = cfg.train
+def model_groups(cfg: RunConfig, ps: ParallelState, plan: RunPlan) -> ModelGroups:
+    """The process groups and parallel options the model's layers take (the plan's CP attention)."""
     return ModelGroups.from_state(
         ps,
-        sequence_parallel=t.sequence_parallel,
-        cp_attention=t.cp_attention,
-        cp_kernel=t.cp_kernel,
-        keep_gathered_input=t.keep_gathered_input,
+        sequence_parallel=plan.sequence_parallel,
+        cp_attention=plan.cp_attention,
+        cp_kernel=cfg.train.cp_kernel,
+        keep_gathered_input=cfg.train.keep_gathered_input,
     )
 
 
 def build_model(
-    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, *, meta: bool = False
+    cfg: RunConfig, ps: ParallelState, model: ModelConfig, groups: ModelGroups, plan: RunPlan, *, meta: bool = False
 ) -> list[GPTChunk]:
-    """This rank's model chunks (its stage's layers; TP/EP slices), drawn from the seed or, with
-    ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
+    """This rank's model chunks (its stage's layers, as the plan lays them out; TP/EP slices), drawn from the
+    seed or, with ``train.init_from_hf``, read piece by piece from the Hugging Face weights; ``meta``: shapes only."""
     t = cfg.train
     chunks = build_chunks(
         model,
         groups,
         pp_rank=ps.pp.rank,
         pp=ps.pp.size,
-        vpp=cfg.parallel.vpp,
+        vpp=plan.vpp,
         seed=t.seed,
         recompute=t.recompute,
         draw=t.init_from_hf is None and not meta,
         layout=stage_layout(t.pipeline_schedule, ps.pp.size),
-        uneven=cfg.parallel.pipeline_layout,
+        uneven=plan.pipeline_layout,
     )
     if t.init_from_hf is not None and not meta:  # each rank reads only its pieces of the Hugging Face weights
         from ..hf.stream import load_hf_pieces
@@ -193,8 +194,8 @@ def apply_device(chunks: list[GPTChunk], device: torch.device | None = None) -> 
 
 
 def apply_param_dtype(chunks: list[GPTChunk], dtype: str) -> None:
-    """The plan's stored parameter dtype (bf16 with ZeRO 0/1/2: the engine keeps fp32 masters and main
-    gradients); parameters only: buffers (rotary tables, expert biases) keep theirs."""
+    """The plan's stored parameter dtype (bf16 or fp16 with ZeRO 0/1/2: the engine keeps fp32 masters and
+    main gradients); parameters only: buffers (rotary tables, expert biases) keep theirs."""
     if dtype == "fp32":
         return
     for chunk in chunks:
@@ -229,6 +230,7 @@ def apply_data_parallel(
         units=_fsdp_units,
         reduce_dtype=REDUCE_DTYPES[t.grad_reduce_dtype],  # every mode's gradient reduction
         overlap_param_gather=True,  # ZeRO-1/2: the next forward waits for each bucket of weights it uses
+        average=False,  # summed over the ranks: each rank's losses are weighted by 1 / dp_cp (loss_weight)
         **(_fsdp_options(t, ps) if t.zero == 3 else {}),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
@@ -239,7 +241,8 @@ def apply_data_parallel(
 def apply_precision(
     modules: list[nn.Module], precision: str, context: Callable[[], AbstractContextManager] | None
 ) -> list[nn.Module]:
-    """bf16/fp16/fp8: the modules' forwards under autocast (fp32 parameters are the master weights)."""
+    """bf16/fp16/fp8: the modules' forwards under autocast (over the 16-bit weights, or for ZeRO-3 and fp8
+    the fp32 parameters, which are then the master weights)."""
     if precision == "fp32":
         return modules
     return [Autocast(m, AUTOCAST[precision], context) for m in modules]
@@ -248,6 +251,17 @@ def apply_precision(
 def loss_scaler(cfg: RunConfig, ps: ParallelState) -> LossScaler | None:
     """fp16's dynamic loss scaler; an overflow on any rank skips the step on every rank."""
     return LossScaler(groups=[ps.world]) if cfg.train.precision == "fp16" else None
+
+
+def loss_weight(ps: ParallelState, scaler: LossScaler | None) -> float:
+    """What each micro-batch's loss is multiplied by before backward, besides the executor's
+    ``1 / microbatches``: the loss scale (fp16) over the data-parallel size ``dp_cp``. The engine sums the
+    gradients over ``dp_cp`` (``average=False``), so the step's gradient is the mean over every micro-batch
+    of the global batch, and each micro-batch's 16-bit parameter gradients are those one process computes:
+    with the data-parallel average applied after backward, a rank's fp16 gradients would be ``dp_cp`` times
+    the one-process run's and overflow at a loss scale that run passes (the fp16 embedding gradient does at
+    DP2 and the default scale), skipping other steps."""
+    return (1.0 if scaler is None else scaler.scale) / ps.dp_cp.size
 
 
 def apply_pipeline(
@@ -265,7 +279,7 @@ def apply_pipeline(
     """The executor running the plan's schedule over ``modules`` (accumulating inside the engine's
     ``no_sync``), recording each micro-batch's losses in ``losses``."""
     t = cfg.train
-    scale = None if scaler is None else (lambda: scaler.scale)
+    scale = lambda: loss_weight(ps, scaler)  # noqa: E731
     last_stage = next((c for c in chunks if c.mtp is not None), None)
     return make_executor(
         modules, ps, model, groups, schedule=t.pipeline_schedule, microbatches=plan.microbatches,
