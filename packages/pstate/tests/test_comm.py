@@ -56,3 +56,29 @@ def test_wire_bytes_follow_the_ring_factors():
     assert record("broadcast", 4).wire_bytes == 800
     assert record("send", 2).wire_bytes == 800
     assert record("all_reduce", 1).wire_bytes == 0.0
+
+
+def scratch_reduce_scatter() -> list:
+    with pstate.initialize(pstate.ParallelConfig(tp=4)) as ps:
+        rank = ps.tp.rank
+        data = lambda: torch.arange(24.0).view(8, 3) * (rank + 1)  # noqa: E731
+        results = []
+        with CommRecorder.for_state(ps) as rec:
+            for async_op in (False, True):
+                for scratch in (False, True):
+                    out = torch.empty(2, 3)
+                    work = comm.reduce_scatter(out, data(), group=ps.tp, async_op=async_op, scratch_input=scratch)
+                    if async_op:
+                        work.wait()
+                    results.append(out)
+        return results, [(r.op, r.axis, r.bytes) for r in rec.records]
+
+
+def test_scratch_input_reduce_scatter_equals_the_plain_one(run_ranks):
+    """On gloo the scratch path is an in-place all-reduce plus this rank's piece copied out: the same
+    result, synchronous or waited on, and recorded as the reduce-scatter it stands for."""
+    for rank, (results, records) in enumerate(run_ranks(4, scratch_reduce_scatter)):
+        expected = (torch.arange(24.0).view(8, 3) * 10)[2 * rank : 2 * rank + 2]
+        for out in results:
+            assert torch.equal(out, expected)
+        assert records == [("reduce_scatter", "tp", 96)] * 4

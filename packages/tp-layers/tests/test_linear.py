@@ -148,6 +148,27 @@ def test_row_parallel_equals_nn_linear(run_ranks, tp, sequence_parallel, input_i
         torch.testing.assert_close(b_grad_r, b_grad)
 
 
+def run_row_copies(sequence_parallel):
+    """This rank's forward of a row layer under the profiler: the copies it makes, and whether ``x`` moved."""
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    layer = RowParallelLinear(IN, OUT, group=dist.group.WORLD, bias=False, sequence_parallel=sequence_parallel)
+    x = data()[0].chunk(tp, -1)[rank].clone().requires_grad_()
+    before = x.detach().clone()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        layer(x)
+    copies = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::clone", "aten::copy_")]
+    return copies, torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["all-reduce", "reduce-scatter"])
+def test_row_parallel_reduces_its_partial_product_in_place(run_ranks, sequence_parallel):
+    """No copy of the partial product before its reduction: the all-reduce runs in it, and on gloo the
+    reduce-scatter too (one copy of this rank's piece out of it); the input is left as it was."""
+    for copies, unchanged in run_ranks(2, run_row_copies, sequence_parallel):
+        assert unchanged
+        assert copies == ([[SEQ // 2, BATCH, OUT]] if sequence_parallel else [])
+
+
 def run_row_hooked(sequence_parallel):
     """The row layer with a local matmul that records its input's shape; the bias stays outside it."""
     rank, tp = dist.get_rank(), dist.get_world_size()

@@ -11,7 +11,7 @@ from .cross_entropy import vocab_parallel_cross_entropy
 from .embedding import VocabParallelEmbedding, padded_vocab_size
 from .errors import TensorParallelError
 from .linear import ColumnParallelLinear, RowParallelLinear
-from .linear_fn import column_parallel_linear
+from .linear_fn import column_parallel_linear, row_parallel_linear
 from .mappings import (
     copy_to_region,
     gather_from_region,
@@ -54,6 +54,7 @@ __all__ = [
     "reduce_from_region",
     "reduce_scatter_to_sequence_region",
     "reduce_sequence_parallel_grads_in_backward",
+    "row_parallel_linear",
     "scatter_to_region",
     "scatter_to_sequence_region",
     "seed_tensor_parallel",

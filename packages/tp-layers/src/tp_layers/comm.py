@@ -78,18 +78,23 @@ def all_gather_async(x: torch.Tensor, group: Group) -> tuple[torch.Tensor, dist.
     return out, work
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, group: Group, what: str) -> torch.Tensor:
-    """Sum ``x`` over ``group`` and keep this rank's slice along ``dim``."""
-    out, work = reduce_scatter_async(_move_to_first(x, dim), group, what)
+def reduce_scatter(x: torch.Tensor, dim: int, group: Group, what: str, *, scratch: bool = False) -> torch.Tensor:
+    """Sum ``x`` over ``group`` and keep this rank's slice along ``dim``; ``scratch``: ``x`` is the
+    caller's own temporary and may be overwritten (see :func:`reduce_scatter_async`)."""
+    out, work = reduce_scatter_async(_move_to_first(x, dim), group, what, scratch=scratch and dim % x.dim() == 0)
     work.wait()
     return out.movedim(0, dim) if dim % x.dim() else out
 
 
-def reduce_scatter_async(x: torch.Tensor, group: Group, what: str) -> tuple[torch.Tensor, dist.Work]:
-    """Start summing ``x`` over ``group`` keeping this rank's slice of dimension 0; output and handle."""
+def reduce_scatter_async(
+    x: torch.Tensor, group: Group, what: str, *, scratch: bool = False
+) -> tuple[torch.Tensor, dist.Work]:
+    """Start summing ``x`` over ``group`` keeping this rank's slice of dimension 0; output and handle.
+    ``scratch``: ``x`` is a temporary the caller no longer needs; the backend may sum in it in place
+    (gloo, whose reduce-scatter would otherwise copy all of it first: ``pstate.comm.reduce_scatter``)."""
     chunk = check_divisible(x, 0, size_of(group), what)
     out = x.new_empty((chunk, *x.shape[1:]))
-    work = comm.reduce_scatter(out, x.contiguous(), group=group, async_op=True)
+    work = comm.reduce_scatter(out, x.contiguous(), group=group, async_op=True, scratch_input=scratch)
     return out, work
 
 

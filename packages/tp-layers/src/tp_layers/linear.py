@@ -20,7 +20,7 @@ from pstate import Group
 
 from . import comm, init
 from .errors import TensorParallelError
-from .linear_fn import column_parallel_linear
+from .linear_fn import column_parallel_linear, row_parallel_linear
 from .mappings import (
     copy_to_region,
     gather_from_region,
@@ -188,12 +188,12 @@ class RowParallelLinear(_LocalMatmulMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_region(x, group=self.group)
-        matmul = self.local_matmul or (lambda t: torch.nn.functional.linear(t, self.weight))
-        partial = matmul(x)
-        if self.sequence_parallel:
-            out = reduce_scatter_to_sequence_region(partial, group=self.group)
+        if self.local_matmul is None:
+            out = row_parallel_linear(x, self.weight, group=self.group, sequence_parallel=self.sequence_parallel)
+        elif self.sequence_parallel:
+            out = reduce_scatter_to_sequence_region(self.local_matmul(x), group=self.group)
         else:
-            out = reduce_from_region(partial, group=self.group)
+            out = reduce_from_region(self.local_matmul(x), group=self.group)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

@@ -1,4 +1,8 @@
-"""The column-parallel matmul as one autograd function, so its backward can overlap communication.
+"""The column- and row-parallel matmuls, each with its collectives as one autograd function.
+
+The row-parallel one (``x W^T`` summed over the group) reduces its own partial product in place and
+gathers the output gradient once in backward (:func:`row_parallel_linear`). The column-parallel one
+overlaps communication in backward:
 
 Forward: ``y = x W^T + b`` on this rank's output rows; under sequence parallelism ``x`` is first
 all-gathered along the sequence (dimension 0). Backward, in order:
@@ -55,7 +59,9 @@ class _ColumnLinear(torch.autograd.Function):
         if need_input:
             grad_total = grad_out.matmul(weight)
             if sp:
-                grad_input, reduce_work = comm.reduce_scatter_async(grad_total, group, "ColumnParallelLinear")
+                grad_input, reduce_work = comm.reduce_scatter_async(
+                    grad_total, group, "ColumnParallelLinear", scratch=True
+                )
             else:
                 grad_input = grad_total
                 reduce_work = comm.all_reduce(grad_input, group, async_op=True)
@@ -73,6 +79,47 @@ class _ColumnLinear(torch.autograd.Function):
         if reduce_work is not None:
             reduce_work.wait()
         return grad_input, grad_weight, grad_bias, None, None, None
+
+
+class _RowLinear(torch.autograd.Function):
+    """``x W^T`` summed over the group (all-reduce, or reduce-scatter along dimension 0 under sequence
+    parallelism) in one node: the partial product is this function's own temporary, reduced in place
+    (no defensive copy), and backward gathers the output gradient once for both of its matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group, sequence_parallel):
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        x, weight = _autocast(x, weight)
+        ctx.save_for_backward(x, weight)
+        partial = torch.nn.functional.linear(x, weight)
+        if sequence_parallel:
+            return comm.reduce_scatter(partial, 0, group, "RowParallelLinear", scratch=True)
+        comm.all_reduce(partial, group)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_input, need_weight = ctx.needs_input_grad[:2]
+        grad = comm.all_gather(grad_out, 0, ctx.group) if ctx.sequence_parallel else grad_out
+        grad_input = grad.matmul(weight) if need_input else None
+        grad_weight = None
+        if need_weight:
+            flat = grad.reshape(-1, grad.size(-1))
+            grad_weight = flat.t().matmul(x.reshape(-1, x.size(-1)))
+        return grad_input, grad_weight, None, None
+
+
+def row_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, *, group: Group, sequence_parallel: bool = False
+) -> torch.Tensor:
+    """``x W^T`` for a weight split by input columns over ``group``, ``x`` split along its last dimension:
+    the partial products are summed over the group (all-reduce; with ``sequence_parallel`` a
+    reduce-scatter along dimension 0, whose gradient is all-gathered back). No bias: a row-parallel
+    layer adds its full bias once, after the sum. :class:`RowParallelLinear`'s computation."""
+    if comm.size_of(group) == 1:
+        return torch.nn.functional.linear(x, weight)
+    return _RowLinear.apply(x, weight, group, sequence_parallel)
 
 
 def column_parallel_linear(

@@ -119,6 +119,10 @@ def check_run(cfg: RunConfig, world_size: int) -> RunPlan:
     rules = [
         (t.sequence_parallel and p.tp == 1, "--sequence-parallel needs --tp > 1"),
         (
+            t.keep_gathered_input and not t.sequence_parallel,
+            "train.keep_gathered_input=true needs --sequence-parallel: only then is a layer's input gathered",
+        ),
+        (
             m.num_kv_heads % p.tp != 0,
             f"tp={p.tp} must divide the model's {m.num_kv_heads} {'' if m.attention == 'mla' else 'key/value '}heads",
         ),

@@ -103,6 +103,10 @@ class TrainConfig:
     """data-parallel sharding: 0 DDP, 1 optimizer states, 2 and gradients, 3 and parameters (FSDP)."""
     sequence_parallel: bool = False
     """split activations outside the TP regions along the sequence over TP ranks (needs tp > 1)."""
+    keep_gathered_input: bool = False
+    """under sequence_parallel, keep each column-parallel layer's all-gathered input for its backward
+    instead of gathering it again there: one all-gather fewer per layer and step, for tp times the
+    memory of that input (as DTensor's tensor parallel does; needs sequence_parallel)."""
     cp_attention: str = "ring"
     """context-parallel attention: ring (zigzag), ulysses (all-to-all over heads), or hierarchical (all-to-all over
     heads in groups of parallel.cp_a2a adjacent CP ranks, a ring across the groups)."""

@@ -43,7 +43,7 @@ class Attention(nn.Module):
         zeros = torch.zeros(full.size(0)) if qkv_bias else None
         self.qkv = ColumnParallelLinear(
             cfg.hidden, full.size(0), group=groups.tp, bias=qkv_bias, sequence_parallel=sp,
-            full_weight=full, full_bias=zeros,
+            keep_gathered_input=groups.keep_gathered_input, full_weight=full, full_bias=zeros,
         )  # fmt: skip
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:

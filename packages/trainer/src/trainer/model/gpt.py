@@ -190,9 +190,11 @@ class GPTChunk(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
             return self.head(h)
+        g = self.groups
         return column_parallel_linear(
-            h, self.embedding.weight, group=self.groups.tp, sequence_parallel=self.groups.sequence_parallel
-        )
+            h, self.embedding.weight, group=g.tp, sequence_parallel=g.sequence_parallel,
+            keep_gathered_input=g.keep_gathered_input,
+        )  # fmt: skip
 
 
 def named_blocks(chunk: GPTChunk) -> list[tuple[str, TransformerLayer]]:
@@ -216,8 +218,9 @@ def output_head(cfg: ModelConfig, groups: ModelGroups, seed: int) -> ColumnParal
     padded = padded_vocab_size(cfg.vocab_size, groups.tp_size, cfg.vocab_pad_multiple)
     full = init.placeholder((padded, cfg.hidden))  # values drawn per piece by build_chunks
     return ColumnParallelLinear(
-        cfg.hidden, padded, group=groups.tp, bias=False, sequence_parallel=groups.sequence_parallel, full_weight=full
-    )
+        cfg.hidden, padded, group=groups.tp, bias=False, sequence_parallel=groups.sequence_parallel,
+        keep_gathered_input=groups.keep_gathered_input, full_weight=full,
+    )  # fmt: skip
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, cfg: ModelConfig, groups: ModelGroups) -> torch.Tensor:

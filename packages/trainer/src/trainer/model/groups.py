@@ -22,6 +22,8 @@ class ModelGroups:
     ``cp_ring``: ``cp_ring.hierarchical_attention``; both groups are needed then, with ``cp > 1``).
     ``tp_cp``: the TP x CP group (needed by :attr:`sequence_group` with both SP and CP).
     ``cp_kernel``: ring attention's block kernel by name (``cp_ring.make_kernel``).
+    ``keep_gathered_input``: under sequence parallelism the column-parallel layers keep their gathered
+    input for backward instead of gathering it again (``tp_layers.ColumnParallelLinear``).
     """
 
     tp: Group
@@ -34,6 +36,7 @@ class ModelGroups:
     cp_kernel: str = "auto"
     cp_a2a: Group | None = None
     cp_ring: Group | None = None
+    keep_gathered_input: bool = False
 
     def __post_init__(self) -> None:
         if self.cp_attention not in ("ring", "ulysses", "hierarchical"):
@@ -47,14 +50,23 @@ class ModelGroups:
             raise TrainerError(f"cp_kernel={self.cp_kernel!r}: must be one of {KERNEL_NAMES}")
         if self.sequence_parallel and self.tp_size == 1:
             raise TrainerError("sequence_parallel=True needs tp > 1: it splits the sequence over the TP group")
+        if self.keep_gathered_input and not self.sequence_parallel:
+            raise TrainerError("keep_gathered_input=True needs sequence_parallel=True: only then is an input gathered")
 
     @classmethod
     def from_state(
-        cls, ps: ParallelState, *, sequence_parallel: bool = False, cp_attention: str = "ring", cp_kernel: str = "auto"
+        cls,
+        ps: ParallelState,
+        *,
+        sequence_parallel: bool = False,
+        cp_attention: str = "ring",
+        cp_kernel: str = "auto",
+        keep_gathered_input: bool = False,
     ) -> ModelGroups:
         return cls(
-            ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel, ps.cp_a2a, ps.cp_ring
-        )
+            ps.tp, ps.cp, ps.ep, ps.etp, sequence_parallel, cp_attention, ps.tp_cp, cp_kernel, ps.cp_a2a, ps.cp_ring,
+            keep_gathered_input,
+        )  # fmt: skip
 
     @property
     def tp_size(self) -> int:

@@ -86,7 +86,7 @@ class Mamba2Mixer(nn.Module):
         rows = sum(self.sizes.values()) * tp
         self.in_proj = ColumnParallelLinear(
             cfg.hidden, rows, group=groups.tp, bias=False, sequence_parallel=sp,
-            full_weight=init.placeholder((rows, cfg.hidden)),
+            keep_gathered_input=groups.keep_gathered_input, full_weight=init.placeholder((rows, cfg.hidden)),
         )  # fmt: skip
         self.conv = CausalConv(self.inner + 2 * self.bc, cfg.mamba_conv)
         first = groups.tp_rank * self.heads

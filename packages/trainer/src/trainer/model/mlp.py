@@ -29,7 +29,8 @@ class MLP(nn.Module):
         full, bias = init.placeholder((f * len(roles), cfg.hidden)), cfg.has_bias("mlp")  # drawn per piece
         self.fc1 = ColumnParallelLinear(
             cfg.hidden, full.size(0), group=groups.tp, bias=bias, sequence_parallel=sp,
-            full_weight=full, full_bias=torch.zeros(full.size(0)) if bias else None,
+            keep_gathered_input=groups.keep_gathered_input, full_weight=full,
+            full_bias=torch.zeros(full.size(0)) if bias else None,
         )  # fmt: skip
         fc2 = init.placeholder((cfg.hidden, f))
         self.fc2 = RowParallelLinear(

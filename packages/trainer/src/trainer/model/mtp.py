@@ -56,7 +56,8 @@ class MTPModule(nn.Module):
         self.enorm, self.hnorm = norm(cfg, groups), norm(cfg, groups)
         self.proj = ColumnParallelLinear(
             2 * cfg.hidden, cfg.hidden, group=groups.tp, bias=False, gather_output=True,
-            sequence_parallel=groups.sequence_parallel, full_weight=init.placeholder((cfg.hidden, 2 * cfg.hidden)),
+            sequence_parallel=groups.sequence_parallel, keep_gathered_input=groups.keep_gathered_input,
+            full_weight=init.placeholder((cfg.hidden, 2 * cfg.hidden)),
         )  # fmt: skip
         self.block = TransformerLayer(cfg, groups, cfg.layers + depth, seed, recompute=recompute, rng=rng)
 

@@ -152,7 +152,11 @@ def setup(
 def model_groups(cfg: RunConfig, ps: ParallelState, plan: RunPlan) -> ModelGroups:
     """The process groups and parallel options the model's layers take (the plan's CP attention)."""
     return ModelGroups.from_state(
-        ps, sequence_parallel=plan.sequence_parallel, cp_attention=plan.cp_attention, cp_kernel=cfg.train.cp_kernel
+        ps,
+        sequence_parallel=plan.sequence_parallel,
+        cp_attention=plan.cp_attention,
+        cp_kernel=cfg.train.cp_kernel,
+        keep_gathered_input=cfg.train.keep_gathered_input,
     )
 
 
