@@ -28,17 +28,22 @@ def net() -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)])
 
 
-def train(stage: int, collectives: str, overlap: bool):
-    model = net()
-    optimizer = ShardedOptimizer(
+def sharded(model: nn.Module, stage: int, collectives: str) -> ShardedOptimizer:
+    """AdamW sharded over the world with one parameter per bucket."""
+    return ShardedOptimizer(
         model.parameters(),
         torch.optim.AdamW,
         group=dist.group.WORLD,
         stage=stage,
-        bucket_size_mb=1e-9,  # one parameter per bucket
+        bucket_size_mb=1e-9,
         collectives=collectives,
         lr=1e-2,
     )
+
+
+def train(stage: int, collectives: str, overlap: bool):
+    model = net()
+    optimizer = sharded(model, stage, collectives)
     if overlap:
         optimizer.overlap_param_gather([model])
     pending: list[list[int]] = []
@@ -125,15 +130,7 @@ class Tied(nn.Module):
 
 def train_tied(order: str, stage: int, collectives: str, overlap: bool):
     model = Tied(order)
-    optimizer = ShardedOptimizer(
-        model.parameters(),
-        torch.optim.AdamW,
-        group=dist.group.WORLD,
-        stage=stage,
-        bucket_size_mb=1e-9,  # one parameter per bucket
-        collectives=collectives,
-        lr=1e-2,
-    )
+    optimizer = sharded(model, stage, collectives)
     if overlap:
         optimizer.overlap_param_gather([model])
         model.probe = optimizer.param_gather_pending
