@@ -49,7 +49,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from pstate.comm import IN_PLACE_REDUCE_SCATTER
+from pstate.collectives import IN_PLACE_REDUCE_SCATTER
 from pstate.testing import Harness
 from tp_layers import ColumnParallelLinear, RowParallelLinear, allreduce_sequence_parallel_grads, mark_sequence_parallel
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import simulated
-from .collectives import all_gather_single, reduce_scatter_single
+from .collectives import all_gather_single, reduce_scatter_in_place, reduce_scatter_single
 from .simulated import DoneWork, Simulation, simulate, simulating
 from .state import Axis, Group, ParallelState, as_group
 
@@ -252,46 +252,11 @@ def reduce_scatter(
     pg = None if group is None else as_group(group)
     fn, fill = reduce_scatter_single, lambda: simulated.fill_reduce_scatter(output, input, pg)
     if scratch_input and not Simulation.active and input.is_contiguous() and dist.get_backend(pg) == "gloo":
-        fn = _reduce_scatter_in_place
+        fn = reduce_scatter_in_place
     return _call(
         "reduce_scatter", group, input.dtype, _nbytes(input), fn, fill, async_op,
         output, input, group=pg, async_op=async_op,
     )  # fmt: skip
-
-
-IN_PLACE_REDUCE_SCATTER = "pstate::reduce_scatter_in_place"
-"""The profiler label around the all-reduce of a gloo reduce-scatter run in place (``scratch_input``)."""
-
-
-class _CopyOutWork:
-    """The work of an in-place all-reduce standing for a reduce-scatter: ``wait()`` also copies this
-    rank's piece out of the summed input."""
-
-    def __init__(self, work: Any, piece: torch.Tensor, output: torch.Tensor) -> None:
-        self._work, self._piece, self._output = work, piece, output
-
-    def wait(self, *args: Any, **kwargs: Any) -> Any:
-        result = self._work.wait(*args, **kwargs)
-        if self._piece is not None:
-            self._output.copy_(self._piece)
-            self._piece = None
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._work, name)
-
-
-def _reduce_scatter_in_place(
-    output: torch.Tensor, input: torch.Tensor, *, group: dist.ProcessGroup | None, async_op: bool
-) -> Any:
-    n = output.numel()
-    piece = input.view(-1)[dist.get_rank(group) * n : (dist.get_rank(group) + 1) * n].view(output.shape)
-    with torch.profiler.record_function(IN_PLACE_REDUCE_SCATTER):  # names the all-reduce in a profile
-        work = dist.all_reduce(input, group=group, async_op=async_op)
-    if async_op:
-        return _CopyOutWork(work, piece, output)
-    output.copy_(piece)
-    return None
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, *, group: Group | None = None, async_op: bool = False) -> Any:
