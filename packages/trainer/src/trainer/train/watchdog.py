@@ -109,8 +109,11 @@ class Watchdog:
         frozen = [
             r for r, (_, since, _, _) in self._seen.items() if now - since >= min(self.timeout, 4 * self.interval)
         ]
+        late = [r for r, (_, since, _, _) in self._seen.items() if now - since >= 2 * self.interval]
         if frozen:
             names, why = frozen, "stopped responding (process stopped, frozen or gone)"
+        elif late:  # a heartbeat is late: wait until that rank beats again or counts as frozen
+            return None
         else:
             lowest = min(int(v[1]) for v in values.values()) if values else 0
             names = [r for r in stalled if r not in values or int(values[r][1]) == lowest]
